@@ -1,0 +1,74 @@
+"""gradscope: find and treat gradient pathologies in PyTorch training.
+
+>>> import gradscope
+>>> with gradscope.watch(model) as scope:      # doctest: +SKIP
+...     train(model)
+>>> scope.load().wide("grad_norm")             # doctest: +SKIP
+
+``import gradscope`` is light: it imports torch and nothing heavy besides (pandas, pyarrow,
+matplotlib and tensorboard load on first use).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import TYPE_CHECKING, Any
+
+from .config import Config as Config
+from .scope import Scope as Scope
+
+if TYPE_CHECKING:
+    import torch
+
+    from .load import Run as Run
+
+__all__ = ["Config", "Run", "Scope", "__version__", "load_run", "watch"]
+
+
+def watch(
+    model: Any,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
+    **config: Any,
+) -> Scope:
+    """Watch ``model`` while it trains; returns an open :class:`Scope`.
+
+    Use it as a context manager (``with gradscope.watch(model): ...``) or keep the handle and call
+    ``close()``; an unclosed scope closes at interpreter exit.
+
+    Args:
+        model: An ``nn.Module`` (a ``torch.compile``d one too), or a list or dict of modules
+            watched as one run (a GAN's generator and discriminator); dict keys prefix names.
+        optimizer: The optimizer(s) that step ``model``. Default: found automatically, from
+            the first ``step()`` of any optimizer holding the model's parameters. Loops with no
+            optimizer count each backward pass as a step (or call ``scope.step()``).
+        **config: Any :class:`Config` field (``out``, ``name``, ``flush_every``,
+            ``activation_every``, ``include``, ``exclude``...).
+
+    Raises:
+        TypeError: ``model`` is not a module, or an unknown config key (named, with the accepted
+            ones).
+        ValueError: A config value is out of range, or the output root is not writable. Nothing
+            is written when either error is raised.
+    """
+    from .scope import normalize_models, normalize_optimizers
+
+    cfg = Config.from_kwargs(**config)
+    models, label = normalize_models(model)
+    optimizers = normalize_optimizers(optimizer)
+    return Scope(models, optimizers, cfg, label)
+
+
+def load_run(path: Any) -> Run:
+    """Read a run directory back (see :func:`gradscope.load.load_run`)."""
+    from .load import load_run as _load_run
+
+    return _load_run(path)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Run":
+        from .load import Run
+
+        return Run
+    raise AttributeError(f"module 'gradscope' has no attribute {name!r}")

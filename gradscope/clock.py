@@ -1,0 +1,278 @@
+"""The step clock: which training moment ends a step, and where gradients are read.
+
+A *step* is an optimizer step. The clock hears four kinds of moments (optimizer step pre/post
+hooks, the start and end of each backward pass, GradScaler's skipped steps, and explicit
+``Scope.step()`` calls) and turns them into rows of the step buffer:
+
+* **optimizer mode** (an optimizer steps the watched parameters): gradients are read in the
+  optimizer's pre-step hook, so they are final (accumulated, all-reduced, unscaled); weights are
+  snapshotted there and compared in the post-step hook. A step ends when every optimizer known to
+  step these parameters has stepped once (a GAN's D then G), or when one steps again.
+* **backward mode** (no optimizer; ``w -= lr * w.grad`` by hand): each backward pass is a step.
+  Gradients are read when the backward pass returns; the step closes when the next one starts
+  (or on ``close()``), after the hand-written update, so the update ratio sees it.
+* **manual mode** (``Scope.step()`` called): steps end only there.
+
+Until an optimizer has been seen, ``auto`` cannot tell gradient accumulation (several backward
+passes, then one ``optimizer.step()``) from a hand-written loop. It treats backward passes as one
+open step and looks for evidence of an update between them: a parameter's version counter moved,
+its gradient was reset, or (for loops that update through ``.data``, which no counter sees) its
+value changed, compared on one small parameter. An optimizer step settles it the other way.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from .layers import LayerTable, ParamSlot
+
+AUTO, OPTIMIZER, BACKWARD, MANUAL = "auto", "optimizer", "backward", "manual"
+
+
+class Recorder(Protocol):
+    """What the clock drives (implemented by Scope)."""
+
+    def open_row(self, step: int) -> None: ...
+    def discard_row(self) -> None: ...
+    def record_grads(
+        self, slots: Sequence[ParamSlot], grad_scale: Any = None, known_nonfinite: bool = False
+    ) -> None: ...
+    def snapshot_weights(self, slots: Sequence[ParamSlot]) -> None: ...
+    def update_weights(self) -> None: ...
+    def cancel_weights(self) -> None: ...
+    def end_window(self) -> None: ...
+    def commit_row(self) -> None: ...
+    def set_sampling(self, sampled: bool) -> None: ...
+    def note_loss(self, loss: torch.Tensor) -> None: ...
+    def note_skipped(self, value: torch.Tensor | float) -> None: ...
+    def note_scale(self, scale: torch.Tensor) -> None: ...
+
+
+class Clock:
+    """Decides step boundaries; see the module docstring.
+
+    Args:
+        table: The watched parameters.
+        recorder: Receives the row-level actions.
+        step_on: ``Config.step_on`` (``auto``/``optimizer``/``backward``).
+        every: ``Config.activation_every``: which steps are sampled.
+        explicit_optimizers: Optimizers passed to ``watch``; when given, only they count.
+    """
+
+    def __init__(
+        self,
+        table: LayerTable,
+        recorder: Recorder,
+        step_on: str,
+        every: int,
+        explicit_optimizers: Sequence[torch.optim.Optimizer] = (),
+    ) -> None:
+        self.table = table
+        self.rec = recorder
+        self.forced = step_on != AUTO
+        self.mode = step_on
+        self.every = every
+        self.step = 0  # index of the current (open or next) step
+        self.row_open = False
+        self._explicit = {id(o) for o in explicit_optimizers}
+        self._known: set[int] = set()  # optimizers that step watched parameters
+        self._stepped: set[int] = set()  # ... and have stepped in the current step
+        self._slots: dict[int, tuple[weakref.ref[Any], tuple[int, ...], list[ParamSlot]]] = {}
+        self._backwards = 0  # backward passes in the current step
+        self._in_step: int | None = None  # optimizer whose step() is running
+        self._closure_pending: int | None = None  # closure step: read grads at 1st backward
+        self._closure_loss_taken = False
+        self._evidence: tuple[ParamSlot, int, int, torch.Tensor] | None = None
+        self.on_commit: Callable[[], None] | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+    def sampled(self, step: int | None = None) -> bool:
+        return (self.step if step is None else step) % self.every == 0
+
+    def slots_for(self, opt: torch.optim.Optimizer) -> list[ParamSlot]:
+        """The watched parameters ``opt`` steps (cached; refreshed if its groups change)."""
+        if self._explicit and id(opt) not in self._explicit:
+            return []
+        sig = tuple(len(g["params"]) for g in opt.param_groups)
+        cached = self._slots.get(id(opt))
+        if cached is not None and cached[0]() is opt and cached[1] == sig:
+            return cached[2]
+        slots = self.table.slots_of(p for g in opt.param_groups for p in g["params"])
+        self._slots[id(opt)] = (weakref.ref(opt), sig, slots)
+        return slots
+
+    def _ensure_row(self) -> None:
+        if not self.row_open:
+            self.rec.open_row(self.step)
+            self.row_open = True
+
+    def commit(self, end_window: bool = True) -> None:
+        """Close the current step (if one is open) and move to the next.
+
+        Args:
+            end_window: Whether what was measured since the last backward pass belongs to this
+                step. Not when the step is closed by the *next* backward pass: the forward that
+                led to it is already the next step's.
+        """
+        if not self.row_open:
+            return
+        self.rec.update_weights()
+        if end_window:
+            self.rec.end_window()
+        self.row_open = False
+        self.rec.commit_row()
+        self.step += 1
+        self._stepped.clear()
+        self._backwards = 0
+        self._evidence = None
+        self.rec.set_sampling(self.sampled())
+        if self.on_commit is not None:
+            self.on_commit()
+
+    def _grads_at_backward(self) -> bool:
+        return self.mode == BACKWARD or (self.mode in (AUTO, MANUAL) and not self._known)
+
+    # -- optimizer moments --------------------------------------------------------------------
+    def optimizer_pre(self, opt: torch.optim.Optimizer, closure: bool) -> None:
+        if self.mode == BACKWARD and self.forced:
+            return
+        slots = self.slots_for(opt)
+        if not slots:
+            return
+        if self.mode in (AUTO, BACKWARD):
+            self.mode = OPTIMIZER
+        if self.mode == OPTIMIZER and id(opt) in self._stepped:
+            self.commit()  # this optimizer stepped again: a new step began
+        self._ensure_row()
+        self._known.add(id(opt))
+        self._stepped.add(id(opt))
+        self._in_step = id(opt)
+        if closure:  # LBFGS & co: gradients exist only once the closure's backward has run
+            self._closure_pending = id(opt)
+            self._closure_loss_taken = False
+        else:
+            self.rec.record_grads(slots, grad_scale=getattr(opt, "grad_scale", None))
+            found_inf = getattr(opt, "found_inf", None)  # fused optimizer under GradScaler
+            if isinstance(found_inf, torch.Tensor):
+                self.rec.note_skipped(found_inf)
+        if self.sampled():
+            self.rec.snapshot_weights(slots)
+
+    def optimizer_post(self, opt: torch.optim.Optimizer) -> None:
+        if self.mode == BACKWARD and self.forced:
+            return
+        slots = self.slots_for(opt)
+        if not slots or not self.row_open:
+            return
+        if self._closure_pending == id(opt):  # the closure never called backward
+            self.rec.record_grads(slots)
+            self._closure_pending = None
+        self._in_step = None
+        self.rec.update_weights()
+        if self.mode == OPTIMIZER and self._stepped >= self._known:
+            self.commit()
+
+    def scaler_skipped(self, opt: torch.optim.Optimizer, scale: torch.Tensor | None) -> None:
+        """GradScaler found inf/NaN and skipped ``opt.step()``: no optimizer hook fired."""
+        if self.mode == BACKWARD and self.forced:
+            return
+        slots = self.slots_for(opt)
+        if not slots:
+            return
+        if self.mode in (AUTO, BACKWARD):
+            self.mode = OPTIMIZER
+        if self.mode == OPTIMIZER and id(opt) in self._stepped:
+            self.commit()
+        self._ensure_row()
+        self._known.add(id(opt))
+        self._stepped.add(id(opt))
+        # GradScaler unscaled the gradients before deciding; they are what it found non-finite
+        self.rec.record_grads(slots, known_nonfinite=True)
+        self.rec.note_skipped(1.0)
+        self.rec.cancel_weights()
+        if self.mode == OPTIMIZER and self._stepped >= self._known:
+            self.commit()
+
+    def scaler_step(self, opt: torch.optim.Optimizer, scale: torch.Tensor | None) -> None:
+        if scale is not None and self.slots_for(opt):
+            self._ensure_row()
+            self.rec.note_scale(scale)
+
+    # -- backward moments ---------------------------------------------------------------------
+    def before_backward(self) -> None:
+        if self._in_step is not None:
+            return  # a closure evaluation inside optimizer.step()
+        if self.mode == BACKWARD and self._backwards:
+            self.commit(end_window=False)
+        elif self.mode == AUTO and self._backwards and self._updated_since_backward():
+            self.mode = BACKWARD  # weights changed with no optimizer: a hand-written loop
+            self.commit(end_window=False)
+
+    def after_backward(self, loss: torch.Tensor | None) -> None:
+        if self._in_step is not None:  # inside a closure: only the first evaluation counts
+            if self._closure_pending == self._in_step:
+                self.rec.record_grads(self._slots[self._in_step][2])
+                self._closure_pending = None
+            if loss is not None and not self._closure_loss_taken:
+                self.rec.note_loss(loss)
+                self._closure_loss_taken = True
+            return
+        self._ensure_row()
+        if loss is not None:
+            self.rec.note_loss(loss)
+        if self._grads_at_backward():
+            slots = self.table.params
+            self.rec.record_grads(slots)
+            if self.sampled() and not self._backwards:
+                self.rec.snapshot_weights(slots)
+            if self.mode == AUTO:
+                self._remember_for_evidence()
+        self._backwards += 1
+        self.rec.end_window()
+        if self.mode == BACKWARD:
+            self.rec.set_sampling(self.sampled(self.step + 1))  # the next forward is a new step
+
+    def finish(self) -> None:
+        """The run ends. A step still open is complete where steps close lazily (backward and
+        manual modes, or auto before any optimizer); in optimizer mode it never reached its
+        optimizer step, so it is dropped."""
+        if not self.row_open:
+            return
+        if self.mode == OPTIMIZER:
+            self.rec.discard_row()
+            self.row_open = False
+        else:
+            self.commit()
+
+    def manual_step(self) -> None:
+        self.mode = MANUAL
+        self.forced = True
+        self._ensure_row()
+        self.commit()
+
+    # -- auto-mode evidence -------------------------------------------------------------------
+    def _remember_for_evidence(self) -> None:
+        with_grad = [s for s in self.table.params if s.param.grad is not None]
+        if not with_grad:
+            self._evidence = None
+            return
+        slot = min(with_grad, key=lambda s: s.param.numel())
+        p = slot.param
+        assert p.grad is not None
+        self._evidence = (slot, p._version, id(p.grad), p.detach().clone())
+
+    def _updated_since_backward(self) -> bool:
+        """Did the weights change since the last backward pass, with no optimizer step?"""
+        if self._evidence is None:
+            return False
+        slot, version, grad_id, copy = self._evidence
+        p = slot.param
+        if p._version != version or p.grad is None or id(p.grad) != grad_id:
+            return True
+        # `.data` updates move no version counter: compare values (one small tensor; this
+        # check runs only until the first optimizer step or the first detected update)
+        return not torch.equal(p.detach(), copy)

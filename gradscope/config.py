@@ -1,0 +1,216 @@
+"""The one source of truth for gradscope's settings.
+
+``watch(model, **config)``, the CLI flags and ``[tool.gradscope]`` in a pyproject.toml all become a
+:class:`Config` here, so a value is parsed and checked once, at the boundary, and a bad one fails
+with a one-line error that names it and says what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Union
+
+TypeSpec = Union[type, str]
+"""A module type given as a class (``nn.ReLU``) or as its class name (``"ReLU"``)."""
+
+STEP_MODES = ("auto", "optimizer", "backward")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything gradscope can be told. Every field has a working default.
+
+    Attributes:
+        out: Output root; each run gets its own directory below it.
+        name: Run directory name. Default: ``<YYYYmmdd-HHMMSS>-<model class>``. A name that is
+            already taken gets a ``-1``, ``-2`` ... suffix; it is never overwritten.
+        flush_every: Steps buffered on the device between two host transfers (and Parquet
+            chunks). A ``kill -9`` loses at most this many steps.
+        flush_secs: Also flush when this many seconds have passed since the last flush, so slow
+            steps do not hold data back for long.
+        activation_every: Activation statistics, the backward signal, maximum absolute gradients,
+            weight norms and update ratios are taken every this many steps (step 0 included).
+            Gradient norms are taken every step.
+        include: Glob patterns (``fnmatch``) on qualified names; when given, only parameters and
+            activation modules whose own name or owning module's name matches are watched.
+        exclude: Glob patterns that remove parameters and modules, applied after ``include``.
+        include_types: Only watch modules of these types (classes or class names).
+        exclude_types: Never watch modules of these types.
+        activation_types: Extra module types to treat as activations (their outputs get dead
+            fraction, mean, std and non-finite statistics).
+        dead_threshold: A unit is dead when its output is ``<= dead_threshold`` for every example
+            (and every position) of the step's batches.
+        sigmoid_saturation: A sigmoid output ``y`` is saturated when ``|y - 0.5| > this``.
+        tanh_saturation: A tanh output ``y`` is saturated when ``|y| > this``.
+        softmax_saturation: A softmax distribution is saturated when its largest probability
+            is ``> this``.
+        update_ratio: Record ``||Δw|| / ||w||`` per parameter on sampled steps. Keeps one copy of
+            the watched parameters as a snapshot buffer; turn off to save that memory.
+        backward_signal: Record the norm of the gradient with respect to each watched module's
+            output on sampled steps (tensor hooks on the outputs; skipped under torch.compile).
+        tensorboard: Write TensorBoard scalars to ``tb/`` in the run directory.
+        step_on: What ends a step. ``"auto"``: an optimizer step when an optimizer steps this
+            model's parameters, otherwise a backward pass. ``"optimizer"`` / ``"backward"``
+            force one of the two. Calling ``Scope.step()`` switches to manual stepping.
+    """
+
+    out: Path = Path("reports")
+    name: str | None = None
+    flush_every: int = 50
+    flush_secs: float = 30.0
+    activation_every: int = 10
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    include_types: tuple[TypeSpec, ...] = ()
+    exclude_types: tuple[TypeSpec, ...] = ()
+    activation_types: tuple[TypeSpec, ...] = ()
+    dead_threshold: float = 0.0
+    sigmoid_saturation: float = 0.49
+    tanh_saturation: float = 0.99
+    softmax_saturation: float = 0.99
+    update_ratio: bool = True
+    backward_signal: bool = True
+    tensorboard: bool = True
+    step_on: str = "auto"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if not isinstance(self.out, (str, Path)):
+            raise TypeError(f"out={self.out!r}: expected a path (str or pathlib.Path)")
+        set_(self, "out", Path(self.out).expanduser())
+        if self.name is not None:
+            set_(self, "name", _check_run_name(self.name))
+        for key in ("flush_every", "activation_every"):
+            _check_int(key, getattr(self, key), minimum=1)
+        _check_number("flush_secs", self.flush_secs, low=0.0, low_open=True)
+        for key in ("include", "exclude"):
+            set_(self, key, _as_patterns(key, getattr(self, key)))
+        for key in ("include_types", "exclude_types", "activation_types"):
+            set_(self, key, _as_types(key, getattr(self, key)))
+        _check_number("dead_threshold", self.dead_threshold)
+        _check_number("sigmoid_saturation", self.sigmoid_saturation, low=0.0, high=0.5)
+        _check_number("tanh_saturation", self.tanh_saturation, low=0.0, high=1.0)
+        _check_number("softmax_saturation", self.softmax_saturation, low=0.0, high=1.0)
+        for key in ("update_ratio", "backward_signal", "tensorboard"):
+            if not isinstance(getattr(self, key), bool):
+                raise TypeError(f"{key}={getattr(self, key)!r}: expected True or False")
+        if self.step_on not in STEP_MODES:
+            raise ValueError(f"step_on={self.step_on!r}: expected one of {', '.join(STEP_MODES)}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> Config:
+        """Build a Config from keyword arguments, rejecting unknown keys with a suggestion."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"unknown gradscope option {key!r}{hint}; accepted: {', '.join(sorted(known))}"
+            )
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (validated like the constructor)."""
+        Config.from_kwargs(**changes)  # reject unknown keys with the same message
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable view (types by name, paths as strings), for run.json."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = [v if isinstance(v, str) else v.__name__ for v in value]
+            out[f.name] = value
+        return out
+
+
+def _check_run_name(name: object) -> str:
+    """A run name is one plain directory name: it can never escape the output root."""
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r}: expected a string")
+    bad = (
+        not name
+        or name in (".", "..")
+        or any(sep in name for sep in ("/", "\\", "\0"))
+        or name != name.strip()
+        or Path(name).is_absolute()
+    )
+    if bad:
+        raise ValueError(
+            f"name={name!r}: expected a plain directory name (no '/', '\\', '..' or "
+            "surrounding spaces) so the run stays inside the output root"
+        )
+    return name
+
+
+def _check_int(key: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key}={value!r}: expected an integer >= {minimum}")
+    if value < minimum:
+        raise ValueError(f"{key}={value!r}: expected an integer >= {minimum}")
+
+
+def _check_number(
+    key: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key}={value!r}: expected a number")
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    accepted = f"a finite number in {'(' if low_open else '['}{lo}, {hi}]"
+    if not math.isfinite(value):
+        raise ValueError(f"{key}={value!r}: expected {accepted}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{key}={value!r}: expected {accepted}")
+    if high is not None and value > high:
+        raise ValueError(f"{key}={value!r}: expected {accepted}")
+
+
+def _as_patterns(key: str, value: object) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, Iterable):
+        raise TypeError(f"{key}={value!r}: expected a glob pattern or a list of them")
+    out = tuple(items)
+    for item in out:
+        if not isinstance(item, str) or not item:
+            raise TypeError(f"{key}: {item!r} is not a glob pattern (expected a non-empty string)")
+    return out
+
+
+def _as_types(key: str, value: object) -> tuple[TypeSpec, ...]:
+    items = (value,) if isinstance(value, (str, type)) else value
+    if not isinstance(items, Iterable):
+        raise TypeError(f"{key}={value!r}: expected module classes or class names")
+    out = tuple(items)
+    for item in out:
+        if not (isinstance(item, str) and item) and not isinstance(item, type):
+            raise TypeError(
+                f"{key}: {item!r} is not a module type (expected a class such as nn.ReLU "
+                "or a class name such as 'ReLU')"
+            )
+    return out
+
+
+def type_matches(module: object, specs: tuple[TypeSpec, ...]) -> bool:
+    """Whether ``module`` is an instance of one of ``specs`` (classes, or class names in its MRO)."""
+    for spec in specs:
+        if isinstance(spec, type):
+            if isinstance(module, spec):
+                return True
+        elif any(cls.__name__ == spec for cls in type(module).__mro__):
+            return True
+    return False

@@ -1,0 +1,80 @@
+"""Hook ownership: every handle gradscope registers belongs to one HookSet, removed on close.
+
+Hooks are global state on the user's model: a handle left behind keeps running (and keeps our
+objects alive) after the user thinks gradscope is gone. So each Scope owns exactly one HookSet,
+registers through it, and removes everything it added, in reverse order, when it closes, also
+when training raised. After ``close()`` the model has exactly the hooks it had before.
+
+The callables we store in a module's hook dicts are :class:`Hook` objects, not closures or bound
+methods: ``torch.save(model)`` and ``copy.deepcopy(model)`` pickle those dicts, and a closure
+cannot be pickled while a bound method would drag the whole Scope (files, buffers) along. A Hook
+pickles to an inert no-op, so a saved or copied watched model loads as a plain, unwatched one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.utils.hooks import RemovableHandle
+
+
+class InertHook:
+    """What a gradscope hook becomes when its model is pickled or deep-copied: does nothing."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:
+        return (InertHook, ())
+
+
+class Hook:
+    """A picklable wrapper around one of gradscope's hook functions.
+
+    Args:
+        fn: The function to call; it must only measure (return None, change nothing).
+        purpose: A short label (``"activation"``, ``"optimizer-pre"``) for debugging and tests.
+    """
+
+    __slots__ = ("fn", "purpose")
+
+    def __init__(self, fn: Callable[..., Any], purpose: str) -> None:
+        self.fn = fn
+        self.purpose = purpose
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:
+        return (InertHook, ())
+
+    def __repr__(self) -> str:
+        return f"<gradscope hook {self.purpose}>"
+
+
+class HookSet:
+    """The handles one Scope registered, each with its purpose; ``close()`` removes them all."""
+
+    def __init__(self) -> None:
+        self._handles: list[tuple[RemovableHandle, str]] = []
+
+    def add(self, handle: RemovableHandle, purpose: str) -> RemovableHandle:
+        """Take ownership of ``handle`` (returned for convenience)."""
+        self._handles.append((handle, purpose))
+        return handle
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def purposes(self) -> list[str]:
+        """The purpose of every live handle, in registration order."""
+        return [purpose for _, purpose in self._handles]
+
+    def close(self) -> None:
+        """Remove every handle, newest first. Safe to call twice."""
+        while self._handles:
+            handle, _ = self._handles.pop()
+            handle.remove()

@@ -1,0 +1,221 @@
+"""Which parameters and modules a Scope watches, under which names, in which order.
+
+Names are PyTorch's qualified names (``encoder.layers.3.linear1.weight``); with several models
+watched at once each gets a prefix. A parameter shared by two modules (tied weights) is watched
+once under its first name and lists the others as aliases. Layers are ordered by their first
+execution in a forward pass (gradient flow reads from input to output); layers never executed
+keep their definition order, after the executed ones.
+
+Nothing here holds a tensor of a step. Parameters and modules are referenced while the Scope is
+open and released by ``close()``.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config, type_matches
+
+ROOT = "(root)"
+"""Display name of a watched model's root module (PyTorch names it "")."""
+
+
+class Family(enum.Enum):
+    """How an activation's output is read: which of dead fraction and saturation apply."""
+
+    RECTIFIER = "rectifier"  # dead fraction: units <= threshold for the whole batch
+    SIGMOID = "sigmoid"  # saturation: |y - 0.5| > threshold
+    TANH = "tanh"  # saturation: |y| > threshold
+    SOFTMAX = "softmax"  # saturation: max probability > threshold
+    OTHER = "other"  # user-named types: dead fraction, mean, std, non-finite
+
+
+_FAMILIES: tuple[tuple[tuple[type[nn.Module], ...], Family], ...] = (
+    (
+        (
+            nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU,
+            nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+        ),
+        Family.RECTIFIER,
+    ),
+    ((nn.Sigmoid, nn.Hardsigmoid), Family.SIGMOID),
+    ((nn.Tanh, nn.Hardtanh, nn.Softsign), Family.TANH),
+    ((nn.Softmax,), Family.SOFTMAX),
+)
+
+
+def activation_family(module: nn.Module, extra: tuple[Any, ...] = ()) -> Family | None:
+    """The family of an activation module, or None when ``module`` is not an activation."""
+    for types, family in _FAMILIES:
+        if isinstance(module, types):
+            return family
+    if extra and type_matches(module, extra):
+        return Family.OTHER
+    return None
+
+
+@dataclass(eq=False)
+class ParamSlot:
+    """One watched parameter: its index in the table, its names and the tensor itself."""
+
+    index: int
+    name: str
+    module_name: str
+    param: nn.Parameter
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(eq=False)
+class ModuleEntry:
+    """One watched module: an activation (family set) and/or the owner of watched parameters."""
+
+    name: str
+    module: nn.Module
+    family: Family | None
+    owns_params: bool
+    is_leaf: bool
+
+
+@dataclass
+class LayerTable:
+    """The watched parameters and modules of one Scope, with their forward order."""
+
+    params: list[ParamSlot] = field(default_factory=list)
+    modules: list[ModuleEntry] = field(default_factory=list)
+    _by_param: dict[int, ParamSlot] = field(default_factory=dict)
+    _order: dict[str, int] = field(default_factory=dict)  # module name -> first forward rank
+
+    @classmethod
+    def build(cls, models: Mapping[str, nn.Module], config: Config) -> LayerTable:
+        """Walk ``models`` (prefix -> module) and keep what the config's filters allow."""
+        table = cls()
+        seen_modules: set[int] = set()
+        for prefix, model in models.items():
+            names = _names_by_param(model, prefix)
+            for raw_name, module in model.named_modules():
+                raw_name = _join(prefix, raw_name)
+                module_name = raw_name or ROOT
+                if id(module) in seen_modules:
+                    continue  # a module reachable twice is watched once, under its first name
+                seen_modules.add(id(module))
+                if not _type_allowed(module, config):
+                    continue
+                owned = []
+                for pname, param in module.named_parameters(recurse=False):
+                    full = _join(raw_name, pname)
+                    if not param.requires_grad or id(param) in table._by_param:
+                        continue
+                    if not _name_allowed(full, module_name, config):
+                        continue
+                    first, *aliases = names[id(param)]
+                    slot = ParamSlot(len(table.params), first, module_name, param, tuple(aliases))
+                    table.params.append(slot)
+                    table._by_param[id(param)] = slot
+                    owned.append(slot)
+                family = activation_family(module, config.activation_types)
+                if family is not None and not _name_allowed(module_name, module_name, config):
+                    family = None
+                if owned or family is not None:
+                    is_leaf = next(module.children(), None) is None
+                    table.modules.append(ModuleEntry(module_name, module, family, bool(owned), is_leaf))
+        return table
+
+    def slot(self, param: torch.Tensor) -> ParamSlot | None:
+        """The slot of ``param`` if it is watched."""
+        return self._by_param.get(id(param))
+
+    def slots_of(self, params: Iterable[torch.Tensor]) -> list[ParamSlot]:
+        """The watched slots among ``params`` (an optimizer's), in the table's order, each once."""
+        found = {id(s): s for p in params if (s := self._by_param.get(id(p))) is not None}
+        return sorted(found.values(), key=lambda s: s.index)
+
+    def mark_executed(self, module_name: str) -> None:
+        """Record that ``module_name`` ran (first call wins); gives the forward order."""
+        if module_name not in self._order:
+            self._order[module_name] = len(self._order)
+
+    def executed(self, module_name: str) -> bool:
+        return module_name in self._order
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Layer metadata for run.json, in forward order (unexecuted layers last)."""
+        rank = {e.name: i for i, e in enumerate(self.modules)}
+
+        def key(module_name: str) -> tuple[int, int]:
+            order = self._order.get(module_name)
+            return (0, order) if order is not None else (1, rank.get(module_name, len(rank)))
+
+        entries = sorted(self.modules, key=lambda e: key(e.name))
+        by_module: dict[str, list[ParamSlot]] = {}
+        for slot in self.params:
+            by_module.setdefault(slot.module_name, []).append(slot)
+        out: list[dict[str, Any]] = []
+        for entry in entries:
+            executed = entry.name in self._order
+            out.append(
+                {
+                    "name": entry.name,
+                    "kind": "module",
+                    "type": type(entry.module).__name__,
+                    "family": entry.family.value if entry.family else None,
+                    "executed": executed,
+                }
+            )
+            for slot in by_module.get(entry.name, []):
+                out.append(
+                    {
+                        "name": slot.name,
+                        "kind": "param",
+                        "module": entry.name,
+                        "type": type(entry.module).__name__,
+                        "shape": list(slot.param.shape),
+                        "numel": slot.param.numel(),
+                        "aliases": list(slot.aliases),
+                        "executed": executed,
+                    }
+                )
+        return out
+
+    def release(self) -> None:
+        """Drop every reference to the user's parameters and modules."""
+        self.params.clear()
+        self.modules.clear()
+        self._by_param.clear()
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def _names_by_param(model: nn.Module, prefix: str) -> dict[int, list[str]]:
+    """Every qualified name of every parameter; tied parameters get several."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(_join(prefix, name))
+    return names
+
+
+def _type_allowed(module: nn.Module, config: Config) -> bool:
+    if config.include_types and not type_matches(module, config.include_types):
+        return False
+    return not (config.exclude_types and type_matches(module, config.exclude_types))
+
+
+def _name_allowed(name: str, module_name: str, config: Config) -> bool:
+    """Include/exclude globs match a parameter's own name or its module's name."""
+
+    def matches(patterns: tuple[str, ...]) -> bool:
+        return any(
+            fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in patterns
+        )
+
+    if config.include and not matches(config.include):
+        return False
+    return not (config.exclude and matches(config.exclude))

@@ -1,0 +1,195 @@
+"""The two process-wide patches gradscope needs, installed while at least one Scope listens.
+
+PyTorch has no hook for "backward() was called on this tensor" and none for "GradScaler skipped
+this optimizer step", and both matter:
+
+* ``torch.autograd.backward`` (which ``Tensor.backward`` calls) is where the loss is visible, and
+  its return is the end of a backward pass: the step clock of loops with no optimizer.
+* ``GradScaler.step`` skips ``optimizer.step()`` when the scaled gradients hold inf/NaN, so no
+  optimizer hook fires on exactly the steps a user most needs to see. We wrap it to learn that a
+  step was skipped (GradScaler has already synchronised to decide; we add no sync).
+* ``GradScaler.scale`` is wrapped to remember the unscaled loss behind the scaled one, so the
+  recorded loss is the real loss, not loss x 65536.
+
+Each patch is installed when the first listener registers and restored when the last one leaves
+(only if nobody patched over us meanwhile; otherwise our wrapper stays as a pass-through). Nested
+backward calls (reentrant checkpointing runs ``torch.autograd.backward`` inside backward) are not
+reported: listeners see only the outermost call.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+import torch.optim.optimizer as _optim_mod
+
+
+class Listener(Protocol):
+    """What a Scope implements to hear about backward passes and GradScaler steps."""
+
+    def before_backward(self, loss: torch.Tensor | None) -> None: ...
+
+    def after_backward(self, loss: torch.Tensor | None) -> None: ...
+
+    def scaler_step_begin(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def scaler_skipped(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None: ...
+
+
+class _State(threading.local):
+    depth = 0  # nesting of torch.autograd.backward calls on this thread
+    scaler_calls: list[list[Any]]  # stack of [optimizer, stepped?] for GradScaler.step calls
+
+    def __init__(self) -> None:
+        self.scaler_calls = []
+
+
+_listeners: list[Listener] = []
+_local = _State()
+_originals: dict[tuple[object, str], Callable[..., Any]] = {}
+_opt_hook: Any = None
+_last_scaled: tuple[weakref.ReferenceType[torch.Tensor], torch.Tensor] | None = None
+
+
+def add_listener(listener: Listener) -> Callable[[], None]:
+    """Register ``listener``; returns the function that unregisters it (idempotent)."""
+    if not _listeners:
+        _install()
+    _listeners.append(listener)
+
+    def remove() -> None:
+        if listener in _listeners:
+            _listeners.remove(listener)
+            if not _listeners:
+                _uninstall()
+
+    return remove
+
+
+def _scalar_loss(tensors: Any) -> torch.Tensor | None:
+    """The loss, when backward() was called on a single scalar tensor; else None."""
+    if isinstance(tensors, (tuple, list)):
+        if len(tensors) != 1:
+            return None
+        tensors = tensors[0]
+    if not isinstance(tensors, torch.Tensor) or tensors.numel() != 1:
+        return None
+    if _last_scaled is not None and _last_scaled[0]() is tensors:
+        return _last_scaled[1]  # the unscaled loss GradScaler.scale() was given
+    return tensors.detach()
+
+
+def _backward(*args: Any, **kwargs: Any) -> Any:
+    original = _originals[(torch.autograd, "backward")]
+    if not _listeners or _local.depth:
+        _local.depth += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _local.depth -= 1
+    loss = _scalar_loss(args[0] if args else kwargs.get("tensors"))
+    for listener in tuple(_listeners):
+        listener.before_backward(loss)
+    _local.depth += 1
+    try:
+        result = original(*args, **kwargs)
+    finally:
+        _local.depth -= 1
+    for listener in tuple(_listeners):
+        listener.after_backward(loss)
+    return result
+
+
+def _make_scale(cls: type) -> Callable[..., Any]:
+    original = _originals[(cls, "scale")]
+
+    def scale(self: Any, outputs: Any) -> Any:
+        global _last_scaled
+        result = original(self, outputs)
+        if isinstance(outputs, torch.Tensor) and isinstance(result, torch.Tensor):
+            if result is not outputs:
+                _last_scaled = (weakref.ref(result), outputs.detach())
+        return result
+
+    return scale
+
+
+def _make_step(cls: type) -> Callable[..., Any]:
+    original = _originals[(cls, "step")]
+
+    def step(self: Any, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if not _listeners or not self.is_enabled():
+            return original(self, optimizer, *args, **kwargs)
+        for listener in tuple(_listeners):
+            listener.scaler_step_begin(self, optimizer)
+        call = [optimizer, False]
+        _local.scaler_calls.append(call)
+        try:
+            result = original(self, optimizer, *args, **kwargs)
+        finally:
+            _local.scaler_calls.pop()
+        if not call[1]:
+            for listener in tuple(_listeners):
+                listener.scaler_skipped(self, optimizer)
+        return result
+
+    return step
+
+
+def _mark_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    # Global optimizer pre-hook: an optimizer inside a GradScaler.step call really stepped.
+    for call in _local.scaler_calls:
+        if call[0] is optimizer:
+            call[1] = True
+
+
+def _scaler_classes() -> list[type]:
+    classes: list[type] = []
+    for modname in ("torch.amp.grad_scaler", "torch.cuda.amp.grad_scaler", "torch.cpu.amp.grad_scaler"):
+        try:
+            module = __import__(modname, fromlist=["GradScaler"])
+        except ImportError:
+            continue
+        cls = getattr(module, "GradScaler", None)
+        if isinstance(cls, type) and cls not in classes:
+            classes.append(cls)
+    return classes
+
+
+def _install() -> None:
+    global _opt_hook
+    # A key still in _originals means an earlier wrapper of ours sits beneath someone else's
+    # patch; it becomes active again as soon as there are listeners, so do not wrap twice.
+    if (torch.autograd, "backward") not in _originals:
+        _originals[(torch.autograd, "backward")] = torch.autograd.backward
+        torch.autograd.backward = _backward
+    for cls in _scaler_classes():
+        for name, make in (("step", _make_step), ("scale", _make_scale)):
+            if name in cls.__dict__ and (cls, name) not in _originals:
+                # patch where the method is defined, not where it is inherited
+                _originals[(cls, name)] = cls.__dict__[name]
+                setattr(cls, name, make(cls))
+    _opt_hook = _optim_mod.register_optimizer_step_pre_hook(_mark_stepped)
+
+
+def _uninstall() -> None:
+    global _opt_hook, _last_scaled
+    if _opt_hook is not None:
+        _opt_hook.remove()
+        _opt_hook = None
+    for (owner, name), original in list(_originals.items()):
+        current = getattr(owner, "__dict__", {}).get(name, getattr(owner, name, None))
+        if getattr(current, "__module__", None) == __name__:
+            setattr(owner, name, original)
+            del _originals[(owner, name)]
+        # else: someone patched over us; our wrapper stays beneath theirs as a pass-through
+    _last_scaled = None
+
+
+def installed() -> bool:
+    """Whether the patches are in place (for tests)."""
+    return torch.autograd.backward is _backward

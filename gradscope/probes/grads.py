@@ -1,0 +1,158 @@
+"""Per-parameter gradient statistics, read from ``p.grad`` when the optimizer is about to step.
+
+Read there (not in per-parameter tensor hooks) because only then are the gradients final:
+accumulated over micro-batches, all-reduced by DDP, and unscaled by a (non-fused) GradScaler.
+Fused optimizers under a GradScaler still hold scaled gradients at that point; the caller passes
+the optimizer's ``grad_scale`` and the norms are divided by it on the device.
+
+Cost model (notes/mechanics.md §4, re-measured in benchmarks/): one ``torch._foreach_norm`` over
+all gradients is at the memory-bandwidth floor. Maximum absolute values cost about twice a norm on
+CPU (``aminmax`` per tensor, the cheapest kernel measured), so they are taken on sampled steps
+only. Exact non-finite counts cost 10-20 norms, so they are taken only on steps whose norms are
+non-finite: a finite sum of squares proves every element finite, so every other step's count is
+exactly 0 and is filled in on the host at flush time (:meth:`GradProbe.complete`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..buffer import Chunk, Group, StepBuffer
+from ..layers import ParamSlot
+
+KIND = "param"
+RUN = "(run)"  # layer name of run-level metrics
+
+
+def _foreach_norm_supports_dtype() -> bool:
+    try:
+        torch._foreach_norm([torch.zeros(1, dtype=torch.float16)], 2, dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+_NORM_DTYPE_OK: bool | None = None
+
+
+def fp32_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norm of each tensor, accumulated in float32 (fp16 norms overflow at 65504)."""
+    global _NORM_DTYPE_OK
+    if all(t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return [n.float() for n in torch._foreach_norm(list(tensors))]
+    if _NORM_DTYPE_OK is None:
+        _NORM_DTYPE_OK = _foreach_norm_supports_dtype()
+    if _NORM_DTYPE_OK:
+        return list(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+    return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+
+
+def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[k]`` largest absolute value of each tensor (``aminmax``: one pass, no ``abs`` copy)."""
+    out = []
+    for t in tensors:
+        lo, hi = torch.aminmax(t.detach().reshape(-1))
+        out.append(torch.maximum(hi, -lo).float())
+    return torch.stack(out)
+
+
+def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[k]`` number of NaN/Inf elements of each tensor (expensive: flagged steps only)."""
+    return torch.stack([torch.logical_not(torch.isfinite(t)).sum() for t in tensors]).float()
+
+
+class GradProbe:
+    """Writes ``grad_norm``/``grad_max_abs``/``grad_nonfinite`` per parameter and
+    ``grad_norm_total`` per step into the buffer.
+
+    Args:
+        buffer: Where the statistics go.
+        count_policy: ``"host"``: read the step's non-finite flag on the host and count exactly
+            when it is set (free where tensors live on the CPU: there is no device to wait for).
+            ``"armed"``: count on every step (set while non-finite values were recently seen on
+            an accelerator). ``"flagged-only"``: never read the flag; counts come only from steps
+            known to be non-finite (GradScaler-skipped steps) or while armed.
+    """
+
+    def __init__(self, buffer: StepBuffer, count_policy: str = "host") -> None:
+        self.buffer = buffer
+        self.count_policy = count_policy
+        self._groups: dict[tuple[tuple[int, ...], str], Group] = {}
+        self._total = buffer.group(((RUN, "run", "grad_norm_total"),))
+
+    def _group(self, slots: Sequence[ParamSlot], metric: str) -> Group:
+        key = (tuple(s.index for s in slots), metric)
+        grp = self._groups.get(key)
+        if grp is None:
+            grp = self._groups[key] = self.buffer.group(tuple((s.name, KIND, metric) for s in slots))
+            if metric == "grad_norm":  # counts are derived from norms at flush: need the columns
+                self._group(slots, "grad_nonfinite")
+        return grp
+
+    def record(
+        self,
+        slots: Sequence[ParamSlot],
+        sampled: bool,
+        grad_scale: torch.Tensor | float | None = None,
+        known_nonfinite: bool = False,
+    ) -> torch.Tensor | None:
+        """Measure the current gradients of ``slots``; returns the total norm (device) or None.
+
+        Parameters whose ``.grad`` is None (unused this step, frozen) are skipped.
+        """
+        present: list[ParamSlot] = []
+        grads: list[torch.Tensor] = []
+        for slot in slots:
+            g = slot.param.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                g = g.coalesce()._values()
+            present.append(slot)
+            grads.append(g.detach())
+        if not grads:
+            return None
+        norms = torch.stack(fp32_norms(grads))  # [k]
+        if grad_scale is not None:
+            norms = norms / grad_scale
+        total = torch.linalg.vector_norm(norms)
+        self.buffer.write(self._group(present, "grad_norm"), norms)
+        self.buffer.write(self._total, total)
+        if sampled:
+            peaks = max_abs(grads)
+            if grad_scale is not None:
+                peaks = peaks / grad_scale
+            self.buffer.write(self._group(present, "grad_max_abs"), peaks)
+        count = known_nonfinite or self.count_policy == "armed"
+        if not count and self.count_policy == "host":
+            # one flag read on the host; an fp32 sum of squares is finite iff every element is
+            # (an overflow of huge finite values is a false alarm that the count then clears)
+            count = not bool(torch.isfinite(total))
+        if count:
+            self.buffer.write(self._group(present, "grad_nonfinite"), nonfinite_counts(grads))
+        return total
+
+    @staticmethod
+    def complete(chunk: Chunk) -> None:
+        """At flush: a finite norm proves a zero non-finite count; fill those in."""
+        import numpy as np
+
+        col_of = {key: i for i, key in enumerate(chunk.columns)}
+        pairs = [
+            (i, col_of[(layer, kind, "grad_nonfinite")])
+            for i, (layer, kind, metric) in enumerate(chunk.columns)
+            if kind == KIND and metric == "grad_norm" and (layer, kind, "grad_nonfinite") in col_of
+        ]
+        if not pairs:
+            return
+        norm_cols = np.array([p[0] for p in pairs])
+        count_cols = np.array([p[1] for p in pairs])
+        fill = (
+            chunk.written[:, norm_cols]
+            & ~chunk.written[:, count_cols]
+            & np.isfinite(chunk.values[:, norm_cols])
+        )
+        chunk.values[:, count_cols] = np.where(fill, 0.0, chunk.values[:, count_cols])
+        chunk.written[:, count_cols] |= fill

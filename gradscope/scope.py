@@ -1,0 +1,484 @@
+"""Scope: one watched training run, from ``watch()`` to ``close()``.
+
+A Scope owns everything it creates through one ExitStack: the hooks on the model, the
+process-wide patches (as a listener), the step buffer and the sinks. ``close()`` (idempotent; also
+run by ``__exit__`` and at interpreter exit) writes what is buffered, marks the run
+completed/failed/interrupted, and removes every hook, also when training raised.
+
+Hooks are global state: while a Scope is open, its hooks run inside the user's forward, backward
+and optimizer steps. They only measure (no I/O, no host reads on accelerators) and write into a
+device buffer; all host work happens at flushes, every ``flush_every`` steps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.optim.optimizer as _optim_mod
+from torch import nn
+
+from . import __version__, patches, rundir
+from .buffer import StepBuffer
+from .clock import Clock
+from .config import Config
+from .hooks import Hook, HookSet
+from .layers import LayerTable, ParamSlot
+from .probes.activations import ModuleProbe
+from .probes.grads import RUN, GradProbe
+from .probes.weights import WeightProbe
+from .records import LongTable
+from .sinks.store import Store
+
+if TYPE_CHECKING:
+    from .load import Run
+
+STATUSES = ("running", "completed", "failed", "interrupted")
+
+
+class Scope:
+    """A watched run. Create it with :func:`gradscope.watch`.
+
+    Attributes:
+        run_dir: The run directory (see ``reports/README.md`` for its layout).
+        config: The validated configuration.
+        steps: Steps completed so far.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+        config: Config,
+        label: str,
+    ) -> None:
+        self.config = config
+        self._closed = False
+        self._disabled = False
+        self._pid = os.getpid()
+        self._models = dict(models)
+        self._table = LayerTable.build(self._models, config)
+        if not self._table.params and not self._table.modules:
+            raise ValueError(
+                "nothing to watch: no trainable parameter or activation module passed the "
+                f"filters (include={list(config.include)}, exclude={list(config.exclude)}, "
+                f"include_types={config.to_json()['include_types']}, "
+                f"exclude_types={config.to_json()['exclude_types']})"
+            )
+        for opt in optimizers:
+            if not self._table.slots_of(p for g in opt.param_groups for p in g["params"]):
+                raise ValueError(
+                    f"optimizer {type(opt).__name__} steps none of the watched parameters; "
+                    "pass the optimizer of this model, or no optimizer to find it automatically"
+                )
+        device = _first_device(self._models)
+        on_cpu = device.type == "cpu"
+
+        self.run_dir = rundir.create(config.out, config.name or rundir.default_name(label))
+        self._stack = contextlib.ExitStack()
+        try:
+            self._started = time.time()
+            self._last_flush = time.monotonic()
+            self._buffer = StepBuffer(config.flush_every)
+            self._grads = GradProbe(self._buffer, "host" if on_cpu else "flagged-only")
+            self._weights = WeightProbe(self._buffer, config.update_ratio)
+            self._modules = ModuleProbe(self._buffer, self._table, config, count_on_host=on_cpu)
+            self._store = Store(self.run_dir)
+            self._sinks: list[Any] = [self._store]
+            if config.tensorboard:
+                from .sinks.tensorboard import TensorBoardSink
+
+                self._sinks.append(TensorBoardSink(self.run_dir / rundir.TB))
+            self._clock = Clock(
+                self._table, self, config.step_on, config.activation_every, optimizers
+            )
+            self._losses: list[torch.Tensor] = []
+            self._scaler_seen = False
+            self._skip_noted = False
+            self._findings: list[dict[str, Any]] = []
+            self._cols = {
+                name: self._buffer.group(((RUN, "run", name),))
+                for name in ("loss", "skipped_step", "amp_scale")
+            }
+            self._write_meta("running")
+
+            hooks = HookSet()
+            self._hooks = hooks
+            self._stack.callback(hooks.close)
+            self._modules.attach(hooks)
+            pre = Hook(self._guarded(self._on_optimizer_pre), "optimizer-pre")
+            post = Hook(self._guarded(self._on_optimizer_post), "optimizer-post")
+            if optimizers:
+                for opt in optimizers:
+                    hooks.add(opt.register_step_pre_hook(pre), "optimizer-pre")
+                    hooks.add(opt.register_step_post_hook(post), "optimizer-post")
+            else:  # find the optimizers that step these parameters when they first step
+                hooks.add(_optim_mod.register_optimizer_step_pre_hook(pre), "optimizer-pre")
+                hooks.add(_optim_mod.register_optimizer_step_post_hook(post), "optimizer-post")
+            self._before_backward = self._guarded(self._clock.before_backward)
+            self._after_backward = self._guarded(self._clock.after_backward)
+            self._scaler_step = self._guarded(self._clock.scaler_step)
+            self._scaler_skipped = self._guarded(self._on_scaler_skipped)
+            self._stack.callback(patches.add_listener(self))
+            atexit.register(self._at_exit)
+            self._stack.callback(atexit.unregister, self._at_exit)
+        except BaseException:
+            self._stack.close()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Number of steps completed so far."""
+        return self._clock.step
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def findings(self) -> list[dict[str, Any]]:
+        """Findings raised so far (JSON-shaped dicts; see DESIGN.md)."""
+        return list(self._findings)
+
+    def step(self) -> None:
+        """End the current step by hand (loops with no optimizer). From the first call on, steps
+        end only here; gradients are read at the optimizer step if there is one, otherwise at the
+        end of each backward pass."""
+        self._check_open("step")
+        self._clock.manual_step()
+
+    def flush(self) -> None:
+        """Copy buffered statistics to the host and write them to every sink now."""
+        self._check_open("flush")
+        self._flush()
+
+    def load(self) -> Run:
+        """Flush and read this run back (see :func:`gradscope.load_run`)."""
+        from .load import load_run
+
+        if not self._closed:
+            self._flush()
+        return load_run(self.run_dir)
+
+    def close(self, status: str | None = None) -> None:
+        """Write everything, mark the run's status and remove every hook. Idempotent.
+
+        Args:
+            status: ``completed`` (default), ``failed`` or ``interrupted``.
+        """
+        if self._closed:
+            return
+        if status is not None and status not in STATUSES[1:]:
+            raise ValueError(f"status={status!r}: expected one of {', '.join(STATUSES[1:])}")
+        self._closed = True
+        if os.getpid() != self._pid:  # a forked child (DataLoader worker) never writes
+            self._stack.close()
+            return
+        with self._stack:  # hooks come off even if writing fails
+            try:
+                self._clock.finish()
+                self._flush()
+            finally:
+                self._store.write_findings(self._findings)
+                self._write_meta(status or "completed")
+                for sink in self._sinks:
+                    sink.close()
+        self._release()
+
+    def __enter__(self) -> Scope:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(_status_for(exc_type))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<gradscope.Scope {state} steps={self.steps} run_dir={str(self.run_dir)!r}>"
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _guarded(self, fn: Any) -> Any:
+        """A monitor must never take training down: an internal error detaches gradscope with a
+        warning and an event instead of propagating into the user's step."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._closed or self._disabled:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                self._fail_internal(exc)
+                return None
+
+        return call
+
+    def _fail_internal(self, exc: Exception) -> None:
+        # Not close(): we may be inside torch's loop over the very hook dicts close() edits.
+        # The hooks go inert now and come off at close() (__exit__, or interpreter exit).
+        self._disabled = True
+        self._modules.sampling = False
+        with contextlib.suppress(Exception):
+            self._store.event({"event": "internal_error", "error": repr(exc), "step": self.steps})
+        warnings.warn(
+            f"gradscope stopped watching after an internal error: {exc!r}; training continues "
+            f"(records up to the last flush are in {self.run_dir})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _on_optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        closure = bool(args and callable(args[0])) or callable(kwargs.get("closure"))
+        self._clock.optimizer_pre(opt, closure)
+
+    def _on_optimizer_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._clock.optimizer_post(opt)
+
+    # patches.Listener ----------------------------------------------------------------------------
+    def before_backward(self, loss: torch.Tensor | None) -> None:
+        self._before_backward()
+
+    def after_backward(self, loss: torch.Tensor | None) -> None:
+        self._after_backward(loss)
+
+    def scaler_step_begin(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        self._scaler_step(optimizer, getattr(scaler, "_scale", None))
+
+    def scaler_skipped(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        self._scaler_skipped(optimizer)
+
+    def _on_scaler_skipped(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._clock.slots_for(optimizer):
+            return
+        step = self._clock.step
+        self._clock.scaler_skipped(optimizer, None)
+        self._store.event(
+            {"event": "skipped_step", "step": step, "by": "GradScaler",
+             "reason": "inf/NaN in the scaled gradients; optimizer.step() was not called"}
+        )
+
+    # clock.Recorder ------------------------------------------------------------------------------
+    def open_row(self, step: int) -> None:
+        if self._buffer.full:
+            self._flush()
+        self._buffer.open_row(step)
+
+    def discard_row(self) -> None:
+        self._buffer.discard_current()
+        self._losses.clear()
+        self._skip_noted = False
+        self._weights.cancel()
+        self._modules.discard()
+
+    def record_grads(
+        self, slots: Sequence[ParamSlot], grad_scale: Any = None, known_nonfinite: bool = False
+    ) -> None:
+        self._grads.record(slots, self._clock.sampled(), grad_scale, known_nonfinite)
+
+    def snapshot_weights(self, slots: Sequence[ParamSlot]) -> None:
+        self._weights.snapshot(slots)
+
+    def update_weights(self) -> None:
+        self._weights.update()
+
+    def cancel_weights(self) -> None:
+        self._weights.cancel()
+
+    def end_window(self) -> None:
+        self._modules.end_window()
+
+    def set_sampling(self, sampled: bool) -> None:
+        self._modules.sampling = sampled and not self._disabled
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach().reshape(()))
+
+    def note_skipped(self, value: torch.Tensor | float) -> None:
+        self._skip_noted = True
+        if isinstance(value, torch.Tensor):
+            self._buffer.write(self._cols["skipped_step"], value.float())
+        else:
+            self._buffer.write_host(self._cols["skipped_step"].cols[0], float(value))
+
+    def note_scale(self, scale: torch.Tensor) -> None:
+        self._scaler_seen = True
+        self._buffer.write(self._cols["amp_scale"], scale)
+
+    def commit_row(self) -> None:
+        if self._losses:
+            losses = torch.stack([loss.float() for loss in self._losses])
+            self._buffer.write(self._cols["loss"], losses.mean())
+            self._losses.clear()
+        if self._scaler_seen and not self._skip_noted:
+            self._buffer.write_host(self._cols["skipped_step"].cols[0], 0.0)
+        self._skip_noted = False
+        self._modules.finalize()
+        due = time.monotonic() - self._last_flush >= self.config.flush_secs
+        if self._buffer.full or due:
+            self._flush()
+
+    # -- flush and metadata -----------------------------------------------------------------------
+    def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        # a step in progress (a flush() called mid-step) stays on the device
+        chunk = self._buffer.take(keep_current=self._clock.row_open)
+        if chunk is not None:
+            GradProbe.complete(chunk)
+            WeightProbe.complete(chunk)
+            table = LongTable.from_chunk(chunk)
+            for sink in self._sinks:
+                sink.write(table)
+            if self._grads.count_policy != "host":
+                self._grads.count_policy = "armed" if _has_nonfinite_norm(chunk) else "flagged-only"
+        self._write_meta("running")
+
+    def _write_meta(self, status: str) -> None:
+        meta = {
+            "gradscope": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "argv": list(sys.argv),
+            "cwd": os.getcwd(),
+            "pid": self._pid,
+            "config": self.config.to_json(),
+            "models": {k: type(m).__name__ for k, m in self._models.items()},
+            "started": _iso(self._started),
+            "ended": None if status == "running" else _iso(time.time()),
+            "status": status,
+            "exit_code": None,
+            "world_size": _world_size(),
+            "steps": self._clock.step,
+            "step_mode": self._clock.mode,
+            "layers": self._table.describe(),
+            "sites": self._modules.site_names(),
+        }
+        rundir.write_json(self.run_dir / rundir.RUN_JSON, meta)
+
+    def _at_exit(self) -> None:
+        status = "completed"
+        last = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
+        if last is not None:
+            status = _status_for(type(last))
+        self.close(status)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"Scope.{what}(): this scope is closed (run in {self.run_dir})")
+
+    def _release(self) -> None:
+        self._modules.release()
+        self._weights.release()
+        self._buffer.release()
+        self._table.release()
+        self._models.clear()
+        self._losses.clear()
+
+
+def _has_nonfinite_norm(chunk: Any) -> bool:
+    import numpy as np
+
+    cols = [i for i, (_, kind, m) in enumerate(chunk.columns) if kind == "param" and m == "grad_norm"]
+    if not cols:
+        return False
+    vals = chunk.values[:, cols]
+    return bool((chunk.written[:, cols] & ~np.isfinite(vals)).any())
+
+
+def _status_for(exc_type: type[BaseException] | None) -> str:
+    if exc_type is None:
+        return "completed"
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "interrupted"
+    if issubclass(exc_type, SystemExit):
+        return "completed"
+    return "failed"
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return 1
+
+
+def _first_device(models: Mapping[str, nn.Module]) -> torch.device:
+    for model in models.values():
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def normalize_models(models: Any) -> tuple[dict[str, nn.Module], str]:
+    """``watch()``'s first argument as ``{prefix: module}`` plus a label for the run name."""
+
+    def unwrap(m: Any) -> Any:
+        # torch.compile's OptimizedModule: hook (and name) the original module
+        inner = getattr(m, "_orig_mod", None)
+        return inner if isinstance(inner, nn.Module) else m
+
+    def bad(value: Any) -> TypeError:
+        return TypeError(
+            f"watch() expects an nn.Module, or a list or dict of them; got "
+            f"{type(value).__name__} ({value!r:.60})"
+        )
+
+    if isinstance(models, nn.Module):
+        m = unwrap(models)
+        return {"": m}, type(m).__name__
+    if isinstance(models, Mapping):
+        items = list(models.items())
+    elif isinstance(models, Iterable) and not isinstance(models, (str, bytes)):
+        mods = list(models)
+        names = [type(unwrap(m)).__name__ for m in mods]
+        keys = names if len(set(names)) == len(names) else [str(i) for i in range(len(mods))]
+        items = list(zip(keys, mods))
+    else:
+        raise bad(models)
+    if not items:
+        raise bad(models)
+    out: dict[str, nn.Module] = {}
+    for key, m in items:
+        if not isinstance(m, nn.Module):
+            raise bad(m)
+        if not isinstance(key, str) or not key or "." in key:
+            raise ValueError(f"watch(): model key {key!r} must be a non-empty string without '.'")
+        out[key] = unwrap(m)
+    return out, "-".join(type(m).__name__ for m in out.values())
+
+
+def normalize_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    if not isinstance(opts, Iterable):
+        opts = [opts]
+    out = list(opts)
+    for opt in out:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer={opt!r:.60}: expected a torch.optim.Optimizer (or a list of them), "
+                f"got {type(opt).__name__}"
+            )
+    return out
