@@ -1,13 +1,18 @@
-"""The device-side step buffer: statistics stay on the device until one transfer per flush.
+"""The step buffer: statistics stay on the device until one transfer per flush.
 
-Every recorded number is a *column* ``(layer, kind, metric)``; every step is a *row*. Probes write
-whole groups of columns at once (all parameter norms of an optimizer step in one ``index_copy_``)
-into the current row of a preallocated ``[capacity, width]`` float32 tensor on the device of the
-statistics. Nothing is read back until :meth:`StepBuffer.take`, which copies the filled rows to
-the host in one transfer.
+Every recorded number is a *column* ``(layer, kind, metric)``; every step is a *row*. Probes hand
+over whole groups of columns at once (all parameter norms of an optimizer step as one ``[k]``
+tensor), and the buffer only remembers them: no device operation per step. A flush concatenates
+every value of every buffered step with one ``torch.cat`` and copies the result to the host in
+one transfer (per device), then scatters it into a ``[rows, columns]`` table on the host.
+
+Measured on the reference MLP (benchmarks/): staging into a preallocated device matrix at every
+step (``cat`` + ``index_copy_``) cost more host time than everything else gradscope does per
+step, while holding a few small tensors per step until the flush costs nothing.
 
 A value that was never written is not a value: each row remembers, on the host, which column
-groups were written, so a NaN norm (a real finding) is never confused with "not measured".
+groups were written, so a NaN norm (a real finding) is never confused with "not measured". When
+a step writes a column twice (a provisional read, then the final one), the later write wins.
 """
 
 from __future__ import annotations
@@ -22,28 +27,21 @@ if TYPE_CHECKING:
 
 
 class Group:
-    """A fixed set of columns written together; caches its index tensor per device."""
+    """A fixed set of columns written together."""
 
-    __slots__ = ("_index", "cols")
+    __slots__ = ("cols",)
 
     def __init__(self, cols: tuple[int, ...]) -> None:
         self.cols = cols
-        self._index: dict[torch.device, torch.Tensor] = {}
-
-    def index(self, device: torch.device) -> torch.Tensor:
-        idx = self._index.get(device)
-        if idx is None:
-            idx = self._index[device] = torch.tensor(self.cols, dtype=torch.long, device=device)
-        return idx
 
 
 @dataclass
 class Row:
-    """Host-side bookkeeping for one buffered step."""
+    """One buffered step: the tensors written for it (on their device) and host-known values."""
 
     step: int
-    groups: list[Group] = field(default_factory=list)
-    host: dict[int, float] = field(default_factory=dict)  # values known on the host (no sync)
+    writes: list[tuple[Group, torch.Tensor]] = field(default_factory=list)
+    host: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,7 +61,7 @@ class Chunk:
 
 
 class StepBuffer:
-    """Preallocated ``[capacity, width]`` statistics on the device, flushed as a :class:`Chunk`.
+    """Per-step statistics, held as device tensors until :meth:`take`.
 
     Args:
         capacity: Rows held before a flush is due (``Config.flush_every``).
@@ -74,7 +72,6 @@ class StepBuffer:
         self.columns: list[tuple[str, str, str]] = []
         self._col_of: dict[tuple[str, str, str], int] = {}
         self._groups: dict[tuple[int, ...], Group] = {}
-        self._data: torch.Tensor | None = None  # [capacity, width] float32
         self.rows: list[Row] = []
 
     # -- columns ------------------------------------------------------------------------------
@@ -105,75 +102,67 @@ class StepBuffer:
         return row
 
     def write(self, group: Group, values: torch.Tensor) -> None:
-        """Write ``values`` (shape ``[len(group.cols)]`` or a scalar for one column) into the
-        current row, on the device. No host synchronisation."""
-        row = self.rows[-1]
-        data = self._storage(values.device, len(self.columns))
-        data[len(self.rows) - 1].index_copy_(
-            0, group.index(data.device), values.reshape(-1).to(torch.float32)
-        )
-        row.groups.append(group)
+        """Record ``values`` (``[len(group.cols)]``, or a scalar for one column) for the current
+        row. Nothing runs on the device: the tensor is kept until the flush."""
+        self.rows[-1].writes.append((group, values))
 
     def write_host(self, col: int, value: float) -> None:
         """Record a value the host already knows (a flag, a count), at no device cost."""
         self.rows[-1].host[col] = value
-
-    def _storage(self, device: torch.device, width: int) -> torch.Tensor:
-        data = self._data
-        if data is not None and data.device == device and data.shape[1] >= width:
-            return data
-        # First write, a new column beyond the width, or the model moved to another device:
-        # reallocate (rare: discovery time), keeping the rows written so far.
-        new_width = max(width, 2 * (data.shape[1] if data is not None else 16))
-        fresh = torch.full((self.capacity, new_width), float("nan"), device=device)
-        if data is not None:
-            fresh[:, : data.shape[1]].copy_(data.to(device))
-        self._data = fresh
-        return fresh
-
-    # -- flush --------------------------------------------------------------------------------
-    def take(self, keep_current: bool = False) -> Chunk | None:
-        """Copy the buffered rows to the host (one transfer) and start empty again.
-
-        Args:
-            keep_current: The last row is a step still in progress: leave it buffered (moved to
-                the first device row) and take only the rows before it.
-        """
-        import numpy as np
-
-        rows = self.rows
-        if keep_current and rows:
-            rows, self.rows = rows[:-1], rows[-1:]
-            if rows and self._data is not None:
-                self._data[0].copy_(self._data[len(rows)])
-        else:
-            self.rows = []
-        if not rows:
-            return None
-        width = len(self.columns)
-        if self._data is not None:
-            host = self._data[: len(rows), :width].to("cpu", torch.float64).numpy()
-            values = np.array(host)  # own the memory; the device buffer is reused
-            if values.shape[1] < width:
-                values = np.pad(values, ((0, 0), (0, width - values.shape[1])), constant_values=np.nan)
-        else:
-            values = np.full((len(rows), width), np.nan)
-        written = np.zeros((len(rows), width), dtype=bool)
-        for r, row in enumerate(rows):
-            for grp in row.groups:
-                written[r, list(grp.cols)] = True
-            for col, value in row.host.items():
-                values[r, col] = value
-                written[r, col] = True
-        steps = np.array([row.step for row in rows], dtype=np.int64)
-        return Chunk(steps, values, written, list(self.columns))
 
     def discard_current(self) -> None:
         """Forget the current row (nothing of it was real)."""
         if self.rows:
             self.rows.pop()
 
+    # -- flush --------------------------------------------------------------------------------
+    def take(self, keep_current: bool = False) -> Chunk | None:
+        """Copy the buffered rows to the host (one transfer per device) and start empty again.
+
+        Args:
+            keep_current: The last row is a step still in progress: keep it buffered and take
+                only the rows before it.
+        """
+        import numpy as np
+
+        rows = self.rows
+        if keep_current and rows:
+            rows, self.rows = rows[:-1], rows[-1:]
+        else:
+            self.rows = []
+        if not rows:
+            return None
+        width = len(self.columns)
+        values = np.full((len(rows), width), np.nan)
+        written = np.zeros((len(rows), width), dtype=bool)
+        # (row, col) of every written value, in write order, per device
+        by_device: dict[torch.device, tuple[list[torch.Tensor], list[int], list[int]]] = {}
+        for r, row in enumerate(rows):
+            for grp, tensor in row.writes:
+                flat = tensor.detach().reshape(-1)
+                if flat.dtype != torch.float32:
+                    flat = flat.float()
+                tensors, row_idx, col_idx = by_device.setdefault(flat.device, ([], [], []))
+                tensors.append(flat)
+                row_idx.extend([r] * len(grp.cols))
+                col_idx.extend(grp.cols)
+        for tensors, row_idx, col_idx in by_device.values():
+            host = torch.cat(tensors).to("cpu", torch.float64).numpy()  # the one transfer
+            r_arr = np.asarray(row_idx)
+            c_arr = np.asarray(col_idx)
+            # a later write of the same (row, column) wins: keep each pair's last occurrence
+            key = r_arr * max(width, 1) + c_arr
+            _, last = np.unique(key[::-1], return_index=True)
+            keep = len(key) - 1 - last
+            values[r_arr[keep], c_arr[keep]] = host[keep]
+            written[r_arr[keep], c_arr[keep]] = True
+        for r, row in enumerate(rows):
+            for col, value in row.host.items():
+                values[r, col] = value
+                written[r, col] = True
+        steps = np.array([row.step for row in rows], dtype=np.int64)
+        return Chunk(steps, values, written, list(self.columns))
+
     def release(self) -> None:
-        self._data = None
         self._groups.clear()
         self.rows.clear()

@@ -23,7 +23,7 @@ value changed, compared on one small parameter. An optimizer step settles it the
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -37,6 +37,7 @@ class Recorder(Protocol):
     """What the clock drives (implemented by Scope)."""
 
     def open_row(self, step: int) -> None: ...
+    def reopen_row(self, step: int, drop_current: bool) -> bool: ...
     def discard_row(self) -> None: ...
     def record_grads(
         self, slots: Sequence[ParamSlot], grad_scale: Any = None, known_nonfinite: bool = False
@@ -59,7 +60,8 @@ class Clock:
         table: The watched parameters.
         recorder: Receives the row-level actions.
         step_on: ``Config.step_on`` (``auto``/``optimizer``/``backward``).
-        every: ``Config.activation_every``: which steps are sampled.
+        every: ``Config.activation_every``: steps with activation statistics.
+        update_every: ``Config.update_every`` resolved: steps with update ratios.
         explicit_optimizers: Optimizers passed to ``watch``; when given, only they count.
     """
 
@@ -69,6 +71,7 @@ class Clock:
         recorder: Recorder,
         step_on: str,
         every: int,
+        update_every: int,
         explicit_optimizers: Sequence[torch.optim.Optimizer] = (),
     ) -> None:
         self.table = table
@@ -76,6 +79,7 @@ class Clock:
         self.forced = step_on != AUTO
         self.mode = step_on
         self.every = every
+        self.update_every = update_every
         self.step = 0  # index of the current (open or next) step
         self.row_open = False
         self._explicit = {id(o) for o in explicit_optimizers}
@@ -87,11 +91,17 @@ class Clock:
         self._closure_pending: int | None = None  # closure step: read grads at 1st backward
         self._closure_loss_taken = False
         self._evidence: tuple[ParamSlot, int, int, torch.Tensor] | None = None
-        self.on_commit: Callable[[], None] | None = None
+        self._update_seen = False
+        self._ended_by_optimizer = False
 
     # -- helpers ------------------------------------------------------------------------------
     def sampled(self, step: int | None = None) -> bool:
+        """Whether activation statistics are taken at ``step`` (default: the current one)."""
         return (self.step if step is None else step) % self.every == 0
+
+    def sampled_updates(self) -> bool:
+        """Whether update ratios, weight norms and max-abs gradients are taken now."""
+        return self.step % self.update_every == 0
 
     def slots_for(self, opt: torch.optim.Optimizer) -> list[ParamSlot]:
         """The watched parameters ``opt`` steps (cached; refreshed if its groups change)."""
@@ -130,8 +140,27 @@ class Clock:
         self._backwards = 0
         self._evidence = None
         self.rec.set_sampling(self.sampled())
-        if self.on_commit is not None:
-            self.on_commit()
+        self._ended_by_optimizer = False
+
+    def _discovering(self, opt: torch.optim.Optimizer) -> bool:
+        """A second optimizer of these parameters shows up for the first time, right after the
+        step that the others ended (a GAN's first iteration: D stepped, now G)."""
+        return (
+            self.mode == OPTIMIZER
+            and self._ended_by_optimizer
+            and not self._stepped
+            and bool(self._known)
+            and id(opt) not in self._known
+        )
+
+    def _reopen(self) -> None:
+        """Put the step just ended back in progress: it was not complete after all. What was
+        measured since (the new optimizer's forward and backward) joins it."""
+        if self.rec.reopen_row(self.step - 1, drop_current=self.row_open):
+            self.step -= 1
+            self.row_open = True
+            self._stepped = set(self._known)
+            self.rec.set_sampling(self.sampled())
 
     def _grads_at_backward(self) -> bool:
         return self.mode == BACKWARD or (self.mode in (AUTO, MANUAL) and not self._known)
@@ -147,6 +176,8 @@ class Clock:
             self.mode = OPTIMIZER
         if self.mode == OPTIMIZER and id(opt) in self._stepped:
             self.commit()  # this optimizer stepped again: a new step began
+        elif self._discovering(opt):
+            self._reopen()
         self._ensure_row()
         self._known.add(id(opt))
         self._stepped.add(id(opt))
@@ -159,7 +190,7 @@ class Clock:
             found_inf = getattr(opt, "found_inf", None)  # fused optimizer under GradScaler
             if isinstance(found_inf, torch.Tensor):
                 self.rec.note_skipped(found_inf)
-        if self.sampled():
+        if self.sampled_updates():
             self.rec.snapshot_weights(slots)
 
     def optimizer_post(self, opt: torch.optim.Optimizer) -> None:
@@ -175,6 +206,7 @@ class Clock:
         self.rec.update_weights()
         if self.mode == OPTIMIZER and self._stepped >= self._known:
             self.commit()
+            self._ended_by_optimizer = True
 
     def scaler_skipped(self, opt: torch.optim.Optimizer, scale: torch.Tensor | None) -> None:
         """GradScaler found inf/NaN and skipped ``opt.step()``: no optimizer hook fired."""
@@ -187,6 +219,8 @@ class Clock:
             self.mode = OPTIMIZER
         if self.mode == OPTIMIZER and id(opt) in self._stepped:
             self.commit()
+        elif self._discovering(opt):
+            self._reopen()
         self._ensure_row()
         self._known.add(id(opt))
         self._stepped.add(id(opt))
@@ -196,6 +230,7 @@ class Clock:
         self.rec.cancel_weights()
         if self.mode == OPTIMIZER and self._stepped >= self._known:
             self.commit()
+            self._ended_by_optimizer = True
 
     def scaler_step(self, opt: torch.optim.Optimizer, scale: torch.Tensor | None) -> None:
         if scale is not None and self.slots_for(opt):
@@ -204,15 +239,22 @@ class Clock:
 
     # -- backward moments ---------------------------------------------------------------------
     def before_backward(self) -> None:
-        if self._in_step is not None:
-            return  # a closure evaluation inside optimizer.step()
-        if self.mode == BACKWARD and self._backwards:
-            self.commit(end_window=False)
-        elif self.mode == AUTO and self._backwards and self._updated_since_backward():
-            self.mode = BACKWARD  # weights changed with no optimizer: a hand-written loop
-            self.commit(end_window=False)
+        # Gradient resets are only visible before the backward pass refills the gradients.
+        self._update_seen = (
+            self._in_step is None
+            and self.mode == AUTO
+            and self._backwards > 0
+            and self._updated_since_backward()
+        )
 
     def after_backward(self, loss: torch.Tensor | None) -> None:
+        if self._in_step is None:
+            if self.mode == BACKWARD and self._backwards:
+                self.commit(end_window=False)  # the previous backward pass was a whole step
+            elif self._update_seen:
+                self.mode = BACKWARD  # weights changed with no optimizer: a hand-written loop
+                self.commit(end_window=False)
+            self._update_seen = False
         if self._in_step is not None:  # inside a closure: only the first evaluation counts
             if self._closure_pending == self._in_step:
                 self.rec.record_grads(self._slots[self._in_step][2])
@@ -227,7 +269,7 @@ class Clock:
         if self._grads_at_backward():
             slots = self.table.params
             self.rec.record_grads(slots)
-            if self.sampled() and not self._backwards:
+            if self.sampled_updates() and not self._backwards:
                 self.rec.snapshot_weights(slots)
             if self.mode == AUTO:
                 self._remember_for_evidence()

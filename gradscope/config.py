@@ -33,9 +33,12 @@ class Config:
             chunks). A ``kill -9`` loses at most this many steps.
         flush_secs: Also flush when this many seconds have passed since the last flush, so slow
             steps do not hold data back for long.
-        activation_every: Activation statistics, the backward signal, maximum absolute gradients,
-            weight norms and update ratios are taken every this many steps (step 0 included).
-            Gradient norms are taken every step.
+        activation_every: Activation statistics and the backward signal are taken every this
+            many steps (step 0 included). Gradient norms are taken every step.
+        update_every: Update ratios, weight norms and maximum absolute gradients are taken every
+            this many steps. Default (None): ``activation_every``. They cost several passes over
+            the weights (a copy, a difference, norms), the largest per-sample cost on
+            parameter-heavy models, hence a separate setting.
         include: Glob patterns (``fnmatch``) on qualified names; when given, only parameters and
             activation modules whose own name or owning module's name matches are watched.
         exclude: Glob patterns that remove parameters and modules, applied after ``include``.
@@ -64,6 +67,7 @@ class Config:
     flush_every: int = 50
     flush_secs: float = 30.0
     activation_every: int = 10
+    update_every: int | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     include_types: tuple[TypeSpec, ...] = ()
@@ -87,6 +91,8 @@ class Config:
             set_(self, "name", _check_run_name(self.name))
         for key in ("flush_every", "activation_every"):
             _check_int(key, getattr(self, key), minimum=1)
+        if self.update_every is not None:
+            _check_int("update_every", self.update_every, minimum=1)
         _check_number("flush_secs", self.flush_secs, low=0.0, low_open=True)
         for key in ("include", "exclude"):
             set_(self, key, _as_patterns(key, getattr(self, key)))

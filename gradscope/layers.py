@@ -141,8 +141,9 @@ class LayerTable:
         if module_name not in self._order:
             self._order[module_name] = len(self._order)
 
-    def executed(self, module_name: str) -> bool:
-        return module_name in self._order
+    def executed_count(self) -> int:
+        """How many watched modules have run so far."""
+        return len(self._order)
 
     def describe(self) -> list[dict[str, Any]]:
         """Layer metadata for run.json, in forward order (unexecuted layers last)."""

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .load import Run
 
 STATUSES = ("running", "completed", "failed", "interrupted")
+META_SECS = 10.0  # at most this long between run.json rewrites while running
 
 
 class Scope:
@@ -101,7 +102,8 @@ class Scope:
 
                 self._sinks.append(TensorBoardSink(self.run_dir / rundir.TB))
             self._clock = Clock(
-                self._table, self, config.step_on, config.activation_every, optimizers
+                self._table, self, config.step_on, config.activation_every,
+                config.update_every or config.activation_every, optimizers,
             )
             self._losses: list[torch.Tensor] = []
             self._scaler_seen = False
@@ -244,18 +246,24 @@ class Scope:
         )
 
     def _on_optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        closure = bool(args and callable(args[0])) or callable(kwargs.get("closure"))
+        # torch passes the step's own positional args, the optimizer itself first
+        closure = any(callable(a) for a in args if a is not opt) or callable(kwargs.get("closure"))
         self._clock.optimizer_pre(opt, closure)
 
     def _on_optimizer_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._clock.optimizer_post(opt)
 
     # patches.Listener ----------------------------------------------------------------------------
+    # A backward pass concerns this scope only if one of its models ran a forward pass with
+    # gradients since the last step: other models' backward passes (a second model trained in
+    # the same process, an unwatched critic) are none of its business.
     def before_backward(self, loss: torch.Tensor | None) -> None:
-        self._before_backward()
+        if self._modules.forward_seen:
+            self._before_backward()
 
     def after_backward(self, loss: torch.Tensor | None) -> None:
-        self._after_backward(loss)
+        if self._modules.forward_seen:
+            self._after_backward(loss)
 
     def scaler_step_begin(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
         self._scaler_step(optimizer, getattr(scaler, "_scale", None))
@@ -279,6 +287,14 @@ class Scope:
             self._flush()
         self._buffer.open_row(step)
 
+    def reopen_row(self, step: int, drop_current: bool) -> bool:
+        rows = self._buffer.rows
+        if drop_current:
+            if len(rows) < 2 or rows[-2].step != step:
+                return False
+            rows.pop()  # the row opened since holds nothing an optimizer measured
+        return bool(rows) and rows[-1].step == step  # not yet flushed: can be written again
+
     def discard_row(self) -> None:
         self._buffer.discard_current()
         self._losses.clear()
@@ -289,7 +305,7 @@ class Scope:
     def record_grads(
         self, slots: Sequence[ParamSlot], grad_scale: Any = None, known_nonfinite: bool = False
     ) -> None:
-        self._grads.record(slots, self._clock.sampled(), grad_scale, known_nonfinite)
+        self._grads.record(slots, self._clock.sampled_updates(), grad_scale, known_nonfinite)
 
     def snapshot_weights(self, slots: Sequence[ParamSlot]) -> None:
         self._weights.snapshot(slots)
@@ -318,13 +334,16 @@ class Scope:
 
     def note_scale(self, scale: torch.Tensor) -> None:
         self._scaler_seen = True
-        self._buffer.write(self._cols["amp_scale"], scale)
+        # GradScaler.update() changes its scale tensor in place: keep this step's value
+        self._buffer.write(self._cols["amp_scale"], scale.detach().clone())
 
     def commit_row(self) -> None:
+        self._modules.forward_seen = False
         if self._losses:
-            losses = torch.stack([loss.float() for loss in self._losses])
-            self._buffer.write(self._cols["loss"], losses.mean())
-            self._losses.clear()
+            losses = self._losses
+            loss = losses[0] if len(losses) == 1 else torch.stack([v.float() for v in losses]).mean()
+            self._buffer.write(self._cols["loss"], loss)
+            losses.clear()
         if self._scaler_seen and not self._skip_noted:
             self._buffer.write_host(self._cols["skipped_step"].cols[0], 0.0)
         self._skip_noted = False
@@ -346,9 +365,15 @@ class Scope:
                 sink.write(table)
             if self._grads.count_policy != "host":
                 self._grads.count_policy = "armed" if _has_nonfinite_norm(chunk) else "flagged-only"
-        self._write_meta("running")
+        # run.json is a status file, not the record: rewrite it when the layer list grew or
+        # every META_SECS, not at every flush (the loader counts steps from the metrics)
+        shape = (self._table.executed_count(), len(self._modules.site_names()))
+        if shape != self._meta_shape or time.monotonic() - self._meta_time >= META_SECS:
+            self._write_meta("running")
 
     def _write_meta(self, status: str) -> None:
+        self._meta_time = time.monotonic()
+        self._meta_shape = (self._table.executed_count(), len(self._modules.site_names()))
         meta = {
             "gradscope": __version__,
             "torch": torch.__version__,

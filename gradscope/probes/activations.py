@@ -169,6 +169,8 @@ class ModuleProbe:
         self.config = config
         self.count_on_host = count_on_host
         self.sampling = True
+        self.forward_seen = False
+        self._measured = False  # any site measured since the last finalize()
         self._sites: dict[tuple[int, int, int], _Site] = {}
         self._axis: dict[tuple[int, int], int | None] = {}
         self._per_name: dict[str, int] = {}
@@ -189,7 +191,10 @@ class ModuleProbe:
             self.table.mark_executed(entry.name)
 
     def _on_forward(self, entry: ModuleEntry, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.sampling or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return
+        self.forward_seen = True  # a training forward of this model: its backward is ours
+        if not self.sampling:
             return
         compiling = torch.compiler.is_compiling()
         if not compiling:
@@ -200,6 +205,7 @@ class ModuleProbe:
         if out is None or not out.is_floating_point():
             return
         site = self._site(entry, out, args, compiling)
+        self._measured = True
         if entry.family is not None:
             site.calls.append(self._measure(entry, site, out.detach(), compiling))
             if len(site.calls) >= COMPACT_AT:
@@ -270,11 +276,15 @@ class ModuleProbe:
     # -- step boundaries ----------------------------------------------------------------------
     def end_window(self) -> None:
         """A backward pass ended: what was measured so far belongs to the current step."""
-        for site in self._sites.values():
-            site.end_window()
+        if self._measured:  # nothing to move on unsampled steps: skip the loop
+            for site in self._sites.values():
+                site.end_window()
 
     def finalize(self) -> None:
         """Write the pooled statistics of the closed windows into the current row."""
+        if not self._measured:
+            return
+        self._measured = False
         thr = self.config.dead_threshold
         for site in self._sites.values():
             if site.done and site.act_group is not None:
@@ -298,6 +308,7 @@ class ModuleProbe:
         """Forget everything measured since the last written step (it produced no step)."""
         for site in self._sites.values():
             site.clear()
+        self._measured = False
 
     def site_names(self) -> list[str]:
         return [site.name for site in self._sites.values()]

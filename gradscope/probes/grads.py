@@ -15,6 +15,7 @@ exactly 0 and is filled in on the host at flush time (:meth:`GradProbe.complete`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -37,16 +38,20 @@ def _foreach_norm_supports_dtype() -> bool:
 _NORM_DTYPE_OK: bool | None = None
 
 
-def fp32_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """L2 norm of each tensor, accumulated in float32 (fp16 norms overflow at 65504)."""
+_WIDE = (torch.float32, torch.float64)
+
+
+def fp32_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``[k]`` L2 norm of each tensor, accumulated in at least float32 (a norm accumulated in
+    fp16 overflows at 65504)."""
     global _NORM_DTYPE_OK
-    if all(t.dtype in (torch.float32, torch.float64) for t in tensors):
-        return [n.float() for n in torch._foreach_norm(list(tensors))]
+    if all(t.dtype in _WIDE for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors)).float()
     if _NORM_DTYPE_OK is None:
         _NORM_DTYPE_OK = _foreach_norm_supports_dtype()
     if _NORM_DTYPE_OK:
-        return list(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
-    return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors])
 
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -80,7 +85,7 @@ class GradProbe:
         self.buffer = buffer
         self.count_policy = count_policy
         self._groups: dict[tuple[tuple[int, ...], str], Group] = {}
-        self._total = buffer.group(((RUN, "run", "grad_norm_total"),))
+        buffer.column(RUN, "run", "grad_norm_total")  # filled in at flush, see complete()
 
     def _group(self, slots: Sequence[ParamSlot], metric: str) -> Group:
         key = (tuple(s.index for s in slots), metric)
@@ -97,8 +102,8 @@ class GradProbe:
         sampled: bool,
         grad_scale: torch.Tensor | float | None = None,
         known_nonfinite: bool = False,
-    ) -> torch.Tensor | None:
-        """Measure the current gradients of ``slots``; returns the total norm (device) or None.
+    ) -> None:
+        """Measure the current gradients of ``slots`` (no host read, except under ``"host"``).
 
         Parameters whose ``.grad`` is None (unused this step, frozen) are skipped.
         """
@@ -110,16 +115,16 @@ class GradProbe:
                 continue
             if g.is_sparse:
                 g = g.coalesce()._values()
+            elif g.requires_grad:  # only under create_graph=True: keep out of the graph
+                g = g.detach()
             present.append(slot)
-            grads.append(g.detach())
+            grads.append(g)
         if not grads:
-            return None
-        norms = torch.stack(fp32_norms(grads))  # [k]
+            return
+        norms = fp32_norms(grads)  # [k]
         if grad_scale is not None:
             norms = norms / grad_scale
-        total = torch.linalg.vector_norm(norms)
         self.buffer.write(self._group(present, "grad_norm"), norms)
-        self.buffer.write(self._total, total)
         if sampled:
             peaks = max_abs(grads)
             if grad_scale is not None:
@@ -127,19 +132,30 @@ class GradProbe:
             self.buffer.write(self._group(present, "grad_max_abs"), peaks)
         count = known_nonfinite or self.count_policy == "armed"
         if not count and self.count_policy == "host":
-            # one flag read on the host; an fp32 sum of squares is finite iff every element is
-            # (an overflow of huge finite values is a false alarm that the count then clears)
-            count = not bool(torch.isfinite(total))
+            # One read of a CPU scalar (there is no device to wait for). A norm is finite iff
+            # every element is, and a sum of non-negative norms iff every norm is (an overflow
+            # of huge finite values is a false alarm that the exact count then clears).
+            count = not math.isfinite(norms.sum().item())
         if count:
             self.buffer.write(self._group(present, "grad_nonfinite"), nonfinite_counts(grads))
-        return total
 
     @staticmethod
     def complete(chunk: Chunk) -> None:
-        """At flush: a finite norm proves a zero non-finite count; fill those in."""
+        """At flush, on the host: ``grad_norm_total`` of each step from its parameter norms
+        (``sqrt(sum ||g_p||^2)``, as ``clip_grad_norm_`` computes it), and the non-finite
+        counts that a finite norm proves to be zero."""
         import numpy as np
 
         col_of = {key: i for i, key in enumerate(chunk.columns)}
+        norm_all = [i for i, (_, kind, m) in enumerate(chunk.columns)
+                    if kind == KIND and m == "grad_norm"]
+        total_col = col_of.get((RUN, "run", "grad_norm_total"))
+        if norm_all and total_col is not None:
+            w = chunk.written[:, norm_all]
+            sq = np.where(w, chunk.values[:, norm_all], 0.0) ** 2
+            has = w.any(axis=1)
+            chunk.values[has, total_col] = np.sqrt(sq.sum(axis=1))[has]
+            chunk.written[has, total_col] = True
         pairs = [
             (i, col_of[(layer, kind, "grad_nonfinite")])
             for i, (layer, kind, metric) in enumerate(chunk.columns)

@@ -47,7 +47,7 @@ class WeightProbe:
         if not slots:
             return
         params = [s.param.detach() for s in slots]
-        norms = torch.stack(fp32_norms(params))  # [k]
+        norms = fp32_norms(params)  # [k]
         self.buffer.write(self._group(slots, "weight_norm"), norms)
         if not self.update_ratio:
             return
@@ -75,7 +75,7 @@ class WeightProbe:
         slots = list(self._pending.values())
         snaps = [self._snap[s.index] for s in slots]
         torch._foreach_sub_(snaps, [s.param.detach() for s in slots])  # snaps := w_before - w
-        delta = torch.stack(fp32_norms(snaps))  # [k]
+        delta = fp32_norms(snaps)  # [k]
         before = self._before
         ratio = torch.where(before > TINY, delta / before.clamp_min(TINY), torch.nan)
         self.buffer.write(self._group(slots, "update_ratio"), ratio)

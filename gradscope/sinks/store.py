@@ -47,7 +47,7 @@ class Store:
         self._seq += 1
         final = self.metrics_dir / f"part-{self._seq:06d}.parquet"
         tmp = final.with_name(f".{final.name}.tmp")
-        pq.write_table(arrow, tmp, compression="zstd")
+        pq.write_table(arrow, tmp, compression="snappy")
         os.replace(tmp, final)
 
     def event(self, record: dict[str, Any]) -> None:

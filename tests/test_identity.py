@@ -1,0 +1,57 @@
+"""Watching changes nothing: same seed, with and without gradscope, bit-identical weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from models import CNN, LSTMNet, TinyTransformer, mlp
+
+
+def _data(kind, i):
+    g = torch.Generator().manual_seed(i)
+    if kind == "mlp":
+        return torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    if kind == "cnn":
+        return torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+    if kind == "lstm":
+        return torch.randn(8, 5, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+    idx = torch.randint(0, 32, (4, 12), generator=g)
+    return idx, torch.roll(idx, -1, dims=1)
+
+
+MODELS = {"mlp": mlp, "cnn": CNN, "lstm": LSTMNet, "transformer": TinyTransformer}
+
+
+def _train(kind, watch, out, steps=8):
+    torch.manual_seed(1234)
+    model = MODELS[kind]()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scope = gradscope.watch(model, out=out, activation_every=1) if watch else None
+    try:
+        for i in range(steps):
+            x, y = _data(kind, i)
+            opt.zero_grad()
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            loss.backward()
+            opt.step()
+    finally:
+        if scope is not None:
+            scope.close()
+    return model.state_dict(), torch.get_rng_state(), scope
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_bit_identical_weights_and_rng(kind, out):
+    plain, rng_plain, _ = _train(kind, False, out)
+    watched, rng_watched, scope = _train(kind, True, out)
+    assert plain.keys() == watched.keys()
+    for name in plain:
+        assert torch.equal(plain[name], watched[name]), name
+    assert torch.equal(rng_plain, rng_watched), "gradscope consumed random numbers"
+    run = scope.load()
+    assert run.meta["steps"] == 8 and len(run.wide("grad_norm")) == 8
+    assert not run.wide("act_mean").empty

@@ -1,0 +1,168 @@
+"""Hooks are global state: counted before, inside and after; nested; after an exception."""
+
+from __future__ import annotations
+
+import copy
+import io
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from conftest import hook_counts
+from models import batch, mlp
+
+
+def _train(model, opt, steps=3):
+    for i in range(steps):
+        x, y = batch(seed=i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_hooks_before_inside_after(out):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = hook_counts(model)
+    with gradscope.watch(model, out=out) as scope:
+        inside = hook_counts(model)
+        assert inside != before
+        assert len(scope._hooks) > 0
+        _train(model, opt)
+    assert hook_counts(model) == before
+    assert len(scope._hooks) == 0
+
+
+def test_nested_scopes_remove_only_their_own(out):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = hook_counts(model)
+    with gradscope.watch(model, out=out, name="outer") as outer:
+        one = hook_counts(model)
+        with gradscope.watch(model, opt, out=out, name="inner") as inner:
+            _train(model, opt, 2)
+        assert hook_counts(model) == one
+        _train(model, opt, 1)
+    assert hook_counts(model) == before
+    assert inner.steps == 2 and outer.steps == 3
+
+
+def test_exception_inside_loop_removes_hooks_and_marks_failed(out):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = hook_counts(model)
+    with pytest.raises(RuntimeError, match="boom"), gradscope.watch(model, out=out) as scope:
+        _train(model, opt, 2)
+        raise RuntimeError("boom")
+    assert hook_counts(model) == before
+    run = gradscope.load_run(scope.run_dir)
+    assert run.meta["status"] == "failed" and run.meta["steps"] == 2
+    assert run.findings == [] and len(run.wide("grad_norm")) == 2
+
+
+def test_keyboard_interrupt_marks_interrupted(out):
+    model = mlp()
+    with pytest.raises(KeyboardInterrupt), gradscope.watch(model, out=out) as scope:
+        raise KeyboardInterrupt
+    assert gradscope.load_run(scope.run_dir).meta["status"] == "interrupted"
+
+
+def test_close_is_idempotent_and_handle_style_works(out):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, out=out)
+    _train(model, opt, 2)
+    scope.close()
+    scope.close()
+    assert scope.closed and scope.steps == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        scope.flush()
+
+
+def test_users_hooks_still_fire_and_see_the_same_values(out):
+    def run(watched):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        seen = []
+        model[1].register_forward_hook(lambda m, a, o: seen.append(o.sum().item()))
+        model[0].weight.register_hook(lambda g: seen.append(g.norm().item()))
+        opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+        if watched:
+            with gradscope.watch(model, out=out):
+                _train(model, opt)
+        else:
+            _train(model, opt)
+        return seen
+
+    assert run(True) == run(False)
+
+
+def test_torch_save_and_deepcopy_of_a_watched_model(out):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, out=out):
+        _train(model, opt, 1)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        twin = copy.deepcopy(model)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 8)
+    assert torch.equal(loaded(x), model(x)) and torch.equal(twin(x), model(x))
+    for m in (loaded, twin):  # the copies carry inert placeholders, nothing of the scope
+        hooks = [h for mod in m.modules() for h in mod._forward_hooks.values()]
+        assert all(type(h).__name__ == "InertHook" for h in hooks)
+
+
+def test_no_tensor_outlives_its_step(out):
+    """Memory stays flat: the number of live tensors does not grow over 2,000 steps."""
+    import gc
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch()
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    with gradscope.watch(model, out=out, flush_every=50, activation_every=5,
+                         tensorboard=False) as scope:
+        counts = []
+        for i in range(2000):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if i in (199, 1999):  # both right after a flush
+                counts.append(live_tensors())
+    assert counts[1] <= counts[0], counts
+    assert scope.steps == 2000
+
+
+def test_interpreter_exit_closes_an_unclosed_scope(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import torch, gradscope
+        from torch import nn
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scope = gradscope.watch(model, out={str(tmp_path)!r}, name="r")
+        for _ in range(3):
+            opt.zero_grad(); model(torch.randn(8, 4)).sum().backward(); opt.step()
+        if __import__("sys").argv[1] == "crash":
+            raise ValueError("user code failed")
+        """
+    )
+    for mode, status, code in (("ok", "completed", 0), ("crash", "failed", 1)):
+        proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120)
+        assert proc.returncode == code, proc.stderr
+        run = gradscope.load_run(sorted(tmp_path.glob("r*"))[-1])
+        assert run.meta["status"] == status and run.meta["steps"] == 3
+        assert (run.path / "findings.json").exists()

@@ -1,0 +1,184 @@
+"""The run directory contract, read back through every sink; crash safety; bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from models import batch, mlp
+
+
+def _train(model, opt, steps):
+    for i in range(steps):
+        x, y = batch(seed=i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.fixture
+def finished_run(out):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, out=out, name="r", flush_every=4) as scope:
+        _train(model, opt, 10)
+    return scope.run_dir
+
+
+def test_layout_and_metadata(finished_run):
+    names = {p.name for p in finished_run.iterdir()}
+    assert {"run.json", "metrics", "events.jsonl", "findings.json", "tb"} <= names
+    assert len(list((finished_run / "metrics").glob("part-*.parquet"))) == 3  # 4 + 4 + 2 steps
+    meta = json.loads((finished_run / "run.json").read_text())
+    assert meta["status"] == "completed" and meta["steps"] == 10
+    assert meta["torch"] == torch.__version__ and meta["gradscope"] == gradscope.__version__
+    assert meta["config"]["flush_every"] == 4 and meta["world_size"] == 1
+    assert meta["started"] and meta["ended"]
+    assert json.loads((finished_run / "findings.json").read_text()) == []
+
+
+def test_parquet_long_table_and_wide_view(finished_run):
+    df = pd.concat(pd.read_parquet(p) for p in sorted((finished_run / "metrics").glob("*.parquet")))
+    assert list(df.columns) == ["step", "layer", "kind", "metric", "value"]
+    assert set(df["kind"].astype(str)) == {"param", "module", "run"}
+    run = gradscope.load_run(finished_run)
+    assert len(run.metrics) == len(df) and run.problems == []
+    assert run.metrics.attrs["run"]["status"] == "completed"
+    wide = run.wide("grad_norm")
+    assert wide.shape == (10, 6)
+    assert list(wide.columns) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    with pytest.raises(KeyError, match="not in this run; it has: .*grad_norm"):
+        run.wide("no_such_metric")
+
+
+def test_tensorboard_scalars_read_back_equal_the_store(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(finished_run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"grad_norm/0.weight", "loss", "grad_norm_total", "act_dead_fraction/1"} <= tags
+    run = gradscope.load_run(finished_run)
+    expected = run.wide("grad_norm")["0.weight"]
+    events = acc.Scalars("grad_norm/0.weight")
+    assert [e.step for e in events] == list(expected.index)
+    assert [e.value for e in events] == pytest.approx(expected.tolist(), rel=1e-6)
+
+
+def test_existing_name_gets_a_suffix_never_overwritten(out):
+    model = mlp()
+    dirs = []
+    for _ in range(3):
+        with gradscope.watch(model, out=out, name="same") as scope:
+            pass
+        dirs.append(scope.run_dir.name)
+    assert dirs == ["same", "same-1", "same-2"]
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", "", " x", "/abs"])
+def test_run_names_cannot_escape_the_output_root(out, name):
+    with pytest.raises(ValueError, match="name="):
+        gradscope.watch(mlp(), out=out, name=name)
+    assert not out.exists()
+
+
+def test_bad_input_is_named_and_nothing_is_written(out, tmp_path):
+    model = mlp()
+    with pytest.raises(TypeError, match=r"unknown gradscope option 'flush_evry' \(did you mean 'flush_every'\?\)"):
+        gradscope.watch(model, out=out, flush_evry=5)
+    with pytest.raises(ValueError, match=r"activation_every=-1: expected an integer >= 1"):
+        gradscope.watch(model, out=out, activation_every=-1)
+    with pytest.raises(TypeError, match=r"flush_every=2.5: expected an integer"):
+        gradscope.watch(model, out=out, flush_every=2.5)
+    with pytest.raises(TypeError, match="expects an nn.Module.*got int"):
+        gradscope.watch(42, out=out)
+    with pytest.raises(TypeError, match="expected a torch.optim.Optimizer"):
+        gradscope.watch(model, "adam", out=out)
+    with pytest.raises(ValueError, match="step_on='epoch'"):
+        gradscope.watch(model, out=out, step_on="epoch")
+    assert not out.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="cannot create the output root"):
+        gradscope.watch(model, out=blocker / "runs")
+    with pytest.raises(ValueError, match="nothing to watch"):
+        gradscope.watch(model, out=out, include=["nope*"])
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_kill_9_keeps_everything_up_to_the_last_flush(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import torch, gradscope, sys
+        from torch import nn
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        scope = gradscope.watch(model, out={str(tmp_path)!r}, name="k", flush_every=5)
+        step = 0
+        while True:
+            opt.zero_grad(); model(torch.randn(8, 4)).sum().backward(); opt.step()
+            step += 1
+            if step == 12:
+                print("ready", flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    run = gradscope.load_run(tmp_path / "k")
+    assert run.meta["status"] == "running"  # nobody could say otherwise
+    assert run.problems == []
+    steps = sorted(set(run.metrics["step"]))
+    assert len(steps) >= 10 and steps == list(range(len(steps)))  # whole flushes only
+
+
+def test_loader_reports_what_it_cannot_read(finished_run):
+    chunk = sorted((finished_run / "metrics").glob("*.parquet"))[-1]
+    chunk.write_bytes(b"garbage")
+    with open(finished_run / "events.jsonl", "a") as fh:
+        fh.write('{"event": "x", "step": 1}\n{"event": "trunc')
+    run = gradscope.load_run(finished_run)
+    assert any("unreadable" in p and chunk.name in p for p in run.problems)
+    assert any("events.jsonl line 2" in p for p in run.problems)
+    assert run.events == [{"event": "x", "step": 1}]
+    assert len(run.wide("grad_norm")) == 8  # the two good chunks
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        gradscope.load_run(finished_run / "nope")
+    with pytest.raises(FileNotFoundError, match="not a gradscope run directory"):
+        gradscope.load_run(finished_run / "metrics")
+
+
+def test_flush_secs_flushes_slow_runs(out):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, out=out, flush_every=1000, flush_secs=1e-9) as scope:
+        _train(model, opt, 3)
+        assert len(list((scope.run_dir / "metrics").glob("*.parquet"))) == 3
+
+
+def test_nan_values_survive_the_round_trip(out):
+    model = nn.Sequential(nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, out=out) as scope:
+        opt.zero_grad()
+        model(torch.full((2, 8), float("nan"))).sum().backward()
+        opt.step()
+    value = scope.load().wide("grad_norm").loc[0, "0.weight"]
+    assert math.isnan(value)
