@@ -138,8 +138,8 @@ class StepBuffer:
         # (row, col) of every written value, in write order, per device
         by_device: dict[torch.device, tuple[list[torch.Tensor], list[int], list[int]]] = {}
         for r, row in enumerate(rows):
-            for grp, tensor in row.writes:
-                flat = tensor.detach().reshape(-1)
+            for grp, tensor in row.writes:  # statistics: detached already, never need grad
+                flat = tensor if tensor.dim() == 1 else tensor.reshape(-1)
                 if flat.dtype != torch.float32:
                     flat = flat.float()
                 tensors, row_idx, col_idx = by_device.setdefault(flat.device, ([], [], []))

@@ -64,8 +64,8 @@ class Config:
 
     out: Path = Path("reports")
     name: str | None = None
-    flush_every: int = 50
-    flush_secs: float = 30.0
+    flush_every: int = 100
+    flush_secs: float = 10.0
     activation_every: int = 10
     update_every: int | None = None
     include: tuple[str, ...] = ()

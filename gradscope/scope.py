@@ -323,7 +323,7 @@ class Scope:
         self._modules.sampling = sampled and not self._disabled
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        self._losses.append(loss.detach().reshape(()))
+        self._losses.append(loss)  # detached by the backward patch
 
     def note_skipped(self, value: torch.Tensor | float) -> None:
         self._skip_noted = True
@@ -360,6 +360,7 @@ class Scope:
         if chunk is not None:
             GradProbe.complete(chunk)
             WeightProbe.complete(chunk)
+            ModuleProbe.complete(chunk)
             table = LongTable.from_chunk(chunk)
             for sink in self._sinks:
                 sink.write(table)

@@ -17,11 +17,15 @@ calls per site: a unit is dead only if it is dead in every call (every micro-bat
 step of an RNN cell); a shared ``self.act = nn.ReLU()`` applied after layers of different widths
 gives one site per width (``act``, ``act#1``...).
 
-Kernels are the cheap ones measured in notes/mechanics.md: ``amax`` over the batch (not
-``(x <= 0).all(0)``), ``sum`` and ``vector_norm`` for mean and std (not ``std_mean``: 7-21x
-slower). The std comes from the sum and the sum of squares in float32, so a std below about
-1e-3 of the mean's magnitude is not resolved. Statistics are detached 0-d or per-unit tensors,
-never activations; they are dropped when the step's row is written.
+Cost: on the device the hook computes only *sufficient statistics*, with the cheap kernels
+measured in notes/mechanics.md: the sum, the L2 norm (not ``std_mean``, 7-21x slower), the
+per-unit maximum (``amax`` over the batch, not ``(x <= 0).all(0)``; for ReLU, whose outputs are
+never negative, the per-unit *sum* serves both as the dead test and as the total, one pass fewer),
+and threshold counts. Means, stds and fractions are derived from them on the host at flush time
+(:meth:`ModuleProbe.complete`), so a sampled step launches a handful of kernels per site. The std
+comes from the sum and the sum of squares in float32, so a std below about 1e-3 of the mean's
+magnitude is not resolved. Nothing kept is an activation: only 0-d or per-unit statistics, dropped
+when the step's row is written.
 
 Skipped: forwards with gradients disabled (evaluation), and activation-checkpoint recomputation
 (it would count the same activations twice; detected with a private API, only outside
@@ -30,14 +34,14 @@ torch.compile where it would break the graph).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..buffer import Group, StepBuffer
+from ..buffer import Chunk, StepBuffer
 from ..config import Config
 from ..hooks import Hook, HookSet
 from ..layers import Family, LayerTable, ModuleEntry
@@ -46,7 +50,13 @@ KIND = "module"
 COMPACT_AT = 64  # pool a site's per-call statistics once this many calls are pending
 
 _CHANNEL_FIRST = ("Convolution", "BatchNorm", "Pool", "GroupNorm", "InstanceNorm")
+_NONNEGATIVE = (nn.ReLU, nn.ReLU6)  # outputs >= 0: a unit is dead iff its sum is 0
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+# Raw per-site columns, turned into the published metrics at flush time (see complete()).
+_SUM, _L2, _PEAK, _SAT, _NF, _N, _UNITS, _ROWS = (
+    "_sum", "_l2", "_dead", "_sat", "_nonfinite", "_n", "_units", "_rows"
+)
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -85,40 +95,70 @@ def _softmax_dim(module: nn.Module, ndim: int) -> int:
     return int(dim) % max(ndim, 1)
 
 
+class _Call:
+    """Sufficient statistics of one call (or of several pooled calls) of a site."""
+
+    __slots__ = ("l2", "n", "nonfinite", "peak", "rows", "sat", "sum")
+
+    def __init__(self, n: int, s: torch.Tensor, l2: torch.Tensor, peak: torch.Tensor | None,
+                 sat: torch.Tensor | None, nonfinite: torch.Tensor | None, rows: int) -> None:
+        self.n = n  # elements (host)
+        self.sum = s  # 0-d float32
+        self.l2 = l2  # 0-d float32: sqrt(sum of squares)
+        self.peak = peak  # [units] per-unit max (or sum, for ReLU); None for bounded families
+        self.sat = sat  # 0-d count of saturated elements / distributions
+        self.nonfinite = nonfinite  # 0-d count, or None: proven 0 on the host
+        self.rows = rows  # softmax distributions (host)
+
+
+def _pool(calls: list[_Call]) -> _Call:
+    """Merge calls into one (the common case, one call, costs nothing)."""
+    if len(calls) == 1:
+        return calls[0]
+    peaks = [c.peak for c in calls if c.peak is not None]
+    sats = [c.sat for c in calls if c.sat is not None]
+    nfs = [c.nonfinite for c in calls if c.nonfinite is not None]
+    return _Call(
+        n=sum(c.n for c in calls),
+        s=torch.stack([c.sum for c in calls]).sum(),
+        l2=torch.linalg.vector_norm(torch.stack([c.l2 for c in calls])),
+        peak=torch.stack(peaks).amax(0) if peaks else None,
+        sat=torch.stack(sats).sum() if sats else None,
+        nonfinite=torch.stack(nfs).sum() if nfs else None,
+        rows=sum(c.rows for c in calls),
+    )
+
+
 class _Site:
     """Statistics of one module at one output width, pooled over the calls of a step."""
 
-    __slots__ = (
-        "act_group", "axis", "calls", "done", "family", "grad_done", "grad_group", "grad_hook",
-        "grads", "name",
-    )
+    __slots__ = ("axis", "buffer", "calls", "done", "family", "grad_done", "grad_hook",
+                 "grads", "groups", "name")
 
-    def __init__(self, name: str, family: Family | None, axis: int | None, buffer: StepBuffer):
+    def __init__(self, name: str, entry: ModuleEntry, axis: int | None, buffer: StepBuffer):
         self.name = name
-        self.family = family
+        self.family = entry.family
         self.axis = axis
-        # per call: (n, sum, sum of squares, per-unit max or None, saturated count or None,
-        #            non-finite count or None, distributions (softmax rows))
-        self.calls: list[tuple[Any, ...]] = []  # current window
-        self.done: list[tuple[Any, ...]] = []  # windows already closed in this step
-        self.grads: list[torch.Tensor] = []  # squared norms of output gradients, current window
+        self.buffer = buffer
+        self.calls: list[_Call] = []  # current window
+        self.done: list[_Call] = []  # windows already closed in this step
+        self.grads: list[torch.Tensor] = []  # norms of output gradients, current window
         self.grad_done: list[torch.Tensor] = []
         self.grad_hook = Hook(self._add_grad, f"output-grad {name}")
-        self.grad_group = buffer.group(((name, KIND, "output_grad_norm"),))
-        metrics: tuple[str, ...]
-        if family in (Family.RECTIFIER, Family.OTHER):
-            metrics = ("act_dead_fraction", "act_mean", "act_std", "act_nonfinite")
-        elif family is not None:
-            metrics = ("act_saturation", "act_mean", "act_std", "act_nonfinite")
-        else:
-            metrics = ()
-        self.act_group = buffer.group(tuple((name, KIND, m) for m in metrics)) if metrics else None
+        metrics = ["output_grad_norm"]
+        if self.family is not None:
+            first = "act_dead_fraction" if self.family in (Family.RECTIFIER, Family.OTHER) \
+                else "act_saturation"
+            metrics += [first, "act_mean", "act_std", "act_nonfinite"]
+        for metric in metrics:  # the published columns must exist for complete() to fill
+            buffer.column(name, KIND, metric)
+        self.groups = {raw: buffer.group(((name, KIND, raw),))
+                       for raw in (_SUM, _L2, _PEAK, _SAT, _NF, "output_grad_norm")}
 
     def _add_grad(self, grad: torch.Tensor) -> None:
-        n = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
-        self.grads.append(n * n)
+        self.grads.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
         if len(self.grads) >= COMPACT_AT:
-            self.grads[:] = [torch.stack(self.grads).sum()]
+            self.grads[:] = [torch.linalg.vector_norm(torch.stack(self.grads))]
 
     def end_window(self) -> None:
         self.done.extend(self.calls)
@@ -128,26 +168,37 @@ class _Site:
         if len(self.done) >= COMPACT_AT:
             self.done[:] = [_pool(self.done)]
 
+    def write(self, thr: float) -> None:
+        """Write the step's raw statistics: a few 0-d tensors, host values where known."""
+        buf = self.buffer
+        if self.done:
+            c = _pool(self.done)
+            buf.write(self.groups[_SUM], c.sum)
+            buf.write(self.groups[_L2], c.l2)
+            if c.peak is not None:
+                buf.write(self.groups[_PEAK], (c.peak <= thr).sum())
+                buf.write_host(buf.column(self.name, KIND, _UNITS), float(c.peak.numel()))
+            if c.sat is not None:
+                buf.write(self.groups[_SAT], c.sat)
+            if c.nonfinite is not None:
+                buf.write(self.groups[_NF], c.nonfinite)
+            else:
+                buf.write_host(self.groups[_NF].cols[0], 0.0)
+            buf.write_host(buf.column(self.name, KIND, _N), float(c.n))
+            if c.rows:
+                buf.write_host(buf.column(self.name, KIND, _ROWS), float(c.rows))
+        if self.grad_done:
+            norms = self.grad_done
+            total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+            buf.write(self.groups["output_grad_norm"], total)
+        self.done.clear()
+        self.grad_done.clear()
+
     def clear(self) -> None:
         self.calls.clear()
         self.done.clear()
         self.grads.clear()
         self.grad_done.clear()
-
-
-def _pool(calls: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """Merge per-call statistics into one entry of the same shape."""
-    n = sum(c[0] for c in calls)
-    s = torch.stack([c[1] for c in calls]).sum()
-    q = torch.stack([c[2] for c in calls]).sum()
-    peaks = [c[3] for c in calls if c[3] is not None]
-    amax = torch.stack(peaks).amax(0) if peaks else None
-    sats = [c[4] for c in calls if c[4] is not None]
-    sat = torch.stack(sats).sum() if sats else None
-    nfs = [c[5] for c in calls if c[5] is not None]
-    nf = torch.stack(nfs).sum() if nfs else None
-    rows = sum(c[6] for c in calls)
-    return (n, s, q, amax, sat, nf, rows)
 
 
 class ModuleProbe:
@@ -172,6 +223,7 @@ class ModuleProbe:
         self.forward_seen = False
         self._measured = False  # any site measured since the last finalize()
         self._sites: dict[tuple[int, int, int], _Site] = {}
+        self._traced: list[tuple[ModuleEntry, tuple[int, int, int], int | None, _Call]] = []
         self._axis: dict[tuple[int, int], int | None] = {}
         self._per_name: dict[str, int] = {}
 
@@ -204,114 +256,178 @@ class ModuleProbe:
         out = _first_tensor(output)
         if out is None or not out.is_floating_point():
             return
-        site = self._site(entry, out, args, compiling)
         self._measured = True
+        if compiling:
+            # Traced into the compiled graph: measure, and queue plain tuples on a list (a side
+            # effect dynamo can replay). Creating a site here would not be: it holds a bound
+            # method, which dynamo cannot reconstruct (a graph break, measured). Sites are
+            # created from the queue in eager code, at the end of the window.
+            if entry.family is not None:
+                key, axis = self._key(entry, out, args, compiling)
+                self._traced.append((entry, key, axis, self._measure(entry, axis, out.detach(),
+                                                                     compiling)))
+            return
+        site = self._site(entry, out, args)
         if entry.family is not None:
-            site.calls.append(self._measure(entry, site, out.detach(), compiling))
+            site.calls.append(self._measure(entry, site.axis, out.detach(), compiling))
             if len(site.calls) >= COMPACT_AT:
                 site.calls[:] = [_pool(site.calls)]
-        if self.config.backward_signal and out.requires_grad and not compiling:
-            # graph break under torch.compile ("unsafe side effect"), hence eager only
+        if self.config.backward_signal and out.requires_grad:
+            # eager only: under torch.compile a tensor hook is a graph break ("unsafe side
+            # effect"), so compiled models get no backward signal
             out.register_hook(site.grad_hook)
 
-    def _site(
+    def _key(
         self, entry: ModuleEntry, out: torch.Tensor, args: tuple[Any, ...], compiling: bool
-    ) -> _Site:
+    ) -> tuple[tuple[int, int, int], int | None]:
+        """The site key (module, ndim, width) and the unit axis of an output."""
         module = entry.module
-        ndim = out.dim()
         if entry.family is None:
-            key = (id(module), -1, -1)  # a layer with parameters: one site, whatever its shape
-            axis: int | None = None
-        else:
-            akey = (id(module), ndim)
-            if akey not in self._axis:
-                self._axis[akey] = (
-                    _softmax_dim(module, ndim)
-                    if entry.family is Family.SOFTMAX
-                    else _unit_axis(out, args, compiling)
-                )
-            axis = self._axis[akey]
-            width = out.shape[axis] if axis is not None else out.numel()
-            key = (id(module), ndim, width)
+            return (id(module), -1, -1), None  # a layer with parameters: one site, any shape
+        ndim = out.dim()
+        akey = (id(module), ndim)
+        axis = self._axis.get(akey, -2)
+        if axis == -2:
+            axis = (
+                _softmax_dim(module, ndim)
+                if entry.family is Family.SOFTMAX
+                else _unit_axis(out, args, compiling)
+            )
+            self._axis[akey] = axis
+        width = out.shape[axis] if axis is not None else out.numel()
+        return (id(module), ndim, width), axis
+
+    def _site(self, entry: ModuleEntry, out: torch.Tensor, args: tuple[Any, ...]) -> _Site:
+        key, axis = self._key(entry, out, args, compiling=False)
+        return self._site_for(entry, key, axis)
+
+    def _site_for(
+        self, entry: ModuleEntry, key: tuple[int, int, int], axis: int | None
+    ) -> _Site:
         site = self._sites.get(key)
         if site is None:
             k = self._per_name.get(entry.name, 0)
             self._per_name[entry.name] = k + 1
             name = entry.name if k == 0 else f"{entry.name}#{k}"
-            site = self._sites[key] = _Site(name, entry.family, axis, self.buffer)
+            site = self._sites[key] = _Site(name, entry, axis, self.buffer)
         return site
 
     def _measure(
-        self, entry: ModuleEntry, site: _Site, o: torch.Tensor, compiling: bool
-    ) -> tuple[Any, ...]:
+        self, entry: ModuleEntry, axis: int | None, o: torch.Tensor, compiling: bool
+    ) -> _Call:
         cfg = self.config
-        family = site.family
+        family = entry.family
         n = o.numel()
-        s = o.sum(dtype=torch.float32)
-        q = torch.linalg.vector_norm(o, dtype=torch.float32)
-        q = q * q
-        amax = sat = None
+        l2 = torch.linalg.vector_norm(o, dtype=torch.float32)
+        peak = sat = None
         rows = 0
         if family in (Family.RECTIFIER, Family.OTHER):
-            if site.axis is None:
-                amax = o.reshape(-1).to(torch.float32, copy=True)
+            dims = tuple(d for d in range(o.dim()) if d != axis)
+            if axis is None:
+                peak = o.reshape(-1).to(torch.float32, copy=True)  # every element is a unit
+                s = peak.sum()
+            elif isinstance(entry.module, _NONNEGATIVE) and cfg.dead_threshold == 0.0:
+                peak = o.sum(dim=dims, dtype=torch.float32)  # [units]: 0 iff dead, one pass
+                s = peak.sum()
             else:
-                dims = tuple(d for d in range(o.dim()) if d != site.axis)
-                amax = o.amax(dim=dims).float()  # [units]
-        elif family is Family.SIGMOID:
-            sat = ((o - 0.5).abs() > cfg.sigmoid_saturation).sum()
-        elif family is Family.TANH:
-            sat = (o.abs() > cfg.tanh_saturation).sum()
-        elif family is Family.SOFTMAX:
-            dim = site.axis if site.axis is not None else -1
-            sat = (o.amax(dim=dim) > cfg.softmax_saturation).sum()
-            rows = n // max(o.shape[dim], 1) if o.dim() else 1
-        nf = None
-        # A finite sum of squares proves every element finite (an fp32 overflow of huge finite
-        # values is a false alarm that the exact count then clears).
-        if not self.count_on_host or compiling or not bool(torch.isfinite(q)):
-            nf = torch.logical_not(torch.isfinite(o)).sum()
-        return (n, s, q, amax, sat, nf, rows)
+                peak = o.amax(dim=dims)  # [units]
+                s = o.sum(dtype=torch.float32)
+        else:
+            s = o.sum(dtype=torch.float32)
+            if family is Family.SIGMOID:
+                sat = ((o - 0.5).abs() > cfg.sigmoid_saturation).sum()
+            elif family is Family.TANH:
+                sat = (o.abs() > cfg.tanh_saturation).sum()
+            elif family is Family.SOFTMAX:
+                dim = axis if axis is not None else -1
+                sat = (o.amax(dim=dim) > cfg.softmax_saturation).sum()
+                rows = n // max(o.shape[dim], 1) if o.dim() else 1
+        nonfinite = None
+        # A finite L2 norm proves every element finite (an fp32 overflow of huge finite values
+        # is a false alarm that the exact count then clears).
+        if not self.count_on_host or compiling or not math.isfinite(l2.item()):
+            nonfinite = torch.logical_not(torch.isfinite(o)).sum()
+        return _Call(n, s, l2, peak, sat, nonfinite, rows)
 
     # -- step boundaries ----------------------------------------------------------------------
     def end_window(self) -> None:
         """A backward pass ended: what was measured so far belongs to the current step."""
+        if self._traced:  # measured inside a compiled graph: file under sites now
+            traced, self._traced = self._traced, []
+            for entry, key, axis, call in traced:
+                self._site_for(entry, key, axis).calls.append(call)
         if self._measured:  # nothing to move on unsampled steps: skip the loop
             for site in self._sites.values():
                 site.end_window()
 
     def finalize(self) -> None:
-        """Write the pooled statistics of the closed windows into the current row."""
+        """Write the pooled raw statistics of the closed windows into the current row."""
         if not self._measured:
             return
         self._measured = False
         thr = self.config.dead_threshold
         for site in self._sites.values():
-            if site.done and site.act_group is not None:
-                n, s, q, amax, sat, nf, rows = _pool(site.done)
-                mean = s / n
-                var = (q - s * s / n) / max(n - 1, 1)
-                std = var.clamp_min(0).sqrt()
-                nonfinite = nf if nf is not None else torch.zeros((), device=s.device)
-                if site.family in (Family.RECTIFIER, Family.OTHER):
-                    first = (amax <= thr).float().mean()
-                else:
-                    first = sat.float() / (rows if site.family is Family.SOFTMAX else n)
-                values = torch.stack([first, mean, std, nonfinite.float()])
-                self.buffer.write(site.act_group, values)
-            if site.grad_done:
-                self.buffer.write(site.grad_group, torch.stack(site.grad_done).sum().sqrt())
-            site.done.clear()
-            site.grad_done.clear()
+            site.write(thr)
+
+    @staticmethod
+    def complete(chunk: Chunk) -> None:
+        """At flush, on the host: the published metrics from the raw sufficient statistics.
+
+        mean = sum / n; std = sqrt((l2^2 - sum^2 / n) / (n - 1)); dead fraction = dead units /
+        units; saturation = saturated / n (softmax: / distributions). Raw columns (named
+        ``_...``) are then left out of what the sinks see.
+        """
+        import numpy as np
+
+        col_of = {key: i for i, key in enumerate(chunk.columns)}
+        v, w = chunk.values, chunk.written
+        sites = {layer for layer, kind, metric in chunk.columns if kind == KIND and metric == _N}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for site in sites:
+                def col(metric: str, site: str = site) -> int | None:
+                    return col_of.get((site, KIND, metric))
+
+                n_col, sum_col, l2_col = col(_N), col(_SUM), col(_L2)
+                if n_col is None or sum_col is None or l2_col is None:
+                    continue
+                rows = w[:, n_col] & w[:, sum_col] & w[:, l2_col]
+                n, s, l2 = v[:, n_col], v[:, sum_col], v[:, l2_col]
+                var = (l2 * l2 - s * s / n) / np.maximum(n - 1, 1)
+                derived = {  # metric -> (values, rows where they are defined)
+                    "act_mean": (s / n, rows),
+                    "act_std": (np.sqrt(np.maximum(var, 0.0)), rows),
+                }
+                nf_col = col(_NF)
+                if nf_col is not None:
+                    derived["act_nonfinite"] = (v[:, nf_col], rows & w[:, nf_col])
+                dead_col, units_col = col(_PEAK), col(_UNITS)
+                if dead_col is not None and units_col is not None:
+                    derived["act_dead_fraction"] = (v[:, dead_col] / v[:, units_col],
+                                                    rows & w[:, dead_col] & w[:, units_col])
+                sat_col = col(_SAT)
+                if sat_col is not None:
+                    rows_col = col(_ROWS)
+                    denom = n if rows_col is None else np.where(w[:, rows_col], v[:, rows_col], n)
+                    derived["act_saturation"] = (v[:, sat_col] / denom, rows & w[:, sat_col])
+                for metric, (values, ok) in derived.items():
+                    target = col(metric)
+                    if target is not None:
+                        v[ok, target] = values[ok]
+                        w[ok, target] = True
+        raw = [i for i, (_, kind, metric) in enumerate(chunk.columns)
+               if kind == KIND and metric.startswith("_")]
+        if raw:
+            w[:, raw] = False
+
+    def site_names(self) -> list[str]:
+        return [site.name for site in self._sites.values()]
 
     def discard(self) -> None:
         """Forget everything measured since the last written step (it produced no step)."""
         for site in self._sites.values():
             site.clear()
+        self._traced.clear()
         self._measured = False
-
-    def site_names(self) -> list[str]:
-        return [site.name for site in self._sites.values()]
 
     def release(self) -> None:
         for site in self._sites.values():

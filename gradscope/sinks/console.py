@@ -87,7 +87,7 @@ def print_summary(run: Run, console: Any = None) -> None:
     table = Table(show_edge=False, header_style="bold", pad_edge=False)
     table.add_column("layer", no_wrap=True)
     table.add_column("type", no_wrap=True)
-    for title in ("grad norm", "update ratio", "non-finite", "output grad", "dead", "saturated"):
+    for title in ("grad norm", "upd ratio", "nonfinite", "out grad", "dead", "sat"):
         table.add_column(title, justify="right", no_wrap=True)
     for row in layer_rows(run):
         table.add_row(
@@ -101,6 +101,9 @@ def print_summary(run: Run, console: Any = None) -> None:
             _fmt(row["saturated"], pct=True),
         )
     console.print(table)
-    console.print("medians over steps; dead/saturated: last sampled step")
+    console.print(
+        "grad norm, upd ratio (||Δw||/||w||), out grad (backward signal): medians over steps; "
+        "nonfinite: gradient elements, summed; dead, sat (saturated): last sampled step"
+    )
     for problem in run.problems:
         console.print(f"[yellow]note:[/] {problem}")

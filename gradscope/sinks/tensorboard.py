@@ -66,40 +66,71 @@ class EventFile:
             self._fh.close()
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def scalar_event(step: int, wall_time: float, summary: bytes) -> bytes:
+    """A serialized ``Event{wall_time=1, step=2, summary=5}`` around an encoded Summary."""
+    step_field = b"\x10" + _varint(step & 0xFFFFFFFFFFFFFFFF)
+    return b"\x09" + struct.pack("<d", wall_time) + step_field + _field(5, summary)
+
+
+def value_prefix(name: str) -> bytes:
+    """Everything of ``Summary.value[i] = Value{tag=name, simple_value=...}`` but the 4 bytes of
+    the float, encoded once per tag: a Summary is then ``b"".join(prefix + float32 bytes)``.
+
+    Hand-encoded protobuf (the wire format is stable, and tiny here): building one Python
+    ``Summary.Value`` object per scalar was most of this sink's cost.
+    """
+    tag_field = _field(1, name.encode("utf-8"))
+    value = tag_field + b"\x15"  # simple_value: field 2, fixed32
+    return _varint(1 << 3 | 2) + _varint(len(value) + 4) + value
+
+
 class TensorBoardSink:
     """Writes flushed records as TensorBoard scalars."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self._file: EventFile | None = None
-        self._tags: list[str] = []
+        self._prefixes: list[bytes] = []
 
     def write(self, table: LongTable) -> None:
         if not len(table):
             return
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
         if self._file is None:
             self._file = EventFile(self.log_dir)
-        while len(self._tags) < len(table.columns):
-            layer, _, metric = table.columns[len(self._tags)]
-            self._tags.append(tag(layer, metric))
+        import numpy as np
+
+        while len(self._prefixes) < len(table.columns):
+            layer, _, metric = table.columns[len(self._prefixes)]
+            self._prefixes.append(value_prefix(tag(layer, metric)))
         steps = table.step.tolist()
         cols = table.col.tolist()
-        values = table.value.tolist()
+        packed = np.asarray(table.value, dtype="<f4").tobytes()  # TensorBoard stores float32
+        prefixes = self._prefixes
         now = time.time()
         start = 0
         for i in range(1, len(steps) + 1):  # records are grouped by step
             if i == len(steps) or steps[i] != steps[start]:
-                summary = Summary(
-                    value=[
-                        Summary.Value(tag=self._tags[c], simple_value=v)
-                        for c, v in zip(cols[start:i], values[start:i])
-                    ]
+                summary = b"".join(
+                    prefixes[cols[j]] + packed[4 * j : 4 * j + 4] for j in range(start, i)
                 )
-                event = Event(wall_time=now, step=steps[start], summary=summary)
-                self._file.write(event.SerializeToString())
+                self._file.write(scalar_event(steps[start], now, summary))
                 start = i
         self._file.flush()
 

@@ -1,0 +1,341 @@
+"""CPU overhead of ``gradscope.watch`` on three small reference workloads.
+
+Each variant (plain, gradscope defaults, activation stats every step, a hand-written grad-norm
+loop) has its own model copy and optimizer from one initial state_dict. Each round runs one block
+of every variant in shuffled order, timed in *process* CPU time (gradscope's background threads
+count); ratios to ``plain`` are paired within a round. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradscope
+
+HERE = Path(__file__).resolve().parent
+SECTION = "## Watch overhead (CPU)"
+VARIANTS = ("plain", "norm_floor", "default", "act_every_step", "naive_loop")
+TARGETS = {"default": 1.02, "act_every_step": 1.10}  # max median paired ratio vs plain
+BLOCK = 100  # = gradscope's default flush_every: every timed block holds exactly one flush
+SEED = 0
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# -- workloads ----------------------------------------------------------------------------------
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """Decoder-only transformer: token + position embeddings, pre-LN blocks, linear head."""
+
+    def __init__(self, vocab: int = 256, d_model: int = 128, n_heads: int = 4, n_blocks: int = 2,
+                 seq_len: int = 64, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(seq_len, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*(Block(d_model, n_heads, dropout) for _ in range(n_blocks)))
+        self.ln_f, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.blocks(self.drop(self.tok(idx) + self.pos(pos)))
+        return self.head(self.ln_f(x))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                         nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+def image_batches(shape: tuple[int, ...], n: int, gen: torch.Generator) -> list[Batch]:
+    return [(torch.randn(shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen))
+            for _ in range(n)]
+
+
+def token_batches(n: int, gen: torch.Generator) -> list[Batch]:
+    seqs = [torch.randint(0, 256, (16, 65), generator=gen) for _ in range(n)]
+    return [(s[:, :-1].contiguous(), s[:, 1:].contiguous()) for s in seqs]  # next-token targets
+
+
+def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A reference training setup; ``batches`` builds a fixed pool of synthetic batches."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    optimizer: Callable[[Any], torch.optim.Optimizer]
+    batches: Callable[[torch.Generator], list[Batch]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    rounds: int  # default number of rounds
+
+
+def sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+WORKLOADS = {
+    "mlp": Workload("mlp", mlp, sgd, lambda g: image_batches((128, 784), 8, g),
+                    F.cross_entropy, rounds=30),
+    "cnn": Workload("cnn", cnn, sgd, lambda g: image_batches((128, 1, 28, 28), 8, g),
+                    F.cross_entropy, rounds=8),  # ~10x slower per step than the MLP
+    "transformer": Workload("transformer", TinyGPT, lambda ps: torch.optim.AdamW(ps, lr=3e-4),
+                            lambda g: token_batches(8, g), lm_loss, rounds=16),
+}
+
+
+# -- variants -----------------------------------------------------------------------------------
+class Variant:
+    """One model copy + optimizer (+ scope); ``block(n)`` trains n steps, returns CPU seconds."""
+
+    def __init__(self, kind: str, wl: Workload, state: dict[str, torch.Tensor],
+                 batches: list[Batch], run_root: str) -> None:
+        self.kind, self.wl, self.batches, self.i = kind, wl, batches, 0
+        self.model = wl.build()
+        self.model.load_state_dict(state)
+        self.model.train()
+        self.opt = wl.optimizer(self.model.parameters())
+        self.grad_norms: list[list[float]] = []  # naive_loop's record
+        self.scope: gradscope.Scope | None = None
+        if kind in ("default", "act_every_step"):
+            # activation statistics every step; update ratios stay at their default period
+            extra = {"activation_every": 1, "update_every": 10} if kind == "act_every_step" else {}
+            self.scope = gradscope.watch(self.model, self.opt, out=run_root,
+                                         name=f"{wl.name}-{kind}", **extra)
+
+    def step(self) -> None:
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.wl.loss(self.model(x), y)
+        loss.backward()
+        if self.kind == "norm_floor":  # the least any per-layer monitor must do: read each
+            # gradient once (one batched on-device norm per step, no host read, no bookkeeping)
+            self.floor = torch._foreach_norm([p.grad for p in self.model.parameters()])
+        if self.kind == "naive_loop":
+            norms = [p.grad.norm().item() for p in self.model.parameters()]  # type: ignore[union-attr]
+            self.grad_norms.append(norms)
+        self.opt.step()
+
+    def block(self, steps: int) -> float:
+        gc.collect()  # garbage left by another variant is not charged to this one
+        start = time.process_time()
+        for _ in range(steps):
+            self.step()
+        return time.process_time() - start
+
+    def close(self) -> None:
+        if self.scope is not None:
+            self.scope.close()
+
+
+def run_workload(wl: Workload, rounds: int, block: int, seed: int) -> dict[str, Any]:
+    """Warm up, then time ``rounds`` shuffled rounds; returns raw block times and a summary."""
+    torch.manual_seed(seed)
+    state = wl.build().state_dict()
+    batches = wl.batches(torch.Generator().manual_seed(seed))
+    run_root = tempfile.mkdtemp(prefix=f"gradscope-bench-{wl.name}-")
+    rng = random.Random(seed)
+    load_start = os.getloadavg()
+    variants: dict[str, Variant] = {}
+    try:
+        for kind in VARIANTS:
+            variants[kind] = Variant(kind, wl, state, batches, run_root)
+        for v in variants.values():
+            v.block(block)  # warm-up, not timed
+        times: dict[str, list[float]] = {kind: [] for kind in VARIANTS}
+        for r in range(rounds):
+            order = list(VARIANTS)
+            rng.shuffle(order)
+            for kind in order:
+                times[kind].append(variants[kind].block(block))
+            if sys.stdout.isatty():
+                print(f"  round {r + 1}/{rounds}", end="\r", flush=True)
+    finally:
+        for v in variants.values():
+            v.close()
+        shutil.rmtree(run_root, ignore_errors=True)
+    return {"block_seconds": times, "summary": summarize(times, block),
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+
+
+def summarize(times: dict[str, list[float]], block: int) -> dict[str, dict[str, Any]]:
+    """Median ms/step, and the median and p25/p75 of per-round ratios to ``plain``."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, ts in times.items():
+        ratios = [t / p for t, p in zip(ts, times["plain"])]
+        p25, med, p75 = (float(q) for q in np.percentile(ratios, [25, 50, 75]))
+        target = TARGETS.get(kind)
+        out[kind] = {"ms_per_step": 1000 * statistics.median(ts) / block, "ratio": med,
+                     "ratio_p25": p25, "ratio_p75": p75, "target": target,
+                     "pass": None if target is None else med <= target}
+    return out
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
+    """The RESULTS.md section: provenance, then one row per workload x variant."""
+
+    def la(t: tuple[float, ...]) -> str:
+        return " / ".join(f"{x:.2f}" for x in t)
+
+    lines = [
+        SECTION, "",
+        f"Generated by `{meta['command']}` on {meta['date']}"
+        + (" — **quick smoke run (blocks shorter than flush_every), not a measurement**."
+           if meta["quick"] else "."), "",
+        f"- torch {meta['torch']}, gradscope {meta['gradscope']}, Python {meta['python']}, "
+        f"{meta['torch_threads']} torch thread(s)",
+        f"- CPU: {meta['cpu']} ({meta['cpu_count']} logical CPUs)",
+        f"- load average (1/5/15 min): start {la(meta['loadavg_start'])}, "
+        f"end {la(meta['loadavg_end'])}",
+        f"- block = {meta['block']} steps of process CPU time; rounds: "
+        + ", ".join(f"{k} {v['rounds']}" for k, v in results.items()),
+        "- ratio = median over rounds of (variant block / `plain` block in the same round); "
+        "spread = p25–p75 of those paired ratios", "",
+        "Targets: `default` ≤ 1.02×, `act_every_step` (activation stats every step) ≤ 1.10×. "
+        "No target, for comparison: `norm_floor` (one `torch._foreach_norm` over all gradients "
+        "per step, kept on the device: the work any per-layer gradient monitor cannot avoid) and "
+        "`naive_loop` (per-parameter `p.grad.norm().item()`, what users write today).", "",
+        "| workload | variant | ms/step (median) | × plain (median) | p25–p75 | target | result |",
+        "|---|---|--:|--:|--:|--:|---|",
+    ]
+    for wl, res in results.items():
+        for kind, s in res["summary"].items():
+            target = "—" if s["target"] is None else f"≤ {s['target']:.2f}×"
+            verdict = "—" if s["pass"] is None else ("pass" if s["pass"] else "**FAIL**")
+            lines.append(f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {s['ratio']:.3f}× | "
+                         f"{s['ratio_p25']:.3f}–{s['ratio_p75']:.3f} | {target} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(path: Path, section: str) -> None:
+    """Write ``section`` into ``path``, replacing the old one (up to the next ``## ``)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# gradscope benchmarks\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", default="mlp,cnn,transformer",
+                        help="comma-separated subset of: " + ", ".join(WORKLOADS))
+    parser.add_argument("--rounds", type=int, help="rounds per workload (default: per workload)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 10 steps")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "overhead.json")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or not names:
+        parser.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+
+    torch.set_num_threads(1)
+    block = 10 if args.quick else BLOCK
+    meta: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": args.quick,
+        "command": " ".join(["python", "benchmarks/overhead.py", *(argv or sys.argv[1:])]),
+        "torch": torch.__version__, "gradscope": gradscope.__version__,
+        "python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "block": block, "seed": SEED,
+        "loadavg_start": os.getloadavg(),
+    }
+    results: dict[str, Any] = {}
+    for name in names:
+        wl = WORKLOADS[name]
+        rounds = args.rounds or (3 if args.quick else wl.rounds)
+        print(f"{name}: {rounds} rounds x {len(VARIANTS)} variants x {block} steps", flush=True)
+        results[name] = {"rounds": rounds, **run_workload(wl, rounds, block, SEED)}
+    meta["loadavg_end"] = os.getloadavg()
+
+    section = render(meta, results)
+    print("\n" + section)
+    replace_section(args.out, section)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "workloads": results}, indent=2) + "\n")
+    print(f"wrote {args.out} and {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The command line, through click's CliRunner (and once for real, as a subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+import gradscope
+from gradscope.cli import main
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and gradscope.__version__ in result.output
+
+
+def test_demo_writes_a_run_and_summarises_it(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--steps", "30"],
+                                terminal_width=120)
+    assert result.exit_code == 0, result.output
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1 and (runs[0] / "run.json").exists()
+    assert "status=completed" in result.output and "steps=30" in result.output
+    assert "Linear" in result.output and "Sigmoid" in result.output
+    run = gradscope.load_run(runs[0])
+    signal = run.wide("output_grad_norm").loc[0]
+    assert signal["0"] < signal["10"]  # the demo's point: the backward signal vanishes with depth
+
+
+def test_summary_of_a_missing_run_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["summary", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = CliRunner().invoke(main, ["summary", str(tmp_path)])
+    assert result.exit_code == 2 and "not a gradscope run directory" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_demo_bad_out_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "gradscope", "demo", "--out", str(blocker / "r")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "cannot create the output root" in proc.stderr
