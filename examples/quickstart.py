@@ -11,7 +11,7 @@ optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 x, y = torch.randn(256, 20), torch.randint(0, 2, (256,))
 
 with gradscope.watch(model, out="reports", name="quickstart") as scope:
-    for step in range(100):
+    for _ in range(100):
         optimizer.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()

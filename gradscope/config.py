@@ -212,7 +212,8 @@ def _as_types(key: str, value: object) -> tuple[TypeSpec, ...]:
 
 
 def type_matches(module: object, specs: tuple[TypeSpec, ...]) -> bool:
-    """Whether ``module`` is an instance of one of ``specs`` (classes, or class names in its MRO)."""
+    """Whether ``module`` is an instance of one of ``specs`` (classes, or class names found in
+    its MRO)."""
     for spec in specs:
         if isinstance(spec, type):
             if isinstance(module, spec):

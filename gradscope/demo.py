@@ -44,7 +44,7 @@ def run(out: Path | str = "reports", steps: int = 300, name: str | None = None) 
         for _ in range(steps):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
     return scope.run_dir
 

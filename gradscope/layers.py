@@ -124,7 +124,8 @@ class LayerTable:
                     family = None
                 if owned or family is not None:
                     is_leaf = next(module.children(), None) is None
-                    table.modules.append(ModuleEntry(module_name, module, family, bool(owned), is_leaf))
+                    entry = ModuleEntry(module_name, module, family, bool(owned), is_leaf)
+                    table.modules.append(entry)
         return table
 
     def slot(self, param: torch.Tensor) -> ParamSlot | None:

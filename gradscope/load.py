@@ -110,7 +110,7 @@ def load_run(path: str | Path) -> Run:
     for chunk in sorted((run_path / rundir.METRICS).glob("part-*.parquet")):
         try:
             frames.append(pd.read_parquet(chunk))
-        except Exception as exc:  # noqa: BLE001 - any unreadable chunk is reported, not raised
+        except Exception as exc:
             problems.append(f"{chunk.name} unreadable: {exc}")
     if frames:
         metrics = pd.concat(frames, ignore_index=True)

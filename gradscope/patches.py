@@ -110,9 +110,9 @@ def _make_scale(cls: type) -> Callable[..., Any]:
     def scale(self: Any, outputs: Any) -> Any:
         global _last_scaled
         result = original(self, outputs)
-        if isinstance(outputs, torch.Tensor) and isinstance(result, torch.Tensor):
-            if result is not outputs:
-                _last_scaled = (weakref.ref(result), outputs.detach())
+        scaled = isinstance(result, torch.Tensor) and result is not outputs
+        if scaled and isinstance(outputs, torch.Tensor):
+            _last_scaled = (weakref.ref(result), outputs.detach())
         return result
 
     return scale
@@ -149,7 +149,8 @@ def _mark_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> N
 
 def _scaler_classes() -> list[type]:
     classes: list[type] = []
-    for modname in ("torch.amp.grad_scaler", "torch.cuda.amp.grad_scaler", "torch.cpu.amp.grad_scaler"):
+    names = ("torch.amp.grad_scaler", "torch.cuda.amp.grad_scaler", "torch.cpu.amp.grad_scaler")
+    for modname in names:
         try:
             module = __import__(modname, fromlist=["GradScaler"])
         except ImportError:

@@ -15,6 +15,7 @@ taken gets a ``-1``, ``-2``... suffix instead of overwriting anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -79,8 +80,6 @@ def write_json(path: Path, obj: Any) -> None:
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise

@@ -225,7 +225,7 @@ class Scope:
                 return None
             try:
                 return fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self._fail_internal(exc)
                 return None
 
@@ -341,7 +341,8 @@ class Scope:
         self._modules.forward_seen = False
         if self._losses:
             losses = self._losses
-            loss = losses[0] if len(losses) == 1 else torch.stack([v.float() for v in losses]).mean()
+            loss = (losses[0] if len(losses) == 1
+                    else torch.stack([v.float().reshape(()) for v in losses]).mean())
             self._buffer.write(self._cols["loss"], loss)
             losses.clear()
         if self._scaler_seen and not self._skip_noted:
@@ -421,7 +422,8 @@ class Scope:
 def _has_nonfinite_norm(chunk: Any) -> bool:
     import numpy as np
 
-    cols = [i for i, (_, kind, m) in enumerate(chunk.columns) if kind == "param" and m == "grad_norm"]
+    cols = [i for i, (_, kind, m) in enumerate(chunk.columns)
+            if kind == "param" and m == "grad_norm"]
     if not cols:
         return False
     vals = chunk.values[:, cols]

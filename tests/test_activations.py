@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradscope
+
 from models import CNN, batch, half_dead_linear, mlp
 
 
@@ -151,7 +152,7 @@ def test_module_called_per_time_step_pools_its_calls(out):
     with gradscope.watch(model, out=out) as scope:
         h = torch.zeros(3, 6)
         outs = []
-        for t in range(20):
+        for _ in range(20):
             h = cell(torch.randn(3, 4), h)
             outs.append(act(h))
         head(torch.stack(outs).mean(0)).sum().backward()

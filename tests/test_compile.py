@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gradscope
+
 from models import batch, mlp
 
 pytestmark = pytest.mark.slow

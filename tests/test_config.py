@@ -26,7 +26,7 @@ def test_defaults():
         ({"flush_secs": 0}, ValueError, r"flush_secs=0: expected a finite number in \(0, inf\]"),
         ({"flush_secs": float("nan")}, ValueError, r"flush_secs=nan"),
         ({"tanh_saturation": 1.5}, ValueError, r"tanh_saturation=1.5: expected .*\[0, 1\]"),
-        ({"sigmoid_saturation": "high"}, TypeError, r"sigmoid_saturation='high': expected a number"),
+        ({"sigmoid_saturation": "hi"}, TypeError, r"sigmoid_saturation='hi': expected a number"),
         ({"include": 3}, TypeError, r"include=3: expected a glob pattern"),
         ({"exclude": ["ok", ""]}, TypeError, r"exclude: '' is not a glob pattern"),
         ({"include_types": [3]}, TypeError, r"include_types: 3 is not a module type"),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gradscope
+
 from models import batch, mlp
 
 

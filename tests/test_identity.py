@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gradscope
+
 from models import CNN, LSTMNet, TinyTransformer, mlp
 
 

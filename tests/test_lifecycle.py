@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import gradscope
+
 from conftest import hook_counts
 from models import batch, mlp
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 import gradscope
+
 from models import batch, mlp
 
 
@@ -59,7 +59,7 @@ def test_parquet_long_table_and_wide_view(finished_run):
     wide = run.wide("grad_norm")
     assert wide.shape == (10, 6)
     assert list(wide.columns) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
-    with pytest.raises(KeyError, match="not in this run; it has: .*grad_norm"):
+    with pytest.raises(KeyError, match=r"not in this run; it has: .*grad_norm"):
         run.wide("no_such_metric")
 
 
@@ -96,15 +96,16 @@ def test_run_names_cannot_escape_the_output_root(out, name):
 
 def test_bad_input_is_named_and_nothing_is_written(out, tmp_path):
     model = mlp()
-    with pytest.raises(TypeError, match=r"unknown gradscope option 'flush_evry' \(did you mean 'flush_every'\?\)"):
+    unknown = r"unknown gradscope option 'flush_evry' \(did you mean 'flush_every'\?\)"
+    with pytest.raises(TypeError, match=unknown):
         gradscope.watch(model, out=out, flush_evry=5)
     with pytest.raises(ValueError, match=r"activation_every=-1: expected an integer >= 1"):
         gradscope.watch(model, out=out, activation_every=-1)
     with pytest.raises(TypeError, match=r"flush_every=2.5: expected an integer"):
         gradscope.watch(model, out=out, flush_every=2.5)
-    with pytest.raises(TypeError, match="expects an nn.Module.*got int"):
+    with pytest.raises(TypeError, match=r"expects an nn\.Module.*got int"):
         gradscope.watch(42, out=out)
-    with pytest.raises(TypeError, match="expected a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"expected a torch\.optim\.Optimizer"):
         gradscope.watch(model, "adam", out=out)
     with pytest.raises(ValueError, match="step_on='epoch'"):
         gradscope.watch(model, out=out, step_on="epoch")

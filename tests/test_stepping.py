@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gradscope
+
 from models import batch, mlp
 
 
@@ -117,7 +118,8 @@ def test_gan_two_models_two_optimizers_one_run(out):
         for _ in range(4):
             real, z = torch.randn(16, 8), torch.randn(16, 4)
             opt_d.zero_grad()
-            d_loss = bce(disc(real), torch.ones(16, 1)) + bce(disc(gen(z).detach()), torch.zeros(16, 1))
+            fake = gen(z).detach()
+            d_loss = bce(disc(real), torch.ones(16, 1)) + bce(disc(fake), torch.zeros(16, 1))
             d_loss.backward()
             opt_d.step()
             opt_g.zero_grad()

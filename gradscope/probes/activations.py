@@ -275,7 +275,7 @@ class ModuleProbe:
         if self.config.backward_signal and out.requires_grad:
             # eager only: under torch.compile a tensor hook is a graph break ("unsafe side
             # effect"), so compiled models get no backward signal
-            out.register_hook(site.grad_hook)
+            out.register_hook(site.grad_hook)  # type: ignore[no-untyped-call]
 
     def _key(
         self, entry: ModuleEntry, out: torch.Tensor, args: tuple[Any, ...], compiling: bool

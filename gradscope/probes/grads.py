@@ -96,7 +96,8 @@ class GradProbe:
         key = (tuple(s.index for s in slots), metric)
         grp = self._groups.get(key)
         if grp is None:
-            grp = self._groups[key] = self.buffer.group(tuple((s.name, KIND, metric) for s in slots))
+            keys = tuple((s.name, KIND, metric) for s in slots)
+            grp = self._groups[key] = self.buffer.group(keys)
             if metric == "grad_norm":  # counts are derived from norms at flush: need the columns
                 self._group(slots, "grad_nonfinite")
         return grp

@@ -38,7 +38,8 @@ class WeightProbe:
         key = (tuple(s.index for s in slots), metric)
         grp = self._groups.get(key)
         if grp is None:
-            grp = self._groups[key] = self.buffer.group(tuple((s.name, KIND, metric) for s in slots))
+            keys = tuple((s.name, KIND, metric) for s in slots)
+            grp = self._groups[key] = self.buffer.group(keys)
         return grp
 
     def snapshot(self, slots: Sequence[ParamSlot]) -> None:
@@ -60,7 +61,7 @@ class WeightProbe:
     def _copy_for(self, slot: ParamSlot) -> torch.Tensor:
         p = slot.param
         snap = self._snap.get(slot.index)
-        if snap is None or snap.shape != p.shape or snap.dtype != p.dtype or snap.device != p.device:
+        if snap is None or (snap.shape, snap.dtype, snap.device) != (p.shape, p.dtype, p.device):
             snap = self._snap[slot.index] = torch.empty_like(p, memory_format=torch.preserve_format)
         return snap
 
