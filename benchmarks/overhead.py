@@ -138,9 +138,9 @@ WORKLOADS = {
     "mlp": Workload("mlp", mlp, sgd, lambda g: image_batches((128, 784), 8, g),
                     F.cross_entropy, rounds=30),
     "cnn": Workload("cnn", cnn, sgd, lambda g: image_batches((128, 1, 28, 28), 8, g),
-                    F.cross_entropy, rounds=8),  # ~10x slower per step than the MLP
+                    F.cross_entropy, rounds=10),  # ~10x slower per step than the MLP
     "transformer": Workload("transformer", TinyGPT, lambda ps: torch.optim.AdamW(ps, lr=3e-4),
-                            lambda g: token_batches(8, g), lm_loss, rounds=16),
+                            lambda g: token_batches(8, g), lm_loss, rounds=20),
 }
 
 

@@ -41,6 +41,7 @@ class Row:
 
     step: int
     writes: list[tuple[Group, torch.Tensor]] = field(default_factory=list)
+    where: dict[Group, int] = field(default_factory=dict)  # group -> its index in writes
     host: dict[int, float] = field(default_factory=dict)
 
 
@@ -103,8 +104,16 @@ class StepBuffer:
 
     def write(self, group: Group, values: torch.Tensor) -> None:
         """Record ``values`` (``[len(group.cols)]``, or a scalar for one column) for the current
-        row. Nothing runs on the device: the tensor is kept until the flush."""
-        self.rows[-1].writes.append((group, values))
+        row. Nothing runs on the device: the tensor is kept until the flush. Writing a group
+        again replaces the earlier values (a step that keeps accumulating, e.g. backward passes
+        that never reach an optimizer step, holds one tensor per group, not one per pass)."""
+        row = self.rows[-1]
+        i = row.where.get(group)
+        if i is None:
+            row.where[group] = len(row.writes)
+            row.writes.append((group, values))
+        else:
+            row.writes[i] = (group, values)
 
     def write_host(self, col: int, value: float) -> None:
         """Record a value the host already knows (a flag, a count), at no device cost."""

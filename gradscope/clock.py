@@ -208,7 +208,7 @@ class Clock:
             self.commit()
             self._ended_by_optimizer = True
 
-    def scaler_skipped(self, opt: torch.optim.Optimizer, scale: torch.Tensor | None) -> None:
+    def scaler_skipped(self, opt: torch.optim.Optimizer) -> None:
         """GradScaler found inf/NaN and skipped ``opt.step()``: no optimizer hook fired."""
         if self.mode == BACKWARD and self.forced:
             return
@@ -292,7 +292,6 @@ class Clock:
 
     def manual_step(self) -> None:
         self.mode = MANUAL
-        self.forced = True
         self._ensure_row()
         self.commit()
 

@@ -105,7 +105,8 @@ class Scope:
                 self._table, self, config.step_on, config.activation_every,
                 config.update_every or config.activation_every, optimizers,
             )
-            self._losses: list[torch.Tensor] = []
+            self._loss: torch.Tensor | None = None  # sum of the step's losses
+            self._loss_count = 0
             self._scaler_seen = False
             self._skip_noted = False
             self._findings: list[dict[str, Any]] = []
@@ -275,7 +276,7 @@ class Scope:
         if not self._clock.slots_for(optimizer):
             return
         step = self._clock.step
-        self._clock.scaler_skipped(optimizer, None)
+        self._clock.scaler_skipped(optimizer)
         self._store.event(
             {"event": "skipped_step", "step": step, "by": "GradScaler",
              "reason": "inf/NaN in the scaled gradients; optimizer.step() was not called"}
@@ -297,7 +298,7 @@ class Scope:
 
     def discard_row(self) -> None:
         self._buffer.discard_current()
-        self._losses.clear()
+        self._loss, self._loss_count = None, 0
         self._skip_noted = False
         self._weights.cancel()
         self._modules.discard()
@@ -323,7 +324,10 @@ class Scope:
         self._modules.sampling = sampled and not self._disabled
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        self._losses.append(loss)  # detached by the backward patch
+        # a running sum, not a list: a loop that never steps must not grow without bound
+        loss = loss.reshape(())  # detached by the backward patch
+        self._loss = loss if self._loss is None else self._loss + loss.to(self._loss.dtype)
+        self._loss_count += 1
 
     def note_skipped(self, value: torch.Tensor | float) -> None:
         self._skip_noted = True
@@ -339,12 +343,10 @@ class Scope:
 
     def commit_row(self) -> None:
         self._modules.forward_seen = False
-        if self._losses:
-            losses = self._losses
-            loss = (losses[0] if len(losses) == 1
-                    else torch.stack([v.float().reshape(()) for v in losses]).mean())
+        if self._loss is not None:
+            loss = self._loss if self._loss_count == 1 else self._loss / self._loss_count
             self._buffer.write(self._cols["loss"], loss)
-            losses.clear()
+            self._loss, self._loss_count = None, 0
         if self._scaler_seen and not self._skip_noted:
             self._buffer.write_host(self._cols["skipped_step"].cols[0], 0.0)
         self._skip_noted = False
@@ -416,7 +418,7 @@ class Scope:
         self._buffer.release()
         self._table.release()
         self._models.clear()
-        self._losses.clear()
+        self._loss = None
 
 
 def _has_nonfinite_norm(chunk: Any) -> bool:

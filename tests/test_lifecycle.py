@@ -167,3 +167,22 @@ def test_interpreter_exit_closes_an_unclosed_scope(tmp_path):
         run = gradscope.load_run(sorted(tmp_path.glob("r*"))[-1])
         assert run.meta["status"] == status and run.meta["steps"] == 3
         assert (run.path / "findings.json").exists()
+
+
+def test_backward_passes_that_never_step_stay_bounded(out):
+    """Input-gradient loops (saliency, adversarial examples) call backward() without ever
+    updating the weights: one open step, whose bookkeeping must not grow."""
+    import gc
+
+    model = mlp()
+    x, y = batch()
+    with gradscope.watch(model, out=out, tensorboard=False) as scope:
+        counts = []
+        for i in range(600):
+            xi = x.clone().requires_grad_(True)
+            nn.functional.cross_entropy(model(xi), y).backward()
+            if i in (99, 599):
+                gc.collect()
+                counts.append(sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor)))
+    assert counts[1] <= counts[0] + 5, counts
+    assert scope.steps == 1  # never updated: one (accumulating) step, closed at the end

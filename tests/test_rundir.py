@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -183,3 +184,14 @@ def test_nan_values_survive_the_round_trip(out):
         opt.step()
     value = scope.load().wide("grad_norm").loc[0, "0.weight"]
     assert math.isnan(value)
+
+
+def test_every_recorded_metric_is_documented(finished_run, out):
+    from gradscope.records import METRICS
+
+    readme = (Path(__file__).resolve().parents[1] / "reports" / "README.md").read_text()
+    run = gradscope.load_run(finished_run)
+    recorded = set(run.metrics["metric"])
+    assert recorded <= set(METRICS), recorded - set(METRICS)
+    for metric in METRICS:
+        assert f"`{metric}`" in readme, f"reports/README.md does not document {metric}"

@@ -167,6 +167,8 @@ class _Site:
         self.grads.clear()
         if len(self.done) >= COMPACT_AT:
             self.done[:] = [_pool(self.done)]
+        if len(self.grad_done) >= COMPACT_AT:
+            self.grad_done[:] = [torch.linalg.vector_norm(torch.stack(self.grad_done))]
 
     def write(self, thr: float) -> None:
         """Write the step's raw statistics: a few 0-d tensors, host values where known."""
