@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -33,8 +34,27 @@ import gradscope
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Watch overhead (CPU)"
-VARIANTS = ("plain", "norm_floor", "default", "act_every_step", "naive_loop")
+NEVER = 10**9  # a sampling period longer than any run: that probe is off (after step 0)
+# variant -> gradscope.watch options (None: not watched)
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "norm_floor": None,
+    "default": {},
+    # activation statistics every step; update ratios stay at their default period
+    "act_every_step": {"activation_every": 1, "update_every": 10},
+    "naive_loop": None,
+}
+# --breakdown: the default configuration built up piece by piece
+BREAKDOWN: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "norm_floor": None,
+    "grad_norms": {"activation_every": NEVER, "update_every": NEVER, "tensorboard": False},
+    "+activations": {"update_every": NEVER, "tensorboard": False},
+    "+update_ratios": {"tensorboard": False},
+    "+tensorboard (=default)": {},
+}
 TARGETS = {"default": 1.02, "act_every_step": 1.10}  # max median paired ratio vs plain
+BREAKDOWN_SECTION = "## Where the default configuration's cost goes (CPU)"
 BLOCK = 100  # = gradscope's default flush_every: every timed block holds exactly one flush
 SEED = 0
 
@@ -148,8 +168,8 @@ WORKLOADS = {
 class Variant:
     """One model copy + optimizer (+ scope); ``block(n)`` trains n steps, returns CPU seconds."""
 
-    def __init__(self, kind: str, wl: Workload, state: dict[str, torch.Tensor],
-                 batches: list[Batch], run_root: str) -> None:
+    def __init__(self, kind: str, options: dict[str, Any] | None, wl: Workload,
+                 state: dict[str, torch.Tensor], batches: list[Batch], run_root: str) -> None:
         self.kind, self.wl, self.batches, self.i = kind, wl, batches, 0
         self.model = wl.build()
         self.model.load_state_dict(state)
@@ -157,11 +177,10 @@ class Variant:
         self.opt = wl.optimizer(self.model.parameters())
         self.grad_norms: list[list[float]] = []  # naive_loop's record
         self.scope: gradscope.Scope | None = None
-        if kind in ("default", "act_every_step"):
-            # activation statistics every step; update ratios stay at their default period
-            extra = {"activation_every": 1, "update_every": 10} if kind == "act_every_step" else {}
+        if options is not None:
+            safe = re.sub(r"[^\w.-]+", "_", kind)
             self.scope = gradscope.watch(self.model, self.opt, out=run_root,
-                                         name=f"{wl.name}-{kind}", **extra)
+                                         name=f"{wl.name}-{safe}", **options)
 
     def step(self) -> None:
         x, y = self.batches[self.i % len(self.batches)]
@@ -189,7 +208,8 @@ class Variant:
             self.scope.close()
 
 
-def run_workload(wl: Workload, rounds: int, block: int, seed: int) -> dict[str, Any]:
+def run_workload(wl: Workload, specs: dict[str, dict[str, Any] | None], rounds: int, block: int,
+                 seed: int) -> dict[str, Any]:
     """Warm up, then time ``rounds`` shuffled rounds; returns raw block times and a summary."""
     torch.manual_seed(seed)
     state = wl.build().state_dict()
@@ -199,13 +219,13 @@ def run_workload(wl: Workload, rounds: int, block: int, seed: int) -> dict[str, 
     load_start = os.getloadavg()
     variants: dict[str, Variant] = {}
     try:
-        for kind in VARIANTS:
-            variants[kind] = Variant(kind, wl, state, batches, run_root)
+        for kind, options in specs.items():
+            variants[kind] = Variant(kind, options, wl, state, batches, run_root)
         for v in variants.values():
             v.block(block)  # warm-up, not timed
-        times: dict[str, list[float]] = {kind: [] for kind in VARIANTS}
+        times: dict[str, list[float]] = {kind: [] for kind in specs}
         for r in range(rounds):
-            order = list(VARIANTS)
+            order = list(specs)
             rng.shuffle(order)
             for kind in order:
                 times[kind].append(variants[kind].block(block))
@@ -243,14 +263,31 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
-    """The RESULTS.md section: provenance, then one row per workload x variant."""
+INTRO = (
+    "Targets: `default` ≤ 1.02×, `act_every_step` (activation stats every step) ≤ 1.10×. "
+    "No target, for comparison: `norm_floor` (one `torch._foreach_norm` over all gradients "
+    "per step, kept on the device: the work any per-layer gradient monitor cannot avoid) and "
+    "`naive_loop` (per-parameter `p.grad.norm().item()`, what users write today)."
+)
+BREAKDOWN_INTRO = (
+    "The default configuration built up one piece at a time: `grad_norms` records only what "
+    "is taken every step (gradient norms, loss, non-finite checks, flushes to Parquet); "
+    "`+activations` adds activation statistics and the backward signal every 10th step; "
+    "`+update_ratios` adds update ratios, weight norms and max-abs gradients every 10th step; "
+    "`+tensorboard` adds the TensorBoard sink, which makes it the default. `norm_floor` is one "
+    "`torch._foreach_norm` over all gradients per step and nothing else."
+)
+
+
+def render(meta: dict[str, Any], results: dict[str, Any], section: str = SECTION,
+           intro: str = INTRO) -> str:
+    """A RESULTS.md section: provenance, then one row per workload x variant."""
 
     def la(t: tuple[float, ...]) -> str:
         return " / ".join(f"{x:.2f}" for x in t)
 
     lines = [
-        SECTION, "",
+        section, "",
         f"Generated by `{meta['command']}` on {meta['date']}"
         + (" — **quick smoke run (blocks shorter than flush_every), not a measurement**."
            if meta["quick"] else "."), "",
@@ -263,10 +300,7 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v['rounds']}" for k, v in results.items()),
         "- ratio = median over rounds of (variant block / `plain` block in the same round); "
         "spread = p25–p75 of those paired ratios", "",
-        "Targets: `default` ≤ 1.02×, `act_every_step` (activation stats every step) ≤ 1.10×. "
-        "No target, for comparison: `norm_floor` (one `torch._foreach_norm` over all gradients "
-        "per step, kept on the device: the work any per-layer gradient monitor cannot avoid) and "
-        "`naive_loop` (per-parameter `p.grad.norm().item()`, what users write today).", "",
+        intro, "",
         "| workload | variant | ms/step (median) | × plain (median) | p25–p75 | target | result |",
         "|---|---|--:|--:|--:|--:|---|",
     ]
@@ -280,10 +314,12 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
 
 
 def replace_section(path: Path, section: str) -> None:
-    """Write ``section`` into ``path``, replacing the old one (up to the next ``## ``)."""
+    """Write ``section`` into ``path``, replacing the old one with the same title (up to the
+    next ``## ``)."""
+    title = section.splitlines()[0]
     text = path.read_text(encoding="utf-8") if path.exists() else "# gradscope benchmarks\n\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == title), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
@@ -301,9 +337,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated subset of: " + ", ".join(WORKLOADS))
     parser.add_argument("--rounds", type=int, help="rounds per workload (default: per workload)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 10 steps")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="build the default configuration up piece by piece instead")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "overhead.json")
+    parser.add_argument("--json", type=Path, help="raw results (default: results/<mode>.json)")
     args = parser.parse_args(argv)
+    specs = BREAKDOWN if args.breakdown else VARIANTS
+    json_path = args.json or HERE / "results" / ("breakdown.json" if args.breakdown
+                                                 else "overhead.json")
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown or not names:
@@ -325,16 +366,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         wl = WORKLOADS[name]
         rounds = args.rounds or (3 if args.quick else wl.rounds)
-        print(f"{name}: {rounds} rounds x {len(VARIANTS)} variants x {block} steps", flush=True)
-        results[name] = {"rounds": rounds, **run_workload(wl, rounds, block, SEED)}
+        print(f"{name}: {rounds} rounds x {len(specs)} variants x {block} steps", flush=True)
+        results[name] = {"rounds": rounds, **run_workload(wl, specs, rounds, block, SEED)}
     meta["loadavg_end"] = os.getloadavg()
 
-    section = render(meta, results)
+    if args.breakdown:
+        section = render(meta, results, BREAKDOWN_SECTION, BREAKDOWN_INTRO)
+    else:
+        section = render(meta, results)
     print("\n" + section)
     replace_section(args.out, section)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "workloads": results}, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.json}")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"meta": meta, "workloads": results}, indent=2) + "\n")
+    print(f"wrote {args.out} and {json_path}")
 
 
 if __name__ == "__main__":
