@@ -54,12 +54,6 @@ class Chunk:
     written: np.ndarray  # [rows, width] bool
     columns: list[tuple[str, str, str]]  # column -> (layer, kind, metric)
 
-    def col(self, layer: str, kind: str, metric: str) -> int | None:
-        try:
-            return self.columns.index((layer, kind, metric))
-        except ValueError:
-            return None
-
 
 class StepBuffer:
     """Per-step statistics, held as device tensors until :meth:`take`.

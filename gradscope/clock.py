@@ -166,12 +166,8 @@ class Clock:
         return self.mode == BACKWARD or (self.mode in (AUTO, MANUAL) and not self._known)
 
     # -- optimizer moments --------------------------------------------------------------------
-    def optimizer_pre(self, opt: torch.optim.Optimizer, closure: bool) -> None:
-        if self.mode == BACKWARD and self.forced:
-            return
-        slots = self.slots_for(opt)
-        if not slots:
-            return
+    def _enter(self, opt: torch.optim.Optimizer) -> None:
+        """``opt`` is stepping (or GradScaler skipped its step): settle which step that is."""
         if self.mode in (AUTO, BACKWARD):
             self.mode = OPTIMIZER
         if self.mode == OPTIMIZER and id(opt) in self._stepped:
@@ -181,6 +177,23 @@ class Clock:
         self._ensure_row()
         self._known.add(id(opt))
         self._stepped.add(id(opt))
+
+    def _counted(self, opt: torch.optim.Optimizer) -> list[ParamSlot]:
+        """The watched parameters ``opt`` steps, if its steps count (not when forced to count
+        backward passes)."""
+        return [] if self.mode == BACKWARD and self.forced else self.slots_for(opt)
+
+    def _end_if_complete(self) -> None:
+        """Every known optimizer has stepped: the step is complete."""
+        if self.mode == OPTIMIZER and self._stepped >= self._known:
+            self.commit()
+            self._ended_by_optimizer = True
+
+    def optimizer_pre(self, opt: torch.optim.Optimizer, closure: bool) -> None:
+        slots = self._counted(opt)
+        if not slots:
+            return
+        self._enter(opt)
         self._in_step = id(opt)
         if closure:  # LBFGS & co: gradients exist only once the closure's backward has run
             self._closure_pending = id(opt)
@@ -194,9 +207,7 @@ class Clock:
             self.rec.snapshot_weights(slots)
 
     def optimizer_post(self, opt: torch.optim.Optimizer) -> None:
-        if self.mode == BACKWARD and self.forced:
-            return
-        slots = self.slots_for(opt)
+        slots = self._counted(opt)
         if not slots or not self.row_open:
             return
         if self._closure_pending == id(opt):  # the closure never called backward
@@ -204,33 +215,19 @@ class Clock:
             self._closure_pending = None
         self._in_step = None
         self.rec.update_weights()
-        if self.mode == OPTIMIZER and self._stepped >= self._known:
-            self.commit()
-            self._ended_by_optimizer = True
+        self._end_if_complete()
 
     def scaler_skipped(self, opt: torch.optim.Optimizer) -> None:
         """GradScaler found inf/NaN and skipped ``opt.step()``: no optimizer hook fired."""
-        if self.mode == BACKWARD and self.forced:
-            return
-        slots = self.slots_for(opt)
+        slots = self._counted(opt)
         if not slots:
             return
-        if self.mode in (AUTO, BACKWARD):
-            self.mode = OPTIMIZER
-        if self.mode == OPTIMIZER and id(opt) in self._stepped:
-            self.commit()
-        elif self._discovering(opt):
-            self._reopen()
-        self._ensure_row()
-        self._known.add(id(opt))
-        self._stepped.add(id(opt))
+        self._enter(opt)
         # GradScaler unscaled the gradients before deciding; they are what it found non-finite
         self.rec.record_grads(slots, known_nonfinite=True)
         self.rec.note_skipped(1.0)
         self.rec.cancel_weights()
-        if self.mode == OPTIMIZER and self._stepped >= self._known:
-            self.commit()
-            self._ended_by_optimizer = True
+        self._end_if_complete()
 
     def scaler_step(self, opt: torch.optim.Optimizer, scale: torch.Tensor | None) -> None:
         if scale is not None and self.slots_for(opt):

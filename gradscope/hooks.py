@@ -69,10 +69,6 @@ class HookSet:
     def __len__(self) -> int:
         return len(self._handles)
 
-    def purposes(self) -> list[str]:
-        """The purpose of every live handle, in registration order."""
-        return [purpose for _, purpose in self._handles]
-
     def close(self) -> None:
         """Remove every handle, newest first. Safe to call twice."""
         while self._handles:

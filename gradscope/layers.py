@@ -128,10 +128,6 @@ class LayerTable:
                     table.modules.append(entry)
         return table
 
-    def slot(self, param: torch.Tensor) -> ParamSlot | None:
-        """The slot of ``param`` if it is watched."""
-        return self._by_param.get(id(param))
-
     def slots_of(self, params: Iterable[torch.Tensor]) -> list[ParamSlot]:
         """The watched slots among ``params`` (an optimizer's), in the table's order, each once."""
         found = {id(s): s for p in params if (s := self._by_param.get(id(p))) is not None}

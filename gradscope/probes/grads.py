@@ -73,6 +73,22 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.logical_not(torch.isfinite(t)).sum() for t in tensors]).float()
 
 
+class ParamGroups:
+    """Buffer groups of one metric over a set of parameters, cached by the set."""
+
+    def __init__(self, buffer: StepBuffer) -> None:
+        self.buffer = buffer
+        self._groups: dict[tuple[tuple[int, ...], str], Group] = {}
+
+    def __call__(self, slots: Sequence[ParamSlot], metric: str) -> Group:
+        key = (tuple(s.index for s in slots), metric)
+        grp = self._groups.get(key)
+        if grp is None:
+            keys = tuple((s.name, KIND, metric) for s in slots)
+            grp = self._groups[key] = self.buffer.group(keys)
+        return grp
+
+
 class GradProbe:
     """Writes ``grad_norm``/``grad_max_abs``/``grad_nonfinite`` per parameter and
     ``grad_norm_total`` per step into the buffer.
@@ -89,18 +105,13 @@ class GradProbe:
     def __init__(self, buffer: StepBuffer, count_policy: str = "host") -> None:
         self.buffer = buffer
         self.count_policy = count_policy
-        self._groups: dict[tuple[tuple[int, ...], str], Group] = {}
+        self._param_groups = ParamGroups(buffer)
         buffer.column(RUN, "run", "grad_norm_total")  # filled in at flush, see complete()
 
     def _group(self, slots: Sequence[ParamSlot], metric: str) -> Group:
-        key = (tuple(s.index for s in slots), metric)
-        grp = self._groups.get(key)
-        if grp is None:
-            keys = tuple((s.name, KIND, metric) for s in slots)
-            grp = self._groups[key] = self.buffer.group(keys)
-            if metric == "grad_norm":  # counts are derived from norms at flush: need the columns
-                self._group(slots, "grad_nonfinite")
-        return grp
+        if metric == "grad_norm":  # counts are derived from norms at flush: need the columns
+            self._param_groups(slots, "grad_nonfinite")
+        return self._param_groups(slots, metric)
 
     def record(
         self,

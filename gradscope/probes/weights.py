@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..buffer import Chunk, Group, StepBuffer
+from ..buffer import Chunk, StepBuffer
 from ..layers import ParamSlot
-from .grads import KIND, fp32_norms
+from .grads import KIND, ParamGroups, fp32_norms
 
 TINY = 1e-12  # ||w|| at or below this: the ratio is undefined, not reported
 
@@ -32,15 +32,7 @@ class WeightProbe:
         self._snap: dict[int, torch.Tensor] = {}  # slot index -> persistent copy of the weights
         self._pending: dict[int, ParamSlot] = {}  # snapshotted this step, waiting for update()
         self._before: torch.Tensor | None = None  # [k] norms of the snapshotted weights
-        self._groups: dict[tuple[tuple[int, ...], str], Group] = {}
-
-    def _group(self, slots: Sequence[ParamSlot], metric: str) -> Group:
-        key = (tuple(s.index for s in slots), metric)
-        grp = self._groups.get(key)
-        if grp is None:
-            keys = tuple((s.name, KIND, metric) for s in slots)
-            grp = self._groups[key] = self.buffer.group(keys)
-        return grp
+        self._group = ParamGroups(buffer)
 
     def snapshot(self, slots: Sequence[ParamSlot]) -> None:
         """Record ``weight_norm`` now and, if update ratios are on, keep a copy of the weights."""
