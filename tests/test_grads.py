@@ -167,3 +167,14 @@ def test_tied_weights_counted_once_and_named_twice(out):
     assert grads.loc[0, "0.weight"] == pytest.approx(expected, rel=1e-6)
     entry = next(e for e in run.meta["layers"] if e["name"] == "0.weight")
     assert entry["aliases"] == ["1.weight"]
+
+
+def test_sparse_gradients(out):
+    emb = nn.Embedding(50, 8, sparse=True)
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=0.01)
+    with gradscope.watch(emb, out=out) as scope:
+        opt.zero_grad()
+        emb(torch.tensor([[1, 2, 2, 7]])).pow(2).sum().backward()
+        expected = torch.linalg.vector_norm(emb.weight.grad.coalesce().values()).item()
+        opt.step()
+    assert scope.load().wide("grad_norm").loc[0, "weight"] == pytest.approx(expected, rel=1e-6)

@@ -186,3 +186,37 @@ def test_backward_passes_that_never_step_stay_bounded(out):
                 counts.append(sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor)))
     assert counts[1] <= counts[0] + 5, counts
     assert scope.steps == 1  # never updated: one (accumulating) step, closed at the end
+
+
+def test_an_internal_error_never_stops_training(out, monkeypatch):
+    from gradscope.probes.grads import GradProbe
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe bug")
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, out=out) as scope:
+        _train(model, opt, 2)
+        monkeypatch.setattr(GradProbe, "record", broken)
+        with pytest.warns(RuntimeWarning, match="stopped watching after an internal error"):
+            _train(model, opt, 3)  # training goes on
+    run = scope.load()
+    assert run.meta["steps"] == 2
+    assert [e["event"] for e in run.events] == ["internal_error"]
+    assert "probe bug" in run.events[0]["error"]
+
+
+def test_flush_in_the_middle_of_a_step_keeps_the_step(out):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, out=out) as scope:
+        _train(model, opt, 2)
+        x, y = batch(seed=9)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        scope.flush()  # step 2 is still open: its loss stays buffered
+        assert len(scope.load().wide("grad_norm")) == 2
+        opt.step()
+    run = scope.load()
+    assert list(run.wide("loss").index) == [0, 1, 2] and run.meta["steps"] == 3
