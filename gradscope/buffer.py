@@ -113,6 +113,22 @@ class StepBuffer:
         """Record a value the host already knows (a flag, a count), at no device cost."""
         self.rows[-1].host[col] = value
 
+    def reopen(self, step: int, drop_current: bool) -> bool:
+        """Make the row of ``step`` current again, if it has not been flushed yet.
+
+        Args:
+            drop_current: A newer row was opened since; forget it (it holds nothing that the
+                reopened step does not take over).
+        Returns:
+            Whether ``step`` is the current row now.
+        """
+        rows = self.rows
+        if drop_current:
+            if len(rows) < 2 or rows[-2].step != step:
+                return False
+            rows.pop()
+        return bool(rows) and rows[-1].step == step
+
     def discard_current(self) -> None:
         """Forget the current row (nothing of it was real)."""
         if self.rows:

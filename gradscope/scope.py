@@ -36,9 +36,9 @@ from .config import Config
 from .hooks import Hook, HookSet
 from .layers import LayerTable, ParamSlot
 from .probes.activations import ModuleProbe
-from .probes.grads import RUN, GradProbe
+from .probes.grads import GradProbe
 from .probes.weights import WeightProbe
-from .records import LongTable
+from .records import RUN_LAYER, LongTable
 from .sinks.store import Store
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class Scope:
             self._skip_noted = False
             self._findings: list[dict[str, Any]] = []
             self._cols = {
-                name: self._buffer.group(((RUN, "run", name),))
+                name: self._buffer.group(((RUN_LAYER, "run", name),))
                 for name in ("loss", "skipped_step", "amp_scale")
             }
             self._write_meta("running")
@@ -289,12 +289,7 @@ class Scope:
         self._buffer.open_row(step)
 
     def reopen_row(self, step: int, drop_current: bool) -> bool:
-        rows = self._buffer.rows
-        if drop_current:
-            if len(rows) < 2 or rows[-2].step != step:
-                return False
-            rows.pop()  # the row opened since holds nothing an optimizer measured
-        return bool(rows) and rows[-1].step == step  # not yet flushed: can be written again
+        return self._buffer.reopen(step, drop_current)
 
     def discard_row(self) -> None:
         self._buffer.discard_current()
@@ -361,23 +356,25 @@ class Scope:
         # a step in progress (a flush() called mid-step) stays on the device
         chunk = self._buffer.take(keep_current=self._clock.row_open)
         if chunk is not None:
-            GradProbe.complete(chunk)
+            self._grads.complete(chunk)
             WeightProbe.complete(chunk)
             ModuleProbe.complete(chunk)
             table = LongTable.from_chunk(chunk)
             for sink in self._sinks:
                 sink.write(table)
-            if self._grads.count_policy != "host":
-                self._grads.count_policy = "armed" if _has_nonfinite_norm(chunk) else "flagged-only"
         # run.json is a status file, not the record: rewrite it when the layer list grew or
         # every META_SECS, not at every flush (the loader counts steps from the metrics)
-        shape = (self._table.executed_count(), len(self._modules.site_names()))
-        if shape != self._meta_shape or time.monotonic() - self._meta_time >= META_SECS:
+        if self._layer_count() != self._meta_shape or \
+                time.monotonic() - self._meta_time >= META_SECS:
             self._write_meta("running")
+
+    def _layer_count(self) -> tuple[int, int]:
+        """Modules seen running and activation sites: what run.json's layer lists hold."""
+        return self._table.executed_count(), len(self._modules.site_names())
 
     def _write_meta(self, status: str) -> None:
         self._meta_time = time.monotonic()
-        self._meta_shape = (self._table.executed_count(), len(self._modules.site_names()))
+        self._meta_shape = self._layer_count()
         meta = {
             "gradscope": __version__,
             "torch": torch.__version__,
@@ -419,17 +416,6 @@ class Scope:
         self._table.release()
         self._models.clear()
         self._loss = None
-
-
-def _has_nonfinite_norm(chunk: Any) -> bool:
-    import numpy as np
-
-    cols = [i for i, (_, kind, m) in enumerate(chunk.columns)
-            if kind == "param" and m == "grad_norm"]
-    if not cols:
-        return False
-    vals = chunk.values[:, cols]
-    return bool((chunk.written[:, cols] & ~np.isfinite(vals)).any())
 
 
 def _status_for(exc_type: type[BaseException] | None) -> str:

@@ -22,9 +22,9 @@ import torch
 
 from ..buffer import Chunk, Group, StepBuffer
 from ..layers import ParamSlot
+from ..records import RUN_LAYER
 
 KIND = "param"
-RUN = "(run)"  # layer name of run-level metrics
 
 
 def _foreach_norm_supports_dtype() -> bool:
@@ -106,7 +106,7 @@ class GradProbe:
         self.buffer = buffer
         self.count_policy = count_policy
         self._param_groups = ParamGroups(buffer)
-        buffer.column(RUN, "run", "grad_norm_total")  # filled in at flush, see complete()
+        buffer.column(RUN_LAYER, "run", "grad_norm_total")  # filled in at flush, see complete()
 
     def _group(self, slots: Sequence[ParamSlot], metric: str) -> Group:
         if metric == "grad_norm":  # counts are derived from norms at flush: need the columns
@@ -156,23 +156,27 @@ class GradProbe:
         if count:
             self.buffer.write(self._group(present, "grad_nonfinite"), nonfinite_counts(grads))
 
-    @staticmethod
-    def complete(chunk: Chunk) -> None:
+    def complete(self, chunk: Chunk) -> None:
         """At flush, on the host: ``grad_norm_total`` of each step from its parameter norms
         (``sqrt(sum ||g_p||^2)``, as ``clip_grad_norm_`` computes it), and the non-finite
-        counts that a finite norm proves to be zero."""
+        counts that a finite norm proves to be zero. Where the flag is not read per step
+        (accelerators), a non-finite norm in this chunk arms exact counting until a clean one."""
         import numpy as np
 
         col_of = {key: i for i, key in enumerate(chunk.columns)}
         norm_all = [i for i, (_, kind, m) in enumerate(chunk.columns)
                     if kind == KIND and m == "grad_norm"]
-        total_col = col_of.get((RUN, "run", "grad_norm_total"))
-        if norm_all and total_col is not None:
+        total_col = col_of.get((RUN_LAYER, "run", "grad_norm_total"))
+        if norm_all:
             w = chunk.written[:, norm_all]
-            sq = np.where(w, chunk.values[:, norm_all], 0.0) ** 2
-            has = w.any(axis=1)
-            chunk.values[has, total_col] = np.sqrt(sq.sum(axis=1))[has]
-            chunk.written[has, total_col] = True
+            if self.count_policy != "host":
+                bad = (w & ~np.isfinite(chunk.values[:, norm_all])).any()
+                self.count_policy = "armed" if bad else "flagged-only"
+            if total_col is not None:
+                sq = np.where(w, chunk.values[:, norm_all], 0.0) ** 2
+                has = w.any(axis=1)
+                chunk.values[has, total_col] = np.sqrt(sq.sum(axis=1))[has]
+                chunk.written[has, total_col] = True
         pairs = [
             (i, col_of[(layer, kind, "grad_nonfinite")])
             for i, (layer, kind, metric) in enumerate(chunk.columns)
