@@ -11,14 +11,17 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
+
+from .rules.thresholds import Thresholds
 
 TypeSpec = Union[type, str]
 """A module type given as a class (``nn.ReLU``) or as its class name (``"ReLU"``)."""
 
 STEP_MODES = ("auto", "optimizer", "backward")
+TRACE_MODES = ("auto", "always", "off")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,16 @@ class Config:
         step_on: What ends a step. ``"auto"``: an optimizer step when an optimizer steps this
             model's parameters, otherwise a backward pass. ``"optimizer"`` / ``"backward"``
             force one of the two. Calling ``Scope.step()`` switches to manual stepping.
+        diagnose: Run the rules (``gradscope.rules``) on the records at every flush and raise
+            findings. Off: records only.
+        trace_nonfinite: Name the module that first produced a NaN/Inf. ``"auto"``: a cheap
+            per-step check (the gradient norms, the loss); the first hit arms a tracer that
+            checks every module's outputs and gradients until it has named one. ``"always"``:
+            trace from step 0 (finds a one-off NaN at its first occurrence; costs more).
+            ``"off"``: no tracer (non-finite values are still counted and reported).
+        quiet: Do not print findings to stderr as they are raised, nor the end-of-run summary.
+        thresholds: Overrides of the rules' thresholds, e.g. ``{"dead_fraction": 0.6}``
+            (see :class:`gradscope.rules.Thresholds` for each default and its source).
     """
 
     out: Path = Path("reports")
@@ -81,6 +94,10 @@ class Config:
     backward_signal: bool = True
     tensorboard: bool = True
     step_on: str = "auto"
+    diagnose: bool = True
+    trace_nonfinite: str = "auto"
+    quiet: bool = False
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -102,11 +119,17 @@ class Config:
         _check_number("sigmoid_saturation", self.sigmoid_saturation, low=0.0, high=0.5)
         _check_number("tanh_saturation", self.tanh_saturation, low=0.0, high=1.0)
         _check_number("softmax_saturation", self.softmax_saturation, low=0.0, high=1.0)
-        for key in ("update_ratio", "backward_signal", "tensorboard"):
+        for key in ("update_ratio", "backward_signal", "tensorboard", "diagnose", "quiet"):
             if not isinstance(getattr(self, key), bool):
                 raise TypeError(f"{key}={getattr(self, key)!r}: expected True or False")
         if self.step_on not in STEP_MODES:
             raise ValueError(f"step_on={self.step_on!r}: expected one of {', '.join(STEP_MODES)}")
+        if self.trace_nonfinite not in TRACE_MODES:
+            raise ValueError(
+                f"trace_nonfinite={self.trace_nonfinite!r}: expected one of "
+                f"{', '.join(TRACE_MODES)}"
+            )
+        set_(self, "thresholds", Thresholds.from_any(self.thresholds))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> Config:
@@ -134,6 +157,8 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, Path):
                 value = str(value)
+            elif isinstance(value, Thresholds):
+                value = value.to_json()
             elif isinstance(value, tuple):
                 value = [v if isinstance(v, str) else v.__name__ for v in value]
             out[f.name] = value

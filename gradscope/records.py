@@ -48,3 +48,13 @@ class LongTable:
         return cls(
             chunk.steps[rows], cols.astype(np.int64), chunk.values[rows, cols], chunk.columns
         )
+
+    def published(self) -> LongTable:
+        """The records the sinks write: without raw working columns (metrics named ``_...``)."""
+        import numpy as np
+
+        raw = np.array([c[2].startswith("_") for c in self.columns] + [False], dtype=bool)
+        if not raw.any():
+            return self
+        keep = ~raw[self.col]
+        return LongTable(self.step[keep], self.col[keep], self.value[keep], self.columns)

@@ -37,8 +37,13 @@ from .hooks import Hook, HookSet
 from .layers import LayerTable, ParamSlot
 from .probes.activations import ModuleProbe
 from .probes.grads import GradProbe
+from .probes.nonfinite import NonfiniteTracer
 from .probes.weights import WeightProbe
 from .records import RUN_LAYER, LongTable
+from .rules.base import Episode
+from .rules.engine import Diagnoser, layer_info
+from .rules.nonfinite import phase_hint
+from .sinks.console import FindingPrinter
 from .sinks.store import Store
 
 if TYPE_CHECKING:
@@ -109,7 +114,12 @@ class Scope:
             self._loss_count = 0
             self._scaler_seen = False
             self._skip_noted = False
-            self._findings: list[dict[str, Any]] = []
+            self._console = FindingPrinter(quiet=config.quiet)
+            self._diagnoser = Diagnoser(
+                config.thresholds, self._announce,
+                sample_every=config.activation_every,
+            ) if config.diagnose else None
+            self._on_cpu = on_cpu
             self._cols = {
                 name: self._buffer.group(((RUN_LAYER, "run", name),))
                 for name in ("loss", "skipped_step", "amp_scale")
@@ -119,6 +129,13 @@ class Scope:
             hooks = HookSet()
             self._hooks = hooks
             self._stack.callback(hooks.close)
+            self._tracer = NonfiniteTracer(
+                self._models, config.trace_nonfinite, immediate=on_cpu,
+                report=self._guarded(self._on_traced), step=lambda: self._clock.step,
+            )
+            self._stack.callback(self._tracer.close)
+            self._grads.on_nonfinite = self._guarded(self._on_nonfinite_flag)
+            self._trace_after_backward = self._guarded(self._tracer.after_backward)
             self._modules.attach(hooks)
             pre = Hook(self._guarded(self._on_optimizer_pre), "optimizer-pre")
             post = Hook(self._guarded(self._on_optimizer_post), "optimizer-post")
@@ -153,8 +170,11 @@ class Scope:
 
     @property
     def findings(self) -> list[dict[str, Any]]:
-        """Findings raised so far (JSON-shaped dicts; see DESIGN.md)."""
-        return list(self._findings)
+        """Findings raised so far (JSON-shaped dicts; see DESIGN.md and reports/README.md).
+
+        Rules run at every flush (every ``flush_every`` steps or ``flush_secs`` seconds) and at
+        ``close()``; call :meth:`flush` first for an up-to-date list in the middle of a run."""
+        return self._diagnoser.snapshot() if self._diagnoser is not None else []
 
     def step(self) -> None:
         """End the current step by hand (loops with no optimizer). From the first call on, steps
@@ -195,10 +215,13 @@ class Scope:
                 self._clock.finish()
                 self._flush()
             finally:
-                self._store.write_findings(self._findings)
+                findings = self.findings
+                self._store.write_findings(findings)
                 self._write_meta(status or "completed")
                 for sink in self._sinks:
                     sink.close()
+                self._console.summary(findings, self._clock.step, self.run_dir,
+                                      status or "completed")
         self._release()
 
     def __enter__(self) -> Scope:
@@ -238,6 +261,8 @@ class Scope:
         self._disabled = True
         self._modules.sampling = False
         with contextlib.suppress(Exception):
+            self._tracer.disarm()
+        with contextlib.suppress(Exception):
             self._store.event({"event": "internal_error", "error": repr(exc), "step": self.steps})
         warnings.warn(
             f"gradscope stopped watching after an internal error: {exc!r}; training continues "
@@ -265,6 +290,8 @@ class Scope:
     def after_backward(self, loss: torch.Tensor | None) -> None:
         if self._modules.forward_seen:
             self._after_backward(loss)
+            if self._tracer.armed:
+                self._trace_after_backward()
 
     def scaler_step_begin(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
         self._scaler_step(optimizer, getattr(scaler, "_scale", None))
@@ -321,6 +348,9 @@ class Scope:
     def note_loss(self, loss: torch.Tensor) -> None:
         # a running sum, not a list: a loop that never steps must not grow without bound
         loss = loss.reshape(())  # detached by the backward patch
+        if self._on_cpu and self._tracer.mode != "off" and not self._tracer.done and \
+                loss.is_floating_point() and not bool(torch.isfinite(loss)):
+            self._tracer.flag(self._clock.step)  # free on the CPU: no device to wait for
         self._loss = loss if self._loss is None else self._loss + loss.to(self._loss.dtype)
         self._loss_count += 1
 
@@ -346,6 +376,8 @@ class Scope:
             self._buffer.write_host(self._cols["skipped_step"].cols[0], 0.0)
         self._skip_noted = False
         self._modules.finalize()
+        if self._tracer.armed:
+            self._tracer.end_step()
         due = time.monotonic() - self._last_flush >= self.config.flush_secs
         if self._buffer.full or due:
             self._flush()
@@ -360,13 +392,64 @@ class Scope:
             WeightProbe.complete(chunk)
             ModuleProbe.complete(chunk)
             table = LongTable.from_chunk(chunk)
+            published = table.published()
             for sink in self._sinks:
-                sink.write(table)
+                sink.write(published)
+            if self._diagnoser is not None:
+                self._diagnose(table)
         # run.json is a status file, not the record: rewrite it when the layer list grew or
         # every META_SECS, not at every flush (the loader counts steps from the metrics)
         if self._layer_count() != self._meta_shape or \
                 time.monotonic() - self._meta_time >= META_SECS:
             self._write_meta("running")
+
+    # -- diagnosis --------------------------------------------------------------------------------
+    def _diagnose(self, table: LongTable) -> None:
+        assert self._diagnoser is not None
+        info = layer_info(self._table.describe(), self._modules.site_names())
+        self._diagnoser.update(table, info)
+        for error in self._diagnoser.errors:
+            self._store.event({"event": "internal_error", "where": "rules", "error": error})
+        self._diagnoser.errors.clear()
+
+    def _announce(self, finding: dict[str, Any], new: bool) -> None:
+        self._store.event({"event": "finding" if new else "finding_updated", **finding})
+        self._console.announce(finding, new)
+
+    def _on_nonfinite_flag(self) -> None:
+        self._tracer.flag(self._clock.step)
+
+    def _on_traced(self, info: dict[str, Any]) -> None:
+        """The tracer named where the first non-finite value came from."""
+        self._store.event({"event": "nonfinite_traced", **info})
+        if self._diagnoser is None:
+            return
+        step = int(info["step"])
+        phase = str(info["phase"])
+        module = info.get("module")
+        cls = info.get("class")
+        poisoned = bool(info.get("poisoned"))
+        evidence = {k: v for k, v in info.items() if k not in ("step", "phase", "module", "class")}
+        evidence["traced"] = not poisoned
+        layer = module or info.get("after_module") or info.get("before_module") or RUN_LAYER
+        if poisoned:
+            msg = (f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "
+                   "update applied non-finite gradients")
+        elif module is None:
+            msg = f"non-finite values at step {step} ({phase} pass): {info.get('note', '')}"
+        elif phase == "forward":
+            msg = (f"{module} ({cls}) produced the first non-finite output at step {step}, "
+                   "from finite inputs")
+        elif phase == "backward":
+            msg = (f"{module} ({cls}) produced the first non-finite gradient at step {step} "
+                   "(backward pass): the gradients arriving at its output were finite")
+        else:
+            msg = (f"weights of {module} ({cls}) became non-finite in the optimizer step before "
+                   f"step {step}, while the gradients were finite")
+        hint = phase_hint(phase, module)
+        ep = Episode("nonfinite", layer, step, step, "error", evidence, msg, hint,
+                     {"phase": phase, "module": module, "class": cls})
+        self._diagnoser.merge(ep)
 
     def _layer_count(self) -> tuple[int, int]:
         """Modules seen running and activation sites: what run.json's layer lists hold."""

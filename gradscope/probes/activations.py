@@ -377,7 +377,8 @@ class ModuleProbe:
 
         mean = sum / n; std = sqrt((l2^2 - sum^2 / n) / (n - 1)); dead fraction = dead units /
         units; saturation = saturated / n (softmax: / distributions). Raw columns (named
-        ``_...``) are then left out of what the sinks see.
+        ``_...``) stay in the chunk for the rules; :meth:`LongTable.published` leaves them out
+        of what the sinks see.
         """
         import numpy as np
 
@@ -416,10 +417,6 @@ class ModuleProbe:
                     if target is not None:
                         v[ok, target] = values[ok]
                         w[ok, target] = True
-        raw = [i for i, (_, kind, metric) in enumerate(chunk.columns)
-               if kind == KIND and metric.startswith("_")]
-        if raw:
-            w[:, raw] = False
 
     def site_names(self) -> list[str]:
         return [site.name for site in self._sites.values()]

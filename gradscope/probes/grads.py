@@ -16,7 +16,7 @@ exactly 0 and is filled in on the host at flush time (:meth:`GradProbe.complete`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -105,6 +105,7 @@ class GradProbe:
     def __init__(self, buffer: StepBuffer, count_policy: str = "host") -> None:
         self.buffer = buffer
         self.count_policy = count_policy
+        self.on_nonfinite: Callable[[], None] | None = None  # a step had NaN/Inf gradients
         self._param_groups = ParamGroups(buffer)
         buffer.column(RUN_LAYER, "run", "grad_norm_total")  # filled in at flush, see complete()
 
@@ -154,7 +155,12 @@ class GradProbe:
             # of huge finite values is a false alarm that the exact count then clears).
             count = not math.isfinite(norms.sum().item())
         if count:
-            self.buffer.write(self._group(present, "grad_nonfinite"), nonfinite_counts(grads))
+            counts = nonfinite_counts(grads)
+            self.buffer.write(self._group(present, "grad_nonfinite"), counts)
+            if self.on_nonfinite is not None and (
+                known_nonfinite or self.count_policy != "host" or counts.sum().item() > 0
+            ):
+                self.on_nonfinite()
 
     def complete(self, chunk: Chunk) -> None:
         """At flush, on the host: ``grad_norm_total`` of each step from its parameter norms
@@ -172,6 +178,8 @@ class GradProbe:
             if self.count_policy != "host":
                 bad = (w & ~np.isfinite(chunk.values[:, norm_all])).any()
                 self.count_policy = "armed" if bad else "flagged-only"
+                if bad and self.on_nonfinite is not None:
+                    self.on_nonfinite()
             if total_col is not None:
                 sq = np.where(w, chunk.values[:, norm_all], 0.0) ** 2
                 has = w.any(axis=1)

@@ -107,3 +107,73 @@ def print_summary(run: Run, console: Any = None) -> None:
     )
     for problem in run.problems:
         console.print(f"[yellow]note:[/] {problem}")
+
+
+def print_findings(findings: list[dict[str, Any]], console: Any = None) -> None:
+    """The findings as a rich table: severity, kind, layer, steps, what and what to try."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    if not findings:
+        return
+    table = Table(show_edge=False, header_style="bold", pad_edge=False, show_lines=True)
+    for title in ("severity", "finding", "layer", "steps"):
+        table.add_column(title, no_wrap=True)
+    table.add_column("what happened / what to try", overflow="fold")
+    order = {"error": 0, "warning": 1, "info": 2}
+    for f in sorted(findings, key=lambda f: (order.get(f["severity"], 3), f["first_step"])):
+        color = {"error": "red", "warning": "yellow"}.get(f["severity"], "cyan")
+        steps = str(f["first_step"]) if f["first_step"] == f["last_step"] else \
+            f"{f['first_step']}-{f['last_step']}"
+        table.add_row(f"[{color}]{f['severity']}[/]", f["kind"], str(f["layer"]), steps,
+                      f"{f['message']}\n[dim]try:[/] {f['suggestion']}")
+    console.print(table)
+
+
+class FindingPrinter:
+    """Tells the user about findings on stderr: one line when raised (at most ``burst`` lines
+    per ``window`` seconds; the rest are counted and mentioned in the summary), and a table at
+    the end of the run. Quiet: nothing at all (the run directory still has everything)."""
+
+    def __init__(self, quiet: bool = False, burst: int = 5, window: float = 60.0) -> None:
+        self.quiet = quiet
+        self.burst = burst
+        self.window = window
+        self._times: list[float] = []
+        self.suppressed = 0
+
+    def announce(self, finding: dict[str, Any], new: bool) -> None:
+        import sys
+        import time
+
+        if self.quiet:
+            return
+        now = time.monotonic()
+        self._times = [t for t in self._times if now - t < self.window]
+        if len(self._times) >= self.burst:
+            self.suppressed += 1
+            return
+        self._times.append(now)
+        what = "" if new else " (update)"
+        line = (f"gradscope: {finding['severity']}{what}: {finding['kind']} at "
+                f"{finding['layer']}, step {finding['first_step']}: {finding['message']}. "
+                f"Try: {finding['suggestion']}")
+        print(line, file=sys.stderr, flush=True)
+
+    def summary(
+        self, findings: list[dict[str, Any]], steps: int, run_dir: Any, status: str
+    ) -> None:
+        import sys
+
+        if self.quiet:
+            return
+        try:
+            if findings:
+                print_findings(findings)
+            errors = sum(f["severity"] == "error" for f in findings)
+            more = f" ({self.suppressed} not printed as they came)" if self.suppressed else ""
+            print(f"gradscope: {len(findings)} finding(s), {errors} error(s){more} in {steps} "
+                  f"steps, run {status}: {run_dir}", file=sys.stderr, flush=True)
+        except Exception:  # the terminal is a courtesy: never fail close() over it
+            return

@@ -1,0 +1,368 @@
+"""Which module produced the first NaN/Inf: a tracer armed by a cheap per-step flag.
+
+The flag costs nothing new: the gradient norms are computed anyway, and a sum of norms is finite
+iff every gradient element is (read on the host where tensors live on the CPU; on accelerators at
+flush time). The loss is checked too where reading it is free (CPU). On the first hit (mode
+``"auto"``), or from step 0 (``"always"``), the tracer hooks every module of the watched models:
+
+* forward: a forward hook checks each output; the culprit is the first module (in completion
+  order, so the innermost) whose output is non-finite while its inputs are finite. If its own
+  parameters are non-finite, the optimizer put them there (phase ``optimizer``), or, when
+  gradients were already non-finite earlier, the weights were poisoned by that earlier update;
+* backward: tensor hooks on each module's outputs and inputs see the gradient with respect to
+  them; the culprit is the module whose input gradient is non-finite while the gradients
+  arriving at its outputs were finite. A non-finite gradient arriving at a module's *output* came
+  from code outside any module (the loss, a functional op). Inf counts as much as NaN (anomaly
+  mode checks backward outputs for NaN only and misses an Inf from sqrt at 0; notes/trackers.md).
+
+Checks are ``isfinite(t.sum())`` (one reduction; a sum of huge finite values that overflows is
+re-checked element-wise). Where tensors live on the CPU the verdicts are read at once, and the
+inputs are examined only when an output is bad. On accelerators the flags stay on the device and
+are read once at the end of each backward pass while the tracer is armed (one sync per step,
+only after a non-finite value was seen, or always with ``"always"``).
+
+Once the culprit is named the tracer disarms: its hooks come off and the cost goes back to zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hooks import Hook, HookSet
+from ..layers import ROOT
+
+Report = Callable[[dict[str, Any]], None]
+
+
+def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Floating-point tensors in a module's inputs or outputs (tuples, lists, dicts, 2 deep)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel():
+            yield obj
+    elif depth < 2 and isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item, depth + 1)
+    elif depth < 2 and isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item, depth + 1)
+
+
+def _bad_flag(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool on the tensor's device: does ``t`` hold a NaN/Inf? (exact)"""
+    t = t.detach()
+    quick = torch.isfinite(t.sum(dtype=torch.float32))
+    return torch.logical_not(quick) & torch.logical_not(torch.isfinite(t).all())
+
+
+def _is_bad(t: torch.Tensor) -> bool:
+    """Host verdict (CPU tensors): one sum, an element-wise check only if the sum is not
+    finite (NaN/Inf, or an overflow of huge finite values)."""
+    t = t.detach()
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return False
+    return not bool(torch.isfinite(t).all())
+
+
+def _max_abs_finite(ts: list[torch.Tensor]) -> float | None:
+    best: float | None = None
+    for t in ts:
+        t = t.detach()
+        finite = t[torch.isfinite(t)]
+        if finite.numel():
+            m = float(finite.abs().max())
+            best = m if best is None else max(best, m)
+    return best
+
+
+def _summary(ts: list[torch.Tensor]) -> dict[str, int]:
+    nan = sum(int(torch.isnan(t.detach()).sum()) for t in ts)
+    inf = sum(int(torch.isinf(t.detach()).sum()) for t in ts)
+    return {"nan": nan, "inf": inf, "elements": sum(t.numel() for t in ts)}
+
+
+@dataclass
+class _GradEvent:
+    tensor: int  # id() of the tensor the hook sat on (alive during its backward pass)
+    module: str
+    cls: str
+    which: str  # "in" / "out"
+    bad: Any  # bool (CPU) or 0-d device bool tensor
+    values: torch.Tensor | None = None  # the gradient, kept only when bad (CPU), for evidence
+
+
+@dataclass
+class _FwdCall:
+    module: str
+    cls: str
+    out_bad: Any
+    in_bad: Any
+    mod: nn.Module | None = None
+
+
+@dataclass
+class _StepState:
+    forward_done: bool = False
+    bad_input_at: str | None = None  # first module whose inputs were already non-finite
+    calls: list[_FwdCall] = field(default_factory=list)
+    grads: list[_GradEvent] = field(default_factory=list)
+
+
+class NonfiniteTracer:
+    """Forward and gradient checks on every module, while armed.
+
+    Args:
+        models: ``{prefix: model}`` as the Scope watches them.
+        mode: ``"auto"`` (arm on the first flag), ``"always"`` (armed from the start) or
+            ``"off"``.
+        immediate: Read verdicts on the host at once (tensors on the CPU).
+        report: Called with the culprit's description when one is named.
+        step: Returns the current step number.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module],
+        mode: str,
+        immediate: bool,
+        report: Report,
+        step: Callable[[], int],
+    ) -> None:
+        self.mode = mode
+        self.immediate = immediate
+        self._report = report
+        self._step = step
+        self._named: list[tuple[str, nn.Module]] = []
+        seen: set[int] = set()
+        for prefix, model in models.items():
+            for raw, module in model.named_modules():
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                name = f"{prefix}.{raw}" if prefix and raw else (prefix or raw)
+                self._named.append((name or ROOT, module))
+        self._hooks = HookSet()
+        self.armed = False
+        self.done = False  # the culprit is named; nothing left to trace
+        self.first_flag_step: int | None = None
+        self._state = _StepState()
+        if mode == "always":
+            self.arm()
+
+    # -- arming ---------------------------------------------------------------------------------
+    def flag(self, step: int) -> None:
+        """A non-finite value was seen at ``step`` (cheap check): arm, unless done or off."""
+        if self.first_flag_step is None or step < self.first_flag_step:
+            self.first_flag_step = step
+        if self.mode != "off" and not self.done:
+            self.arm()
+
+    def arm(self) -> None:
+        if self.armed or self.done:
+            return
+        self.armed = True
+        for name, module in self._named:
+            hook = Hook(partial(self._on_forward, name), f"trace {name}")
+            self._hooks.add(module.register_forward_hook(hook, with_kwargs=True), "trace")
+
+    def disarm(self) -> None:
+        self.armed = False
+        self._hooks.close()
+        self._state = _StepState()
+
+    def close(self) -> None:
+        self.disarm()
+        self._named.clear()
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _on_forward(
+        self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any
+    ) -> None:
+        if not self.armed or not torch.is_grad_enabled():
+            return
+        st = self._state
+        outs = list(_tensors(output))
+        if not outs:
+            return
+        cls = type(module).__name__
+        ins = list(_tensors(args)) + list(_tensors(kwargs))
+        if self.immediate:
+            if not st.forward_done and any(_is_bad(t) for t in outs):
+                if not any(_is_bad(t) for t in ins):
+                    st.forward_done = True
+                    self._forward_culprit(name, module, ins, outs)
+                elif st.bad_input_at is None:
+                    st.bad_input_at = name
+        else:
+            out_bad = torch.stack([_bad_flag(t) for t in outs]).any()
+            in_bad = torch.stack([_bad_flag(t) for t in ins]).any() if ins else None
+            st.calls.append(_FwdCall(name, cls, out_bad, in_bad, module))
+        if st.forward_done:
+            return  # the forward culprit of this step is known: its NaN reaches every gradient
+        for which, group in (("out", outs), ("in", ins)):
+            for t in group:
+                if t.requires_grad:
+                    hook = partial(self._on_grad, id(t), name, cls, which)
+                    t.register_hook(hook)  # type: ignore[no-untyped-call]
+
+    def _forward_culprit(
+        self, name: str, module: nn.Module, ins: list[torch.Tensor], outs: list[torch.Tensor]
+    ) -> None:
+        step = self._step()
+        bad_params = [
+            pname for pname, p in module.named_parameters()
+            if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())
+        ]
+        info: dict[str, Any] = {
+            "step": step, "phase": "forward", "module": name, "class": type(module).__name__,
+            "inputs_finite": True, "input_max_abs": _max_abs_finite(ins),
+            "output": _summary(outs),
+        }
+        if bad_params:
+            info["nonfinite_params"] = bad_params[:10]
+            earlier = self.first_flag_step is not None and self.first_flag_step < step
+            info["phase"] = "optimizer"
+            info["poisoned"] = earlier  # the weights came from an update of bad gradients
+        self._finish(info)
+
+    # -- backward ---------------------------------------------------------------------------------
+    def _on_grad(self, key: int, name: str, cls: str, which: str, grad: torch.Tensor) -> None:
+        if not self.armed or self._state.forward_done:
+            return
+        if self.immediate:
+            bad = _is_bad(grad)
+            self._state.grads.append(
+                _GradEvent(key, name, cls, which, bad, grad.detach() if bad else None))
+        else:
+            self._state.grads.append(_GradEvent(key, name, cls, which, _bad_flag(grad)))
+
+    def after_backward(self) -> None:
+        """A backward pass ended: name the culprit from this step's checks, if any."""
+        if not self.armed:
+            return
+        st = self._state
+        self._state = _StepState()
+        if not self.immediate:
+            self._resolve_deferred(st)
+        elif st.bad_input_at is not None:
+            self._bad_data(st.bad_input_at)
+        else:
+            self._resolve_backward(st.grads)
+
+    def _bad_data(self, module: str) -> None:
+        self._finish({
+            "step": self._step(), "phase": "forward", "module": None, "class": None,
+            "before_module": module,
+            "note": (f"the inputs of {module} were already non-finite when it ran: they came "
+                     "from the data or from code outside the watched modules"),
+        })
+
+    def end_step(self) -> None:
+        """A step ended without a backward pass seen by the tracer (nothing to resolve)."""
+        if self.armed and not self.immediate and (self._state.calls or self._state.grads):
+            st = self._state
+            self._state = _StepState()
+            self._resolve_deferred(st)
+
+    def _resolve_deferred(self, st: _StepState) -> None:
+        """Accelerators: read every flag of the step at once (one transfer), then decide."""
+        flags: list[torch.Tensor] = []
+        for call in st.calls:
+            flags.append(call.out_bad.reshape(1))
+            flags.append((call.in_bad if call.in_bad is not None
+                          else torch.zeros((), dtype=torch.bool, device=call.out_bad.device))
+                         .reshape(1))
+        flags.extend(ev.bad.reshape(1) for ev in st.grads)
+        if not flags:
+            return
+        host = torch.cat([f.to("cpu", non_blocking=False) for f in flags]).tolist()
+        n = len(st.calls)
+        for i, call in enumerate(st.calls):
+            if host[2 * i] and host[2 * i + 1]:
+                self._bad_data(call.module)
+                return
+            if host[2 * i] and not host[2 * i + 1]:
+                step = self._step()
+                info: dict[str, Any] = {"step": step, "phase": "forward", "module": call.module,
+                                        "class": call.cls, "inputs_finite": True}
+                if call.mod is not None:
+                    bad_params = [p for p, t in call.mod.named_parameters()
+                                  if not bool(torch.isfinite(t.detach()).all())]
+                    if bad_params:
+                        info["phase"] = "optimizer"
+                        info["nonfinite_params"] = bad_params[:10]
+                        info["poisoned"] = (self.first_flag_step is not None
+                                            and self.first_flag_step < step)
+                self._finish(info)
+                return
+        for j, ev in enumerate(st.grads):
+            ev.bad = bool(host[2 * n + j])
+        self._resolve_backward(st.grads)
+
+    def _grads_nonfinite(self) -> bool:
+        """Whether some parameter gradient is non-finite (rare path: only after a non-finite
+        gradient was seen on an activation)."""
+        for _, module in self._named:
+            for p in module.parameters(recurse=False):
+                g = p.grad
+                if g is not None and g.is_floating_point() and not g.is_sparse and \
+                        not bool(torch.isfinite(g).all()):
+                    return True
+        return False
+
+    def _resolve_backward(self, events: list[_GradEvent]) -> None:
+        first_bad = next((i for i, ev in enumerate(events) if ev.bad), None)
+        if first_bad is None:
+            return
+        if not self._grads_nonfinite():
+            # e.g. sqrt'(0) = inf behind a ReLU that was off: threshold_backward writes 0 there,
+            # so no parameter gradient is affected. Not a pathology; keep tracing.
+            return
+        step = self._step()
+        bad_out: set[str] = {ev.module for ev in events[:first_bad] if ev.which == "out"
+                             and ev.bad}
+        # every hook on the first bad tensor: is it the input of a module whose outputs
+        # received finite gradients? That module turned a finite gradient non-finite.
+        key = events[first_bad].tensor
+        same = [ev for ev in events[first_bad:] if ev.tensor == key and ev.bad]
+        for ev in same:
+            if ev.which != "in" or ev.module in bad_out:
+                continue
+            got_out = [o for o in events[:first_bad] if o.module == ev.module
+                       and o.which == "out"]
+            if got_out:
+                self._finish(self._backward_info(step, ev, got_out))
+                return
+        ev = events[first_bad]
+        outs = [e for e in same if e.which == "out"]
+        producer = outs[-1] if outs else ev  # the innermost module whose output this is
+        info: dict[str, Any] = {
+            "step": step, "phase": "backward", "module": None, "class": None,
+            "after_module": producer.module,
+            "note": (f"the gradient arriving at the output of {producer.module} was already "
+                     "non-finite: it was produced outside any module (the loss function or a "
+                     "functional operation applied after it)"),
+        }
+        if ev.values is not None:
+            info["gradient"] = _summary([ev.values])
+        self._finish(info)
+
+    @staticmethod
+    def _backward_info(step: int, ev: _GradEvent, outs: list[_GradEvent]) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "step": step, "phase": "backward", "module": ev.module, "class": ev.cls,
+            "output_grads_finite": True,
+        }
+        if ev.values is not None:
+            info["input_grad"] = _summary([ev.values])
+        return info
+
+    def _finish(self, info: dict[str, Any]) -> None:
+        self.done = True
+        self.disarm()
+        self._report(info)

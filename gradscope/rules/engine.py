@@ -1,0 +1,264 @@
+"""The Diagnoser: runs the rules at every flush and keeps the findings.
+
+Rules are pure; this is where state lives. It keeps a window of recent records (host numbers),
+the first value of every column, and the findings. An episode whose kind and layer match an
+open finding that ended at most ``merge_gap`` steps earlier *extends* it (``last_step`` moves,
+the evidence is updated), so a condition that lasts 10,000 steps is one finding, not 10,000.
+A new finding is announced once (stderr line, ``events.jsonl``); ``findings.json`` is written at
+the end by the Scope.
+
+A rule that raises is a bug in gradscope, not in the user's training: it is logged as an event
+and skipped; the other rules still run.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..records import RUN_LAYER, LongTable
+from .base import Episode, LayerInfo, Records
+from .gradients import exploding_gradients, vanishing_gradients
+from .loss import loss_spike
+from .nonfinite import nonfinite
+from .thresholds import Thresholds
+from .units import dead_units, saturation
+from .updates import update_ratio
+
+Rule = Callable[[Records, Thresholds], list[Episode]]
+RULES: tuple[Rule, ...] = (
+    nonfinite, exploding_gradients, vanishing_gradients, dead_units, saturation, update_ratio,
+    loss_spike,
+)
+KINDS = (
+    "exploding_gradients", "vanishing_gradients", "nonfinite", "dead_units", "saturation",
+    "update_ratio_high", "update_ratio_low", "loss_spike",
+)
+# evidence that describes the start of a finding: kept when the finding is extended
+_STICKY = ("born_dead", "since_step", "at_first_check", "first_in", "traced")
+
+Announce = Callable[[dict[str, Any], bool], None]
+
+
+def finding_from(ep: Episode) -> dict[str, Any]:
+    """The JSON shape of a finding (DESIGN.md): kind, severity, layer, steps, evidence,
+    message, suggestion; ``nonfinite`` adds phase, module and class."""
+    out: dict[str, Any] = {
+        "kind": ep.kind,
+        "severity": ep.severity,
+        "layer": ep.layer,
+        "first_step": ep.first_step,
+        "last_step": ep.last_step,
+        "evidence": _jsonable(ep.evidence),
+        "message": ep.message,
+        "suggestion": ep.suggestion,
+    }
+    out.update(_jsonable(ep.extra))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return f if np.isfinite(f) else str(f)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+class Diagnoser:
+    """Turns flushed records into findings.
+
+    Args:
+        thresholds: The rules' thresholds.
+        announce: Called with ``(finding, new)`` when a finding is raised (``new=True``) or
+            gains information worth telling (the tracer named the module: ``new=False``).
+        sample_every: Steps between two activation/update checks (sizes the window).
+        rules: The rules to run (default: all of :data:`RULES`).
+    """
+
+    def __init__(
+        self,
+        thresholds: Thresholds,
+        announce: Announce,
+        sample_every: int = 10,
+        rules: tuple[Rule, ...] = RULES,
+    ) -> None:
+        self.t = thresholds
+        self.announce = announce
+        self.rules = rules
+        self.keep_steps = max(1000, (thresholds.history + 2 * thresholds.patience + 2)
+                              * max(sample_every, 1))
+        self.findings: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self._open: dict[tuple[str, str], dict[str, Any]] = {}
+        self._columns: list[tuple[str, str, str]] = []
+        self._cid: dict[tuple[str, str, str], int] = {}
+        self._step = np.zeros(0, dtype=np.int64)
+        self._col = np.zeros(0, dtype=np.int64)
+        self._value = np.zeros(0)
+        self._first: dict[tuple[str, str, str], tuple[int, float]] = {}
+        self._nonfinite: dict[str, Any] | None = None
+
+    # -- records ----------------------------------------------------------------------------------
+    def update(self, table: LongTable, layers: LayerInfo) -> list[dict[str, Any]]:
+        """Add a flushed table and run every rule on the window; returns new findings."""
+        if not len(table):
+            return []
+        since = int(table.step.min())
+        remap = np.array([self._column(c) for c in table.columns], dtype=np.int64)
+        cid = remap[table.col]
+        value = np.where(np.isnan(table.value), np.inf, table.value)  # NaN = "not recorded"
+        for c in np.unique(cid).tolist():
+            key = self._columns[c]
+            if key not in self._first:
+                rows = np.flatnonzero(cid == c)
+                first = rows[np.argmin(table.step[rows])]
+                self._first[key] = (int(table.step[first]), float(value[first]))
+        self._step = np.concatenate([self._step, table.step])
+        self._col = np.concatenate([self._col, cid])
+        self._value = np.concatenate([self._value, value])
+        keep = self._step > int(self._step.max()) - self.keep_steps
+        if not keep.all():
+            self._step, self._col, self._value = self._step[keep], self._col[keep], \
+                self._value[keep]
+        rec = Records(self._step, self._col, self._value, self._columns, since, layers,
+                      self._first)
+        return self.evaluate(rec)
+
+    def _column(self, key: tuple[str, str, str]) -> int:
+        c = self._cid.get(key)
+        if c is None:
+            c = self._cid[key] = len(self._columns)
+            self._columns.append(key)
+        return c
+
+    def evaluate(self, rec: Records) -> list[dict[str, Any]]:
+        """Run every rule on ``rec`` and merge the episodes into the findings."""
+        raised: list[dict[str, Any]] = []
+        for rule in self.rules:
+            try:
+                episodes = rule(rec, self.t)
+            except Exception as exc:  # a rule bug must not stop the others (or training)
+                self.errors.append(f"{rule.__name__}: {exc!r}")
+                continue
+            for ep in episodes:
+                new = self.merge(ep)
+                if new is not None:
+                    raised.append(new)
+        return raised
+
+    # -- findings ----------------------------------------------------------------------------------
+    def merge(self, ep: Episode) -> dict[str, Any] | None:
+        """Extend the matching open finding, or raise a new one (returned, and announced)."""
+        if ep.kind == "nonfinite":
+            return self._merge_nonfinite(ep)
+        key = (ep.kind, ep.layer)
+        open_ = self._open.get(key)
+        if open_ is not None and ep.first_step <= open_["last_step"] + self.t.merge_gap:
+            self._extend(open_, ep)
+            return None
+        finding = finding_from(ep)
+        self._open[key] = finding
+        self.findings.append(finding)
+        self.announce(finding, True)
+        return finding
+
+    def _extend(self, finding: dict[str, Any], ep: Episode) -> None:
+        finding["first_step"] = min(finding["first_step"], ep.first_step)
+        finding["last_step"] = max(finding["last_step"], ep.last_step)
+        old = finding["evidence"]
+        new = _jsonable(ep.evidence)
+        for k, v in new.items():
+            if k in _STICKY and k in old:
+                continue
+            if k.startswith("peak") and isinstance(v, (int, float)) and \
+                    isinstance(old.get(k), (int, float)):
+                if k in ("peak_step",):
+                    continue
+                if v > old[k]:
+                    old[k] = v
+                    if "peak_step" in new:
+                        old["peak_step"] = new["peak_step"]
+                continue
+            old[k] = v
+        if ep.severity == "error":
+            finding["severity"] = "error"
+
+    def _merge_nonfinite(self, ep: Episode) -> dict[str, Any] | None:
+        """One ``nonfinite`` finding per run: the first occurrence is the one to fix (later
+        ones usually follow from it: NaN weights make every later step NaN). Later
+        occurrences extend it. A traced attribution (the tracer named the module) wins over
+        the records' inference; between two of the same standing, the earlier one wins."""
+        f = self._nonfinite
+        if f is None:
+            f = self._nonfinite = finding_from(ep)
+            self.findings.append(f)
+            self.announce(f, True)
+            return f
+        first = min(f["first_step"], ep.first_step)
+        last = max(f["last_step"], ep.last_step)
+        f_traced = bool(f["evidence"].get("traced"))
+        ep_traced = bool(ep.evidence.get("traced"))
+        better = (ep_traced and not f_traced) or (
+            ep_traced == f_traced and ep.first_step < f["first_step"])
+        notes = list(f["evidence"].get("notes", []))
+        if better:
+            old_msg = f["message"]
+            f.update(finding_from(ep))
+            if len(notes) < 5:
+                notes.append(old_msg)
+            if ep_traced and not f_traced:
+                self.announce(f, False)
+        elif ep.message != f["message"] and len(notes) < 5 and ep.message not in notes:
+            notes.append(ep.message)
+        if notes:
+            f["evidence"]["notes"] = notes
+        f["first_step"], f["last_step"] = first, last
+        if not ep_traced and "nonfinite_steps" in ep.evidence:
+            f["evidence"]["nonfinite_steps"] = max(
+                int(f["evidence"].get("nonfinite_steps", 0)), int(ep.evidence["nonfinite_steps"]))
+        return None
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """A deep copy of the findings (safe to hand to users and writers)."""
+        return copy.deepcopy(self.findings)
+
+
+def layer_info(describe: list[dict[str, Any]], sites: list[str]) -> LayerInfo:
+    """LayerInfo from ``LayerTable.describe()`` (forward order) and the activation sites."""
+    info = LayerInfo()
+    rank = 0
+    module_rank: dict[str, int] = {}
+    for entry in describe:
+        name = entry["name"]
+        info.module_type[name] = entry["type"]
+        if entry["kind"] == "module":
+            module_rank[name] = rank
+            info.family[name] = entry.get("family")
+        else:
+            info.module_of[name] = entry["module"]
+            info.ndim[name] = len(entry.get("shape", []))
+        info.rank[name] = rank
+        rank += 1
+    for site in sites:
+        base, _, suffix = site.partition("#")
+        if site != base:
+            info.rank[site] = info.rank.get(base, rank) * 1000 + int(suffix or 0)  # after base
+            info.family[site] = info.family.get(base)
+            info.module_type[site] = info.module_type.get(base, "")
+    # scale plain ranks so "name#k" sorts right after "name"
+    for name in list(info.rank):
+        if "#" not in name:
+            info.rank[name] = info.rank[name] * 1000
+    info.rank.setdefault(RUN_LAYER, -1)
+    return info

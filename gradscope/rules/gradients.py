@@ -1,0 +1,269 @@
+"""Exploding and vanishing gradients.
+
+Two views, because each is blind where the other sees (notes/remedies.md §3.4):
+
+* **over time**: a parameter's gradient norm against its own trailing history (median and MAD of
+  log-norms, so one spike or one NaN step does not move the baseline);
+* **over depth**: the backward signal, the RMS gradient with respect to each module's output, in
+  forward order. Scaling every weight of a ReLU net by g multiplies the backward signal by g per
+  layer but leaves the ratio of first to last *weight*-gradient norms unchanged (Glorot & Bengio
+  2010, eq. 14; measured), so depth-wise explosion shows only here. Weight gradients relative to
+  their weights are the fallback where the backward signal is missing (torch.compile).
+
+Units that are dead also stop gradients; that is reported as ``dead_units``, not as vanishing
+(torch-surgeon calls dead ReLUs "vanishing"; notes/peers.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import Episode, Records, fmt, runs, trailing_stats
+from .thresholds import Thresholds
+
+_MAD_FLOOR = 0.01  # log10 units: a history that never varies still has 2% noise
+_Z = 1.4826  # MAD -> standard deviation for normal data
+
+
+def _clip_hint(rec: Records) -> str:
+    _, _, total = rec.wide("grad_norm_total", "run")
+    finite = total[np.isfinite(total)]
+    finite = finite[finite > 0]
+    if not finite.size:
+        return "clip gradients (torch.nn.utils.clip_grad_norm_)"
+    cap = 5 * float(np.median(finite))
+    return (
+        f"clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={cap:.3g}) "
+        "(5x the median total norm; Pascanu et al. 2013)"
+    )
+
+
+def exploding_gradients(rec: Records, t: Thresholds) -> list[Episode]:
+    """A parameter's gradient norm far above its own history (``spike_ratio`` x the median and
+    a robust z of ``spike_z``, for ``patience`` steps, or ``spike_once_ratio`` x once); a norm
+    that overflowed although every element is finite; growth of the backward signal with
+    depth."""
+    out = _temporal(rec, t) + _overflow(rec)
+    out += [e for e in _depth(rec, t) if e.kind == "exploding_gradients"]
+    return out
+
+
+def vanishing_gradients(rec: Records, t: Thresholds) -> list[Episode]:
+    """The backward signal (or weight gradients relative to weights) collapsing from the last
+    layers to the first."""
+    return [e for e in _depth(rec, t) if e.kind == "vanishing_gradients"]
+
+
+def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
+    steps, names, norms = rec.wide("grad_norm", "param")
+    if not steps.size:
+        return []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logn = np.where(norms > 0, np.log10(norms), np.nan)  # zeros: dead or unused, no history
+    logn[np.isnan(norms)] = np.nan
+    need = steps >= rec.since - t.patience * 2  # context for runs that cross `since`
+    med, mad, _ = trailing_stats(logn, t.history, t.min_history, need)
+    with np.errstate(invalid="ignore"):
+        excess = logn - med
+        z = excess / np.maximum(_Z * mad, _MAD_FLOOR)
+        finite = np.isfinite(logn)
+        hot = finite & (excess >= np.log10(t.spike_ratio)) & (z >= t.spike_z)
+        once = hot & (excess >= np.log10(t.spike_once_ratio))
+    candidates: list[tuple[float, Episode]] = []
+    for j, name in enumerate(names):
+        col_rows = np.flatnonzero(~np.isnan(norms[:, j]))
+        if not col_rows.size:
+            continue
+        h = hot[col_rows, j]
+        spans = runs(h, t.patience) + [(i, i) for i in np.flatnonzero(once[col_rows, j])]
+        for a, b in spans:
+            rows = col_rows[a:b + 1]
+            if steps[rows[-1]] < rec.since:
+                continue
+            peak_row = rows[np.argmax(excess[rows, j])]
+            ratio = 10 ** float(excess[peak_row, j])
+            base = 10 ** float(med[peak_row, j])
+            peak = float(norms[peak_row, j])
+            ev = {
+                "peak_norm": peak, "median_norm": base, "peak_ratio": ratio,
+                "robust_z": float(z[peak_row, j]), "peak_step": int(steps[peak_row]),
+                "history": t.history, "steps": int(rows.size),
+            }
+            sustained = "for one step" if rows.size == 1 else f"for {rows.size} steps"
+            msg = (
+                f"gradient norm of {name} reached {fmt(peak)} at step {int(steps[peak_row])}, "
+                f"{fmt(ratio)}x its median of {fmt(base)} ({sustained})"
+            )
+            sev = "error" if ratio >= t.spike_once_ratio else "warning"
+            ep = Episode("exploding_gradients", name, int(steps[rows[0]]), int(steps[rows[-1]]),
+                         sev, ev, msg, _clip_hint(rec) + "; or lower the learning rate")
+            candidates.append((ratio, ep))
+    return _keep_strongest(candidates)
+
+
+def _keep_strongest(candidates: list[tuple[float, Episode]]) -> list[Episode]:
+    """When several layers fire over the same steps (a bad batch moves every gradient), keep
+    the strongest as the finding and name the others in its evidence."""
+    kept: list[Episode] = []
+    for _, ep in sorted(candidates, key=lambda c: -c[0]):
+        home = next((k for k in kept if ep.first_step <= k.last_step and
+                     k.first_step <= ep.last_step), None)
+        if home is None:
+            kept.append(ep)
+        else:
+            also = home.evidence.setdefault("also_layers", [])
+            if len(also) < 10 and ep.layer not in also:
+                also.append(ep.layer)
+    return kept
+
+
+def _overflow(rec: Records) -> list[Episode]:
+    """An infinite norm of finite elements: the fp32 sum of squares overflowed (entries around
+    1e19 and up; notes/trackers.md §6)."""
+    steps, names, norms = rec.wide("grad_norm", "param")
+    if not steps.size:
+        return []
+    counts = rec.aligned("grad_nonfinite", "param", steps, names)
+    out: list[Episode] = []
+    for j, name in enumerate(names):
+        rows = np.flatnonzero(np.isinf(norms[:, j]) & (counts[:, j] == 0) & (steps >= rec.since))
+        if rows.size:
+            first, last = int(steps[rows[0]]), int(steps[rows[-1]])
+            msg = (f"gradient of {name} is so large that its norm overflows float32 although "
+                   f"every element is finite (step {first})")
+            out.append(Episode("exploding_gradients", name, first, last, "error",
+                               {"overflow_steps": int(rows.size)}, msg,
+                               _clip_hint(rec) + "; lower the learning rate"))
+    return out
+
+
+def _site_module(site: str) -> str:
+    return site.split("#", 1)[0]
+
+
+def _depth(rec: Records, t: Thresholds) -> list[Episode]:
+    steps, sites, g = rec.wide("output_grad_norm", "module")
+    found: list[Episode] = []
+    if steps.size:
+        n = rec.aligned("_n", "module", steps, sites)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rms = g / np.sqrt(n)
+        dead = _dead_rows(rec, steps, t)
+        fits = [_fit(rms[i]) for i in range(steps.size)]
+        found += _depth_episodes(rec, t, steps, sites, fits, dead, "backward signal")
+    found += _weight_depth(rec, t)
+    return found
+
+
+def _fit(row: np.ndarray) -> tuple[float, int, int, int] | None:
+    """Log-linear fit of one step's backward signal over forward order:
+    ``(log10 first/last ratio, sites, first index, last index)``."""
+    idx = np.flatnonzero(np.isfinite(row) & (row > 0))
+    if idx.size < 3:
+        return None
+    x = np.arange(idx.size, dtype=float)
+    y = np.log10(row[idx])
+    slope = float(np.polyfit(x, y, 1)[0])
+    return -slope * (idx.size - 1), int(idx.size), int(idx[0]), int(idx[-1])
+
+
+def _dead_rows(rec: Records, steps: np.ndarray, t: Thresholds) -> np.ndarray:
+    """Steps where some rectifier is mostly dead: gradients stop there for that reason."""
+    s2, _, dead = rec.wide("act_dead_fraction", "module")
+    out = np.zeros(steps.size, dtype=bool)
+    if not s2.size:
+        return out
+    with np.errstate(invalid="ignore"):
+        bad = np.nanmax(np.where(np.isnan(dead), -1.0, dead), axis=1) >= t.dead_fraction
+    rows = np.searchsorted(s2, steps)
+    ok = rows < s2.size
+    out[ok] = bad[rows[ok]] & (s2[rows[ok]] == steps[ok])
+    return out
+
+
+def _depth_episodes(
+    rec: Records,
+    t: Thresholds,
+    steps: np.ndarray,
+    names: list[str],
+    fits: list[tuple[float, int, int, int] | None],
+    dead: np.ndarray,
+    signal: str,
+) -> list[Episode]:
+    logr = np.array([f[0] if f else np.nan for f in fits])
+    out: list[Episode] = []
+    with np.errstate(invalid="ignore"):
+        explode = logr >= np.log10(t.depth_explode_ratio)
+        vanish = (logr <= np.log10(t.depth_vanish_ratio)) & ~dead
+    for kind, mask in (("exploding_gradients", explode), ("vanishing_gradients", vanish)):
+        for a, b in runs(mask, t.patience):
+            if steps[b] < rec.since:
+                continue
+            fit = fits[b]
+            assert fit is not None
+            log_ratio, count, first, last = fit
+            ratio = 10 ** log_ratio
+            per_layer = 10 ** (log_ratio / max(count - 1, 1))
+            layer = _site_module(names[first])
+            ev: dict[str, Any] = {
+                "signal": signal, "first_last_ratio": ratio, "per_layer_factor": per_layer,
+                "layers_measured": count, "first_layer": names[first],
+                "last_layer": names[last], "checks": int(b - a + 1),
+            }
+            if kind == "exploding_gradients":
+                msg = (f"{signal} grows {fmt(ratio)}x from {names[last]} back to {layer} "
+                       f"(x{fmt(per_layer)} per layer over {count} layers)")
+                hint = ("initialise with the right gain (He/Kaiming for ReLU: "
+                        "nn.init.kaiming_normal_; Xavier for tanh/sigmoid), add normalisation "
+                        "(LayerNorm/BatchNorm) or residual connections; "
+                        + _clip_hint(rec))
+                sev = "warning"
+            else:
+                msg = (f"{signal} shrinks to {fmt(ratio)}x from {names[last]} back to {layer} "
+                       f"(x{fmt(per_layer)} per layer over {count} layers): the first layers "
+                       "barely learn")
+                hint = ("use He/Kaiming init with ReLU (nn.init.kaiming_normal_) or Xavier with "
+                        "tanh/sigmoid (nn.init.xavier_uniform_); replace sigmoid/tanh hidden "
+                        "activations with ReLU; add normalisation or residual connections")
+                sev = "warning"
+            out.append(Episode(kind, layer, int(steps[a]), int(steps[b]), sev, ev, msg, hint))
+    return out
+
+
+def _weight_depth(rec: Records, t: Thresholds) -> list[Episode]:
+    """Vanishing seen in ``||g|| / ||w||`` of the earliest weight matrix against the latest,
+    where no backward signal was recorded (torch.compile, or backward_signal=False)."""
+    s_sig, _, _ = rec.wide("output_grad_norm", "module")
+    if s_sig.size:
+        return []
+    steps, names, w = rec.wide("weight_norm", "param")
+    weights = [j for j, n in enumerate(names) if rec.layers.ndim.get(n, 0) >= 2]
+    if not steps.size or len(weights) < 2:
+        return []
+    names = [names[j] for j in weights]
+    w = w[:, weights]
+    g = rec.aligned("grad_norm", "param", steps, names)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = g / w
+    first, last = rel[:, 0], rel[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = first / last
+    mask = np.isfinite(ratio) & (first > 0) & (ratio <= t.weight_vanish_ratio)
+    mask &= ~_dead_rows(rec, steps, t)
+    out: list[Episode] = []
+    for a, b in runs(mask, t.patience):
+        if steps[b] < rec.since:
+            continue
+        r = float(ratio[b])
+        layer = rec.layers.module_of.get(names[0], names[0])
+        msg = (f"relative gradient ||g||/||w|| of {names[0]} is {fmt(r)}x that of {names[-1]}: "
+               "the first layers barely learn")
+        hint = ("use He/Kaiming init with ReLU or Xavier with tanh/sigmoid; replace "
+                "sigmoid/tanh hidden activations with ReLU; add normalisation")
+        out.append(Episode("vanishing_gradients", layer, int(steps[a]), int(steps[b]),
+                           "warning", {"signal": "weight gradients", "first_last_ratio": r,
+                                       "first_layer": names[0], "last_layer": names[-1]},
+                           msg, hint))
+    return out

@@ -1,0 +1,48 @@
+"""Loss spikes: the loss far above its own trailing history."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..records import RUN_LAYER
+from .base import Episode, Records, fmt, runs, trailing_stats
+from .thresholds import Thresholds
+
+_Z = 1.4826
+
+
+def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
+    """The loss at least ``loss_spike_ratio`` x its trailing median, ``loss_spike_max`` x the
+    largest loss of the window and ``loss_spike_z`` robust deviations above the median. A spike
+    is raised at once (one bad batch is the classic case); consecutive spiking steps form one
+    finding. A non-finite loss is a ``nonfinite`` finding, not a spike."""
+    steps, _, loss = rec.wide("loss", "run")
+    if not steps.size:
+        return []
+    need = steps >= rec.since
+    med, mad, top = trailing_stats(loss, t.history, t.min_history, need)
+    v, m, d, hi = loss[:, 0], med[:, 0], mad[:, 0], top[:, 0]
+    with np.errstate(invalid="ignore"):
+        z = (v - m) / np.maximum(_Z * d, 1e-12 + 1e-6 * np.abs(m))
+        above = np.where(m > 0, v >= t.loss_spike_ratio * m, True)
+        above_top = np.where(hi > 0, v >= t.loss_spike_max * hi, v > hi)
+        spike = np.isfinite(v) & np.isfinite(m) & above & above_top & (z >= t.loss_spike_z)
+    out: list[Episode] = []
+    for a, b in runs(spike, 1):
+        if steps[b] < rec.since:
+            continue
+        peak = a + int(np.argmax(v[a:b + 1]))
+        ev = {"loss": float(v[peak]), "median_loss": float(m[peak]),
+              "ratio": float(v[peak] / m[peak]) if m[peak] > 0 else None,
+              "robust_z": float(z[peak]), "peak_step": int(steps[peak]), "steps": int(b - a + 1)}
+        when = f"at step {int(steps[a])}" if a == b else \
+            f"over steps {int(steps[a])}-{int(steps[b])}"
+        msg = (f"loss spiked to {fmt(float(v[peak]))} {when}, against a median of "
+               f"{fmt(float(m[peak]))} over the previous {t.history} steps")
+        hint = (f"inspect the batch of step {int(steps[peak])} (bad labels, unnormalised or "
+                "corrupted inputs); clip gradients (torch.nn.utils.clip_grad_norm_) so one "
+                "batch cannot throw the weights far; if spikes recur, lower the learning rate")
+        sev = "error" if ev["ratio"] is not None and ev["ratio"] >= 100 else "warning"
+        out.append(Episode("loss_spike", RUN_LAYER, int(steps[a]), int(steps[b]), sev, ev,
+                           msg, hint))
+    return out

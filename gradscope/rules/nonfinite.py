@@ -1,0 +1,99 @@
+"""NaN/Inf anywhere in the records: the loss, activations, gradients or weights.
+
+The records say *when* and roughly *where*; the tracer (``gradscope.probes.nonfinite``) says
+which module produced the first value. This rule is what remains when the tracer did not run
+(``trace_nonfinite="off"``, or a one-off NaN that ``"auto"`` armed too late for): the phase is
+inferred from what was non-finite at the first bad step (a non-finite loss or activation: the
+forward pass; finite loss, non-finite gradients: the backward pass; only weights: the update).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..records import RUN_LAYER
+from .base import Episode, Records
+
+TRACE_HINT = ("run with trace_nonfinite='always' to name the module at the first occurrence")
+
+
+def _bad(values: np.ndarray, count_metric: bool) -> np.ndarray:
+    """``[T, L]`` mask of non-finite observations: a count > 0, or an infinite value (the
+    engine stores a recorded NaN as +inf, because NaN in a wide table means "not recorded")."""
+    with np.errstate(invalid="ignore"):
+        return values > 0 if count_metric else np.isinf(values)
+
+
+def nonfinite(rec: Records, t: Any = None) -> list[Episode]:
+    """One episode covering the window's non-finite steps, with the inferred phase and layer."""
+    per_step: dict[int, dict[str, list[str]]] = {}
+
+    def mark(metric: str, kind: str, what: str, count_metric: bool) -> None:
+        steps, names, v = rec.wide(metric, kind)
+        if not steps.size:
+            return
+        for i, j in zip(*np.nonzero(_bad(v, count_metric))):
+            per_step.setdefault(int(steps[i]), {}).setdefault(what, []).append(names[j])
+
+    mark("loss", "run", "loss", False)
+    mark("act_nonfinite", "module", "activations", True)
+    mark("grad_nonfinite", "param", "gradients", True)
+    mark("weight_norm", "param", "weights", False)
+    steps, names, norms = rec.wide("grad_norm", "param")
+    if steps.size:  # accelerators count only flagged steps: an uncounted infinite norm
+        counts = rec.aligned("grad_nonfinite", "param", steps, names)
+        for i, j in zip(*np.nonzero(np.isinf(norms) & np.isnan(counts))):
+            per_step.setdefault(int(steps[i]), {}).setdefault("gradients", []).append(names[j])
+    if not per_step:
+        return []
+    bad_steps = sorted(per_step)
+    if bad_steps[-1] < rec.since:
+        return []
+    first = bad_steps[0]
+    what = per_step[first]
+    rank = rec.layers.rank
+    big = len(rank) + 1
+    module: str | None = None
+    if "loss" in what or "activations" in what:
+        phase = "forward"
+        sites = sorted(what.get("activations", []), key=lambda n: rank.get(n, big))
+        layer = sites[0].split("#", 1)[0] if sites else RUN_LAYER
+    elif "gradients" in what:
+        phase = "backward"
+        params = sorted(what["gradients"], key=lambda n: rank.get(n, big))
+        layer = rec.layers.module_of.get(params[-1], params[-1])  # nearest the loss
+    else:
+        phase = "optimizer"
+        params = sorted(what.get("weights", []), key=lambda n: rank.get(n, big))
+        layer = rec.layers.module_of.get(params[0], params[0])
+    ev: dict[str, Any] = {
+        "nonfinite_steps": len(bad_steps),
+        "first_in": sorted(what),
+        "params_with_nonfinite_grads": sorted(set(what.get("gradients", [])))[:20],
+        "sites_with_nonfinite_outputs": sorted(set(what.get("activations", [])))[:20],
+        "traced": False,
+    }
+    where = "in the loss" if layer == RUN_LAYER else f"at {layer}"
+    msg = (f"non-finite values (NaN/Inf) first appeared in the {phase} pass at step {first}, "
+           f"{where} (first seen in: {', '.join(sorted(what))}); {len(bad_steps)} step(s) "
+           "affected")
+    hint = phase_hint(phase, None) + "; " + TRACE_HINT
+    return [Episode("nonfinite", layer, first, bad_steps[-1], "error", ev, msg, hint,
+                    {"phase": phase, "module": module, "class": None})]
+
+
+def phase_hint(phase: str, module: str | None) -> str:
+    """What to try for a non-finite value born in ``phase`` (in ``module`` when known)."""
+    where = f" in {module}" if module else ""
+    if phase == "forward":
+        return (f"guard the operation that produced it{where}: clamp before log/sqrt/division "
+                "(torch.log(x.clamp_min(1e-12))), use log_softmax/logsumexp instead of "
+                "log(softmax); check the inputs for NaN")
+    if phase == "backward":
+        return (f"an operation{where} has an infinite derivative at its input (sqrt or "
+                "pow < 1 at 0, log at 0, division by a small number): add an epsilon inside it "
+                "(torch.sqrt(x + 1e-12)); clip gradients")
+    return ("the update made weights non-finite: lower the learning rate, clip gradients, "
+            "check the optimizer's eps (Adam eps=0 divides by zero)")

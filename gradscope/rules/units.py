@@ -1,0 +1,95 @@
+"""Dead rectifier units and saturated sigmoid/tanh units."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Episode, Records, fmt, runs
+from .thresholds import Thresholds
+
+_RECTIFYING = ("rectifier", "other")
+_BOUNDED = ("sigmoid", "tanh")  # softmax attention is peaked by design: not a pathology
+
+
+def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
+    """At least ``dead_fraction`` of a rectifier's units output nothing for every example, for
+    ``patience`` checks. Born dead (already at the first check of the run) is told apart from
+    died in training."""
+    steps, sites, dead = rec.wide("act_dead_fraction", "module")
+    if not steps.size:
+        return []
+    n = rec.aligned("_n", "module", steps, sites)
+    units = rec.aligned("_units", "module", steps, sites)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        samples = n / units
+    out: list[Episode] = []
+    for j, site in enumerate(sites):
+        if rec.layers.family.get(site) not in _RECTIFYING:
+            continue
+        rows = np.flatnonzero(~np.isnan(dead[:, j]))
+        if not rows.size:
+            continue
+        frac = dead[rows, j]
+        enough = ~(samples[rows, j] < t.dead_min_samples)  # unknown counts: trust the fraction
+        mask = (frac >= t.dead_fraction) & enough
+        for a, b in runs(mask, t.patience):
+            if steps[rows[b]] < rec.since:
+                continue
+            first_step, last_step = int(steps[rows[a]]), int(steps[rows[b]])
+            start = rec.first_seen.get((site, "module", "act_dead_fraction"))
+            born = start is not None and start[1] >= t.dead_fraction and first_step <= start[0]
+            latest = float(frac[b])
+            kind_of = rec.layers.module_type.get(site, "activation")
+            ev = {
+                "dead_fraction": latest, "peak_dead_fraction": float(frac[a:b + 1].max()),
+                "units": None if np.isnan(units[rows[b], j]) else int(units[rows[b], j]),
+                "born_dead": bool(born), "since_step": first_step,
+                "at_first_check": None if start is None else start[1],
+            }
+            if born:
+                msg = (f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) are dead from "
+                       "the start: they output 0 for every example, so no gradient reaches the "
+                       "layers below through them")
+                hint = (f"re-initialise: He/Kaiming init (nn.init.kaiming_normal_) and a "
+                        f"small positive bias; a deep narrow ReLU net dies at init with high "
+                        f"probability (Lu et al. 2019): widen it or make it shallower; or swap "
+                        f"{site} to nn.LeakyReLU(0.01)")
+            else:
+                msg = (f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) died during "
+                       f"training (since step {first_step}): they output 0 for every example")
+                hint = (f"lower the learning rate (Adam at lr 0.1 kills 90-95% of ReLUs where "
+                        f"lr 1e-3 kills 0-2%); swap {site} to nn.LeakyReLU(0.01) so dead units "
+                        "get a gradient again; or re-initialise dead units (ReDo, Sokar et al. "
+                        "2023)")
+            sev = "error" if latest >= 0.9 else "warning"
+            out.append(Episode("dead_units", site, first_step, last_step, sev, ev, msg, hint))
+    return out
+
+
+def saturation(rec: Records, t: Thresholds) -> list[Episode]:
+    """At least ``saturation_fraction`` of a sigmoid/tanh's outputs pinned at the limits, for
+    ``patience`` checks (their local derivative is near 0: the gradient stops there)."""
+    steps, sites, sat = rec.wide("act_saturation", "module")
+    out: list[Episode] = []
+    for j, site in enumerate(sites):
+        family = rec.layers.family.get(site)
+        if family not in _BOUNDED:
+            continue
+        rows = np.flatnonzero(~np.isnan(sat[:, j]))
+        mask = sat[rows, j] >= t.saturation_fraction
+        for a, b in runs(mask, t.patience):
+            if steps[rows[b]] < rec.since:
+                continue
+            latest = float(sat[rows[b], j])
+            kind_of = rec.layers.module_type.get(site, family)
+            ev = {"saturated_fraction": latest,
+                  "peak_saturated_fraction": float(sat[rows[a:b + 1], j].max()),
+                  "family": family}
+            msg = (f"{fmt(100 * latest)}% of the outputs of {site} ({kind_of}) are pinned at "
+                   "their limits, where the derivative is near 0")
+            hint = ("initialise the layer before it with Xavier (nn.init.xavier_uniform_) so "
+                    "pre-activations stay small (Glorot & Bengio 2010); normalise the inputs or "
+                    "add a LayerNorm before it; or use ReLU in hidden layers")
+            out.append(Episode("saturation", site, int(steps[rows[a]]), int(steps[rows[b]]),
+                               "warning", ev, msg, hint))
+    return out
