@@ -291,7 +291,7 @@ class Scope:
         if self._modules.forward_seen:
             self._after_backward(loss)
             if self._tracer.armed:
-                self._trace_after_backward()
+                self._trace_after_backward(loss)
 
     def scaler_step_begin(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
         self._scaler_step(optimizer, getattr(scaler, "_scale", None))
@@ -431,6 +431,7 @@ class Scope:
         poisoned = bool(info.get("poisoned"))
         evidence = {k: v for k, v in info.items() if k not in ("step", "phase", "module", "class")}
         evidence["traced"] = not poisoned
+        evidence["traced_at_step"] = step
         layer = module or info.get("after_module") or info.get("before_module") or RUN_LAYER
         if poisoned:
             msg = (f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "

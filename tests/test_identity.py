@@ -26,11 +26,11 @@ def _data(kind, i):
 MODELS = {"mlp": mlp, "cnn": CNN, "lstm": LSTMNet, "transformer": TinyTransformer}
 
 
-def _train(kind, watch, out, steps=8):
+def _train(kind, watch, out, steps=8, **options):
     torch.manual_seed(1234)
     model = MODELS[kind]()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scope = gradscope.watch(model, out=out, activation_every=1) if watch else None
+    scope = gradscope.watch(model, out=out, activation_every=1, **options) if watch else None
     try:
         for i in range(steps):
             x, y = _data(kind, i)
@@ -45,10 +45,11 @@ def _train(kind, watch, out, steps=8):
     return model.state_dict(), torch.get_rng_state(), scope
 
 
+@pytest.mark.parametrize("trace", ["auto", "always"])
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_bit_identical_weights_and_rng(kind, out):
+def test_bit_identical_weights_and_rng(kind, trace, out):
     plain, rng_plain, _ = _train(kind, False, out)
-    watched, rng_watched, scope = _train(kind, True, out)
+    watched, rng_watched, scope = _train(kind, True, out, trace_nonfinite=trace)
     assert plain.keys() == watched.keys()
     for name in plain:
         assert torch.equal(plain[name], watched[name]), name

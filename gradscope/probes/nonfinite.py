@@ -108,6 +108,7 @@ class _FwdCall:
 @dataclass
 class _StepState:
     forward_done: bool = False
+    watched: bool = False  # the tracer saw this step's forward (armed before it ran)
     bad_input_at: str | None = None  # first module whose inputs were already non-finite
     calls: list[_FwdCall] = field(default_factory=list)
     grads: list[_GradEvent] = field(default_factory=list)
@@ -186,6 +187,7 @@ class NonfiniteTracer:
         if not self.armed or not torch.is_grad_enabled():
             return
         st = self._state
+        st.watched = True
         outs = list(_tensors(output))
         if not outs:
             return
@@ -241,18 +243,32 @@ class NonfiniteTracer:
         else:
             self._state.grads.append(_GradEvent(key, name, cls, which, _bad_flag(grad)))
 
-    def after_backward(self) -> None:
-        """A backward pass ended: name the culprit from this step's checks, if any."""
+    def after_backward(self, loss: torch.Tensor | None = None) -> None:
+        """A backward pass ended: name the culprit from this step's checks, if any. ``loss``
+        (what backward started from) tells a loss function that overflowed on finite model
+        outputs."""
         if not self.armed:
             return
         st = self._state
         self._state = _StepState()
+        if not st.watched:
+            return  # armed during this step, after its forward: nothing to conclude from it
         if not self.immediate:
-            self._resolve_deferred(st)
+            self._resolve_deferred(st, loss)
         elif st.bad_input_at is not None:
             self._bad_data(st.bad_input_at)
+        elif loss is not None and loss.is_floating_point() and _is_bad(loss):
+            self._bad_loss(loss)
         else:
             self._resolve_backward(st.grads)
+
+    def _bad_loss(self, loss: torch.Tensor) -> None:
+        self._finish({
+            "step": self._step(), "phase": "forward", "module": None, "class": None,
+            "loss": float(loss.detach().float().reshape(-1)[0]),
+            "note": ("every module's output was finite: the loss computation (or code between "
+                     "the model and the loss) produced the non-finite value"),
+        })
 
     def _bad_data(self, module: str) -> None:
         self._finish({
@@ -269,7 +285,7 @@ class NonfiniteTracer:
             self._state = _StepState()
             self._resolve_deferred(st)
 
-    def _resolve_deferred(self, st: _StepState) -> None:
+    def _resolve_deferred(self, st: _StepState, loss: torch.Tensor | None = None) -> None:
         """Accelerators: read every flag of the step at once (one transfer), then decide."""
         flags: list[torch.Tensor] = []
         for call in st.calls:
@@ -278,6 +294,10 @@ class NonfiniteTracer:
                           else torch.zeros((), dtype=torch.bool, device=call.out_bad.device))
                          .reshape(1))
         flags.extend(ev.bad.reshape(1) for ev in st.grads)
+        check_loss = loss is not None and loss.is_floating_point()
+        if check_loss:
+            assert loss is not None
+            flags.append(_bad_flag(loss).reshape(1))
         if not flags:
             return
         host = torch.cat([f.to("cpu", non_blocking=False) for f in flags]).tolist()
@@ -300,6 +320,10 @@ class NonfiniteTracer:
                                             and self.first_flag_step < step)
                 self._finish(info)
                 return
+        if check_loss and host[-1]:
+            assert loss is not None
+            self._bad_loss(loss)
+            return
         for j, ev in enumerate(st.grads):
             ev.bad = bool(host[2 * n + j])
         self._resolve_backward(st.grads)
@@ -340,7 +364,7 @@ class NonfiniteTracer:
                 return
         ev = events[first_bad]
         outs = [e for e in same if e.which == "out"]
-        producer = outs[-1] if outs else ev  # the innermost module whose output this is
+        producer = outs[0] if outs else ev  # the innermost module whose output this is
         info: dict[str, Any] = {
             "step": step, "phase": "backward", "module": None, "class": None,
             "after_module": producer.module,

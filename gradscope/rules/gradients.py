@@ -42,7 +42,8 @@ def _clip_hint(rec: Records) -> str:
 
 def exploding_gradients(rec: Records, t: Thresholds) -> list[Episode]:
     """A parameter's gradient norm far above its own history (``spike_ratio`` x the median and
-    a robust z of ``spike_z``, for ``patience`` steps, or ``spike_once_ratio`` x once); a norm
+    a robust z of ``spike_z``) on ``patience`` steps, each within ``history`` steps of the
+    previous, or ``spike_once_ratio`` x once; a norm
     that overflowed although every element is finite; growth of the backward signal with
     depth."""
     out = _temporal(rec, t) + _overflow(rec)
@@ -76,10 +77,11 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
         col_rows = np.flatnonzero(~np.isnan(norms[:, j]))
         if not col_rows.size:
             continue
-        h = hot[col_rows, j]
-        spans = runs(h, t.patience) + [(i, i) for i in np.flatnonzero(once[col_rows, j])]
+        spans = _clusters(steps[col_rows], hot[col_rows, j], t.patience, t.history)
+        spans += [(i, i) for i in np.flatnonzero(once[col_rows, j])]
         for a, b in spans:
             rows = col_rows[a:b + 1]
+            rows = rows[hot[rows, j]]  # the spiking steps of the cluster
             if steps[rows[-1]] < rec.since:
                 continue
             peak_row = rows[np.argmax(excess[rows, j])]
@@ -91,7 +93,8 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
                 "robust_z": float(z[peak_row, j]), "peak_step": int(steps[peak_row]),
                 "history": t.history, "steps": int(rows.size),
             }
-            sustained = "for one step" if rows.size == 1 else f"for {rows.size} steps"
+            sustained = "once" if rows.size == 1 else \
+                f"{rows.size} spikes over steps {int(steps[rows[0]])}-{int(steps[rows[-1]])}"
             msg = (
                 f"gradient norm of {name} reached {fmt(peak)} at step {int(steps[peak_row])}, "
                 f"{fmt(ratio)}x its median of {fmt(base)} ({sustained})"
@@ -101,6 +104,24 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
                          sev, ev, msg, _clip_hint(rec) + "; or lower the learning rate")
             candidates.append((ratio, ep))
     return _keep_strongest(candidates)
+
+
+def _clusters(
+    steps: np.ndarray, hot: np.ndarray, patience: int, gap: int
+) -> list[tuple[int, int]]:
+    """Index ranges of clusters of hot observations: at least ``patience`` of them, each within
+    ``gap`` steps of the previous one. Consecutive spikes are a cluster, and so are spikes that
+    keep coming back (an RNN whose gradient explodes every few dozen steps); a single one is
+    not (one bad batch: see ``spike_once_ratio`` and ``loss_spike``)."""
+    idx = np.flatnonzero(hot)
+    out: list[tuple[int, int]] = []
+    start = 0
+    for k in range(1, idx.size + 1):
+        if k == idx.size or steps[idx[k]] - steps[idx[k - 1]] > gap:
+            if k - start >= patience:
+                out.append((int(idx[start]), int(idx[k - 1])))
+            start = k
+    return out
 
 
 def _keep_strongest(candidates: list[tuple[float, Episode]]) -> list[Episode]:
@@ -147,7 +168,7 @@ def _depth(rec: Records, t: Thresholds) -> list[Episode]:
     steps, sites, g = rec.wide("output_grad_norm", "module")
     found: list[Episode] = []
     if steps.size:
-        n = rec.aligned("_n", "module", steps, sites)
+        n = rec.aligned("_grad_n", "module", steps, sites)  # elements whose gradient was read
         with np.errstate(divide="ignore", invalid="ignore"):
             rms = g / np.sqrt(n)
         dead = _dead_rows(rec, steps, t)

@@ -70,7 +70,7 @@ class Thresholds:
     min_history: int = 20
     spike_ratio: float = 10.0
     spike_once_ratio: float = 100.0
-    spike_z: float = 6.0
+    spike_z: float = 3.5
     depth_explode_ratio: float = 1e3
     depth_vanish_ratio: float = 1e-2
     weight_vanish_ratio: float = 1e-3

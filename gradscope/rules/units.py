@@ -63,7 +63,26 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                         "2023)")
             sev = "error" if latest >= 0.9 else "warning"
             out.append(Episode("dead_units", site, first_step, last_step, sev, ev, msg, hint))
-    return out
+    return _fold_cascades(out, rec)
+
+
+def _fold_cascades(episodes: list[Episode], rec: Records) -> list[Episode]:
+    """A layer whose units are *all* dead feeds constants to everything after it, so the
+    rectifiers downstream die with it: one finding at the first fully dead layer (in forward
+    order), naming the others, instead of one per layer."""
+    big = len(rec.layers.rank) + 1
+    episodes = sorted(episodes, key=lambda e: rec.layers.rank.get(e.layer, big))
+    kept: list[Episode] = []
+    for ep in episodes:
+        head = next((k for k in kept if k.evidence["peak_dead_fraction"] >= 1.0
+                     and ep.first_step <= k.last_step and k.first_step <= ep.last_step), None)
+        if head is None:
+            kept.append(ep)
+        else:
+            also = head.evidence.setdefault("downstream_dead", [])
+            if len(also) < 20:
+                also.append(ep.layer)
+    return kept
 
 
 def saturation(rec: Records, t: Thresholds) -> list[Episode]:

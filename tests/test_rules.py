@@ -1,0 +1,305 @@
+"""Rules on synthetic records: no model, hand-made series with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradscope.records import RUN_LAYER, LongTable
+from gradscope.rules.base import LayerInfo, trailing_stats
+from gradscope.rules.engine import Diagnoser
+from gradscope.rules.thresholds import Thresholds
+
+Series = dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]
+
+
+def table(series: Series) -> LongTable:
+    columns = list(series)
+    steps, cols, values = [], [], []
+    for i, key in enumerate(columns):
+        s, v = series[key]
+        steps.append(np.asarray(s, dtype=np.int64))
+        cols.append(np.full(len(s), i, dtype=np.int64))
+        values.append(np.asarray(v, dtype=float))
+    return LongTable(np.concatenate(steps), np.concatenate(cols), np.concatenate(values), columns)
+
+
+def info(params=(), sites=(), families=None, ndim=None) -> LayerInfo:
+    li = LayerInfo()
+    for i, name in enumerate([*sites, *params]):
+        li.rank[name] = i
+    for name in params:
+        li.module_of[name] = name.rsplit(".", 1)[0]
+        li.ndim[name] = (ndim or {}).get(name, 2)
+        li.module_type[name] = "Linear"
+    for name in sites:
+        li.family[name] = (families or {}).get(name)
+        li.module_type[name] = {"rectifier": "ReLU", "sigmoid": "Sigmoid", "tanh": "Tanh",
+                                "softmax": "Softmax"}.get(li.family[name] or "", "Linear")
+    return li
+
+
+def diagnose(series: Series, layers: LayerInfo, chunks: int = 1, **thresholds):
+    announced = []
+    d = Diagnoser(Thresholds(**thresholds), lambda f, new: announced.append((f["kind"], new)))
+    t = table(series)
+    if chunks == 1:
+        d.update(t, layers)
+    else:  # flush in pieces, as a run does
+        edges = np.linspace(t.step.min(), t.step.max() + 1, chunks + 1).astype(int)
+        for a, b in zip(edges[:-1], edges[1:]):
+            keep = (t.step >= a) & (t.step < b)
+            d.update(LongTable(t.step[keep], t.col[keep], t.value[keep], t.columns), layers)
+    return d.findings, announced
+
+
+def noisy(n: int, level: float = 1.0, seed: int = 0, spread: float = 0.1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return level * np.exp(rng.normal(0, spread, n))
+
+
+def grads(values_by_layer: dict[str, np.ndarray]) -> Series:
+    return {(name, "param", "grad_norm"): (np.arange(len(v)), v)
+            for name, v in values_by_layer.items()}
+
+
+# -- exploding gradients --------------------------------------------------------------------------
+def test_sustained_spike_is_one_exploding_finding_at_the_layer():
+    w = noisy(120)
+    w[70:76] *= 50
+    found, announced = diagnose(grads({"rnn.weight_hh": w, "fc.weight": noisy(120, seed=1)}),
+                                info(params=("rnn.weight_hh", "fc.weight")), chunks=4)
+    assert [(f["kind"], f["layer"], f["first_step"], f["last_step"]) for f in found] == [
+        ("exploding_gradients", "rnn.weight_hh", 70, 75)]
+    assert announced == [("exploding_gradients", True)]
+    assert found[0]["evidence"]["peak_ratio"] == pytest.approx(50, rel=0.5)
+
+
+def test_short_moderate_spike_waits_for_patience_but_a_huge_one_does_not():
+    w = noisy(100)
+    w[50] *= 30  # one step, 30x: below spike_once_ratio, shorter than patience
+    found, _ = diagnose(grads({"a.weight": w}), info(params=("a.weight",)))
+    assert found == []
+    w[80] *= 1000
+    found, _ = diagnose(grads({"a.weight": w}), info(params=("a.weight",)))
+    assert [(f["kind"], f["first_step"], f["severity"]) for f in found] == [
+        ("exploding_gradients", 80, "error")]
+
+
+def test_all_layers_spiking_together_make_one_finding_naming_the_others():
+    layers = {f"l{i}.weight": noisy(100, seed=i) for i in range(4)}
+    for i, v in enumerate(layers.values()):
+        v[60] *= 200 * (i + 1)
+    found, _ = diagnose(grads(layers), info(params=tuple(layers)))
+    assert len(found) == 1 and found[0]["layer"] == "l3.weight"
+    assert sorted(found[0]["evidence"]["also_layers"]) == ["l0.weight", "l1.weight", "l2.weight"]
+
+
+def test_a_nan_step_does_not_poison_the_history():
+    w = noisy(150)
+    w[40] = np.nan
+    w[41] = np.inf
+    found, _ = diagnose(grads({"a.weight": w}), info(params=("a.weight",)), chunks=3)
+    assert not [f for f in found if f["kind"] == "exploding_gradients"]
+
+
+def test_slow_growth_is_not_a_spike():
+    w = np.geomspace(1e-3, 1.0, 300) * noisy(300)  # 1000x over 300 steps: a trend, not a jump
+    found, _ = diagnose(grads({"a.weight": w}), info(params=("a.weight",)), chunks=3)
+    assert found == []
+
+
+def test_overflowing_norm_of_finite_elements_is_exploding():
+    s = np.arange(30)
+    norm = np.ones(30)
+    norm[20] = np.inf
+    count = np.zeros(30)
+    found, _ = diagnose({("a.weight", "param", "grad_norm"): (s, norm),
+                         ("a.weight", "param", "grad_nonfinite"): (s, count)},
+                        info(params=("a.weight",)))
+    assert [(f["kind"], f["severity"], f["first_step"]) for f in found] == [
+        ("exploding_gradients", "error", 20)]
+
+
+# -- depth: backward signal ---------------------------------------------------------------------
+def _signal(factor: float, sites: int = 6, steps: int = 8) -> Series:
+    out: Series = {}
+    s = np.arange(0, steps * 10, 10)
+    for i in range(sites):
+        signal = np.full(s.size, factor ** (sites - i))
+        out[(f"layer{i}", "module", "output_grad_norm")] = (s, signal)
+        out[(f"layer{i}", "module", "_grad_n")] = (s, np.full(s.size, 64.0))
+    return out
+
+
+def test_backward_signal_shrinking_with_depth_is_vanishing_at_the_first_layer():
+    names = tuple(f"layer{i}" for i in range(6))
+    found, _ = diagnose(_signal(0.2), info(sites=names))  # 0.2^5 = 3e-4 from last to first
+    assert [(f["kind"], f["layer"]) for f in found] == [("vanishing_gradients", "layer0")]
+    assert found[0]["evidence"]["per_layer_factor"] == pytest.approx(0.2, rel=1e-6)
+    assert found[0]["evidence"]["first_last_ratio"] == pytest.approx(0.2 ** 5, rel=1e-6)
+
+
+def test_backward_signal_growing_with_depth_is_exploding():
+    names = tuple(f"layer{i}" for i in range(6))
+    found, _ = diagnose(_signal(5.0), info(sites=names))  # 5^5 = 3125
+    assert [(f["kind"], f["layer"]) for f in found] == [("exploding_gradients", "layer0")]
+
+
+def test_mild_depth_profile_is_healthy():
+    names = tuple(f"layer{i}" for i in range(6))
+    assert diagnose(_signal(0.6), info(sites=names))[0] == []  # 0.6^5 = 0.08
+
+
+def test_dead_units_are_not_called_vanishing():
+    names = tuple(f"layer{i}" for i in range(6))
+    series = _signal(0.2)
+    s = series[("layer0", "module", "_grad_n")][0]
+    series[("layer2", "module", "act_dead_fraction")] = (s, np.full(s.size, 0.95))
+    found, _ = diagnose(series, info(sites=names, families={"layer2": "rectifier"}))
+    assert [f["kind"] for f in found] == ["dead_units"]
+
+
+# -- dead units and saturation --------------------------------------------------------------------
+def _site(name: str, metric: str, values, every: int = 10, n: float = 640.0, units: float = 10):
+    s = np.arange(0, len(values) * every, every)
+    return {(name, "module", metric): (s, np.asarray(values, dtype=float)),
+            (name, "module", "_n"): (s, np.full(len(values), n)),
+            (name, "module", "_units"): (s, np.full(len(values), units))}
+
+
+def test_born_dead_and_died_in_training_are_told_apart():
+    series = {**_site("net.1", "act_dead_fraction", [0.7] * 10),
+              **_site("net.3", "act_dead_fraction", [0.0] * 5 + [0.8] * 5)}
+    found, _ = diagnose(series, info(sites=("net.1", "net.3"),
+                                     families={"net.1": "rectifier", "net.3": "rectifier"}))
+    by_layer = {f["layer"]: f for f in found}
+    assert set(by_layer) == {"net.1", "net.3"}
+    assert by_layer["net.1"]["evidence"]["born_dead"] is True
+    assert by_layer["net.1"]["first_step"] == 0 and "from the start" in by_layer["net.1"]["message"]
+    assert by_layer["net.3"]["evidence"]["born_dead"] is False
+    assert by_layer["net.3"]["first_step"] == 50 and "LeakyReLU" in by_layer["net.3"]["suggestion"]
+
+
+def test_dead_needs_patience_enough_examples_and_a_rectifier():
+    fam = {"a": "rectifier", "b": "rectifier", "c": "sigmoid"}
+    series = {**_site("a", "act_dead_fraction", [0, 0, 0.9, 0.9, 0, 0]),  # 2 checks < patience
+              **_site("b", "act_dead_fraction", [0.9] * 6, n=40.0),  # 4 examples per unit
+              **_site("c", "act_dead_fraction", [0.9] * 6)}
+    assert diagnose(series, info(sites=("a", "b", "c"), families=fam))[0] == []
+
+
+def test_saturated_tanh_is_found_but_peaked_softmax_is_not():
+    fam = {"t": "tanh", "s": "softmax"}
+    series = {**_site("t", "act_saturation", [0.9] * 6), **_site("s", "act_saturation", [0.99] * 6)}
+    found, _ = diagnose(series, info(sites=("t", "s"), families=fam))
+    assert [(f["kind"], f["layer"]) for f in found] == [("saturation", "t")]
+
+
+# -- update ratios --------------------------------------------------------------------------------
+def test_update_ratio_high_after_warmup_only_on_weights():
+    s = np.arange(0, 200, 10)
+    high = np.full(s.size, 0.5)
+    series = {("w.weight", "param", "update_ratio"): (s, high),
+              ("w.bias", "param", "update_ratio"): (s, high),
+              ("early.weight", "param", "update_ratio"): (s, np.where(s < 50, 0.5, 1e-3))}
+    found, _ = diagnose(series, info(params=("w.weight", "w.bias", "early.weight"),
+                                     ndim={"w.bias": 1}))
+    assert [(f["kind"], f["layer"], f["first_step"]) for f in found] == [
+        ("update_ratio_high", "w.weight", 50)]
+
+
+def test_update_ratio_low_ignores_exact_zeros():
+    s = np.arange(0, 200, 10)
+    series = {("a.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-8)),
+              ("b.weight", "param", "update_ratio"): (s, np.zeros(s.size))}
+    found, _ = diagnose(series, info(params=("a.weight", "b.weight")))
+    assert [(f["kind"], f["layer"]) for f in found] == [("update_ratio_low", "a.weight")]
+
+
+# -- loss -----------------------------------------------------------------------------------------
+def test_one_poisoned_batch_is_a_loss_spike_at_its_step():
+    loss = noisy(200, level=0.5, spread=0.2)
+    loss[120] = 400.0
+    found, _ = diagnose({(RUN_LAYER, "run", "loss"): (np.arange(200), loss)}, info(), chunks=2)
+    assert [(f["kind"], f["first_step"], f["last_step"]) for f in found] == [
+        ("loss_spike", 120, 120)]
+
+
+def test_noisy_heavy_tailed_loss_is_not_a_spike():
+    rng = np.random.default_rng(3)
+    loss = 2.0 * np.exp(-np.arange(400) / 200) + rng.gamma(2.0, 0.1, 400)
+    assert diagnose({(RUN_LAYER, "run", "loss"): (np.arange(400), loss)}, info(), chunks=4)[0] == []
+
+
+# -- non-finite -----------------------------------------------------------------------------------
+def test_nonfinite_loss_is_forward_and_one_finding_for_the_run():
+    loss = np.ones(50)
+    loss[20:] = np.nan
+    found, announced = diagnose({(RUN_LAYER, "run", "loss"): (np.arange(50), loss)}, info(),
+                                chunks=5)
+    assert [(f["kind"], f["phase"], f["first_step"], f["last_step"]) for f in found] == [
+        ("nonfinite", "forward", 20, 49)]
+    assert announced == [("nonfinite", True)]
+
+
+def test_nonfinite_gradients_with_finite_loss_are_backward_nearest_the_loss():
+    s = np.arange(30)
+    c1, c2 = np.zeros(30), np.zeros(30)
+    c1[12] = 3
+    c2[12] = 5
+    series = {(RUN_LAYER, "run", "loss"): (s, np.ones(30)),
+              ("enc.weight", "param", "grad_nonfinite"): (s, c1),
+              ("head.weight", "param", "grad_nonfinite"): (s, c2)}
+    found, _ = diagnose(series, info(params=("enc.weight", "head.weight")))
+    assert [(f["kind"], f["phase"], f["layer"], f["first_step"]) for f in found] == [
+        ("nonfinite", "backward", "head", 12)]
+
+
+# -- engine ---------------------------------------------------------------------------------------
+def test_a_condition_that_returns_much_later_is_a_new_finding():
+    series = _site("a", "act_dead_fraction", [0.9] * 5 + [0.0] * 40 + [0.9] * 5)
+    found, announced = diagnose(series, info(sites=("a",), families={"a": "rectifier"}),
+                                chunks=5)
+    assert [(f["first_step"], f["last_step"]) for f in found] == [(0, 40), (450, 490)]
+    assert len(announced) == 2
+
+
+def test_a_continuing_condition_extends_one_finding_across_flushes():
+    series = _site("a", "act_dead_fraction", [0.9] * 60)
+    found, announced = diagnose(series, info(sites=("a",), families={"a": "rectifier"}),
+                                chunks=6)
+    assert [(f["first_step"], f["last_step"]) for f in found] == [(0, 590)]
+    assert announced == [("dead_units", True)]
+
+
+def test_a_rule_that_raises_does_not_stop_the_others():
+    def broken(rec, t):
+        raise ZeroDivisionError("boom")
+
+    from gradscope.rules.engine import RULES
+
+    d = Diagnoser(Thresholds(), lambda f, new: None, rules=(broken, *RULES))
+    d.update(table(_site("a", "act_dead_fraction", [0.9] * 6)),
+             info(sites=("a",), families={"a": "rectifier"}))
+    assert [f["kind"] for f in d.findings] == ["dead_units"]
+    assert d.errors == ["broken: ZeroDivisionError('boom')"]
+
+
+def test_trailing_stats_skip_missing_and_nonfinite_values():
+    col = np.array([1.0, np.nan, 2.0, np.inf, 3.0, 4.0])[:, None]
+    med, mad, top = trailing_stats(col, window=2, min_obs=2)
+    assert np.isnan(med[2, 0])  # one finite value before it
+    assert med[4, 0] == 1.5 and top[4, 0] == 2.0  # the inf is not history
+    assert med[5, 0] == 2.5 and mad[5, 0] == 0.5
+
+
+# -- thresholds -----------------------------------------------------------------------------------
+def test_thresholds_reject_unknown_and_bad_values():
+    with pytest.raises(TypeError, match=r"unknown name 'dead_fracion'.*'dead_fraction'"):
+        Thresholds.from_any({"dead_fracion": 0.5})
+    with pytest.raises(ValueError, match=r"patience=0: expected an integer >= 1"):
+        Thresholds(patience=0)
+    with pytest.raises(ValueError, match="spike_ratio=nan"):
+        Thresholds(spike_ratio=float("nan"))
+    assert Thresholds.from_any({"dead_fraction": 0.6}).dead_fraction == 0.6
