@@ -78,7 +78,7 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
         if not col_rows.size:
             continue
         spans = _clusters(steps[col_rows], hot[col_rows, j], t.patience, t.history)
-        spans += [(i, i) for i in np.flatnonzero(once[col_rows, j])]
+        spans += [(int(i), int(i)) for i in np.flatnonzero(once[col_rows, j])]
         for a, b in spans:
             rows = col_rows[a:b + 1]
             rows = rows[hot[rows, j]]  # the spiking steps of the cluster
