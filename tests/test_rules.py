@@ -128,33 +128,33 @@ def _signal(factor: float, sites: int = 6, steps: int = 8) -> Series:
     for i in range(sites):
         signal = np.full(s.size, factor ** (sites - i))
         out[(f"layer{i}", "module", "output_grad_norm")] = (s, signal)
-        out[(f"layer{i}", "module", "_grad_n")] = (s, np.full(s.size, 64.0))
     return out
 
 
 def test_backward_signal_shrinking_with_depth_is_vanishing_at_the_first_layer():
     names = tuple(f"layer{i}" for i in range(6))
-    found, _ = diagnose(_signal(0.2), info(sites=names))  # 0.2^5 = 3e-4 from last to first
+    found, _ = diagnose(_signal(0.1), info(sites=names))  # 0.1^5 = 1e-5 from last to first
     assert [(f["kind"], f["layer"]) for f in found] == [("vanishing_gradients", "layer0")]
-    assert found[0]["evidence"]["per_layer_factor"] == pytest.approx(0.2, rel=1e-6)
-    assert found[0]["evidence"]["first_last_ratio"] == pytest.approx(0.2 ** 5, rel=1e-6)
+    assert found[0]["evidence"]["per_layer_factor"] == pytest.approx(0.1, rel=1e-6)
+    assert found[0]["evidence"]["first_last_ratio"] == pytest.approx(0.1 ** 5, rel=1e-6)
 
 
 def test_backward_signal_growing_with_depth_is_exploding():
     names = tuple(f"layer{i}" for i in range(6))
-    found, _ = diagnose(_signal(5.0), info(sites=names))  # 5^5 = 3125
+    found, _ = diagnose(_signal(3.0), info(sites=names))  # 3^5 = 243
     assert [(f["kind"], f["layer"]) for f in found] == [("exploding_gradients", "layer0")]
 
 
 def test_mild_depth_profile_is_healthy():
     names = tuple(f"layer{i}" for i in range(6))
-    assert diagnose(_signal(0.6), info(sites=names))[0] == []  # 0.6^5 = 0.08
+    assert diagnose(_signal(0.3), info(sites=names))[0] == []  # 0.3^5 = 2.4e-3
+    assert diagnose(_signal(2.5), info(sites=names))[0] == []  # 2.5^5 = 98
 
 
 def test_dead_units_are_not_called_vanishing():
     names = tuple(f"layer{i}" for i in range(6))
-    series = _signal(0.2)
-    s = series[("layer0", "module", "_grad_n")][0]
+    series = _signal(0.1)
+    s = series[("layer0", "module", "output_grad_norm")][0]
     series[("layer2", "module", "act_dead_fraction")] = (s, np.full(s.size, 0.95))
     found, _ = diagnose(series, info(sites=names, families={"layer2": "rectifier"}))
     assert [f["kind"] for f in found] == ["dead_units"]
@@ -196,6 +196,16 @@ def test_saturated_tanh_is_found_but_peaked_softmax_is_not():
     assert [(f["kind"], f["layer"]) for f in found] == [("saturation", "t")]
 
 
+def test_an_output_sigmoid_may_saturate():
+    fam = {"net.1": "sigmoid", "net.3": "sigmoid"}
+    li = info(params=("net.0.weight", "net.2.weight"), sites=("net.1", "net.3"), families=fam)
+    li.rank.update({"net.0": 0, "net.1": 1, "net.2": 2, "net.3": 3})
+    series = {**_site("net.1", "act_saturation", [0.9] * 6),
+              **_site("net.3", "act_saturation", [0.99] * 6)}
+    found, _ = diagnose(series, li)
+    assert [(f["kind"], f["layer"]) for f in found] == [("saturation", "net.1")]
+
+
 # -- update ratios --------------------------------------------------------------------------------
 def test_update_ratio_high_after_warmup_only_on_weights():
     s = np.arange(0, 200, 10)
@@ -207,6 +217,15 @@ def test_update_ratio_high_after_warmup_only_on_weights():
                                      ndim={"w.bias": 1}))
     assert [(f["kind"], f["layer"], f["first_step"]) for f in found] == [
         ("update_ratio_high", "w.weight", 50)]
+
+
+def test_huge_updates_count_even_during_warmup():
+    s = np.arange(0, 100, 10)
+    series = {("w.weight", "param", "update_ratio"): (s, np.where(s < 40, 5.0, 1e-3)),
+              ("v.weight", "param", "update_ratio"): (s, np.where(s < 40, 0.5, 1e-3))}
+    found, _ = diagnose(series, info(params=("w.weight", "v.weight")))
+    assert [(f["kind"], f["layer"], f["first_step"], f["last_step"]) for f in found] == [
+        ("update_ratio_high", "w.weight", 0, 30)]
 
 
 def test_update_ratio_low_ignores_exact_zeros():

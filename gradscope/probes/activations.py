@@ -54,8 +54,8 @@ _NONNEGATIVE = (nn.ReLU, nn.ReLU6)  # outputs >= 0: a unit is dead iff its sum i
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 # Raw per-site columns, turned into the published metrics at flush time (see complete()).
-_SUM, _L2, _PEAK, _SAT, _NF, _N, _UNITS, _ROWS, _GRAD_N = (
-    "_sum", "_l2", "_dead", "_sat", "_nonfinite", "_n", "_units", "_rows", "_grad_n"
+_SUM, _L2, _PEAK, _SAT, _NF, _N, _UNITS, _ROWS = (
+    "_sum", "_l2", "_dead", "_sat", "_nonfinite", "_n", "_units", "_rows"
 )
 
 
@@ -132,8 +132,8 @@ def _pool(calls: list[_Call]) -> _Call:
 class _Site:
     """Statistics of one module at one output width, pooled over the calls of a step."""
 
-    __slots__ = ("axis", "buffer", "calls", "done", "family", "grad_done", "grad_elems",
-                 "grad_hook", "grads", "groups", "name")
+    __slots__ = ("axis", "buffer", "calls", "done", "family", "grad_done", "grad_hook",
+                 "grads", "groups", "name")
 
     def __init__(self, name: str, entry: ModuleEntry, axis: int | None, buffer: StepBuffer):
         self.name = name
@@ -144,7 +144,6 @@ class _Site:
         self.done: list[_Call] = []  # windows already closed in this step
         self.grads: list[torch.Tensor] = []  # norms of output gradients, current window
         self.grad_done: list[torch.Tensor] = []
-        self.grad_elems = 0  # elements of the hooked outputs this step (host): for an RMS
         self.grad_hook = Hook(self._add_grad, f"output-grad {name}")
         metrics = ["output_grad_norm"]
         if self.family is not None:
@@ -194,14 +193,10 @@ class _Site:
             norms = self.grad_done
             total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
             buf.write(self.groups["output_grad_norm"], total)
-            if self.grad_elems:
-                buf.write_host(buf.column(self.name, KIND, _GRAD_N), float(self.grad_elems))
         self.done.clear()
         self.grad_done.clear()
-        self.grad_elems = 0
 
     def clear(self) -> None:
-        self.grad_elems = 0
         self.calls.clear()
         self.done.clear()
         self.grads.clear()
@@ -283,7 +278,6 @@ class ModuleProbe:
             # eager only: under torch.compile a tensor hook is a graph break ("unsafe side
             # effect"), so compiled models get no backward signal
             out.register_hook(site.grad_hook)  # type: ignore[no-untyped-call]
-            site.grad_elems += out.numel()
 
     def _key(
         self, entry: ModuleEntry, out: torch.Tensor, args: tuple[Any, ...], compiling: bool

@@ -4,11 +4,12 @@ Two views, because each is blind where the other sees (notes/remedies.md §3.4):
 
 * **over time**: a parameter's gradient norm against its own trailing history (median and MAD of
   log-norms, so one spike or one NaN step does not move the baseline);
-* **over depth**: the backward signal, the RMS gradient with respect to each module's output, in
-  forward order. Scaling every weight of a ReLU net by g multiplies the backward signal by g per
-  layer but leaves the ratio of first to last *weight*-gradient norms unchanged (Glorot & Bengio
-  2010, eq. 14; measured), so depth-wise explosion shows only here. Weight gradients relative to
-  their weights are the fallback where the backward signal is missing (torch.compile).
+* **over depth**: the backward signal, the norm of the gradient with respect to each module's
+  output, in forward order, summarised by a log-linear fit (robust to one odd layer). Scaling
+  every weight of a ReLU net by g multiplies the backward signal by g per layer but leaves the
+  ratio of first to last *weight*-gradient norms unchanged (Glorot & Bengio 2010, eq. 14;
+  measured), so depth-wise explosion shows only here. Weight gradients relative to their
+  weights are the fallback where the backward signal is missing (torch.compile).
 
 Units that are dead also stop gradients; that is reported as ``dead_units``, not as vanishing
 (torch-surgeon calls dead ReLUs "vanishing"; notes/peers.md).
@@ -168,18 +169,16 @@ def _depth(rec: Records, t: Thresholds) -> list[Episode]:
     steps, sites, g = rec.wide("output_grad_norm", "module")
     found: list[Episode] = []
     if steps.size:
-        n = rec.aligned("_grad_n", "module", steps, sites)  # elements whose gradient was read
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rms = g / np.sqrt(n)
         dead = _dead_rows(rec, steps, t)
-        fits = [_fit(rms[i]) for i in range(steps.size)]
+        fits = [_fit(g[i]) for i in range(steps.size)]
         found += _depth_episodes(rec, t, steps, sites, fits, dead, "backward signal")
     found += _weight_depth(rec, t)
     return found
 
 
 def _fit(row: np.ndarray) -> tuple[float, int, int, int] | None:
-    """Log-linear fit of one step's backward signal over forward order:
+    """Log-linear fit of one step's backward signal (total norms, not per-element RMS: pooling
+    and reshaping change element counts without any pathology) over forward order:
     ``(log10 first/last ratio, sites, first index, last index)``."""
     idx = np.flatnonzero(np.isfinite(row) & (row > 0))
     if idx.size < 3:

@@ -25,20 +25,27 @@ class Thresholds:
             noisy phase from defining "normal".
         min_history: Observations needed before a spike can be called one (fewer: no verdict).
         spike_ratio: Exploding gradients: a norm at least this many times its own trailing
-            median, for ``patience`` steps. Pascanu et al. 2013 found clipping thresholds from
-            0.5x to 10x the average norm still converge; above 10x is outside that range.
+            median, on ``patience`` steps each within ``history`` steps of the previous (a
+            cluster of spikes, consecutive or recurring). Pascanu et al. 2013 found clipping
+            thresholds from 0.5x to 10x the average norm still converge; above 10x is outside
+            that range. Measured on 14 healthy runs: single steps reach 30x (small batches), but
+            never three within 50 steps.
         spike_once_ratio: One step this far above the median is raised without patience (a
-            single poisoned batch can wreck Adam's moment estimates).
+            single poisoned batch can wreck Adam's moment estimates); 3x the largest healthy
+            single-step ratio measured.
         spike_z: ...and the norm's robust z-score (median/MAD of log-norms over the window) must
-            be at least this. ZClip acts at z > 2.5; an alarm must be far rarer than a clip, and
-            on our healthy baselines the largest robust z over a run was below 5 (measured).
-        depth_explode_ratio: Exploding with depth: the backward signal (RMS gradient with respect
-            to module outputs) at the earliest module over the latest, from a log-linear fit
-            over the forward order. Glorot & Bengio 2010 (eq. 13): the back-propagated variance
-            scales as [n Var(W)]^depth; 1e3 is ten layers at a per-layer gain of 2.
-        depth_vanish_ratio: Vanishing with depth: the same ratio at or below this. A 3-layer MLP
-            with PyTorch's default init measures about 0.1-0.2 (gain 1/sqrt(6) per ReLU layer);
-            1e-2 leaves a 10x margin.
+            be at least this (ZClip clips at z > 2.5; healthy runs measured up to 5.7, but never
+            together with a 10x ratio).
+        depth_explode_ratio: Exploding with depth: the backward signal (norm of the gradient with
+            respect to each module's output) at the earliest module over the latest, from a
+            log-linear fit over the forward order, at or above this. Glorot & Bengio 2010 (eq.
+            13): the back-propagated variance scales as [n Var(W)]^depth. Measured over 15
+            healthy runs (MLPs with SGD/Adam, He-init 8-layer MLP, tanh/Xavier, CNN+BN, GRU,
+            LSTM LM, pre-norm transformers, autoencoder): 0.01 to 19; a 20-layer ReLU net at
+            1.5x He gain: 940 to 2300. 200 sits 10x above the first and 4.7x below the second.
+        depth_vanish_ratio: Vanishing with depth: the same ratio at or below this; 100x below
+            the smallest healthy value measured (0.01, an LSTM language model), where a deep
+            sigmoid MLP measures 3e-10.
         weight_vanish_ratio: Vanishing seen in weight gradients: ``||g||/||w||`` of the earliest
             weight over the latest at or below this. Glorot & Bengio 2010 (eq. 14): in the linear
             regime weight-gradient variances are equal across layers, so a thousandfold gap is
@@ -60,8 +67,10 @@ class Thresholds:
             steps move every coordinate by about lr).
         loss_spike_ratio: Loss spike: the loss at least this many times its trailing median...
         loss_spike_z: ...with a robust z-score (median/MAD) at least this...
-        loss_spike_max: ...and at least this many times the largest loss of the trailing window
-            (a noisy loss is not a spike).
+        loss_spike_max: ...and at least this many times the largest loss of the trailing window.
+            Healthy small-batch runs measured a loss 11x its median (z 12) but never above 1.6x
+            the window's maximum: a noisy loss is not a spike; a bad batch is (1e6x in the
+            poisoned-batch example).
         merge_gap: A condition that returns within this many steps extends the same finding.
     """
 
@@ -71,8 +80,8 @@ class Thresholds:
     spike_ratio: float = 10.0
     spike_once_ratio: float = 100.0
     spike_z: float = 3.5
-    depth_explode_ratio: float = 1e3
-    depth_vanish_ratio: float = 1e-2
+    depth_explode_ratio: float = 200.0
+    depth_vanish_ratio: float = 1e-4
     weight_vanish_ratio: float = 1e-3
     dead_fraction: float = 0.4
     dead_min_samples: int = 8
@@ -82,7 +91,7 @@ class Thresholds:
     update_warmup: int = 50
     loss_spike_ratio: float = 3.0
     loss_spike_z: float = 8.0
-    loss_spike_max: float = 1.5
+    loss_spike_max: float = 2.0
     merge_gap: int = 200
 
     def __post_init__(self) -> None:

@@ -86,14 +86,20 @@ def _fold_cascades(episodes: list[Episode], rec: Records) -> list[Episode]:
 
 
 def saturation(rec: Records, t: Thresholds) -> list[Episode]:
-    """At least ``saturation_fraction`` of a sigmoid/tanh's outputs pinned at the limits, for
-    ``patience`` checks (their local derivative is near 0: the gradient stops there)."""
+    """At least ``saturation_fraction`` of a hidden sigmoid/tanh's outputs pinned at the limits,
+    for ``patience`` checks (their local derivative is near 0: the gradient stops there). An
+    activation after the last layer with parameters is the model's output: a confident
+    classifier's sigmoid is pinned at 0/1 by design, so it is left out."""
     steps, sites, sat = rec.wide("act_saturation", "module")
     out: list[Episode] = []
+    owners = {rec.layers.module_of[p] for p in rec.layers.module_of}
+    last_layer = max((rec.layers.rank.get(m, -1) for m in owners), default=None)
     for j, site in enumerate(sites):
         family = rec.layers.family.get(site)
         if family not in _BOUNDED:
             continue
+        if last_layer is not None and rec.layers.rank.get(site, -1) > last_layer:
+            continue  # an output activation: a confident prediction is pinned by design
         rows = np.flatnonzero(~np.isnan(sat[:, j]))
         mask = sat[rows, j] >= t.saturation_fraction
         for a, b in runs(mask, t.patience):

@@ -11,22 +11,26 @@ from .thresholds import Thresholds
 
 def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
     """``||Δw|| / ||w||`` of a weight matrix above ``update_high`` or (not exactly zero) below
-    ``update_low`` for ``patience`` checks, after ``update_warmup`` steps. Biases and gains are
+    ``update_low`` for ``patience`` checks, after ``update_warmup`` steps (during warm-up only
+    ratios above ``10 * update_high`` count). Biases and gains are
     left out: they start near zero, so their ratio says little about the learning rate."""
     steps, names, r = rec.wide("update_ratio", "param")
     if not steps.size:
         return []
     late = steps >= t.update_warmup
+    # during warm-up only a step as large as a tenth of the weights (10x update_high) counts:
+    # Adam's first steps move every coordinate by about lr, by design
+    high = np.where(late, t.update_high, 10 * t.update_high)
     found: dict[str, list[tuple[float, Episode]]] = {"high": [], "low": []}
     for j, name in enumerate(names):
         if rec.layers.ndim.get(name, 2) < 2:
             continue
-        rows = np.flatnonzero(~np.isnan(r[:, j]) & late)
+        rows = np.flatnonzero(~np.isnan(r[:, j]))
         if not rows.size:
             continue
         v = r[rows, j]
-        for which, mask in (("high", np.isfinite(v) & (v > t.update_high)),
-                            ("low", (v > 0) & (v < t.update_low))):
+        for which, mask in (("high", np.isfinite(v) & (v > high[rows])),
+                            ("low", (v > 0) & (v < t.update_low) & late[rows])):
             for a, b in runs(mask, t.patience):
                 if steps[rows[b]] < rec.since:
                     continue
