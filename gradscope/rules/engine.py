@@ -37,6 +37,12 @@ KINDS = (
     "exploding_gradients", "vanishing_gradients", "nonfinite", "dead_units", "saturation",
     "update_ratio_high", "update_ratio_low", "loss_spike",
 )
+RULE_METRICS = frozenset({
+    "grad_norm", "grad_nonfinite", "weight_norm", "update_ratio", "act_dead_fraction",
+    "act_saturation", "act_nonfinite", "output_grad_norm", "loss", "grad_norm_total", "_n",
+    "_units",
+})
+"""What the rules read; the Diagnoser's window keeps only these."""
 # evidence that describes the start of a finding: kept when the finding is extended
 _STICKY = ("born_dead", "since_step", "at_first_check", "first_in", "traced")
 
@@ -115,16 +121,25 @@ class Diagnoser:
         if not len(table):
             return []
         since = int(table.step.min())
-        remap = np.array([self._column(c) for c in table.columns], dtype=np.int64)
-        cid = remap[table.col]
-        value = np.where(np.isnan(table.value), np.inf, table.value)  # NaN = "not recorded"
-        for c in np.unique(cid).tolist():
-            key = self._columns[c]
-            if key not in self._first:
-                rows = np.flatnonzero(cid == c)
-                first = rows[np.argmin(table.step[rows])]
-                self._first[key] = (int(table.step[first]), float(value[first]))
-        self._step = np.concatenate([self._step, table.step])
+        used = np.array([c[2] in RULE_METRICS for c in table.columns] + [False], dtype=bool)
+        keep_rows = used[table.col]  # only what some rule reads is kept in the window
+        remap = np.array([self._column(c) if used[i] else -1
+                          for i, c in enumerate(table.columns)], dtype=np.int64)
+        steps = table.step[keep_rows]
+        cid = remap[table.col[keep_rows]]
+        value = table.value[keep_rows]
+        value = np.where(np.isnan(value), np.inf, value)  # NaN = "not recorded" in wide tables
+        if not steps.size:
+            return []
+        new_cols = [c for c in np.unique(cid).tolist() if self._columns[c] not in self._first]
+        if new_cols:
+            order = np.argsort(steps, kind="stable")
+            first_row: dict[int, int] = {}
+            for r in order[np.isin(cid[order], new_cols)].tolist():
+                first_row.setdefault(int(cid[r]), r)
+            for c, r in first_row.items():
+                self._first[self._columns[c]] = (int(steps[r]), float(value[r]))
+        self._step = np.concatenate([self._step, steps])
         self._col = np.concatenate([self._col, cid])
         self._value = np.concatenate([self._value, value])
         keep = self._step > int(self._step.max()) - self.keep_steps
