@@ -40,7 +40,8 @@ def run(out: Path | str = "reports", steps: int = 300, name: str | None = None) 
     x, y = spirals(256, gen)
     model = deep_sigmoid_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    with gradscope.watch(model, out=out, name=name or gradscope_name()) as scope:
+    # quiet: `gradscope demo` prints the findings once, in the summary that follows
+    with gradscope.watch(model, out=out, name=name or gradscope_name(), quiet=True) as scope:
         for _ in range(steps):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)

@@ -43,6 +43,13 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
                             "ratio to 1e-2), or use warm-up")
                     kind = "update_ratio_high"
                     strength = med
+                elif _others_learn(r, rows[a:b + 1], j, names, rec, t):
+                    msg = (f"updates of {name} are only {fmt(med)} of its weights per step "
+                           "while later layers move normally: the gradient that reaches it is "
+                           "too small (see vanishing_gradients)")
+                    hint = ("fix the gradient flow rather than the learning rate: He/Xavier "
+                            "init, ReLU-family hidden activations, normalisation or residual "
+                            "connections")
                 else:
                     msg = (f"updates of {name} are only {fmt(med)} of its weights per step "
                            "(about 1e-3 is typical): it barely learns")
@@ -54,3 +61,18 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
                              ev, msg, hint)
                 found[which].append((strength, ep))
     return _keep_strongest(found["high"]) + _keep_strongest(found["low"])
+
+
+def _others_learn(
+    r: np.ndarray, rows: np.ndarray, j: int, names: list[str], rec: Records, t: Thresholds
+) -> bool:
+    """Whether some weight matrix *later* in forward order moves at a normal rate (>= 100x
+    ``update_low``) over the same checks: then the learning rate is not the problem."""
+    for k in range(j + 1, len(names)):
+        if rec.layers.ndim.get(names[k], 2) < 2:
+            continue
+        other = r[rows, k]
+        other = other[np.isfinite(other)]
+        if other.size and float(np.median(other)) >= 100 * t.update_low:
+            return True
+    return False

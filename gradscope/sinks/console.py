@@ -107,6 +107,12 @@ def print_summary(run: Run, console: Any = None) -> None:
     )
     for problem in run.problems:
         console.print(f"[yellow]note:[/] {problem}")
+    findings = run.findings
+    if findings:
+        console.print(f"\n[bold]{len(findings)} finding(s)[/]")
+        print_findings(findings, console)
+    else:
+        console.print("\nno findings")
 
 
 def print_findings(findings: list[dict[str, Any]], console: Any = None) -> None:
