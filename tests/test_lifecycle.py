@@ -121,8 +121,10 @@ def test_torch_save_and_deepcopy_of_a_watched_model(out):
         assert all(type(h).__name__ == "InertHook" for h in hooks)
 
 
-def test_no_tensor_outlives_its_step(out):
-    """Memory stays flat: the number of live tensors does not grow over 2,000 steps."""
+@pytest.mark.parametrize("trace", ["auto", "always"])
+def test_no_tensor_outlives_its_step(out, trace):
+    """Memory stays flat: the number of live tensors does not grow over 2,000 steps (also with
+    the non-finite tracer checking every module every step)."""
     import gc
 
     model = mlp()
@@ -134,7 +136,7 @@ def test_no_tensor_outlives_its_step(out):
         return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
 
     with gradscope.watch(model, out=out, flush_every=50, activation_every=5,
-                         tensorboard=False) as scope:
+                         tensorboard=False, trace_nonfinite=trace) as scope:
         counts = []
         for i in range(2000):
             opt.zero_grad()

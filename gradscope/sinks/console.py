@@ -170,16 +170,17 @@ class FindingPrinter:
     def summary(
         self, findings: list[dict[str, Any]], steps: int, run_dir: Any, status: str
     ) -> None:
+        import contextlib
         import sys
 
         if self.quiet:
             return
-        try:
+        # the terminal is a courtesy: never fail close() over it
+        with contextlib.suppress(Exception):
             if findings:
                 print_findings(findings)
-            errors = sum(f["severity"] == "error" for f in findings)
-            more = f" ({self.suppressed} not printed as they came)" if self.suppressed else ""
+        errors = sum(f.get("severity") == "error" for f in findings)
+        more = f" ({self.suppressed} not printed as they came)" if self.suppressed else ""
+        with contextlib.suppress(Exception):
             print(f"gradscope: {len(findings)} finding(s), {errors} error(s){more} in {steps} "
                   f"steps, run {status}: {run_dir}", file=sys.stderr, flush=True)
-        except Exception:  # the terminal is a courtesy: never fail close() over it
-            return
