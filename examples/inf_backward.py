@@ -21,6 +21,10 @@ What gradscope should report:
     nothing before step 30: steps 0-29 are finite and healthy.
     Seed-independent: the zero row is always at step 30.
 
+    (gradscope names the module at the first occurrence with trace_nonfinite='always'; with
+    the default 'auto' it reports the step and the backward pass, armed too late to trace a
+    one-off whose NaN weights leave nothing to trace afterwards.)
+
 Ground truth printed by this script: the first step whose loss was finite but some gradient was
 non-finite, which parameters' gradients were non-finite there, and, replaying that step's
 forward and backward passes from the weights it used, the gradient w.r.t. the output and the

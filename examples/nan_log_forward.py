@@ -21,6 +21,10 @@ What gradscope should report:
         of outputs with |p - 0.5| > 0.49 rising from 0 at step ~10 to ~55% at step 32;
         otherwise the run is finite and healthy until then.
 
+    (gradscope names the module at the first occurrence with trace_nonfinite='always'; with
+    the default 'auto' it reports the step and the forward pass, armed too late to trace a
+    one-off whose NaN weights leave nothing to trace afterwards.)
+
 Ground truth printed by this script: the step at which the loss first becomes non-finite and,
 replaying that step's forward pass from the weights it used, the first module (forward order)
 whose output is non-finite, whether that module's input was finite, and what it output.

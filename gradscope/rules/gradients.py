@@ -169,24 +169,38 @@ def _depth(rec: Records, t: Thresholds) -> list[Episode]:
     steps, sites, g = rec.wide("output_grad_norm", "module")
     found: list[Episode] = []
     if steps.size:
+        # only the new rows and enough before them to complete a run of `patience` checks:
+        # older rows were judged at an earlier flush (their findings are extended, not redone)
+        first = max(0, int(np.searchsorted(steps, rec.since)) - t.patience)
+        steps, g = steps[first:], g[first:]
         dead = _dead_rows(rec, steps, t)
-        fits = [_fit(g[i]) for i in range(steps.size)]
-        found += _depth_episodes(rec, t, steps, sites, fits, dead, "backward signal")
+        found += _depth_episodes(rec, t, steps, sites, fit_rows(g), dead, "backward signal")
     found += _weight_depth(rec, t)
     return found
 
 
-def _fit(row: np.ndarray) -> tuple[float, int, int, int] | None:
-    """Log-linear fit of one step's backward signal (total norms, not per-element RMS: pooling
-    and reshaping change element counts without any pathology) over forward order:
-    ``(log10 first/last ratio, sites, first index, last index)``."""
-    idx = np.flatnonzero(np.isfinite(row) & (row > 0))
-    if idx.size < 3:
-        return None
-    x = np.arange(idx.size, dtype=float)
-    y = np.log10(row[idx])
-    slope = float(np.polyfit(x, y, 1)[0])
-    return -slope * (idx.size - 1), int(idx.size), int(idx[0]), int(idx[-1])
+def fit_rows(g: np.ndarray) -> list[tuple[float, int, int, int] | None]:
+    """For each row (one step's backward signal over the forward order), a least-squares line
+    through the log10 of its positive finite values against their order:
+    ``(log10 first/last ratio, values used, first column, last column)``, or None with fewer
+    than 3 values. Vectorised over rows (one fit per sampled step at every flush)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = np.isfinite(g) & (g > 0)
+        y = np.where(ok, np.log10(np.where(ok, g, 1.0)), 0.0)
+    n = ok.sum(axis=1).astype(float)
+    x = np.where(ok, np.cumsum(ok, axis=1) - 1, 0).astype(float)
+    sx, sy = x.sum(axis=1), y.sum(axis=1)
+    sxx, sxy = (x * x).sum(axis=1), (x * y).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
+    out: list[tuple[float, int, int, int] | None] = []
+    for i in range(g.shape[0]):
+        if n[i] < 3 or not np.isfinite(slope[i]):
+            out.append(None)
+            continue
+        cols = np.flatnonzero(ok[i])
+        out.append((-float(slope[i]) * float(n[i] - 1), int(n[i]), int(cols[0]), int(cols[-1])))
+    return out
 
 
 def _dead_rows(rec: Records, steps: np.ndarray, t: Thresholds) -> np.ndarray:
