@@ -27,6 +27,10 @@ def test_demo_writes_a_run_and_summarises_it(tmp_path):
     run = gradscope.load_run(runs[0])
     signal = run.wide("output_grad_norm").loc[0]
     assert signal["0"] < signal["10"]  # the demo's point: the backward signal vanishes with depth
+    assert [(f["kind"], f["layer"]) for f in run.findings][:1] == [("vanishing_gradients", "0")]
+    assert "1 finding(s)" in result.output or "finding(s)" in result.output
+    assert "vanishing_gradients" in result.output  # printed once, in the summary
+    assert result.output.count("vanishing_gradients") == 1
 
 
 def test_summary_of_a_missing_run_is_a_usage_error(tmp_path):
