@@ -75,6 +75,19 @@ def test_sustained_spike_is_one_exploding_finding_at_the_layer():
     assert found[0]["evidence"]["peak_ratio"] == pytest.approx(50, rel=0.5)
 
 
+def test_an_extended_finding_keeps_the_numbers_of_its_worst_peak():
+    w = noisy(200)
+    w[70:76] *= 50
+    w[120:123] *= 20  # a second, smaller cluster within merge_gap: extends the finding
+    found, announced = diagnose(grads({"a.weight": w}), info(params=("a.weight",)), chunks=4)
+    assert len(found) == 1 and len(announced) == 1
+    f = found[0]
+    assert (f["first_step"], f["last_step"]) == (70, 122)
+    ev = f["evidence"]
+    assert 70 <= ev["peak_step"] <= 75 and ev["peak_ratio"] > 30
+    assert ev["peak_norm"] == pytest.approx(ev["peak_ratio"] * ev["median_norm"], rel=1e-6)
+
+
 def test_short_moderate_spike_waits_for_patience_but_a_huge_one_does_not():
     w = noisy(100)
     w[50] *= 30  # one step, 30x: below spike_once_ratio, shorter than patience

@@ -45,6 +45,9 @@ RULE_METRICS = frozenset({
 """What the rules read; the Diagnoser's window keeps only these."""
 # evidence that describes the start of a finding: kept when the finding is extended
 _STICKY = ("born_dead", "since_step", "at_first_check", "first_in", "traced")
+# the measure of how bad an episode was, and the numbers that belong to its peak
+_PEAKS = ("peak_ratio", "peak_dead_fraction", "peak_saturated_fraction")
+_AT_PEAK = ("median_norm", "robust_z")
 
 Announce = Callable[[dict[str, Any], bool], None]
 
@@ -189,21 +192,20 @@ class Diagnoser:
         return finding
 
     def _extend(self, finding: dict[str, Any], ep: Episode) -> None:
+        """Move ``last_step``; evidence: what describes the start stays (``_STICKY``), the
+        peak group (``peak_*`` with the numbers measured at the peak) follows the larger peak,
+        everything else is the latest value."""
         finding["first_step"] = min(finding["first_step"], ep.first_step)
         finding["last_step"] = max(finding["last_step"], ep.last_step)
         old = finding["evidence"]
         new = _jsonable(ep.evidence)
+        peak_key = next((k for k in _PEAKS if k in new and k in old), None)
+        higher = peak_key is not None and isinstance(new[peak_key], (int, float)) and \
+            isinstance(old[peak_key], (int, float)) and new[peak_key] > old[peak_key]
         for k, v in new.items():
             if k in _STICKY and k in old:
                 continue
-            if k.startswith("peak") and isinstance(v, (int, float)) and \
-                    isinstance(old.get(k), (int, float)):
-                if k in ("peak_step",):
-                    continue
-                if v > old[k]:
-                    old[k] = v
-                    if "peak_step" in new:
-                        old["peak_step"] = new["peak_step"]
+            if peak_key is not None and (k.startswith("peak") or k in _AT_PEAK) and not higher:
                 continue
             old[k] = v
         if ep.severity == "error":
