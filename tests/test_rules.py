@@ -127,11 +127,17 @@ def test_overflowing_norm_of_finite_elements_is_exploding():
     norm = np.ones(30)
     norm[20] = np.inf
     count = np.zeros(30)
+    norm[21:23] = np.inf  # a.weight overflows at steps 20-22, b.weight from step 22
+    late = np.ones(30)
+    late[22] = np.inf
     found, _ = diagnose({("a.weight", "param", "grad_norm"): (s, norm),
-                         ("a.weight", "param", "grad_nonfinite"): (s, count)},
-                        info(params=("a.weight",)))
-    assert [(f["kind"], f["severity"], f["first_step"]) for f in found] == [
-        ("exploding_gradients", "error", 20)]
+                         ("a.weight", "param", "grad_nonfinite"): (s, count),
+                         ("b.weight", "param", "grad_norm"): (s, late),
+                         ("b.weight", "param", "grad_nonfinite"): (s, count)},
+                        info(params=("a.weight", "b.weight")))
+    assert [(f["kind"], f["severity"], f["layer"], f["first_step"]) for f in found] == [
+        ("exploding_gradients", "error", "a.weight", 20)]  # one finding for both layers
+    assert found[0]["evidence"]["also_layers"] == ["b.weight"]
 
 
 # -- depth: backward signal ---------------------------------------------------------------------

@@ -148,17 +148,18 @@ def _overflow(rec: Records) -> list[Episode]:
     if not steps.size:
         return []
     counts = rec.aligned("grad_nonfinite", "param", steps, names)
-    out: list[Episode] = []
+    out: list[tuple[float, Episode]] = []
     for j, name in enumerate(names):
         rows = np.flatnonzero(np.isinf(norms[:, j]) & (counts[:, j] == 0) & (steps >= rec.since))
         if rows.size:
             first, last = int(steps[rows[0]]), int(steps[rows[-1]])
             msg = (f"gradient of {name} is so large that its norm overflows float32 although "
                    f"every element is finite (step {first})")
-            out.append(Episode("exploding_gradients", name, first, last, "error",
-                               {"overflow_steps": int(rows.size)}, msg,
-                               _clip_hint(rec) + "; lower the learning rate"))
-    return out
+            ep = Episode("exploding_gradients", name, first, last, "error",
+                         {"overflow_steps": int(rows.size)}, msg,
+                         _clip_hint(rec) + "; lower the learning rate")
+            out.append((-float(first), ep))  # the earliest overflow names the finding
+    return _keep_strongest(out)
 
 
 def _site_module(site: str) -> str:
