@@ -40,7 +40,11 @@ class Recorder(Protocol):
     def reopen_row(self, step: int, drop_current: bool) -> bool: ...
     def discard_row(self) -> None: ...
     def record_grads(
-        self, slots: Sequence[ParamSlot], grad_scale: Any = None, known_nonfinite: bool = False
+        self,
+        slots: Sequence[ParamSlot],
+        grad_scale: Any = None,
+        known_nonfinite: bool = False,
+        at_backward: bool = False,
     ) -> None: ...
     def snapshot_weights(self, slots: Sequence[ParamSlot]) -> None: ...
     def update_weights(self) -> None: ...
@@ -254,7 +258,7 @@ class Clock:
             self._update_seen = False
         if self._in_step is not None:  # inside a closure: only the first evaluation counts
             if self._closure_pending == self._in_step:
-                self.rec.record_grads(self._slots[self._in_step][2])
+                self.rec.record_grads(self._slots[self._in_step][2], at_backward=True)
                 self._closure_pending = None
             if loss is not None and not self._closure_loss_taken:
                 self.rec.note_loss(loss)
@@ -265,7 +269,7 @@ class Clock:
             self.rec.note_loss(loss)
         if self._grads_at_backward():
             slots = self.table.params
-            self.rec.record_grads(slots)
+            self.rec.record_grads(slots, at_backward=True)
             if self.sampled_updates() and not self._backwards:
                 self.rec.snapshot_weights(slots)
             if self.mode == AUTO:

@@ -42,6 +42,7 @@ class Listener(Protocol):
 
 class _State(threading.local):
     depth = 0  # nesting of torch.autograd.backward calls on this thread
+    scaled = False  # the current/last outermost backward started from GradScaler.scale()'s output
     scaler_calls: list[list[Any]]  # stack of [optimizer, stepped?] for GradScaler.step calls
 
     def __init__(self) -> None:
@@ -91,7 +92,9 @@ def _backward(*args: Any, **kwargs: Any) -> Any:
             return original(*args, **kwargs)
         finally:
             _local.depth -= 1
-    loss = _scalar_loss(args[0] if args else kwargs.get("tensors"))
+    root = args[0] if args else kwargs.get("tensors")
+    loss = _scalar_loss(root)
+    _local.scaled = _last_scaled is not None and loss is _last_scaled[1]
     for listener in tuple(_listeners):
         listener.before_backward(loss)
     _local.depth += 1
@@ -194,3 +197,9 @@ def _uninstall() -> None:
 def installed() -> bool:
     """Whether the patches are in place (for tests)."""
     return torch.autograd.backward is _backward
+
+
+def backward_was_scaled() -> bool:
+    """Whether the last outermost backward pass on this thread started from a GradScaler-scaled
+    loss: gradients read at its end are still multiplied by the scale."""
+    return _local.scaled

@@ -326,9 +326,17 @@ class Scope:
         self._modules.discard()
 
     def record_grads(
-        self, slots: Sequence[ParamSlot], grad_scale: Any = None, known_nonfinite: bool = False
+        self,
+        slots: Sequence[ParamSlot],
+        grad_scale: Any = None,
+        known_nonfinite: bool = False,
+        at_backward: bool = False,
     ) -> None:
-        self._grads.record(slots, self._clock.sampled_updates(), grad_scale, known_nonfinite)
+        # read at the end of a backward pass that started from GradScaler.scale(): the
+        # gradients still carry the loss scale
+        scaled = at_backward and patches.backward_was_scaled()
+        self._grads.record(slots, self._clock.sampled_updates(), grad_scale, known_nonfinite,
+                           scaled)
 
     def snapshot_weights(self, slots: Sequence[ParamSlot]) -> None:
         self._weights.snapshot(slots)

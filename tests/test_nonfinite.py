@@ -250,3 +250,52 @@ def test_no_findings_printed_when_quiet_and_a_line_when_not(out, capfd):
     err = capfd.readouterr().err
     assert "gradscope: error: nonfinite at 2, step 1" in err
     assert "1 finding(s), 1 error(s)" in err  # the end-of-run summary
+
+
+def test_gradscaler_calibrating_its_scale_is_not_a_finding(out):
+    """Mixed precision: the first steps overflow at a too-high loss scale and GradScaler skips
+    them (weights untouched, scale halved). That is the scaler working, not a pathology: no
+    finding, and the tracer stays off."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    with gradscope.watch(model, out=out, quiet=True, trace_nonfinite="auto") as scope:
+        for _ in range(30):
+            opt.zero_grad()
+            scaler.scale(model(torch.rand(16, 4) * 100).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+        assert not scope._tracer.armed
+    run = scope.load()
+    skipped = run.wide("skipped_step", "run")
+    assert skipped.to_numpy().sum() >= 1  # the scaler did skip
+    assert scope.findings == []
+
+
+def test_auto_tracer_gives_up_when_the_problem_does_not_recur(out, monkeypatch):
+    from gradscope.probes import nonfinite as tracer_module
+
+    monkeypatch.setattr(tracer_module, "ARMED_STEPS", 5)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Identity(), Log(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4).repeat(2, 1))
+        model[0].bias.zero_()
+
+    def make(i):
+        x = torch.rand(8, 4) + 0.5
+        if i == 3:
+            x[0] = 0.0
+        return x
+
+    before = hook_counts(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, out=out, quiet=True) as scope:
+        for i in range(15):
+            opt.zero_grad()
+            loss = model(make(i)).pow(2).mean()
+            loss.backward()
+            if torch.isfinite(loss):
+                opt.step()
+        assert not scope._tracer.armed and not scope._tracer.done
+        assert hook_counts(model)["1"] == before["1"]  # the tracer's hooks came off
+    assert _nonfinite(scope)["first_step"] == 3

@@ -120,10 +120,13 @@ class GradProbe:
         sampled: bool,
         grad_scale: torch.Tensor | float | None = None,
         known_nonfinite: bool = False,
+        scaled: bool = False,
     ) -> None:
         """Measure the current gradients of ``slots`` (no host read, except under ``"host"``).
 
-        Parameters whose ``.grad`` is None (unused this step, frozen) are skipped.
+        Parameters whose ``.grad`` is None (unused this step, frozen) are skipped. ``scaled``:
+        the gradients still carry a GradScaler's loss scale (a non-finite value is then the
+        scaler's business, not a flag for the tracer).
         """
         present: list[ParamSlot] = []
         grads: list[torch.Tensor] = []
@@ -157,8 +160,12 @@ class GradProbe:
         if count:
             counts = nonfinite_counts(grads)
             self.buffer.write(self._group(present, "grad_nonfinite"), counts)
-            if self.on_nonfinite is not None and (
-                known_nonfinite or self.count_policy != "host" or counts.sum().item() > 0
+            # A GradScaler-skipped step (known_nonfinite) is the scaler doing its job (an fp16
+            # overflow at too high a scale): it does not arm the tracer.
+            # Nor do gradients still multiplied by a loss scale (read at the end of a scaled
+            # backward pass, before GradScaler unscaled them): they overflow by design.
+            if self.on_nonfinite is not None and not known_nonfinite and not scaled and (
+                self.count_policy != "host" or counts.sum().item() > 0
             ):
                 self.on_nonfinite()
 
@@ -176,9 +183,12 @@ class GradProbe:
         if norm_all:
             w = chunk.written[:, norm_all]
             if self.count_policy != "host":
-                bad = (w & ~np.isfinite(chunk.values[:, norm_all])).any()
-                self.count_policy = "armed" if bad else "flagged-only"
-                if bad and self.on_nonfinite is not None:
+                rows_bad = (w & ~np.isfinite(chunk.values[:, norm_all])).any(axis=1)
+                self.count_policy = "armed" if rows_bad.any() else "flagged-only"
+                skip_col = col_of.get((RUN_LAYER, "run", "skipped_step"))
+                if skip_col is not None:  # GradScaler skips are expected, not a reason to trace
+                    rows_bad &= ~(chunk.written[:, skip_col] & (chunk.values[:, skip_col] > 0))
+                if rows_bad.any() and self.on_nonfinite is not None:
                     self.on_nonfinite()
             if total_col is not None:
                 sq = np.where(w, chunk.values[:, norm_all], 0.0) ** 2

@@ -38,6 +38,9 @@ from ..hooks import Hook, HookSet
 from ..layers import ROOT
 
 Report = Callable[[dict[str, Any]], None]
+ARMED_STEPS = 100
+"""In ``auto`` mode, backward passes traced after a flag before the tracer gives up (and comes
+off, until the next flag): a non-finite value that does not recur costs nothing for long."""
 
 
 def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -151,6 +154,7 @@ class NonfiniteTracer:
         self.armed = False
         self.done = False  # the culprit is named; nothing left to trace
         self.first_flag_step: int | None = None
+        self._armed_steps = 0
         self._state = _StepState()
         if mode == "always":
             self.arm()
@@ -167,6 +171,7 @@ class NonfiniteTracer:
         if self.armed or self.done:
             return
         self.armed = True
+        self._armed_steps = 0
         for name, module in self._named:
             hook = Hook(partial(self._on_forward, name), f"trace {name}")
             self._hooks.add(module.register_forward_hook(hook, with_kwargs=True), "trace")
@@ -253,6 +258,10 @@ class NonfiniteTracer:
         self._state = _StepState()
         if not st.watched:
             return  # armed during this step, after its forward: nothing to conclude from it
+        self._armed_steps += 1
+        if self.mode == "auto" and self._armed_steps > ARMED_STEPS:
+            self.disarm()  # it did not recur: stop paying for the hooks (a new flag re-arms)
+            return
         if not self.immediate:
             self._resolve_deferred(st, loss)
         elif st.bad_input_at is not None:

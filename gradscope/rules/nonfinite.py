@@ -46,6 +46,9 @@ def nonfinite(rec: Records, t: Any = None) -> list[Episode]:
         counts = rec.aligned("grad_nonfinite", "param", steps, names)
         for i, j in zip(*np.nonzero(np.isinf(norms) & np.isnan(counts))):
             per_step.setdefault(int(steps[i]), {}).setdefault("gradients", []).append(names[j])
+    scaler_ok = _handled_by_scaler(rec)
+    for step in [s for s in per_step if s in scaler_ok and "loss" not in per_step[s]]:
+        del per_step[step]
     if not per_step:
         return []
     bad_steps = sorted(per_step)
@@ -97,3 +100,29 @@ def phase_hint(phase: str, module: str | None) -> str:
                 "(torch.sqrt(x + 1e-12)); clip gradients")
     return ("the update made weights non-finite: lower the learning rate, clip gradients, "
             "check the optimizer's eps (Adam eps=0 divides by zero)")
+
+
+AMP_SKIPS = 20
+"""Consecutive GradScaler-skipped steps that are still the scaler calibrating: each skip halves
+the scale, and 2^16 / 2^20 is below any useful fp16 loss scale. More is a real problem."""
+
+
+def _handled_by_scaler(rec: Records) -> set[int]:
+    """Steps GradScaler skipped (gradients overflowed at the current scale; it halved the scale
+    and left the weights alone), in runs shorter than ``AMP_SKIPS``: expected behaviour of
+    mixed precision, not a finding."""
+    steps, _, skipped = rec.wide("skipped_step", "run")
+    if not steps.size:
+        return set()
+    mask = skipped[:, 0] > 0
+    out: set[int] = set()
+    start = None
+    for i in range(steps.size + 1):
+        on = i < steps.size and bool(mask[i])
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            if i - start < AMP_SKIPS:
+                out.update(int(x) for x in steps[start:i])
+            start = None
+    return out
