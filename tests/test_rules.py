@@ -88,6 +88,17 @@ def test_an_extended_finding_keeps_the_numbers_of_its_worst_peak():
     assert ev["peak_norm"] == pytest.approx(ev["peak_ratio"] * ev["median_norm"], rel=1e-6)
 
 
+def test_an_early_blow_up_is_caught_before_the_full_history():
+    w = noisy(40)
+    w[8:] *= np.geomspace(10, 1e8, 32)  # from step 8 on, 10x and growing 1.7x a step
+    found, _ = diagnose(grads({"a.weight": w}), info(params=("a.weight",)))
+    assert [f["kind"] for f in found] == ["exploding_gradients"]
+    assert 8 <= found[0]["first_step"] <= 15  # once 100x above the median of what came before
+    calm = noisy(40)
+    calm[8] *= 20  # one 20x step early on: not enough history for a verdict below 100x
+    assert diagnose(grads({"a.weight": calm}), info(params=("a.weight",)))[0] == []
+
+
 def test_short_moderate_spike_waits_for_patience_but_a_huge_one_does_not():
     w = noisy(100)
     w[50] *= 30  # one step, 30x: below spike_once_ratio, shorter than patience
