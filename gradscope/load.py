@@ -141,4 +141,27 @@ def load_run(path: str | Path) -> Run:
             findings = json.loads(findings_file.read_text(encoding="utf-8"))
         except ValueError as exc:
             problems.append(f"findings.json unreadable: {exc}")
+            findings = findings_from_events(events)
+    else:
+        findings = findings_from_events(events)
+        if findings:
+            problems.append(
+                "findings.json missing (the run was killed?): findings rebuilt from "
+                "events.jsonl, as they were when raised"
+            )
     return Run(run_path, meta, metrics, events, findings, problems)
+
+
+def findings_from_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The findings as ``events.jsonl`` last told them (``finding`` when raised,
+    ``finding_updated`` when the tracer named a module): what survives a ``kill -9``."""
+    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for event in events:
+        if event.get("event") not in ("finding", "finding_updated"):
+            continue
+        finding = {k: v for k, v in event.items() if k != "event"}
+        kind = finding.get("kind")
+        key = (kind,) if kind == "nonfinite" else (kind, finding.get("layer"),
+                                                  finding.get("first_step"))
+        latest[key] = finding
+    return list(latest.values())
