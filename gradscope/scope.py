@@ -40,9 +40,8 @@ from .probes.grads import GradProbe
 from .probes.nonfinite import NonfiniteTracer
 from .probes.weights import WeightProbe
 from .records import RUN_LAYER, LongTable
-from .rules.base import Episode
 from .rules.engine import Diagnoser, layer_info
-from .rules.nonfinite import phase_hint
+from .rules.nonfinite import traced_episode
 from .sinks.console import FindingPrinter
 from .sinks.store import Store
 
@@ -432,33 +431,7 @@ class Scope:
         self._store.event({"event": "nonfinite_traced", **info})
         if self._diagnoser is None:
             return
-        step = int(info["step"])
-        phase = str(info["phase"])
-        module = info.get("module")
-        cls = info.get("class")
-        poisoned = bool(info.get("poisoned"))
-        evidence = {k: v for k, v in info.items() if k not in ("step", "phase", "module", "class")}
-        evidence["traced"] = not poisoned
-        evidence["traced_at_step"] = step
-        layer = module or info.get("after_module") or info.get("before_module") or RUN_LAYER
-        if poisoned:
-            msg = (f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "
-                   "update applied non-finite gradients")
-        elif module is None:
-            msg = f"non-finite values at step {step} ({phase} pass): {info.get('note', '')}"
-        elif phase == "forward":
-            msg = (f"{module} ({cls}) produced the first non-finite output at step {step}, "
-                   "from finite inputs")
-        elif phase == "backward":
-            msg = (f"{module} ({cls}) produced the first non-finite gradient at step {step} "
-                   "(backward pass): the gradients arriving at its output were finite")
-        else:
-            msg = (f"weights of {module} ({cls}) became non-finite in the optimizer step before "
-                   f"step {step}, while the gradients were finite")
-        hint = phase_hint(phase, module)
-        ep = Episode("nonfinite", layer, step, step, "error", evidence, msg, hint,
-                     {"phase": phase, "module": module, "class": cls})
-        self._diagnoser.merge(ep)
+        self._diagnoser.merge(traced_episode(info))
 
     def _layer_count(self) -> tuple[int, int]:
         """Modules seen running and activation sites: what run.json's layer lists hold."""

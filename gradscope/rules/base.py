@@ -130,6 +130,22 @@ class Records:
         return out
 
 
+def keep_strongest(candidates: list[tuple[float, Episode]]) -> list[Episode]:
+    """When several layers fire over the same steps (a bad batch moves every gradient), keep
+    the strongest as the finding and name the others in its evidence."""
+    kept: list[Episode] = []
+    for _, ep in sorted(candidates, key=lambda c: -c[0]):
+        home = next((k for k in kept if ep.first_step <= k.last_step and
+                     k.first_step <= ep.last_step), None)
+        if home is None:
+            kept.append(ep)
+        else:
+            also = home.evidence.setdefault("also_layers", [])
+            if len(also) < 10 and ep.layer not in also:
+                also.append(ep.layer)
+    return kept
+
+
 def runs(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:
     """Index ranges ``[start, end]`` (inclusive) of consecutive True values at least
     ``min_len`` long."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Episode, Records, fmt, runs, trailing_stats
+from .base import Episode, Records, fmt, keep_strongest, runs, trailing_stats
 from .thresholds import Thresholds
 
 EARLY_HISTORY = 5
@@ -72,8 +72,8 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
     # a 100x jump is judged from EARLY_HISTORY observations on (a run can blow up before it
     # has min_history steps); clusters of 10x spikes wait for the full min_history
     med, mad, _ = trailing_stats(logn, t.history, min(EARLY_HISTORY, t.min_history), need)
-    full_med, _, _ = trailing_stats(logn, t.history, t.min_history, need)
-    early = np.isnan(full_med)
+    seen = np.isfinite(logn)
+    early = np.cumsum(seen, axis=0) - seen < t.min_history  # finite observations before
     with np.errstate(invalid="ignore"):
         excess = logn - med
         z = excess / np.maximum(_Z * mad, _MAD_FLOOR)
@@ -112,7 +112,7 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
             ep = Episode("exploding_gradients", name, int(steps[rows[0]]), int(steps[rows[-1]]),
                          sev, ev, msg, _clip_hint(rec) + "; or lower the learning rate")
             candidates.append((ratio, ep))
-    return _keep_strongest(candidates)
+    return keep_strongest(candidates)
 
 
 def _clusters(
@@ -133,22 +133,6 @@ def _clusters(
     return out
 
 
-def _keep_strongest(candidates: list[tuple[float, Episode]]) -> list[Episode]:
-    """When several layers fire over the same steps (a bad batch moves every gradient), keep
-    the strongest as the finding and name the others in its evidence."""
-    kept: list[Episode] = []
-    for _, ep in sorted(candidates, key=lambda c: -c[0]):
-        home = next((k for k in kept if ep.first_step <= k.last_step and
-                     k.first_step <= ep.last_step), None)
-        if home is None:
-            kept.append(ep)
-        else:
-            also = home.evidence.setdefault("also_layers", [])
-            if len(also) < 10 and ep.layer not in also:
-                also.append(ep.layer)
-    return kept
-
-
 def _overflow(rec: Records) -> list[Episode]:
     """An infinite norm of finite elements: the fp32 sum of squares overflowed (entries around
     1e19 and up; notes/trackers.md §6)."""
@@ -167,7 +151,7 @@ def _overflow(rec: Records) -> list[Episode]:
                          {"overflow_steps": int(rows.size)}, msg,
                          _clip_hint(rec) + "; lower the learning rate")
             out.append((-float(first), ep))  # the earliest overflow names the finding
-    return _keep_strongest(out)
+    return keep_strongest(out)
 
 
 def _site_module(site: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..records import RUN_LAYER
-from .base import Episode, Records
+from .base import Episode, Records, runs
 
 TRACE_HINT = ("run with trace_nonfinite='always' to name the module at the first occurrence")
 
@@ -87,6 +87,38 @@ def nonfinite(rec: Records, t: Any = None) -> list[Episode]:
                     {"phase": phase, "module": module, "class": None})]
 
 
+def traced_episode(info: dict[str, Any]) -> Episode:
+    """The episode for a verdict of the tracer (``gradscope.probes.nonfinite``): the module,
+    its class and the phase, with the tracer's evidence. A module whose weights were poisoned by
+    an earlier bad update is not an origin (``traced`` stays False, so an earlier inference
+    keeps precedence)."""
+    step = int(info["step"])
+    phase = str(info["phase"])
+    module = info.get("module")
+    cls = info.get("class")
+    poisoned = bool(info.get("poisoned"))
+    evidence = {k: v for k, v in info.items() if k not in ("step", "phase", "module", "class")}
+    evidence["traced"] = not poisoned
+    evidence["traced_at_step"] = step
+    layer = module or info.get("after_module") or info.get("before_module") or RUN_LAYER
+    if poisoned:
+        msg = (f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "
+               "update applied non-finite gradients")
+    elif module is None:
+        msg = f"non-finite values at step {step} ({phase} pass): {info.get('note', '')}"
+    elif phase == "forward":
+        msg = (f"{module} ({cls}) produced the first non-finite output at step {step}, "
+               "from finite inputs")
+    elif phase == "backward":
+        msg = (f"{module} ({cls}) produced the first non-finite gradient at step {step} "
+               "(backward pass): the gradients arriving at its output were finite")
+    else:
+        msg = (f"weights of {module} ({cls}) became non-finite in the optimizer step before "
+               f"step {step}, while the gradients were finite")
+    return Episode("nonfinite", layer, step, step, "error", evidence, msg,
+                   phase_hint(phase, module), {"phase": phase, "module": module, "class": cls})
+
+
 def phase_hint(phase: str, module: str | None) -> str:
     """What to try for a non-finite value born in ``phase`` (in ``module`` when known)."""
     where = f" in {module}" if module else ""
@@ -114,15 +146,5 @@ def _handled_by_scaler(rec: Records) -> set[int]:
     steps, _, skipped = rec.wide("skipped_step", "run")
     if not steps.size:
         return set()
-    mask = skipped[:, 0] > 0
-    out: set[int] = set()
-    start = None
-    for i in range(steps.size + 1):
-        on = i < steps.size and bool(mask[i])
-        if on and start is None:
-            start = i
-        elif not on and start is not None:
-            if i - start < AMP_SKIPS:
-                out.update(int(x) for x in steps[start:i])
-            start = None
-    return out
+    return {int(s) for a, b in runs(skipped[:, 0] > 0, 1) if b - a + 1 < AMP_SKIPS
+            for s in steps[a:b + 1]}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Episode, Records, fmt, runs
-from .gradients import _keep_strongest
+from .base import Episode, Records, fmt, keep_strongest, runs
 from .thresholds import Thresholds
 
 
@@ -60,7 +59,7 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
                 ep = Episode(kind, name, int(steps[rows[a]]), int(steps[rows[b]]), "warning",
                              ev, msg, hint)
                 found[which].append((strength, ep))
-    return _keep_strongest(found["high"]) + _keep_strongest(found["low"])
+    return keep_strongest(found["high"]) + keep_strongest(found["low"])
 
 
 def _others_learn(
