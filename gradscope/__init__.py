@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 from .config import Config as Config
+from .remedies import NonfiniteStepsError as NonfiniteStepsError
+from .remedies import swap_activations as swap_activations
 from .scope import Scope as Scope
 
 if TYPE_CHECKING:
@@ -23,7 +25,10 @@ if TYPE_CHECKING:
 
     from .load import Run as Run
 
-__all__ = ["Config", "Run", "Scope", "__version__", "load_run", "watch"]
+__all__ = [
+    "Config", "NonfiniteStepsError", "Run", "Scope", "__version__", "load_run",
+    "swap_activations", "watch",
+]
 
 
 def watch(

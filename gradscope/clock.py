@@ -45,7 +45,10 @@ class Recorder(Protocol):
         grad_scale: Any = None,
         known_nonfinite: bool = False,
         at_backward: bool = False,
-    ) -> None: ...
+    ) -> Any: ...
+    def before_update(self, opt: torch.optim.Optimizer, measured: Any, grad_scale: Any) -> bool:
+        ...
+    def after_update(self, opt: torch.optim.Optimizer) -> None: ...
     def snapshot_weights(self, slots: Sequence[ParamSlot]) -> None: ...
     def update_weights(self) -> None: ...
     def cancel_weights(self) -> None: ...
@@ -118,6 +121,15 @@ class Clock:
         slots = self.table.slots_of(p for g in opt.param_groups for p in g["params"])
         self._slots[id(opt)] = (weakref.ref(opt), sig, slots)
         return slots
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers seen stepping the watched parameters (still alive)."""
+        out = []
+        for key, (ref, _, _) in self._slots.items():
+            opt = ref()
+            if opt is not None and key in self._known:
+                out.append(opt)
+        return out
 
     def _ensure_row(self) -> None:
         if not self.row_open:
@@ -203,10 +215,15 @@ class Clock:
             self._closure_pending = id(opt)
             self._closure_loss_taken = False
         else:
-            self.rec.record_grads(slots, grad_scale=getattr(opt, "grad_scale", None))
+            grad_scale = getattr(opt, "grad_scale", None)
+            measured = self.rec.record_grads(slots, grad_scale=grad_scale)
             found_inf = getattr(opt, "found_inf", None)  # fused optimizer under GradScaler
             if isinstance(found_inf, torch.Tensor):
                 self.rec.note_skipped(found_inf)
+            # remedies act here, after the statistics were taken: clipping, or skipping a
+            # non-finite step (then there is no update to measure)
+            if self.rec.before_update(opt, measured, grad_scale):
+                return
         if self.sampled_updates():
             self.rec.snapshot_weights(slots)
 
@@ -218,6 +235,7 @@ class Clock:
             self.rec.record_grads(slots)
             self._closure_pending = None
         self._in_step = None
+        self.rec.after_update(opt)
         self.rec.update_weights()
         self._end_if_complete()
 

@@ -15,6 +15,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
+from .remedies.spec import (
+    ClipSpec,
+    SwapRule,
+    parse_clip,
+    parse_guard,
+    parse_recycle,
+    parse_swap,
+)
 from .rules.thresholds import Thresholds
 
 TypeSpec = Union[type, str]
@@ -73,6 +81,22 @@ class Config:
         quiet: Do not print findings to stderr as they are raised, nor the end-of-run summary.
         thresholds: Overrides of the rules' thresholds, e.g. ``{"dead_fraction": 0.6}``
             (see :class:`gradscope.rules.Thresholds` for each default and its source).
+        clip: Clip gradients right before each optimizer step, on the device (no host read):
+            ``"norm:1.0"`` (``clip_grad_norm_``), ``"autoclip:p=10"`` (AutoClip),
+            ``"agc:0.01"`` (unit-wise AGC, final layer left out), ``"zclip"`` (ZClip,
+            ``z=2.5,alpha=0.97,warmup=25``); ``per_layer`` clips each parameter tensor on its
+            own. Off by default. See ``gradscope.remedies.spec`` for every parameter.
+        guard: Skip an optimizer step whose gradients hold NaN/Inf (weights and optimizer
+            state unchanged) and stop with ``NonfiniteStepsError`` after too many in a row:
+            ``True`` allows 10, an integer sets the number. Reads one flag on the host per step
+            (a device sync on GPUs). Under a GradScaler, which skips such steps itself, it only
+            records. Off by default.
+        swap: Replace an activation module when ``dead_units`` or ``saturation`` is found on
+            it: ``"relu->leaky_relu:0.01"``, ``"relu->gelu"``, ``"sigmoid->relu"``,
+            ``"tanh->relu"``; several joined by ``;``. Off by default.
+        recycle: Re-initialise the dead units of a layer with a ``dead_units`` finding
+            (ReDo: fresh incoming weights, zero outgoing weights, optimizer state reset; the
+            output is unchanged at that step). Off by default.
     """
 
     out: Path = Path("reports")
@@ -98,6 +122,10 @@ class Config:
     trace_nonfinite: str = "auto"
     quiet: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
+    clip: ClipSpec | None = None
+    guard: int = 0
+    swap: tuple[SwapRule, ...] = ()
+    recycle: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -130,6 +158,10 @@ class Config:
                 f"{', '.join(TRACE_MODES)}"
             )
         set_(self, "thresholds", Thresholds.from_any(self.thresholds))
+        set_(self, "clip", parse_clip(self.clip))
+        set_(self, "guard", parse_guard(self.guard))
+        set_(self, "swap", parse_swap(self.swap))
+        set_(self, "recycle", parse_recycle(self.recycle))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> Config:
@@ -159,6 +191,10 @@ class Config:
                 value = str(value)
             elif isinstance(value, Thresholds):
                 value = value.to_json()
+            elif isinstance(value, ClipSpec):
+                value = str(value)
+            elif f.name == "swap":
+                value = [str(r) for r in value]
             elif isinstance(value, tuple):
                 value = [v if isinstance(v, str) else v.__name__ for v in value]
             out[f.name] = value

@@ -203,3 +203,9 @@ def backward_was_scaled() -> bool:
     """Whether the last outermost backward pass on this thread started from a GradScaler-scaled
     loss: gradients read at its end are still multiplied by the scale."""
     return _local.scaled
+
+
+def in_scaler_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` is running inside ``GradScaler.step`` on this thread (the
+    scaler has already checked the gradients and skips non-finite steps itself)."""
+    return any(call[0] is optimizer for call in _local.scaler_calls)

@@ -23,8 +23,11 @@ MODULE_METRICS = (
     "act_dead_fraction", "act_saturation", "act_mean", "act_std", "act_nonfinite",
     "output_grad_norm",
 )
-RUN_METRICS = ("loss", "grad_norm_total", "skipped_step", "amp_scale")
-METRICS = PARAM_METRICS + MODULE_METRICS + RUN_METRICS
+RUN_METRICS = ("loss", "grad_norm_total", "skipped_step", "amp_scale", "guard_skipped",
+               "grad_norm_total_clipped", "clip_coef", "clip_threshold")
+REMEDY_PARAM_METRICS = ("grad_norm_clipped", "clip_coef", "clip_threshold")
+METRICS = tuple(dict.fromkeys(PARAM_METRICS + REMEDY_PARAM_METRICS + MODULE_METRICS
+                              + RUN_METRICS))
 RUN_LAYER = "(run)"
 
 
@@ -47,6 +50,21 @@ class LongTable:
         rows, cols = np.nonzero(chunk.written)  # row-major: grouped by step
         return cls(
             chunk.steps[rows], cols.astype(np.int64), chunk.values[rows, cols], chunk.columns
+        )
+
+    @classmethod
+    def concat(cls, tables: list[LongTable]) -> LongTable:
+        """Tables taken from one buffer, in order (their column lists are prefixes of the last
+        one's: columns are only ever appended)."""
+        import numpy as np
+
+        if len(tables) == 1:
+            return tables[0]
+        return cls(
+            np.concatenate([t.step for t in tables]),
+            np.concatenate([t.col for t in tables]),
+            np.concatenate([t.value for t in tables]),
+            tables[-1].columns,
         )
 
     def published(self) -> LongTable:

@@ -40,6 +40,7 @@ from .probes.grads import GradProbe
 from .probes.nonfinite import NonfiniteTracer
 from .probes.weights import WeightProbe
 from .records import RUN_LAYER, LongTable
+from .remedies import NonfiniteStepsError, Remedies
 from .rules.engine import Diagnoser, layer_info
 from .rules.nonfinite import traced_episode
 from .sinks.console import FindingPrinter
@@ -121,8 +122,11 @@ class Scope:
             self._on_cpu = on_cpu
             self._cols = {
                 name: self._buffer.group(((RUN_LAYER, "run", name),))
-                for name in ("loss", "skipped_step", "amp_scale")
+                for name in ("loss", "skipped_step", "amp_scale", "guard_skipped",
+                             "grad_norm_total_clipped", "clip_coef", "clip_threshold")
             }
+            self._pending: list[LongTable] = []  # diagnosed early, not yet written
+            self._pending_rows = 0
             self._write_meta("running")
 
             hooks = HookSet()
@@ -136,6 +140,19 @@ class Scope:
             self._grads.on_nonfinite = self._guarded(self._on_nonfinite_flag)
             self._trace_after_backward = self._guarded(self._tracer.after_backward)
             self._modules.attach(hooks)
+            self._remedies: Remedies | None = None
+            if config.clip or config.guard or config.swap or config.recycle:
+                self._remedies = Remedies(
+                    config.clip, config.swap, config.guard, config.recycle, self._table,
+                    self._modules, self._models, self._event,
+                    lambda f, r: f.setdefault("remedies", []).append(r),
+                    patience_steps=config.thresholds.patience * config.activation_every,
+                )
+                self._store.event({"event": "remedies", **self._remedies.describe()})
+                for note in self._remedies.check_model():
+                    self._store.event({"event": "remedy", "action": "inactive", "reason": note})
+                    warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=3)
+            self._remedy_warned = False
             pre = Hook(self._guarded(self._on_optimizer_pre), "optimizer-pre")
             post = Hook(self._guarded(self._on_optimizer_post), "optimizer-post")
             if optimizers:
@@ -248,6 +265,8 @@ class Scope:
                 return None
             try:
                 return fn(*args, **kwargs)
+            except NonfiniteStepsError:
+                raise  # the guard stopping training on purpose, not a gradscope failure
             except Exception as exc:
                 self._fail_internal(exc)
                 return None
@@ -310,7 +329,7 @@ class Scope:
 
     # clock.Recorder ------------------------------------------------------------------------------
     def open_row(self, step: int) -> None:
-        if self._buffer.full:
+        if self._flush_due():
             self._flush()
         self._buffer.open_row(step)
 
@@ -330,12 +349,46 @@ class Scope:
         grad_scale: Any = None,
         known_nonfinite: bool = False,
         at_backward: bool = False,
-    ) -> None:
+    ) -> Any:
         # read at the end of a backward pass that started from GradScaler.scale(): the
         # gradients still carry the loss scale
         scaled = at_backward and patches.backward_was_scaled()
-        self._grads.record(slots, self._clock.sampled_updates(), grad_scale, known_nonfinite,
-                           scaled)
+        return self._grads.record(slots, self._clock.sampled_updates(), grad_scale,
+                                  known_nonfinite, scaled)
+
+    def before_update(self, opt: torch.optim.Optimizer, measured: Any, grad_scale: Any) -> bool:
+        """Right before ``opt`` updates the weights, after the statistics: the guard and
+        clipping. True when the step is skipped."""
+        rem = self._remedies
+        if rem is None or not rem.at_step:
+            return False
+        skip, result = rem.before_step(opt, measured, grad_scale,
+                                       patches.in_scaler_step(opt), self._clock.step)
+        if skip:
+            self.note_skipped(1.0)
+            self._buffer.write_host(self._cols["guard_skipped"].cols[0], 1.0)
+            return True
+        if result is not None and measured is not None:
+            slots = measured[0][: result.post.shape[0]]
+            groups = self._grads._param_groups
+            self._buffer.write(groups(slots, "grad_norm_clipped"), result.post)
+            self._buffer.write(self._cols["grad_norm_total_clipped"], result.total_post)
+            ratio = torch.where(result.total_pre > 0,
+                                result.total_post / result.total_pre.clamp_min(1e-30),
+                                torch.ones_like(result.total_pre))
+            self._buffer.write(self._cols["clip_coef"], ratio)
+            assert rem.clip is not None
+            if rem.clip.per_layer or rem.clip.method == "agc":
+                self._buffer.write(groups(slots, "clip_coef"), result.coef)
+                if result.threshold is not None:
+                    self._buffer.write(groups(slots, "clip_threshold"), result.threshold)
+            elif result.threshold is not None:
+                self._buffer.write(self._cols["clip_threshold"], result.threshold)
+        return False
+
+    def after_update(self, opt: torch.optim.Optimizer) -> None:
+        if self._remedies is not None:
+            self._remedies.after_step(opt)
 
     def snapshot_weights(self, slots: Sequence[ParamSlot]) -> None:
         self._weights.snapshot(slots)
@@ -374,6 +427,7 @@ class Scope:
         self._buffer.write(self._cols["amp_scale"], scale.detach().clone())
 
     def commit_row(self) -> None:
+        step = self._clock.step
         self._modules.forward_seen = False
         if self._loss is not None:
             loss = self._loss if self._loss_count == 1 else self._loss / self._loss_count
@@ -386,12 +440,29 @@ class Scope:
         if self._tracer.armed:
             self._tracer.end_step()
         due = time.monotonic() - self._last_flush >= self.config.flush_secs
-        if self._buffer.full or due:
+        if self._flush_due() or due:
             self._flush()
+        elif self._remedies is not None and self._remedies.needs_findings and \
+                self._clock.sampled(step):
+            self._flush(write=False)  # swap/recycle act on findings: diagnose every sample
+        if self._remedies is not None and self._remedies.at_step and not self._remedy_warned \
+                and self._clock.mode in ("backward", "manual"):
+            self._remedy_warned = True
+            note = ("clip= and guard= act at optimizer.step(); this loop updates the weights "
+                    "without an optimizer, so they are not applied")
+            self._event({"event": "remedy", "action": "inactive", "step": step, "reason": note})
+            warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=2)
 
     # -- flush and metadata -----------------------------------------------------------------------
-    def _flush(self) -> None:
-        self._last_flush = time.monotonic()
+    def _flush_due(self) -> bool:
+        return len(self._buffer.rows) + self._pending_rows >= self.config.flush_every
+
+    def _flush(self, write: bool = True) -> None:
+        """Copy the buffered steps to the host and diagnose them; ``write``: also write them
+        (and everything diagnosed early) to the sinks. Early diagnosis (``write=False``)
+        serves the remedies that act on findings, without a Parquet file per sample."""
+        if write:
+            self._last_flush = time.monotonic()
         # a step in progress (a flush() called mid-step) stays on the device
         chunk = self._buffer.take(keep_current=self._clock.row_open)
         if chunk is not None:
@@ -399,11 +470,18 @@ class Scope:
             WeightProbe.complete(chunk)
             ModuleProbe.complete(chunk)
             table = LongTable.from_chunk(chunk)
-            published = table.published()
-            for sink in self._sinks:
-                sink.write(published)
+            self._pending.append(table.published())
+            self._pending_rows += len(chunk.steps)
             if self._diagnoser is not None:
                 self._diagnose(table)
+        if not write:
+            return
+        if self._pending:
+            published = LongTable.concat(self._pending)
+            self._pending, self._pending_rows = [], 0
+            for sink in self._sinks:
+                sink.write(published)
+            self._summarize_clipping(published)
         # run.json is a status file, not the record: rewrite it when the layer list grew or
         # every META_SECS, not at every flush (the loader counts steps from the metrics)
         if self._layer_count() != self._meta_shape or \
@@ -418,6 +496,43 @@ class Scope:
         for error in self._diagnoser.errors:
             self._store.event({"event": "internal_error", "where": "rules", "error": error})
         self._diagnoser.errors.clear()
+        if self._remedies is not None and self._remedies.needs_findings:
+            try:
+                self._remedies.on_findings(self._diagnoser.findings, self._clock.step,
+                                           self._clock.optimizers())
+            except Exception as exc:  # a remedy bug must not take training down
+                self._fail_internal(exc)
+
+    def _event(self, record: dict[str, Any]) -> None:
+        """An event for every sink that keeps events (events.jsonl, TensorBoard text)."""
+        for sink in self._sinks:
+            sink.event(record)
+
+    def _summarize_clipping(self, table: LongTable) -> None:
+        """One ``clipped`` event per flush: how many steps clipping changed, and by how much
+        (per-step coefficients are in the records)."""
+        import numpy as np
+
+        if self._remedies is None or self._remedies.clip is None:
+            return
+        try:
+            col = table.columns.index((RUN_LAYER, "run", "clip_coef"))
+        except ValueError:
+            return
+        rows = table.col == col
+        if not rows.any():
+            return
+        coef = table.value[rows]
+        steps = table.step[rows]
+        clipped = coef < 1.0 - 1e-6
+        if clipped.any():
+            self._event({
+                "event": "remedy", "remedy": "clip", "action": "clipped",
+                "method": str(self._remedies.clip), "steps": [int(steps[0]), int(steps[-1])],
+                "clipped_steps": int(clipped.sum()), "of_steps": int(rows.sum()),
+                "min_coef": float(coef[clipped].min()),
+                "median_coef": float(np.median(coef[clipped])),
+            })
 
     def _announce(self, finding: dict[str, Any], new: bool) -> None:
         self._store.event({"event": "finding" if new else "finding_updated", **finding})

@@ -11,7 +11,11 @@ from torch import nn
 
 import gradscope
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    # torch announces that the debug mode itself is a prototype, on every switch
+    pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype:UserWarning"),
+]
 
 
 def test_no_host_sync_between_flushes(out):
@@ -26,10 +30,10 @@ def test_no_host_sync_between_flushes(out):
     flush = scope._flush
     flushes = []
 
-    def flush_without_debug_mode():  # the one place a host transfer is allowed
+    def flush_without_debug_mode(*args, **kwargs):  # the one place a host transfer is allowed
         torch.cuda.set_sync_debug_mode("default")
         try:
-            flush()
+            flush(*args, **kwargs)
             flushes.append(scope.steps)
         finally:
             torch.cuda.set_sync_debug_mode("error")
@@ -43,9 +47,66 @@ def test_no_host_sync_between_flushes(out):
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
     finally:
+        scope.close()  # its last flush switches the mode back to "error"
         torch.cuda.set_sync_debug_mode("default")
-        scope.close()
-    assert len(flushes) == 2  # every 20 steps; the rest of the 45 at close
+    assert flushes == [19, 39, 45]  # when the 20th and 40th rows commit; the rest at close
     run = scope.load()
     assert run.meta["steps"] == 45 and len(run.wide("grad_norm")) == 45
     assert list(run.wide("act_dead_fraction").index)[:3] == [0, 3, 6]
+
+
+@pytest.mark.parametrize("clip", ["norm:1.0", "norm:0.5,per_layer", "autoclip",
+                                  "autoclip:history=8", "autoclip:per_layer", "agc:0.01",
+                                  "zclip:warmup=5", "zclip:warmup=5,per_layer"])
+def test_clipping_never_synchronises(out, clip):
+    """Every clipping method computes and applies its coefficient on the device: no host sync
+    between flushes, and a fixed clip gives clip_grad_norm_'s weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).cuda()
+    ref = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).cuda()
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x = torch.randn(128, 64, device="cuda") * 10
+    y = torch.randint(0, 10, (128,), device="cuda")
+    scope = gradscope.watch(model, opt, out=out, flush_every=1000, flush_secs=1e9, clip=clip,
+                            quiet=True)
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        for _ in range(12):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        scope.close()
+    run = scope.load()
+    coef = run.wide("clip_coef")
+    assert len(coef) == 12 and (coef.to_numpy() <= 1.0 + 1e-6).all()
+    if clip == "norm:1.0":
+        for _ in range(12):
+            ref_opt.zero_grad()
+            nn.functional.cross_entropy(ref(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+            ref_opt.step()
+        for a, b in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_guard_skips_a_nonfinite_step_on_the_gpu(out):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(32, 8, device="cuda")
+    with gradscope.watch(model, opt, out=out, guard=True, quiet=True) as scope:
+        for step in range(6):
+            opt.zero_grad()
+            xb = x * float("nan") if step == 3 else x
+            model(xb).pow(2).mean().backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            if step == 3:
+                assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert scope.load().wide("guard_skipped").index.tolist() == [3]

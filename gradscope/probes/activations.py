@@ -48,6 +48,7 @@ from ..layers import Family, LayerTable, ModuleEntry
 
 KIND = "module"
 COMPACT_AT = 64  # pool a site's per-call statistics once this many calls are pending
+MASKS_KEPT = 3  # recycling: a unit is dead if dead in each of the last this many samples
 
 _CHANNEL_FIRST = ("Convolution", "BatchNorm", "Pool", "GroupNorm", "InstanceNorm")
 _NONNEGATIVE = (nn.ReLU, nn.ReLU6)  # outputs >= 0: a unit is dead iff its sum is 0
@@ -133,7 +134,7 @@ class _Site:
     """Statistics of one module at one output width, pooled over the calls of a step."""
 
     __slots__ = ("axis", "buffer", "calls", "done", "family", "grad_done", "grad_hook",
-                 "grads", "groups", "name")
+                 "grads", "groups", "masks", "name", "units")
 
     def __init__(self, name: str, entry: ModuleEntry, axis: int | None, buffer: StepBuffer):
         self.name = name
@@ -145,6 +146,8 @@ class _Site:
         self.grads: list[torch.Tensor] = []  # norms of output gradients, current window
         self.grad_done: list[torch.Tensor] = []
         self.grad_hook = Hook(self._add_grad, f"output-grad {name}")
+        self.masks: list[torch.Tensor] | None = None  # recent per-unit dead masks (recycling)
+        self.units: int | None = None
         metrics = ["output_grad_norm"]
         if self.family is not None:
             first = "act_dead_fraction" if self.family in (Family.RECTIFIER, Family.OTHER) \
@@ -178,7 +181,11 @@ class _Site:
             buf.write(self.groups[_SUM], c.sum)
             buf.write(self.groups[_L2], c.l2)
             if c.peak is not None:
-                buf.write(self.groups[_PEAK], (c.peak <= thr).sum())
+                dead = c.peak <= thr
+                buf.write(self.groups[_PEAK], dead.sum())
+                self.units = int(c.peak.numel())
+                if self.masks is not None:  # [units] bools of a statistic, not an activation
+                    self.masks = [*self.masks[-(MASKS_KEPT - 1):], dead]
                 buf.write_host(buf.column(self.name, KIND, _UNITS), float(c.peak.numel()))
             if c.sat is not None:
                 buf.write(self.groups[_SAT], c.sat)
@@ -228,16 +235,72 @@ class ModuleProbe:
         self._traced: list[tuple[ModuleEntry, tuple[int, int, int], int | None, _Call]] = []
         self._axis: dict[tuple[int, int], int | None] = {}
         self._per_name: dict[str, int] = {}
+        self._handles: dict[str, list[Any]] = {}
+        self._hooks: HookSet | None = None
+        self.keep_unit_masks = False
 
     def attach(self, hooks: HookSet) -> None:
+        self._hooks = hooks
         for entry in self.table.modules:
-            hook = Hook(partial(self._on_forward, entry), f"forward {entry.name}")
-            hooks.add(entry.module.register_forward_hook(hook), "module-forward")
-            if not entry.is_leaf:
-                # a container that owns parameters (a root's positional embedding) is ordered
-                # by when its forward starts, not when it ends
-                pre = Hook(partial(self._on_forward_pre, entry), f"forward-pre {entry.name}")
-                hooks.add(entry.module.register_forward_pre_hook(pre), "module-forward-pre")
+            self._attach_one(entry)
+
+    def _attach_one(self, entry: ModuleEntry) -> None:
+        hooks = self._hooks
+        assert hooks is not None
+        hook = Hook(partial(self._on_forward, entry), f"forward {entry.name}")
+        handles = [hooks.add(entry.module.register_forward_hook(hook), "module-forward")]
+        if not entry.is_leaf:
+            # a container that owns parameters (a root's positional embedding) is ordered
+            # by when its forward starts, not when it ends
+            pre = Hook(partial(self._on_forward_pre, entry), f"forward-pre {entry.name}")
+            handles.append(hooks.add(entry.module.register_forward_pre_hook(pre),
+                                     "module-forward-pre"))
+        self._handles[entry.name] = handles
+
+    def replace(self, entry: ModuleEntry, new: nn.Module) -> None:
+        """``entry.module`` was replaced by ``new`` in the model (an activation swap): move the
+        hooks to it, and keep its sites' names so the records continue under the same layer."""
+        from ..layers import activation_family
+
+        for handle in self._handles.pop(entry.name, []):
+            handle.remove()
+        old_id = id(entry.module)
+        entry.module = new
+        entry.family = activation_family(new, self.config.activation_types)
+        self._attach_one(entry)
+        for key in [k for k in self._sites if k[0] == old_id]:
+            site = self._sites.pop(key)
+            fresh = _Site(site.name, entry, site.axis, self.buffer)
+            if site.masks is not None:
+                fresh.masks = []
+            self._sites[(id(new), key[1], key[2])] = fresh
+        for akey in [k for k in self._axis if k[0] == old_id]:
+            self._axis[(id(new), akey[1])] = self._axis.pop(akey)
+
+    def _site_named(self, name: str) -> _Site | None:
+        return next((s for s in self._sites.values() if s.name == name), None)
+
+    def site_units(self, name: str) -> int | None:
+        site = self._site_named(name)
+        return site.units if site is not None else None
+
+    def dead_unit_indices(self, name: str) -> torch.Tensor | None:
+        """Units of site ``name`` dead in each of its last ``MASKS_KEPT`` samples (host read:
+        call at flush time only). None until that many samples exist."""
+        site = self._site_named(name)
+        if site is None or not site.masks or len(site.masks) < MASKS_KEPT:
+            return None
+        dead = site.masks[0]
+        for m in site.masks[1:]:
+            if m.shape != dead.shape:
+                return None
+            dead = dead & m
+        return dead.nonzero().reshape(-1).cpu()
+
+    def reset_unit_masks(self, name: str) -> None:
+        site = self._site_named(name)
+        if site is not None and site.masks is not None:
+            site.masks = []
 
     # -- hooks (measure only: no host reads except the documented CPU flag) ---------------------
     def _on_forward_pre(self, entry: ModuleEntry, module: nn.Module, args: Any) -> None:
@@ -312,6 +375,8 @@ class ModuleProbe:
             self._per_name[entry.name] = k + 1
             name = entry.name if k == 0 else f"{entry.name}#{k}"
             site = self._sites[key] = _Site(name, entry, axis, self.buffer)
+            if self.keep_unit_masks:
+                site.masks = []
         return site
 
     def _measure(

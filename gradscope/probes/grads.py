@@ -121,12 +121,14 @@ class GradProbe:
         grad_scale: torch.Tensor | float | None = None,
         known_nonfinite: bool = False,
         scaled: bool = False,
-    ) -> None:
+    ) -> tuple[list[ParamSlot], list[torch.Tensor], torch.Tensor] | None:
         """Measure the current gradients of ``slots`` (no host read, except under ``"host"``).
 
         Parameters whose ``.grad`` is None (unused this step, frozen) are skipped. ``scaled``:
         the gradients still carry a GradScaler's loss scale (a non-finite value is then the
-        scaler's business, not a flag for the tracer).
+        scaler's business, not a flag for the tracer). Returns the measured slots, the tensors
+        measured (a sparse gradient's values) and their fp32 norms (divided by ``grad_scale``),
+        for the remedies; None when no slot had a gradient.
         """
         present: list[ParamSlot] = []
         grads: list[torch.Tensor] = []
@@ -141,7 +143,7 @@ class GradProbe:
             present.append(slot)
             grads.append(g)
         if not grads:
-            return
+            return None
         norms = fp32_norms(grads)  # [k]
         if grad_scale is not None:
             norms = norms / grad_scale
@@ -168,6 +170,7 @@ class GradProbe:
                 self.count_policy != "host" or counts.sum().item() > 0
             ):
                 self.on_nonfinite()
+        return present, grads, norms
 
     def complete(self, chunk: Chunk) -> None:
         """At flush, on the host: ``grad_norm_total`` of each step from its parameter norms

@@ -40,7 +40,7 @@ KINDS = (
 RULE_METRICS = frozenset({
     "grad_norm", "grad_nonfinite", "weight_norm", "update_ratio", "act_dead_fraction",
     "act_saturation", "act_nonfinite", "output_grad_norm", "loss", "grad_norm_total",
-    "skipped_step", "_n", "_units",
+    "skipped_step", "guard_skipped", "_n", "_units",
 })
 """What the rules read; the Diagnoser's window keeps only these."""
 # evidence that describes the start of a finding: kept when the finding is extended

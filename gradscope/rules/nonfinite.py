@@ -146,5 +146,9 @@ def _handled_by_scaler(rec: Records) -> set[int]:
     steps, _, skipped = rec.wide("skipped_step", "run")
     if not steps.size:
         return set()
-    return {int(s) for a, b in runs(skipped[:, 0] > 0, 1) if b - a + 1 < AMP_SKIPS
+    by_scaler = skipped[:, 0] > 0
+    g_steps, _, guard = rec.wide("guard_skipped", "run")
+    if g_steps.size:  # skipped by gradscope's guard, not by a GradScaler
+        by_scaler &= ~np.isin(steps, g_steps[guard[:, 0] > 0])
+    return {int(s) for a, b in runs(by_scaler, 1) if b - a + 1 < AMP_SKIPS
             for s in steps[a:b + 1]}

@@ -135,7 +135,28 @@ class TensorBoardSink:
         self._file.flush()
 
     def event(self, record: dict[str, Any]) -> None:
-        return None  # findings and remedy events are text; the diagnosis issue adds them
+        """Remedy actions as TensorBoard text (tag ``remedies``), at their step. Other events
+        (findings) are left to the report and ``events.jsonl``."""
+        if record.get("event") not in ("remedy", "remedies"):
+            return
+        import json
+
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+
+        if self._file is None:
+            self._file = EventFile(self.log_dir)
+        text = "; ".join(f"{k}: {json.dumps(v, default=str)}" for k, v in record.items()
+                         if k != "event")
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = TensorProto(dtype=7, string_val=[text.encode("utf-8")])  # DT_STRING
+        summary = Summary(value=[Summary.Value(tag="remedies", metadata=meta, tensor=tensor)])
+        step = record.get("step")
+        ev = Event(wall_time=time.time(), step=int(step) if isinstance(step, int) else 0,
+                   summary=summary)
+        self._file.write(ev.SerializeToString())
+        self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
