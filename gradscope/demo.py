@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,15 +34,18 @@ def deep_sigmoid_mlp(depth: int = 6, width: int = 32) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def run(out: Path | str = "reports", steps: int = 300, name: str | None = None) -> Path:
-    """Train the demo network under gradscope; returns the run directory."""
+def run(out: Path | str = "reports", steps: int = 300, name: str | None = None,
+        **options: Any) -> Path:
+    """Train the demo network under gradscope; returns the run directory. ``options``: more
+    ``watch`` options (the CLI's remedy flags)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     x, y = spirals(256, gen)
     model = deep_sigmoid_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     # quiet: `gradscope demo` prints the findings once, in the summary that follows
-    with gradscope.watch(model, out=out, name=name or gradscope_name(), quiet=True) as scope:
+    with gradscope.watch(model, out=out, name=name or gradscope_name(), quiet=True,
+                         **options) as scope:
         for _ in range(steps):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 import gradscope
@@ -48,3 +49,28 @@ def test_demo_bad_out_is_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "cannot create the output root" in proc.stderr
+
+
+def test_demo_takes_the_remedy_options(tmp_path):
+    result = CliRunner().invoke(
+        main, ["demo", "--out", str(tmp_path), "--steps", "20", "--clip", "norm:0.01,per_layer",
+               "--guard", "3"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = tmp_path.iterdir()
+    run = gradscope.load_run(run_dir)
+    assert run.meta["config"]["clip"] == "norm:max=0.01,per_layer=true"
+    assert run.meta["config"]["guard"] == 3
+    assert (run.wide("grad_norm_clipped").to_numpy() <= 0.01 + 1e-6).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--clip", "zclp"], "unknown clipping method 'zclp' (did you mean 'zclip'?)"),
+    (["--guard", "many"], "guard='many': expected True, False"),
+    (["--swap", "relu->nothing"], "unknown activation 'nothing'"),
+])
+def test_bad_remedy_option_is_a_one_line_usage_error(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())

@@ -36,11 +36,14 @@ def _clip_hint(rec: Records) -> str:
     finite = total[np.isfinite(total)]
     finite = finite[finite > 0]
     if not finite.size:
-        return "clip gradients (torch.nn.utils.clip_grad_norm_)"
+        return ("clip gradients: gradscope.watch(..., clip='zclip') clips spikes against "
+                "their own history, or torch.nn.utils.clip_grad_norm_")
     cap = 5 * float(np.median(finite))
     return (
-        f"clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={cap:.3g}) "
-        "(5x the median total norm; Pascanu et al. 2013)"
+        f"clip gradients: gradscope.watch(..., clip='zclip') (adaptive: clips spikes against "
+        f"the norm's own history) or clip='norm:{cap:.3g}' (= torch.nn.utils.clip_grad_norm_"
+        f"(model.parameters(), max_norm={cap:.3g}), 5x the median total norm; Pascanu et al. "
+        "2013)"
     )
 
 

@@ -40,8 +40,9 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
         msg = (f"loss spiked to {fmt(float(v[peak]))} {when}, against a median of "
                f"{fmt(float(m[peak]))} over the previous {t.history} steps")
         hint = (f"inspect the batch of step {int(steps[peak])} (bad labels, unnormalised or "
-                "corrupted inputs); clip gradients (torch.nn.utils.clip_grad_norm_) so one "
-                "batch cannot throw the weights far; if spikes recur, lower the learning rate")
+                "corrupted inputs); clip gradients so one batch cannot throw the weights far "
+                "(gradscope.watch(..., clip='zclip'), or torch.nn.utils.clip_grad_norm_); if "
+                "spikes recur, lower the learning rate")
         sev = "error" if ev["ratio"] is not None and ev["ratio"] >= 100 else "warning"
         out.append(Episode("loss_spike", RUN_LAYER, int(steps[a]), int(steps[b]), sev, ev,
                            msg, hint))

@@ -125,13 +125,16 @@ def phase_hint(phase: str, module: str | None) -> str:
     if phase == "forward":
         return (f"guard the operation that produced it{where}: clamp before log/sqrt/division "
                 "(torch.log(x.clamp_min(1e-12))), use log_softmax/logsumexp instead of "
-                "log(softmax); check the inputs for NaN")
+                "log(softmax); check the inputs for NaN; meanwhile gradscope.watch(..., "
+                "guard=True) skips the steps whose gradients are non-finite")
     if phase == "backward":
         return (f"an operation{where} has an infinite derivative at its input (sqrt or "
                 "pow < 1 at 0, log at 0, division by a small number): add an epsilon inside it "
-                "(torch.sqrt(x + 1e-12)); clip gradients")
+                "(torch.sqrt(x + 1e-12)); meanwhile gradscope.watch(..., guard=True) skips the "
+                "steps whose gradients are non-finite")
     return ("the update made weights non-finite: lower the learning rate, clip gradients, "
-            "check the optimizer's eps (Adam eps=0 divides by zero)")
+            "check the optimizer's eps (Adam eps=0 divides by zero); gradscope.watch(..., "
+            "guard=True) skips steps with non-finite gradients")
 
 
 AMP_SKIPS = 20

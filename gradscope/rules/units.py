@@ -53,14 +53,16 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                 hint = (f"re-initialise: He/Kaiming init (nn.init.kaiming_normal_) and a "
                         f"small positive bias; a deep narrow ReLU net dies at init with high "
                         f"probability (Lu et al. 2019): widen it or make it shallower; or swap "
-                        f"{site} to nn.LeakyReLU(0.01)")
+                        f"{site} to nn.LeakyReLU (gradscope.watch(..., "
+                        "swap='relu->leaky_relu:0.2'))")
             else:
                 msg = (f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) died during "
                        f"training (since step {first_step}): they output 0 for every example")
                 hint = (f"lower the learning rate (Adam at lr 0.1 kills 90-95% of ReLUs where "
-                        f"lr 1e-3 kills 0-2%); swap {site} to nn.LeakyReLU(0.01) so dead units "
-                        "get a gradient again; or re-initialise dead units (ReDo, Sokar et al. "
-                        "2023)")
+                        f"lr 1e-3 kills 0-2%); swap {site} to nn.LeakyReLU so dead units get a "
+                        "gradient again (gradscope.watch(..., swap='relu->leaky_relu:0.2')); "
+                        "or re-initialise the dead units (ReDo, Sokar et al. 2023: "
+                        "gradscope.watch(..., recycle=True))")
             sev = "error" if latest >= 0.9 else "warning"
             out.append(Episode("dead_units", site, first_step, last_step, sev, ev, msg, hint))
     return _fold_cascades(out, rec)
@@ -114,7 +116,8 @@ def saturation(rec: Records, t: Thresholds) -> list[Episode]:
                    "their limits, where the derivative is near 0")
             hint = ("initialise the layer before it with Xavier (nn.init.xavier_uniform_) so "
                     "pre-activations stay small (Glorot & Bengio 2010); normalise the inputs or "
-                    "add a LayerNorm before it; or use ReLU in hidden layers")
+                    "add a LayerNorm before it; or use ReLU in hidden layers (gradscope.watch(..., "
+                    f"swap='{family}->relu'))")
             out.append(Episode("saturation", site, int(steps[rows[a]]), int(steps[rows[b]]),
                                "warning", ev, msg, hint))
     return out
