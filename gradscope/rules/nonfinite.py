@@ -71,8 +71,11 @@ def nonfinite(rec: Records, t: Any = None) -> list[Episode]:
         phase = "optimizer"
         params = sorted(what.get("weights", []), key=lambda n: rank.get(n, big))
         layer = rec.layers.module_of.get(params[0], params[0])
+    g_steps, _, guard = rec.wide("guard_skipped", "run")
+    guarded = int((guard[:, 0] > 0).sum()) if g_steps.size else 0
     ev: dict[str, Any] = {
         "nonfinite_steps": len(bad_steps),
+        "skipped_by_guard": guarded,
         "first_in": sorted(what),
         "params_with_nonfinite_grads": sorted(set(what.get("gradients", [])))[:20],
         "sites_with_nonfinite_outputs": sorted(set(what.get("activations", [])))[:20],
@@ -81,7 +84,7 @@ def nonfinite(rec: Records, t: Any = None) -> list[Episode]:
     where = "in the loss" if layer == RUN_LAYER else f"at {layer}"
     msg = (f"non-finite values (NaN/Inf) first appeared in the {phase} pass at step {first}, "
            f"{where} (first seen in: {', '.join(sorted(what))}); {len(bad_steps)} step(s) "
-           "affected")
+           "affected" + (f", {guarded} skipped by the guard" if guarded else ""))
     hint = phase_hint(phase, None) + "; " + TRACE_HINT
     return [Episode("nonfinite", layer, first, bad_steps[-1], "error", ev, msg, hint,
                     {"phase": phase, "module": module, "class": None})]
