@@ -48,7 +48,9 @@ def watch(
             the first ``step()`` of any optimizer holding the model's parameters. Loops with no
             optimizer count each backward pass as a step (or call ``scope.step()``).
         **config: Any :class:`Config` field (``out``, ``name``, ``flush_every``,
-            ``activation_every``, ``include``, ``exclude``...).
+            ``activation_every``, ``include``, ``exclude``, ``clip``...). Defaults for a project
+            can sit in the ``[tool.gradscope]`` table of the nearest ``pyproject.toml`` at or
+            above the working directory; keywords given here win over it.
 
     Raises:
         TypeError: ``model`` is not a module, or an unknown config key (named, with the accepted
@@ -56,9 +58,16 @@ def watch(
         ValueError: A config value is out of range, or the output root is not writable. Nothing
             is written when either error is raised.
     """
+    from .config import project_options
     from .scope import normalize_models, normalize_optimizers
 
-    cfg = Config.from_kwargs(**config)
+    project, path = project_options()
+    if project:  # the project's defaults; keywords given here win
+        try:
+            Config.from_kwargs(**project)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{path} [tool.gradscope]: {exc}") from None
+    cfg = Config.from_kwargs(**{**project, **config})
     models, label = normalize_models(model)
     optimizers = normalize_optimizers(optimizer)
     return Scope(models, optimizers, cfg, label)

@@ -201,6 +201,39 @@ class Config:
         return out
 
 
+PYPROJECT = "pyproject.toml"
+
+
+def project_options(start: Path | None = None) -> tuple[dict[str, Any], Path | None]:
+    """The ``[tool.gradscope]`` table of the nearest ``pyproject.toml`` at or above ``start``
+    (default: the working directory), and that file; ``({}, None)`` when there is none.
+
+    Raises:
+        ValueError: The file is not valid TOML, or the table is not a table (one line, naming
+            the file).
+    """
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        path = folder / PYPROJECT
+        if not path.is_file():
+            continue
+        try:
+            import tomllib  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:  # Python < 3.11
+            import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read [tool.gradscope]: {exc}") from None
+        table = data.get("tool", {}).get("gradscope")
+        if table is None:
+            return {}, None
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: [tool.gradscope] must be a table of options")
+        return dict(table), path
+    return {}, None
+
+
 def _check_run_name(name: object) -> str:
     """A run name is one plain directory name: it can never escape the output root."""
     if not isinstance(name, str):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
+import gradscope
 from gradscope import Config
 from gradscope.config import type_matches
 
@@ -63,3 +64,37 @@ def test_type_matches_classes_and_names_in_the_mro():
 
     assert type_matches(MyReLU(), ("ReLU",)) and type_matches(MyReLU(), (nn.ReLU,))
     assert not type_matches(nn.Tanh(), ("ReLU", nn.Sigmoid))
+
+
+def test_pyproject_table_sets_project_defaults_and_keywords_win(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "x"\n\n[tool.gradscope]\nout = "runs"\nclip = "zclip:z=3"\n'
+        'guard = 4\nthresholds = { dead_fraction = 0.6 }\n'
+    )
+    work = tmp_path / "src" / "pkg"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)  # found from a subfolder, as from anywhere in the project
+    model = nn.Linear(2, 2)
+    with gradscope.watch(model, quiet=True) as scope:
+        pass
+    cfg = scope.config
+    assert str(cfg.clip) == "zclip:z=3,alpha=0.97,warmup=25,factor=1,max=none,per_layer=false"
+    assert cfg.guard == 4 and cfg.thresholds.dead_fraction == 0.6
+    assert scope.run_dir.parent == work / "runs"
+    with gradscope.watch(model, quiet=True, clip=None, out=tmp_path / "o") as scope:
+        pass
+    assert scope.config.clip is None and scope.config.guard == 4
+
+
+def test_bad_pyproject_option_names_the_file(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text('[tool.gradscope]\nclip = "zclp"\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"pyproject\.toml \[tool\.gradscope\]: clip='zclp'"):
+        gradscope.watch(nn.Linear(2, 2))
+    (tmp_path / "pyproject.toml").write_text('[tool.gradscope]\nflush_evry = 3\n')
+    with pytest.raises(TypeError, match="did you mean 'flush_every'"):
+        gradscope.watch(nn.Linear(2, 2))
+    (tmp_path / "pyproject.toml").write_text('[tool.gradscope\n')
+    with pytest.raises(ValueError, match="cannot read"):
+        gradscope.watch(nn.Linear(2, 2))
+    assert [p.name for p in tmp_path.iterdir()] == ["pyproject.toml"]

@@ -18,9 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from torch import nn
+
+Index = tuple[Union[slice, torch.Tensor], ...]
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PER_UNIT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Dropout,
@@ -94,7 +97,6 @@ def recycle(plan: Plan, dead: torch.Tensor, optimizers: Sequence[torch.optim.Opt
     fresh = torch.empty_like(w)
     _default_init(fresh, generator)
     w[dead] = fresh[dead]
-    Index = tuple[slice | torch.Tensor, ...]
     touched: list[tuple[torch.Tensor, Index]] = [(w, (dead,))]
     bias = _tensor(plan.producer, "bias")
     if bias is not None:
