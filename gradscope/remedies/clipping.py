@@ -293,32 +293,46 @@ class AGC(Clipper):
         self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         norms: torch.Tensor, measured: int, skip: Sequence[bool],
     ) -> ClipResult:
+        """``scale_i = min(1, lam * max(||W_i||, eps) / max(||G_i||, 1e-6))``, which is timm's
+        ``where(||G_i|| < max_i, G_i, G_i * max_i / max(||G_i||, 1e-6))`` bit for bit (the ratio
+        is exactly 1.0 at the boundary, and ``max_i >= lam * eps > 1e-6`` keeps the floor
+        inactive wherever it matters). Two unit-wise norms per tensor; the rest is ``_foreach``
+        arithmetic on the small per-unit tensors (a few launches for all tensors together)."""
         lam = float(self.spec["clip"])
         eps = float(self.spec["eps"])
-        post_sq: list[torch.Tensor | None] = []
-        for p, g, s in zip(params, grads, skip):
-            if s:
-                post_sq.append(None)
-                continue
-            if g.dim() <= 1:
-                dims: tuple[int, ...] = tuple(range(g.dim()))
+        idx = [i for i, s in enumerate(skip) if not s]
+        post = norms.clone()
+        if idx:
+            w_n, g_n = [], []
+            for i in idx:
+                g = grads[i]
+                dims = tuple(range(g.dim())) if g.dim() <= 1 else tuple(range(1, g.dim()))
+                w_n.append(torch.linalg.vector_norm(params[i].detach(), dim=dims, keepdim=True,
+                                                    dtype=torch.float32))
+                g_n.append(torch.linalg.vector_norm(g, dim=dims, keepdim=True,
+                                                    dtype=torch.float32))
+            max_n = torch._foreach_clamp_min(w_n, eps)
+            torch._foreach_mul_(max_n, lam)
+            scale = torch._foreach_div(max_n, torch._foreach_clamp_min(g_n, 1e-6))
+            torch._foreach_clamp_max_(scale, 1.0)
+            clipped = [grads[i] for i in idx]
+            if all(g.dtype == torch.float32 for g in clipped):
+                torch._foreach_mul_(clipped, scale)
             else:
-                dims = tuple(range(1, g.dim()))
-            w_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True,
-                                              dtype=torch.float32)
-            g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=torch.float32)
-            max_norm = w_norm.clamp(min=eps) * lam
-            clipped = g_norm >= max_norm  # timm: keep g only where g_norm < max_norm
-            scale = torch.where(clipped, max_norm / g_norm.clamp(min=1e-6),
-                                torch.ones_like(g_norm))
-            g.mul_(scale.to(g.dtype))
-            post_unit = torch.where(clipped, g_norm * scale, g_norm)
-            post_sq.append((post_unit.double() ** 2).sum())
-        post_list = [
-            torch.sqrt(sq).float() if sq is not None else norms[i]
-            for i, sq in enumerate(post_sq)
-        ]
-        post = torch.stack(post_list) if post_list else norms
+                torch._foreach_mul_(clipped, [s.to(g.dtype) for s, g in zip(scale, clipped)])
+            # the post-clip norm of a tensor is the norm of its post-clip unit norms
+            post_units = torch._foreach_mul(g_n, scale)
+            post_n = torch.stack(torch._foreach_norm(post_units))
+            if len(idx) == len(skip):
+                post = post_n
+            else:
+                key = tuple(idx)
+                where = self._index_cache.get(key)
+                if where is None:
+                    if len(self._index_cache) > 64:
+                        self._index_cache.clear()
+                    where = self._index_cache[key] = to_device_index(idx, norms.device)
+                post = post.index_copy(0, where, post_n)
         total_pre = torch.linalg.vector_norm(norms)
         total_post = torch.linalg.vector_norm(post)
         coef = torch.where(norms > 0, post / norms.clamp(min=1e-30), torch.ones_like(norms))
