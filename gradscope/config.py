@@ -162,6 +162,11 @@ class Config:
         set_(self, "guard", parse_guard(self.guard))
         set_(self, "swap", parse_swap(self.swap))
         set_(self, "recycle", parse_recycle(self.recycle))
+        if (self.swap or self.recycle) and not self.diagnose:
+            raise ValueError(
+                f"{'swap' if self.swap else 'recycle'}= acts on findings, and diagnose=False "
+                "turns the rules off: drop one of the two"
+            )
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> Config:

@@ -550,6 +550,7 @@ def test_recycle_refuses_layers_it_cannot_map(out):
     ({"swap": "relu->gelu:0.1"}, r"gelu takes no argument"),
     ({"guard": -1}, r"guard=-1: expected True, False"),
     ({"recycle": "maybe"}, r"recycle='maybe': expected True or False"),
+    ({"swap": "relu->gelu", "diagnose": False}, r"swap= acts on findings, and diagnose=False"),
 ])
 def test_bad_remedy_options_fail_in_one_line_before_anything_is_written(out, kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
