@@ -9,6 +9,7 @@ count); ratios to ``plain`` are paired within a round. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -20,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,37 +340,78 @@ def replace_section(path: Path, section: str) -> None:
     path.write_text(new, encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@contextlib.contextmanager
+def using_variant(cls: type[Variant]) -> Iterator[None]:
+    """Make :func:`run_workload` build ``cls`` (a Variant subclass; it looks ``Variant`` up at
+    call time)."""
+    global Variant
+    saved = Variant
+    Variant = cls  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        Variant = saved  # type: ignore[misc]
+
+
+def paired(num: list[float], den: list[float]) -> dict[str, float]:
+    """Median and p25/p75 of per-round ratios num[i] / den[i]."""
+    ratios = [n / d for n, d in zip(num, den)]
+    p25, med, p75 = (float(q) for q in np.percentile(ratios, [25, 50, 75]))
+    return {"ratio": med, "ratio_p25": p25, "ratio_p75": p75}
+
+
+def add_common_args(parser: argparse.ArgumentParser, rounds_help: str, quick_help: str,
+                    json_default: Path | None, json_help: str = "raw results") -> None:
+    """``--workloads``, ``--rounds``, ``--quick``, ``--out`` and ``--json``, shared by every
+    benchmark script here."""
     parser.add_argument("--workloads", default="mlp,cnn,transformer",
                         help="comma-separated subset of: " + ", ".join(WORKLOADS))
-    parser.add_argument("--rounds", type=int, help="rounds per workload (default: per workload)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 10 steps")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="build the default configuration up piece by piece instead")
+    parser.add_argument("--rounds", type=int, help=rounds_help)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--json", type=Path, help="raw results (default: results/<mode>.json)")
-    args = parser.parse_args(argv)
-    specs = BREAKDOWN if args.breakdown else VARIANTS
-    json_path = args.json or HERE / "results" / ("breakdown.json" if args.breakdown
-                                                 else "overhead.json")
+    parser.add_argument("--json", type=Path, default=json_default, help=json_help)
+
+
+def checked_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The workload names asked for (a usage error names any unknown one)."""
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown or not names:
         parser.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    return names
+
+
+def run_meta(script: str, argv: list[str] | None, quick: bool, block: int,
+             **extra: Any) -> dict[str, Any]:
+    """What a results section says about the machine and the run (call after setting the
+    thread count)."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": quick,
+        "command": " ".join(["python", f"benchmarks/{script}", *(argv or sys.argv[1:])]),
+        "torch": torch.__version__, "gradscope": gradscope.__version__,
+        "python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "block": block, "seed": SEED, **extra,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, "rounds per workload (default: per workload)",
+                    "smoke run: 3 rounds of 10 steps", None,
+                    "raw results (default: results/<mode>.json)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="build the default configuration up piece by piece instead")
+    args = parser.parse_args(argv)
+    specs = BREAKDOWN if args.breakdown else VARIANTS
+    json_path = args.json or HERE / "results" / ("breakdown.json" if args.breakdown
+                                                 else "overhead.json")
+    names = checked_workloads(parser, args)
 
     torch.set_num_threads(1)
     block = 10 if args.quick else BLOCK
-    meta: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": args.quick,
-        "command": " ".join(["python", "benchmarks/overhead.py", *(argv or sys.argv[1:])]),
-        "torch": torch.__version__, "gradscope": gradscope.__version__,
-        "python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "block": block, "seed": SEED,
-        "loadavg_start": os.getloadavg(),
-    }
+    meta = run_meta("overhead.py", argv, args.quick, block, loadavg_start=os.getloadavg())
     results: dict[str, Any] = {}
     for name in names:
         wl = WORKLOADS[name]

@@ -13,23 +13,20 @@ ratio to ``trace_off``, paired within a round. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +45,6 @@ from overhead import (  # noqa: E402
     WORKLOADS,
     Batch,
     Workload,
-    cpu_model,
     replace_section,
     run_workload,
 )
@@ -111,29 +107,11 @@ class TracingVariant(overhead.Variant):
             super().step()
 
 
-@contextlib.contextmanager
-def tracing_variants() -> Iterator[None]:
-    """Make overhead.run_workload build TracingVariant (it looks ``Variant`` up at call time)."""
-    saved = overhead.Variant
-    overhead.Variant = TracingVariant  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        overhead.Variant = saved  # type: ignore[misc]
-
-
-def paired(num: list[float], den: list[float]) -> dict[str, float]:
-    """Median and p25/p75 of per-round ratios num[i] / den[i]."""
-    ratios = [n / d for n, d in zip(num, den)]
-    p25, med, p75 = (float(q) for q in np.percentile(ratios, [25, 50, 75]))
-    return {"ratio": med, "ratio_p25": p25, "ratio_p75": p75}
-
-
 def tracer_cost(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
     """Each traced variant against ``trace_off`` (same recording, no tracer), with its goal."""
     out: dict[str, dict[str, Any]] = {}
     for kind in ("trace_auto", "trace_always"):
-        s = paired(times[kind], times[BASE])
+        s = overhead.paired(times[kind], times[BASE])
         goal = GOALS[kind]
         out[kind] = {**s, "goal": goal, "pass": s["ratio"] <= goal}
     return out
@@ -141,7 +119,7 @@ def tracer_cost(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
 
 def measure(wl: Workload, rounds: int, block: int) -> dict[str, Any]:
     TracingVariant.nonfinite.clear()
-    with tracing_variants():
+    with overhead.using_variant(TracingVariant):
         res = run_workload(wl, VARIANTS, rounds, block, SEED)
     res["nonfinite_findings"] = dict(TracingVariant.nonfinite)
     res["tracer"] = tracer_cost(res["block_seconds"])
@@ -410,7 +388,7 @@ def render(meta: dict[str, Any], results: dict[str, Any], demo: list[dict[str, A
     for wl, res in results.items():
         times = res["block_seconds"]
         for kind, s in res["summary"].items():
-            off = fmt(paired(times[kind], times[BASE]))
+            off = fmt(overhead.paired(times[kind], times[BASE]))
             lines.append(f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {fmt(s)} | {off} |")
     lines += [
         "", "### Who is named: three planted faults", "",
@@ -436,33 +414,18 @@ def render(meta: dict[str, Any], results: dict[str, Any], demo: list[dict[str, A
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workloads", default="mlp,cnn,transformer",
-                        help="comma-separated subset of: " + ", ".join(WORKLOADS))
-    parser.add_argument("--rounds", type=int,
-                        help="rounds per workload (default: " + ", ".join(
-                            f"{k} {v}" for k, v in ROUNDS.items()) + ")")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {QUICK_ROUNDS} rounds of {QUICK_BLOCK} steps")
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "tracing.json")
+    overhead.add_common_args(
+        parser, "rounds per workload (default: " + ", ".join(
+            f"{k} {v}" for k, v in ROUNDS.items()) + ")",
+        f"smoke run: {QUICK_ROUNDS} rounds of {QUICK_BLOCK} steps",
+        HERE / "results" / "tracing.json")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown or not names:
-        parser.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
-    if args.rounds is not None and args.rounds < 1:
-        parser.error("--rounds must be >= 1")
+    names = overhead.checked_workloads(parser, args)
 
     torch.set_num_threads(1)
     block = QUICK_BLOCK if args.quick else BLOCK
-    meta: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": args.quick,
-        "command": " ".join(["python", "benchmarks/tracing.py", *(argv or sys.argv[1:])]),
-        "torch": torch.__version__, "gradscope": gradscope.__version__,
-        "python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "block": block, "seed": SEED,
-        "variants": VARIANTS, "goals": GOALS, "loadavg_start": os.getloadavg(),
-    }
+    meta = overhead.run_meta("tracing.py", argv, args.quick, block, variants=VARIANTS,
+                             goals=GOALS, loadavg_start=os.getloadavg())
     started = time.monotonic()
     results: dict[str, Any] = {}
     for name in names:
