@@ -608,3 +608,19 @@ def test_remedy_actions_reach_tensorboard(out):
     assert any("skip_step" in d for d in decoded)
     assert [t.step for t in texts if "skip_step" in t.tensor_proto.string_val[0].decode()] == [2]
     assert "clip_coef" in acc.Tags()["scalars"] and "guard_skipped" in acc.Tags()["scalars"]
+
+
+def test_clipping_a_compiled_model_matches_clip_grad_norm(out):
+    """Clipping runs in the optimizer's pre-step hook, outside the compiled graph."""
+    model, ref = _mlp(), _mlp()
+    compiled = torch.compile(model, backend="eager")
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    with gradscope.watch(compiled, opt, out=out, clip="norm:0.3", quiet=True) as scope:
+        _train(compiled, opt, x, y, 8)
+    _train(ref, ref_opt, x, y, 8,
+           lambda step: torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.3))
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert (scope.load().wide("clip_coef")["(run)"] < 1).any()
