@@ -132,4 +132,9 @@ def test_guard_keeps_the_nan_example_finite(out):
     events = [json.loads(line) for line in
               (scope.run_dir / "events.jsonl").read_text().splitlines()]
     assert sum(e.get("action") == "skip_step" for e in events) == len(skipped)
-    assert [f["kind"] for f in scope.findings] == ["nonfinite"]
+    # and because the weights stayed clean, the NaN came back at the next step where the
+    # tracer (armed by the first one) named its origin; untreated, the NaN weights hide it
+    (finding,) = scope.findings
+    assert (finding["kind"], finding["module"], finding["phase"]) == \
+        ("nonfinite", "log_probs", "forward")
+    assert finding["evidence"]["traced"] is True
