@@ -147,6 +147,7 @@ class Scope:
                     self._modules, self._models, self._event,
                     lambda f, r: f.setdefault("remedies", []).append(r),
                     patience_steps=config.thresholds.patience * config.activation_every,
+                    on_replace=self._tracer.replace_module,
                 )
                 self._store.event({"event": "remedies", **self._remedies.describe()})
                 for note in self._remedies.check_model():

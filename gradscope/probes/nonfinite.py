@@ -176,6 +176,16 @@ class NonfiniteTracer:
             hook = Hook(partial(self._on_forward, name), f"trace {name}")
             self._hooks.add(module.register_forward_hook(hook, with_kwargs=True), "trace")
 
+    def replace_module(self, old: nn.Module, new: nn.Module) -> None:
+        """An activation swap put ``new`` where ``old`` was: trace the new one (re-hooked now
+        if armed; swaps happen between steps)."""
+        self._named = [(n, new if m is old else m) for n, m in self._named]
+        if self.armed:
+            steps = self._armed_steps
+            self.disarm()
+            self.arm()
+            self._armed_steps = steps
+
     def disarm(self) -> None:
         self.armed = False
         self._hooks.close()

@@ -78,6 +78,7 @@ class Remedies:
         event: Callable[[dict[str, Any]], None],
         annotate: Callable[[dict[str, Any], dict[str, Any]], None],
         patience_steps: int,
+        on_replace: Callable[[nn.Module, nn.Module], None] | None = None,
     ) -> None:
         self.clip = clip
         self.swap = swap
@@ -89,6 +90,7 @@ class Remedies:
         self.event = event
         self.annotate = annotate
         self.patience_steps = patience_steps
+        self.on_replace = on_replace  # others that hold the swapped module (the tracer)
         self._clippers: dict[int, tuple[Clipper, dict[int, int], tuple[int, ...]]] = {}
         self._stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.consecutive = 0
@@ -291,6 +293,8 @@ class Remedies:
         if places == 0:
             return
         self.probe.replace(entry, new)
+        if self.on_replace is not None:
+            self.on_replace(old, new)
         self._swapped.add(id(new))
         record = {"remedy": "swap", "action": "swapped", "step": step, "layer": entry.name,
                   "from": type(old).__name__, "to": repr(new), "rule": str(rule),
