@@ -626,3 +626,35 @@ def test_clipping_a_compiled_model_matches_clip_grad_norm(out):
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert (scope.load().wide("clip_coef")["(run)"] < 1).any()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_clipping_under_a_grad_scaler_matches_unscale_then_clip(out, fused):
+    """Under a GradScaler the clip sees unscaled norms: non-fused optimizers get unscaled
+    gradients, fused ones still-scaled gradients and a grad_scale (the coefficient is the
+    same either way). Reference: the documented recipe, unscale_ + clip_grad_norm_."""
+    try:
+        model, ref = _mlp(), _mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+        ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        pytest.skip(f"no CPU GradScaler / fused Adam in this torch: {exc}")
+    x, y = _data()
+    with gradscope.watch(model, opt, out=out, clip="norm:0.3", quiet=True) as scope:
+        for _ in range(10):
+            opt.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+    for _ in range(10):
+        ref_opt.zero_grad()
+        ref_scaler.scale(nn.functional.cross_entropy(ref(x), y)).backward()
+        ref_scaler.unscale_(ref_opt)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.3)
+        ref_scaler.step(ref_opt)
+        ref_scaler.update()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert (scope.load().wide("clip_coef")["(run)"] < 1).all()
