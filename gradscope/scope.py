@@ -193,6 +193,35 @@ class Scope:
         ``close()``; call :meth:`flush` first for an up-to-date list in the middle of a run."""
         return self._diagnoser.snapshot() if self._diagnoser is not None else []
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the remedies where they were: the clippers'
+        histories (AutoClip's norms, ZClip's EMAs) and the guard's count of non-finite steps
+        in a row. Save it beside the model's and the optimizer's; restore it with
+        :meth:`load_state_dict` on the scope of the resumed run."""
+        self._check_open("state_dict")
+        return {"gradscope": __version__,
+                "remedies": self._remedies.state_dict() if self._remedies else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (before the first step of the resumed run).
+
+        Raises:
+            ValueError: ``state`` is not a gradscope state, or it was saved with another
+                ``clip`` option.
+        """
+        self._check_open("load_state_dict")
+        if not isinstance(state, dict) or "remedies" not in state:
+            raise ValueError("load_state_dict: expected the dict Scope.state_dict() returned")
+        saved = state["remedies"]
+        if saved is None and self._remedies is None:
+            return
+        if self._remedies is None:
+            raise ValueError(f"load_state_dict: the state was saved with clip={saved['clip']!r}"
+                             ", this scope has no remedy")
+        if saved is None:
+            saved = {"clip": None, "clippers": []}
+        self._remedies.load_state_dict(saved)
+
     def step(self) -> None:
         """End the current step by hand (loops with no optimizer). From the first call on, steps
         end only here; gradients are read at the optimizer step if there is one, otherwise at the

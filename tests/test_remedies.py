@@ -658,3 +658,64 @@ def test_clipping_under_a_grad_scaler_matches_unscale_then_clip(out, fused):
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert (scope.load().wide("clip_coef")["(run)"] < 1).all()
+
+
+@pytest.mark.parametrize("clip", ["autoclip", "autoclip:history=7", "zclip:warmup=5",
+                                  "zclip:warmup=5,per_layer"])
+def test_a_resumed_run_clips_as_if_it_had_never_stopped(out, clip, tmp_path):
+    x, y = _data(scale=3.0)
+
+    def batches(step):
+        return x * (1 + 0.05 * (step % 7)), y
+
+    def train(model, opt, scope_kwargs, steps, start=0, state=None):
+        with gradscope.watch(model, opt, out=out, quiet=True, clip=clip,
+                             **scope_kwargs) as scope:
+            if state is not None:
+                scope.load_state_dict(state)
+            for step in range(start, start + steps):
+                opt.zero_grad()
+                xb, yb = batches(step)
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                opt.step()
+            saved = scope.state_dict()
+        return scope, saved
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    whole, _ = train(model, opt, {}, 30)
+
+    first = _mlp()
+    opt1 = torch.optim.SGD(first.parameters(), lr=0.05, momentum=0.9)
+    _, state = train(first, opt1, {}, 15)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "gs": state}, path)
+    ckpt = torch.load(path, weights_only=False)
+
+    def resumed(with_state):
+        m = _mlp(1)
+        m.load_state_dict(ckpt["model"])
+        o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        o.load_state_dict(ckpt["opt"])
+        scope, _ = train(m, o, {}, 15, start=15, state=ckpt["gs"] if with_state else None)
+        return m, scope
+
+    m2, scope2 = resumed(True)
+    for a, b in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    whole_thr = whole.load().wide("clip_threshold").to_numpy()[15:]
+    np.testing.assert_array_equal(scope2.load().wide("clip_threshold").to_numpy(), whole_thr)
+    assert any(e.get("action") == "state_restored" for e in _events(scope2))
+    m3, _ = resumed(False)  # without the state the clipper starts over, and it shows
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), m3.parameters()))
+
+
+def test_load_state_dict_refuses_another_clip_option(out):
+    model = _mlp()
+    with gradscope.watch(model, out=out, quiet=True, clip="zclip") as scope:
+        state = scope.state_dict()
+    with gradscope.watch(model, out=out, quiet=True, clip="autoclip") as scope:
+        with pytest.raises(ValueError, match=r"saved with clip='zclip:z=2\.5"):
+            scope.load_state_dict(state)
+        with pytest.raises(ValueError, match="expected the dict"):
+            scope.load_state_dict({"model": 1})

@@ -92,6 +92,7 @@ class Remedies:
         self.patience_steps = patience_steps
         self.on_replace = on_replace  # others that hold the swapped module (the tracer)
         self._clippers: dict[int, tuple[Clipper, dict[int, int], tuple[int, ...]]] = {}
+        self._pending_state: list[dict[str, object]] = []  # loaded, for clippers not made yet
         self._stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.consecutive = 0
         self.first_skip: int | None = None
@@ -218,6 +219,12 @@ class Remedies:
             index = {id(p): i for i, p in enumerate(flat)}
             entry = (make_clipper(self.clip, len(flat)), index, sig)
             self._clippers[id(opt)] = entry
+            if self._pending_state:  # a checkpoint's state, in the order optimizers first step
+                state = self._pending_state.pop(0)
+                why = entry[0].load_state_dict(state, norms.device)
+                self.event({"event": "remedy", "remedy": "clip", "step": None,
+                            "action": "state_restored" if why is None else "state_not_restored",
+                            **({"reason": why} if why else {})})
         clipper, index, _ = entry
         if isinstance(clipper, AGC):
             last = self._last_layer_params() if self.clip["skip_last"] else set()
@@ -225,6 +232,28 @@ class Remedies:
             return clipper.clip_params(params, grads, norms, measured, skip)
         keys = tuple(index[id(p)] for p in params)
         return clipper.clip(grads, norms, measured, keys)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The clippers' histories (one per optimizer, in the order they first stepped) and
+        the guard's count, for a checkpoint."""
+        return {
+            "clip": str(self.clip) if self.clip is not None else None,
+            "clippers": [entry[0].state_dict() for entry in self._clippers.values()],
+            "guard_consecutive": self.consecutive,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: each clipper gets its state when its optimizer first
+        steps. The clip option must be the one the state was saved with."""
+        if not isinstance(state, dict) or "clippers" not in state:
+            raise ValueError("load_state_dict: expected the dict Scope.state_dict() returned")
+        mine = str(self.clip) if self.clip is not None else None
+        if state.get("clip") != mine:
+            raise ValueError(f"load_state_dict: the state was saved with clip={state.get('clip')!r}"
+                             f", this scope has clip={mine!r}")
+        self._pending_state = list(state["clippers"])
+        self.consecutive = int(state.get("guard_consecutive", 0))
 
     def _last_layer_params(self) -> set[int]:
         """Parameters of the last module (in forward order) that owns parameters: the

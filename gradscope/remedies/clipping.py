@@ -77,6 +77,39 @@ class Clipper:
         update the state. ``inf`` means no clipping."""
         raise NotImplementedError
 
+    # -- checkpointing ------------------------------------------------------------------------
+    _STATE: tuple[str, ...] = ()  # tensor attributes that hold the rule's state
+
+    def state_dict(self) -> dict[str, object]:
+        """The rule's state (histories, EMAs), on the CPU; empty for stateless rules."""
+        out: dict[str, object] = {}
+        for name in self._STATE:
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().clone()
+            elif isinstance(value, tuple):
+                value = tuple(v.detach().cpu().clone() for v in value)
+            out[name] = value
+        return out
+
+    def load_state_dict(self, state: dict[str, object], device: torch.device) -> str | None:
+        """Restore :meth:`state_dict`'s output; returns why not, or None when restored."""
+        if set(state) != set(self._STATE):
+            return f"expected state {sorted(self._STATE)}, got {sorted(state)}"
+        mine = self.state_dict()
+        for name, value in state.items():
+            ref = mine[name]
+            if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor) and \
+                    value.shape[0] != ref.shape[0]:
+                return f"{name} holds {value.shape[0]} rows, this optimizer {ref.shape[0]}"
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(device)
+            elif isinstance(value, tuple):
+                value = tuple(v.to(device) for v in value)
+            setattr(self, name, value)
+        return None
+
     # -- applying it ------------------------------------------------------------------------
     def clip(self, grads: Sequence[torch.Tensor], norms: torch.Tensor, measured: int,
              keys: tuple[int, ...]) -> ClipResult:
@@ -146,6 +179,10 @@ class AutoClip(Clipper):
         self.count: torch.Tensor | None = None  # [G] int64: finite norms held
         self.ring: torch.Tensor | None = None  # [G, W] windowed: insertion order
         self.calls = 0
+        self._state(torch.device("cpu"))  # allocated now so a checkpoint can be loaded
+        self.calls = 0
+
+    _STATE = ("sorted", "count", "ring", "calls")
 
     def _state(self, device: torch.device) -> None:
         if self.sorted is None:
@@ -154,7 +191,13 @@ class AutoClip(Clipper):
             self.count = torch.zeros(self.size, dtype=torch.long, device=device)
             if self.window:
                 self.ring = torch.zeros(self.size, self.window, device=device)
-        elif not self.window and self.calls >= self.sorted.shape[1]:
+            return
+        if self.sorted.device != device:  # allocated on the CPU (or loaded): move once
+            assert self.count is not None
+            self.sorted, self.count = self.sorted.to(device), self.count.to(device)
+            if self.ring is not None:
+                self.ring = self.ring.to(device)
+        if not self.window and self.calls >= self.sorted.shape[1]:
             pad = torch.full_like(self.sorted, float("inf"))
             self.sorted = torch.cat([self.sorted, pad], dim=1)
 
@@ -229,17 +272,18 @@ class ZClip(Clipper):
         self.warmup = int(spec["warmup"])
         self.factor = float(spec["factor"])
         self.cap = spec["max"]
-        self.state: tuple[torch.Tensor, ...] | None = None  # count, buf, mu, var
+        self.state: tuple[torch.Tensor, ...] = (  # count, buf, mu, var
+            torch.zeros(size, dtype=torch.long),
+            torch.zeros(size, self.warmup),
+            torch.zeros(size),
+            torch.zeros(size),
+        )
+
+    _STATE = ("state",)
 
     def threshold(self, norm: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        if self.state is None:
-            dev = norm.device
-            self.state = (
-                torch.zeros(self.size, dtype=torch.long, device=dev),
-                torch.zeros(self.size, self.warmup, device=dev),
-                torch.zeros(self.size, device=dev),
-                torch.zeros(self.size, device=dev),
-            )
+        if self.state[0].device != norm.device:
+            self.state = tuple(t.to(norm.device) for t in self.state)
         full = self.state
         count, buf, mu, var = full if rows is None else tuple(t[rows] for t in full)
         ok = torch.isfinite(norm)
