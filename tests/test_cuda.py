@@ -110,3 +110,26 @@ def test_guard_skips_a_nonfinite_step_on_the_gpu(out):
                 assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert scope.load().wide("guard_skipped").index.tolist() == [3]
+
+
+def test_clipper_state_round_trips_through_a_cpu_checkpoint(out):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(64, 16, device="cuda") * 5
+    y = torch.randint(0, 4, (64,), device="cuda")
+    with gradscope.watch(model, opt, out=out, quiet=True, clip="zclip:warmup=3") as scope:
+        for _ in range(6):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        state = scope.state_dict()
+    (zstate,) = state["remedies"]["clippers"][0]["state"][:1]
+    assert zstate.device.type == "cpu" and int(zstate[0]) == 3  # warm-up done, saved on CPU
+    with gradscope.watch(model, opt, out=out, quiet=True, clip="zclip:warmup=3") as scope:
+        scope.load_state_dict(state)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    thr = scope.load().wide("clip_threshold")["(run)"]
+    assert torch.isfinite(torch.tensor(thr.to_numpy())).all()  # no second warm-up

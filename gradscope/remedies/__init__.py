@@ -221,7 +221,7 @@ class Remedies:
             self._clippers[id(opt)] = entry
             if self._pending_state:  # a checkpoint's state, in the order optimizers first step
                 state = self._pending_state.pop(0)
-                why = entry[0].load_state_dict(state, norms.device)
+                why = entry[0].load_state_dict(state)
                 self.event({"event": "remedy", "remedy": "clip", "step": None,
                             "action": "state_restored" if why is None else "state_not_restored",
                             **({"reason": why} if why else {})})

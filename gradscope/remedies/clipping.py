@@ -92,22 +92,18 @@ class Clipper:
             out[name] = value
         return out
 
-    def load_state_dict(self, state: dict[str, object], device: torch.device) -> str | None:
+    def load_state_dict(self, state: dict[str, object]) -> str | None:
         """Restore :meth:`state_dict`'s output; returns why not, or None when restored."""
         if set(state) != set(self._STATE):
             return f"expected state {sorted(self._STATE)}, got {sorted(state)}"
-        mine = self.state_dict()
+        rows = getattr(self, "size", None)
         for name, value in state.items():
-            ref = mine[name]
-            if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor) and \
-                    value.shape[0] != ref.shape[0]:
-                return f"{name} holds {value.shape[0]} rows, this optimizer {ref.shape[0]}"
+            tensors = value if isinstance(value, tuple) else (value,)
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and rows is not None and t.shape[0] != rows:
+                    return f"{name} holds {t.shape[0]} rows, this optimizer needs {rows}"
         for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(device)
-            elif isinstance(value, tuple):
-                value = tuple(v.to(device) for v in value)
-            setattr(self, name, value)
+            setattr(self, name, value)  # moved to the gradients' device at the next step
         return None
 
     # -- applying it ------------------------------------------------------------------------
@@ -178,8 +174,6 @@ class AutoClip(Clipper):
         self.sorted: torch.Tensor | None = None  # [G, C]
         self.count: torch.Tensor | None = None  # [G] int64: finite norms held
         self.ring: torch.Tensor | None = None  # [G, W] windowed: insertion order
-        self.calls = 0
-        self._state(torch.device("cpu"))  # allocated now so a checkpoint can be loaded
         self.calls = 0
 
     _STATE = ("sorted", "count", "ring", "calls")
@@ -272,18 +266,23 @@ class ZClip(Clipper):
         self.warmup = int(spec["warmup"])
         self.factor = float(spec["factor"])
         self.cap = spec["max"]
-        self.state: tuple[torch.Tensor, ...] = (  # count, buf, mu, var
-            torch.zeros(size, dtype=torch.long),
-            torch.zeros(size, self.warmup),
-            torch.zeros(size),
-            torch.zeros(size),
-        )
+        # count, buf, mu, var: allocated on the gradients' device at the first step (creating
+        # them there is free; copying from the host would be a synchronising transfer)
+        self.state: tuple[torch.Tensor, ...] | None = None
 
     _STATE = ("state",)
 
     def threshold(self, norm: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        if self.state[0].device != norm.device:
-            self.state = tuple(t.to(norm.device) for t in self.state)
+        dev = norm.device
+        if self.state is None:
+            self.state = (
+                torch.zeros(self.size, dtype=torch.long, device=dev),
+                torch.zeros(self.size, self.warmup, device=dev),
+                torch.zeros(self.size, device=dev),
+                torch.zeros(self.size, device=dev),
+            )
+        elif self.state[0].device != dev:  # restored from a checkpoint: one copy
+            self.state = tuple(t.to(dev) for t in self.state)
         full = self.state
         count, buf, mu, var = full if rows is None else tuple(t[rows] for t in full)
         ok = torch.isfinite(norm)
