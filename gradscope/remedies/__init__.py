@@ -309,7 +309,9 @@ class Remedies:
             sources = ", ".join(sorted({r.source_type.__name__ for r in self.swap}))
             note = (f"swap not applied: {site} is a {cls}, not one of the swap sources "
                     f"({sources})")
-            if entry.family is not None and cls not in sources:
+            from ..layers import Family
+
+            if entry.family is Family.OTHER:  # a user type named in activation_types
                 note += f"; if {cls} calls an activation inside its forward(), " + FUNCTIONAL_NOTE
             self.annotate(f, {"remedy": "swap", "action": "not_applied", "step": step,
                               "reason": note})
