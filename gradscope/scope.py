@@ -41,7 +41,7 @@ from .probes.nonfinite import NonfiniteTracer
 from .probes.weights import WeightProbe
 from .records import RUN_LAYER, LongTable
 from .remedies import NonfiniteStepsError, Remedies
-from .rules.engine import Diagnoser, layer_info
+from .rules.engine import FINDING_REMEDY_RULES, Diagnoser, layer_info
 from .rules.nonfinite import traced_episode
 from .sinks.console import FindingPrinter
 from .sinks.store import Store
@@ -503,7 +503,7 @@ class Scope:
             self._pending.append(table.published())
             self._pending_rows += len(chunk.steps)
             if self._diagnoser is not None:
-                self._diagnose(table)
+                self._diagnose(table, early=not write)
         if not write:
             return
         if self._pending:
@@ -519,10 +519,12 @@ class Scope:
             self._write_meta("running")
 
     # -- diagnosis --------------------------------------------------------------------------------
-    def _diagnose(self, table: LongTable) -> None:
+    def _diagnose(self, table: LongTable, early: bool = False) -> None:
+        """Run the rules on newly flushed records. ``early`` (a sample between flushes, for the
+        remedies that act on findings): only the rules those remedies read."""
         assert self._diagnoser is not None
         info = layer_info(self._table.describe(), self._modules.site_names())
-        self._diagnoser.update(table, info)
+        self._diagnoser.update(table, info, FINDING_REMEDY_RULES if early else None)
         for error in self._diagnoser.errors:
             self._store.event({"event": "internal_error", "where": "rules", "error": error})
         self._diagnoser.errors.clear()

@@ -138,3 +138,16 @@ def test_guard_keeps_the_nan_example_finite(out):
     assert (finding["kind"], finding["module"], finding["phase"]) == \
         ("nonfinite", "log_probs", "forward")
     assert finding["evidence"]["traced"] is True
+
+
+def test_early_diagnosis_for_swap_loses_no_finding(out):
+    """With swap= on, only the unit rules run at every sample; the others still see every
+    step at the next flush: the same findings, at the same steps, as without it."""
+    plain = run("poisoned_batch", out)[0]
+    swapped = run("poisoned_batch", out, swap="relu->gelu", recycle=True)[0]
+
+    def shape(scope):
+        return sorted((f["kind"], f["layer"], f["first_step"]) for f in scope.findings)
+
+    assert shape(swapped) == shape(plain)
+    assert ("loss_spike", "(run)", 120) in shape(plain)

@@ -43,6 +43,9 @@ RULE_METRICS = frozenset({
     "skipped_step", "guard_skipped", "_n", "_units",
 })
 """What the rules read; the Diagnoser's window keeps only these."""
+FINDING_REMEDY_RULES: tuple[Rule, ...] = (dead_units, saturation)
+"""The rules whose findings the swap and recycle remedies act on: run at every sample while
+those remedies are on (the others wait for the flush)."""
 # evidence that describes the start of a finding: kept when the finding is extended
 _STICKY = ("born_dead", "since_step", "at_first_check", "first_in", "traced")
 # the measure of how bad an episode was, and the numbers that belong to its peak
@@ -117,13 +120,18 @@ class Diagnoser:
         self._value = np.zeros(0)
         self._first: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._nonfinite: dict[str, Any] | None = None
+        self._pending: dict[Rule, int] = {}  # rule -> first step it has not evaluated yet
 
     # -- records ----------------------------------------------------------------------------------
-    def update(self, table: LongTable, layers: LayerInfo) -> list[dict[str, Any]]:
-        """Add a flushed table and run every rule on the window; returns new findings."""
+    def update(self, table: LongTable, layers: LayerInfo,
+               rules: tuple[Rule, ...] | None = None) -> list[dict[str, Any]]:
+        """Add a flushed table and run the rules (default: all) on the window; returns new
+        findings. A rule left out now sees these steps as new the next time it runs."""
         if not len(table):
             return []
         since = int(table.step.min())
+        for rule in self.rules:
+            self._pending[rule] = min(self._pending.get(rule, since), since)
         used = np.array([c[2] in RULE_METRICS for c in table.columns] + [False], dtype=bool)
         keep_rows = used[table.col]  # only what some rule reads is kept in the window
         remap = np.array([self._column(c) if used[i] else -1
@@ -151,7 +159,7 @@ class Diagnoser:
                 self._value[keep]
         rec = Records(self._step, self._col, self._value, self._columns, since, layers,
                       self._first)
-        return self.evaluate(rec)
+        return self.evaluate(rec, rules)
 
     def _column(self, key: tuple[str, str, str]) -> int:
         c = self._cid.get(key)
@@ -160,10 +168,16 @@ class Diagnoser:
             self._columns.append(key)
         return c
 
-    def evaluate(self, rec: Records) -> list[dict[str, Any]]:
-        """Run every rule on ``rec`` and merge the episodes into the findings."""
+    def evaluate(self, rec: Records, rules: tuple[Rule, ...] | None = None
+                 ) -> list[dict[str, Any]]:
+        """Run the rules (default: all) on ``rec`` and merge the episodes into the findings.
+        Each rule reports from the first step it has not evaluated yet."""
         raised: list[dict[str, Any]] = []
+        default_since = rec.since
         for rule in self.rules:
+            if rules is not None and rule not in rules:
+                continue
+            rec.since = self._pending.pop(rule, default_since)
             try:
                 episodes = rule(rec, self.t)
             except Exception as exc:  # a rule bug must not stop the others (or training)
