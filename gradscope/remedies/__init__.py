@@ -100,7 +100,6 @@ class Remedies:
         self._swapped: set[int] = set()  # ids of modules put in by a swap (not swapped again)
         self._handled: set[tuple[str, str, int]] = set()  # findings acted on, or refused
         self._recycled_at: dict[str, int] = {}
-        self._warned: set[str] = set()
         self._last_layer: tuple[int, set[int]] | None = None
         self.generator = torch.Generator().manual_seed(0)
         if recycle:

@@ -64,8 +64,9 @@ def _coef(threshold: torch.Tensor | float, norm: torch.Tensor) -> torch.Tensor:
 class Clipper:
     """Clipping state of one optimizer. Subclasses give the threshold rule."""
 
-    def __init__(self, spec: ClipSpec) -> None:
+    def __init__(self, spec: ClipSpec, size: int = 1) -> None:
         self.spec = spec
+        self.size = size  # rows of state: 1 global, or one per parameter tensor
         self.per_layer = spec.per_layer
         self.fixed: float | None = None  # a constant threshold (NormClip)
         self.boundary: torch.Tensor | None = None  # what to record as the threshold, if not it
@@ -96,11 +97,11 @@ class Clipper:
         """Restore :meth:`state_dict`'s output; returns why not, or None when restored."""
         if set(state) != set(self._STATE):
             return f"expected state {sorted(self._STATE)}, got {sorted(state)}"
-        rows = getattr(self, "size", None)
+        rows = self.size
         for name, value in state.items():
             tensors = value if isinstance(value, tuple) else (value,)
             for t in tensors:
-                if isinstance(t, torch.Tensor) and rows is not None and t.shape[0] != rows:
+                if isinstance(t, torch.Tensor) and t.shape[0] != rows:
                     return f"{name} holds {t.shape[0]} rows, this optimizer needs {rows}"
         for name, value in state.items():
             setattr(self, name, value)  # moved to the gradients' device at the next step
@@ -134,22 +135,25 @@ class Clipper:
     def _rows(self, keys: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         """State rows of these tensors: None when they are all of them, in order (the usual
         case), else a cached index tensor (copied once per distinct set of tensors)."""
-        if keys == tuple(range(len(keys))) and len(keys) == getattr(self, "size", -1):
+        if keys == tuple(range(len(keys))) and len(keys) == self.size:
             return None
-        rows = self._index_cache.get(keys)
-        if rows is None:
+        return self._cached_index(keys, device)
+
+    def _cached_index(self, keys: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``keys`` as a long tensor on ``device``, copied once per distinct tuple."""
+        index = self._index_cache.get(keys)
+        if index is None:
             if len(self._index_cache) > 64:
                 self._index_cache.clear()
-            rows = to_device_index(keys, device)
-            self._index_cache[keys] = rows
-        return rows
+            index = self._index_cache[keys] = to_device_index(keys, device)
+        return index
 
 
 class NormClip(Clipper):
     """``clip_grad_norm_(params, max)``: the same coefficient, bit for bit."""
 
-    def __init__(self, spec: ClipSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ClipSpec, size: int = 1) -> None:
+        super().__init__(spec, size)
         self.fixed = float(spec["max"])
 
     def threshold(self, norm: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -167,10 +171,9 @@ class AutoClip(Clipper):
     """
 
     def __init__(self, spec: ClipSpec, size: int) -> None:
-        super().__init__(spec)
+        super().__init__(spec, size)
         self.window = int(spec["history"])
         self.q = float(spec["p"]) / 100.0
-        self.size = size  # rows of state (1 global, or one per tensor)
         self.sorted: torch.Tensor | None = None  # [G, C]
         self.count: torch.Tensor | None = None  # [G] int64: finite norms held
         self.ring: torch.Tensor | None = None  # [G, W] windowed: insertion order
@@ -259,8 +262,7 @@ class ZClip(Clipper):
     """
 
     def __init__(self, spec: ClipSpec, size: int) -> None:
-        super().__init__(spec)
-        self.size = size
+        super().__init__(spec, size)
         self.z = float(spec["z"])
         self.alpha = float(spec["alpha"])
         self.warmup = int(spec["warmup"])
@@ -369,12 +371,7 @@ class AGC(Clipper):
             if len(idx) == len(skip):
                 post = post_n
             else:
-                key = tuple(idx)
-                where = self._index_cache.get(key)
-                if where is None:
-                    if len(self._index_cache) > 64:
-                        self._index_cache.clear()
-                    where = self._index_cache[key] = to_device_index(idx, norms.device)
+                where = self._cached_index(tuple(idx), norms.device)
                 post = post.index_copy(0, where, post_n)
         total_pre = torch.linalg.vector_norm(norms)
         total_post = torch.linalg.vector_norm(post)
@@ -389,7 +386,7 @@ def make_clipper(spec: ClipSpec, size: int) -> Clipper:
     """The clipper for ``spec``; ``size``: tensors it may see (rows of per-layer state)."""
     rows = size if spec.per_layer else 1
     if spec.method == "norm":
-        return NormClip(spec)
+        return NormClip(spec, rows)
     if spec.method == "autoclip":
         return AutoClip(spec, rows)
     if spec.method == "zclip":
