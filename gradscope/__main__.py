@@ -1,3 +1,5 @@
-from gradscope.cli import main
+import sys
 
-main()
+from gradscope.cli import entry
+
+sys.exit(entry())

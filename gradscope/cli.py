@@ -48,6 +48,232 @@ def remedy_config(clip: str | None, guard: str | None, swap: str | None,
     return opts
 
 
+def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every :class:`gradscope.Config` field as an option (default None: not given, so a value
+    from ``--config`` or ``[tool.gradscope]`` stands). Values are checked by Config."""
+    opt = click.option
+    decorators = [
+        opt("--config", "config_file", metavar="FILE",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Options from this TOML file ([tool.gradscope] or top-level keys) instead of "
+                 "the working directory's pyproject.toml."),
+        opt("--out", metavar="DIR", default=None, help="Output root  [default: reports]."),
+        opt("--name", default=None, help="Run directory name  [default: time-model]."),
+        opt("--flush-every", type=int, metavar="N", help="Steps between host transfers."),
+        opt("--flush-secs", type=float, metavar="SECS", help="Also flush after this long."),
+        opt("--activation-every", type=int, metavar="N",
+            help="Activation statistics every N steps."),
+        opt("--update-every", type=int, metavar="N",
+            help="Update ratios and weight norms every N steps."),
+        opt("--include", multiple=True, metavar="GLOB", help="Watch only matching names."),
+        opt("--exclude", multiple=True, metavar="GLOB", help="Do not watch matching names."),
+        opt("--include-types", multiple=True, metavar="TYPE",
+            help="Watch only these module types."),
+        opt("--exclude-types", multiple=True, metavar="TYPE",
+            help="Never watch these module types."),
+        opt("--activation-types", multiple=True, metavar="TYPE",
+            help="More module types to treat as activations."),
+        opt("--dead-threshold", type=float, metavar="X",
+            help="A unit is dead when its output is <= X."),
+        opt("--sigmoid-saturation", type=float, metavar="X"),
+        opt("--tanh-saturation", type=float, metavar="X"),
+        opt("--softmax-saturation", type=float, metavar="X"),
+        opt("--update-ratio/--no-update-ratio", default=None,
+            help="Record ||dw||/||w|| (keeps a copy of the weights)."),
+        opt("--backward-signal/--no-backward-signal", default=None,
+            help="Record each module's output-gradient norm."),
+        opt("--tensorboard/--no-tensorboard", default=None, help="Write TensorBoard logs."),
+        opt("--step-on", type=click.Choice(["auto", "optimizer", "backward"]), default=None,
+            help="What ends a step."),
+        opt("--diagnose/--no-diagnose", default=None, help="Run the rules."),
+        opt("--trace-nonfinite", type=click.Choice(["auto", "always", "off"]), default=None,
+            help="Name the module that first produced a NaN/Inf."),
+        opt("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
+            help="Override a rule threshold, e.g. dead_fraction=0.6."),
+        opt("--quiet/--no-quiet", "-q", default=None,
+            help="Print nothing (the run directory has everything)."),
+    ]
+    fn = remedy_options(fn)
+    for decorator in reversed(decorators):
+        fn = decorator(fn)
+    return fn
+
+
+def build_config(options: dict[str, Any]) -> Any:
+    """The run's Config: ``--config FILE`` (or the working directory's pyproject.toml), then
+    the options given here on top. A bad value is a one-line usage error naming its source."""
+    from .config import Config, project_options
+
+    config_file = options.pop("config_file", None)
+    given: dict[str, Any] = {}
+    for key, value in options.items():
+        if value is None or value == () or (key == "recycle" and value is False):
+            continue
+        if key == "thresholds":
+            value = _thresholds(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        given[key] = value
+    if "guard" in given:
+        given["guard"] = _guard(given["guard"])
+    try:
+        if config_file is not None:
+            table, source = _config_file(config_file), config_file
+        else:
+            table, source = project_options()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if table:
+        try:
+            Config.from_kwargs(**table)
+        except (TypeError, ValueError) as exc:
+            raise click.UsageError(f"{source}: {exc}") from None
+    try:
+        return Config.from_kwargs(**{**table, **given})
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _thresholds(pairs: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise click.UsageError(f"--threshold {pair!r}: expected NAME=NUMBER, e.g. "
+                                   "dead_fraction=0.6") from None
+    return out
+
+
+def _guard(value: str) -> Any:
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on"):
+        return True
+    if text in ("false", "no", "off"):
+        return False
+    try:
+        return int(text)
+    except ValueError:
+        return value  # Config names the bad value
+
+
+def _config_file(path: Path) -> dict[str, Any]:
+    """Options from a TOML file: its [tool.gradscope] table, a [gradscope] table, or its
+    top-level keys."""
+    try:
+        import tomllib  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # Python < 3.11
+        import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"--config {path}: not valid TOML ({exc})") from None
+    table = data.get("tool", {}).get("gradscope", data.get("gradscope", data))
+    if not isinstance(table, dict):
+        raise ValueError(f"--config {path}: the gradscope options must be a table")
+    return dict(table)
+
+
+class _RunCommand(click.Command):
+    """``run``'s parsing: gradscope's options end at the script (or at ``-m MODULE``, or at
+    ``--``); everything after belongs to the script, even what looks like gradscope's."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {name for p in self.params if isinstance(p, click.Option)
+                       and not p.is_flag for name in p.opts}
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg.startswith("-m") and len(arg) > 2:  # python's -mpackage.module
+                out += ["-m", arg[2:], *args[i + 1:]]
+                break
+            if arg in ("--", "-m") or not arg.startswith("-") or arg == "-":
+                out += args[i:]
+                break
+            out.append(arg)
+            if arg in takes_value and i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+@main.command(
+    cls=_RunCommand,
+    context_settings={"allow_interspersed_args": False},
+    short_help="Run a script (or -m module) exactly as python would, watched.",
+)
+@click.option("-m", "as_module", is_flag=True,
+              help="Run a module, as python -m does (SCRIPT is the module name).")
+@config_options
+@click.argument("script", metavar="SCRIPT | -m MODULE")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(script: str, args: tuple[str, ...], as_module: bool, **options: Any) -> Any:
+    """Run SCRIPT with ARGS as `python SCRIPT ARGS...` would, with gradscope attached.
+
+    \b
+      gradscope run train.py --lr 3e-4
+      gradscope run --clip autoclip -m mypackage.train --epochs 3
+
+    The options before SCRIPT are gradscope's; everything after it is the script's. Models
+    are found at their first training forward pass and optimizers at their first step; the
+    run directory is written however the script ends, and the exit code is the script's.
+    """
+    from . import runner
+
+    config = build_config({**options})
+    try:
+        target = runner.resolve_module(script) if as_module else runner.resolve_script(script)
+    except runner.TargetError as exc:
+        raise click.UsageError(str(exc)) from None
+    _check_out(config.out)
+    return runner.run(target, list(args), config)
+
+
+def _check_out(out: Path) -> None:
+    """Fail before the script runs if the output root cannot be written."""
+    import os
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.UsageError(f"--out {str(out)!r}: cannot create the output root "
+                               f"({exc.strerror or exc})") from None
+    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+        raise click.UsageError(f"--out {str(out)!r}: not a writable directory")
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The ``gradscope`` console script. Usage errors are one line on stderr (exit 2); after
+    ``run``, the script's own ending (its exit code, or its exception re-raised for Python to
+    print) happens here, outside click."""
+    import sys
+
+    from . import runner
+
+    try:
+        result = main.main(args=argv, prog_name="gradscope", standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "gradscope"
+        print(f"{where}: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("Aborted!", file=sys.stderr)
+        return 1
+    if isinstance(result, runner.Outcome):
+        return runner.finish(result)
+    return result if isinstance(result, int) else 0
+
+
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
               show_default=True, help="Output root for the run directory.")

@@ -122,6 +122,15 @@ class Clock:
         self._slots[id(opt)] = (weakref.ref(opt), sig, slots)
         return slots
 
+    def forget_slots(self) -> None:
+        """The table grew (a model joined the run): map optimizers to slots afresh."""
+        self._slots.clear()
+
+    @property
+    def in_optimizer_step(self) -> bool:
+        """Inside an optimizer's ``step()`` (a closure's backward, a step hook)."""
+        return self._in_step is not None
+
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The optimizers seen stepping the watched parameters (still alive)."""
         out = []

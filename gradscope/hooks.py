@@ -13,7 +13,8 @@ pickles to an inert no-op, so a saved or copied watched model loads as a plain, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.hooks import RemovableHandle
@@ -68,6 +69,31 @@ class HookSet:
 
     def __len__(self) -> int:
         return len(self._handles)
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """Take every hook out of its dict for the duration (``torch.save`` of a watched model
+        pickles the module's hook dicts), then put each back where it was: torch keys hooks by
+        ever-increasing handle ids and runs them in dict order, so sorting by id restores the
+        order, the user's hooks included."""
+        taken: list[tuple[dict[int, Any], int, Any]] = []  # (dict, handle id, value)
+        for handle, _ in self._handles:
+            dicts = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
+            for ref in dicts:
+                hooks = ref()
+                if hooks is not None and handle.id in hooks:
+                    taken.append((hooks, handle.id, hooks.pop(handle.id)))
+        try:
+            yield
+        finally:
+            touched: dict[int, dict[int, Any]] = {}
+            for hooks, key, value in taken:
+                hooks[key] = value
+                touched[id(hooks)] = hooks
+            for hooks in touched.values():
+                items = sorted(hooks.items(), key=lambda kv: kv[0])
+                hooks.clear()
+                hooks.update(items)
 
     def close(self) -> None:
         """Remove every handle, newest first. Safe to call twice."""

@@ -91,33 +91,42 @@ class LayerTable:
     modules: list[ModuleEntry] = field(default_factory=list)
     _by_param: dict[int, ParamSlot] = field(default_factory=dict)
     _order: dict[str, int] = field(default_factory=dict)  # module name -> first forward rank
+    _seen: dict[int, nn.Module] = field(default_factory=dict)  # every module walked, by id
 
     @classmethod
     def build(cls, models: Mapping[str, nn.Module], config: Config) -> LayerTable:
         """Walk ``models`` (prefix -> module) and keep what the config's filters allow."""
         table = cls()
-        seen_modules: set[int] = set()
+        table.extend(models, config)
+        return table
+
+    def extend(self, models: Mapping[str, nn.Module], config: Config) -> list[ModuleEntry]:
+        """Add what ``models`` hold that the table does not yet: a model found later in the run
+        (``gradscope run`` discovers models as they first train), or the new parts of one
+        already watched under the same prefix. Modules and parameters already watched keep
+        their first names. Returns the new module entries (to hook)."""
+        added: list[ModuleEntry] = []
         for prefix, model in models.items():
             names = _names_by_param(model, prefix)
             for raw_name, module in model.named_modules():
                 raw_name = _join(prefix, raw_name)
                 module_name = raw_name or ROOT
-                if id(module) in seen_modules:
+                if id(module) in self._seen:
                     continue  # a module reachable twice is watched once, under its first name
-                seen_modules.add(id(module))
+                self._seen[id(module)] = module
                 if not _type_allowed(module, config):
                     continue
                 owned = []
                 for pname, param in module.named_parameters(recurse=False):
                     full = _join(raw_name, pname)
-                    if not param.requires_grad or id(param) in table._by_param:
+                    if not param.requires_grad or id(param) in self._by_param:
                         continue
                     if not _name_allowed(full, module_name, config):
                         continue
                     first, *aliases = names[id(param)]
-                    slot = ParamSlot(len(table.params), first, module_name, param, tuple(aliases))
-                    table.params.append(slot)
-                    table._by_param[id(param)] = slot
+                    slot = ParamSlot(len(self.params), first, module_name, param, tuple(aliases))
+                    self.params.append(slot)
+                    self._by_param[id(param)] = slot
                     owned.append(slot)
                 family = activation_family(module, config.activation_types)
                 if family is not None and not _name_allowed(module_name, module_name, config):
@@ -125,8 +134,13 @@ class LayerTable:
                 if owned or family is not None:
                     is_leaf = next(module.children(), None) is None
                     entry = ModuleEntry(module_name, module, family, bool(owned), is_leaf)
-                    table.modules.append(entry)
-        return table
+                    self.modules.append(entry)
+                    added.append(entry)
+        return added
+
+    def contains(self, module: nn.Module) -> bool:
+        """Whether ``module`` belongs to a watched model (filtered out or not)."""
+        return self._seen.get(id(module)) is module
 
     def slots_of(self, params: Iterable[torch.Tensor]) -> list[ParamSlot]:
         """The watched slots among ``params`` (an optimizer's), in the table's order, each once."""
@@ -186,6 +200,7 @@ class LayerTable:
         self.params.clear()
         self.modules.clear()
         self._by_param.clear()
+        self._seen.clear()
 
 
 def _join(prefix: str, name: str) -> str:

@@ -10,6 +10,11 @@ this optimizer step", and both matter:
   step was skipped (GradScaler has already synchronised to decide; we add no sync).
 * ``GradScaler.scale`` is wrapped to remember the unscaled loss behind the scaled one, so the
   recorded loss is the real loss, not loss x 65536.
+* ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``: a script that clips its own
+  gradients between ``backward()`` and ``step()`` would hide an explosion from statistics read at
+  the step; listeners take them just before the clip.
+* ``torch.save``: a watched model pickles its hook dicts; listeners take their hooks out for the
+  duration, so the file holds nothing of gradscope's.
 
 Each patch is installed when the first listener registers and restored when the last one leaves
 (only if nobody patched over us meanwhile; otherwise our wrapper stays as a pass-through). Nested
@@ -19,7 +24,10 @@ reported: listeners see only the outermost call.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -38,6 +46,11 @@ class Listener(Protocol):
     def scaler_step_begin(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None: ...
 
     def scaler_skipped(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def user_clip(self, params: list[torch.Tensor], function: str,
+                  detail: dict[str, Any]) -> None: ...
+
+    def hooks_detached(self) -> contextlib.AbstractContextManager[None]: ...
 
 
 class _State(threading.local):
@@ -143,6 +156,52 @@ def _make_step(cls: type) -> Callable[..., Any]:
     return step
 
 
+def _make_clip(owner: object, name: str) -> Callable[..., Any]:
+    original = _originals[(owner, name)]
+    what = "max_norm" if name == "clip_grad_norm_" else "clip_value"
+
+    @functools.wraps(original)
+    def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _listeners or _local.depth:
+            return original(parameters, *args, **kwargs)
+        passed: Any = parameters
+        if isinstance(parameters, torch.Tensor):
+            params = [parameters]
+        else:
+            is_generator = isinstance(parameters, types.GeneratorType)
+            params = list(parameters)
+            # torch warns about an empty *generator*: hand it one again
+            passed = (p for p in params) if is_generator else params
+        limit = args[0] if args else kwargs.get(what)
+        detail: dict[str, Any] = {what: float(limit) if isinstance(limit, (int, float)) else
+                                  repr(limit)}
+        if name == "clip_grad_norm_":
+            norm_type = args[1] if len(args) > 1 else kwargs.get("norm_type", 2.0)
+            detail["norm_type"] = float(norm_type) if isinstance(norm_type, (int, float)) else \
+                repr(norm_type)
+        tensors = [p for p in params if isinstance(p, torch.Tensor)]
+        for listener in tuple(_listeners):
+            listener.user_clip(tensors, name, detail)
+        return original(passed, *args, **kwargs)
+
+    clip.__gradscope__ = True  # type: ignore[attr-defined]  # wraps() took torch's __module__
+    return clip
+
+
+def _make_save(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def save(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _listeners:
+            return original(obj, *args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for listener in tuple(_listeners):
+                stack.enter_context(listener.hooks_detached())
+            return original(obj, *args, **kwargs)
+
+    save.__gradscope__ = True  # type: ignore[attr-defined]
+    return save
+
+
 def _mark_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     # Global optimizer pre-hook: an optimizer inside a GradScaler.step call really stepped.
     for call in _local.scaler_calls:
@@ -171,6 +230,16 @@ def _install() -> None:
     if (torch.autograd, "backward") not in _originals:
         _originals[(torch.autograd, "backward")] = torch.autograd.backward
         torch.autograd.backward = _backward
+    if (torch, "save") not in _originals:
+        _originals[(torch, "save")] = torch.save
+        torch.save = _make_save(torch.save)
+    import torch.nn.utils.clip_grad as clip_mod
+
+    for owner in (clip_mod, torch.nn.utils):
+        for name in ("clip_grad_norm_", "clip_grad_value_"):
+            if (owner, name) not in _originals and hasattr(owner, name):
+                _originals[(owner, name)] = getattr(owner, name)
+                setattr(owner, name, _make_clip(owner, name))
     for cls in _scaler_classes():
         for name, make in (("step", _make_step), ("scale", _make_scale)):
             if name in cls.__dict__ and (cls, name) not in _originals:
@@ -187,7 +256,8 @@ def _uninstall() -> None:
         _opt_hook = None
     for (owner, name), original in list(_originals.items()):
         current = getattr(owner, "__dict__", {}).get(name, getattr(owner, name, None))
-        if getattr(current, "__module__", None) == __name__:
+        if getattr(current, "__module__", None) == __name__ or \
+                getattr(current, "__gradscope__", False):
             setattr(owner, name, original)
             del _originals[(owner, name)]
         # else: someone patched over us; our wrapper stays beneath theirs as a pass-through

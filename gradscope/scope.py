@@ -20,7 +20,8 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,14 @@ if TYPE_CHECKING:
 STATUSES = ("running", "completed", "failed", "interrupted")
 META_SECS = 10.0  # at most this long between run.json rewrites while running
 
+_open_scopes: weakref.WeakSet[Scope] = weakref.WeakSet()
+
+
+def watched_elsewhere(module: nn.Module, besides: Scope | None = None) -> bool:
+    """Whether an open Scope other than ``besides`` watches ``module`` (``gradscope run``
+    leaves a model alone that the script watches itself)."""
+    return any(s is not besides and s._table.contains(module) for s in list(_open_scopes))
+
 
 class Scope:
     """A watched run. Create it with :func:`gradscope.watch`.
@@ -70,6 +79,7 @@ class Scope:
         label: str,
     ) -> None:
         self.config = config
+        self.command: list[str] | None = None  # how the process was started, if not python
         self._closed = False
         self._disabled = False
         self._pid = os.getpid()
@@ -127,6 +137,9 @@ class Scope:
             }
             self._pending: list[LongTable] = []  # diagnosed early, not yet written
             self._pending_rows = 0
+            self._user_clipped: set[int] = set()  # slots the script clipped in this step
+            self._user_clip_noted = False
+            self._exit_code: int | None = None
             self._write_meta("running")
 
             hooks = HookSet()
@@ -167,9 +180,12 @@ class Scope:
             self._after_backward = self._guarded(self._clock.after_backward)
             self._scaler_step = self._guarded(self._clock.scaler_step)
             self._scaler_skipped = self._guarded(self._on_scaler_skipped)
+            self._on_user_clip = self._guarded(self._user_clip_impl)
             self._stack.callback(patches.add_listener(self))
             atexit.register(self._at_exit)
             self._stack.callback(atexit.unregister, self._at_exit)
+            _open_scopes.add(self)
+            self._stack.callback(_open_scopes.discard, self)
         except BaseException:
             self._stack.close()
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -222,6 +238,56 @@ class Scope:
             saved = {"clip": None, "clippers": []}
         self._remedies.load_state_dict(saved)
 
+    def add_model(self, model: nn.Module, key: str | None = None) -> str:
+        """Watch one more model in this run (a model built later: a GAN's second network, the
+        model of a later training phase), or the parts added to one already watched.
+
+        Args:
+            model: The module (a ``torch.compile``d one too).
+            key: Its name prefix. Default: the class name (``Discriminator.fc.weight``),
+                made unique with a ``_1``, ``_2``... suffix. The key of a model already
+                watched re-walks it: new submodules and parameters join under its names.
+
+        Returns:
+            The key (prefix) the model is watched under.
+
+        Raises:
+            TypeError: ``model`` is not a module.
+            ValueError: ``key`` is not a plain name, or names another model already.
+        """
+        self._check_open("add_model")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"add_model() expects an nn.Module, got {type(model).__name__}")
+        model = _unwrap(model)
+        if key is None:
+            key = next((k for k, m in self._models.items() if m is model), None)
+            if key is None:
+                base = type(model).__name__
+                key = base
+                n = 0
+                while key in self._models:
+                    n += 1
+                    key = f"{base}_{n}"
+        if not isinstance(key, str) or "." in key or (not key and "" not in self._models):
+            raise ValueError(f"add_model(): key {key!r} must be a non-empty string without '.'")
+        if key in self._models and self._models[key] is not model:
+            raise ValueError(f"add_model(): key {key!r} already names another model "
+                             f"({type(self._models[key]).__name__})")
+        entries = self._table.extend({key: model}, self.config)
+        self._models[key] = model
+        self._tracer.add_model(key, model)
+        for entry in entries:
+            self._modules.attach_one(entry)
+        self._clock.forget_slots()
+        self._follow_device()
+        self._write_meta("running")
+        return key
+
+    def started(self, module: nn.Module) -> None:
+        """``module``'s forward has begun but its own forward-pre hook was registered too late
+        to run (the model was found by this very call): order it as if it had."""
+        self._modules.started(module)
+
     def step(self) -> None:
         """End the current step by hand (loops with no optimizer). From the first call on, steps
         end only here; gradients are read at the optimizer step if there is one, otherwise at the
@@ -242,17 +308,19 @@ class Scope:
             self._flush()
         return load_run(self.run_dir)
 
-    def close(self, status: str | None = None) -> None:
+    def close(self, status: str | None = None, exit_code: int | None = None) -> None:
         """Write everything, mark the run's status and remove every hook. Idempotent.
 
         Args:
             status: ``completed`` (default), ``failed`` or ``interrupted``.
+            exit_code: The process's exit code, for run.json (``gradscope run`` sets it).
         """
         if self._closed:
             return
         if status is not None and status not in STATUSES[1:]:
             raise ValueError(f"status={status!r}: expected one of {', '.join(STATUSES[1:])}")
         self._closed = True
+        self._exit_code = exit_code
         if os.getpid() != self._pid:  # a forked child (DataLoader worker) never writes
             self._stack.close()
             return
@@ -341,11 +409,42 @@ class Scope:
             if self._tracer.armed:
                 self._trace_after_backward(loss)
 
+    def user_clip(self, params: list[torch.Tensor], function: str,
+                  detail: dict[str, Any]) -> None:
+        self._on_user_clip(params, function, detail)
+
+    @contextlib.contextmanager
+    def hooks_detached(self) -> Iterator[None]:
+        """``torch.save`` is pickling: gradscope's hooks step out of the modules' hook dicts, so
+        a saved model holds no trace of gradscope (it loads where gradscope is not installed)."""
+        with self._hooks.detached(), self._tracer.hooks.detached():
+            yield
+
     def scaler_step_begin(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
         self._scaler_step(optimizer, getattr(scaler, "_scale", None))
 
     def scaler_skipped(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
         self._scaler_skipped(optimizer)
+
+    def _user_clip_impl(self, params: list[torch.Tensor], function: str,
+                        detail: dict[str, Any]) -> None:
+        """The script clips its own gradients (``clip_grad_norm_``/``clip_grad_value_``
+        between ``backward()`` and ``step()``): take the gradient statistics now, as its clip
+        sees them, so ``grad_norm`` shows an explosion the clip would hide; the norms after its
+        clip are read at the optimizer step as ``grad_norm_clipped``."""
+        if not self._clock.row_open or self._clock.in_optimizer_step:
+            return  # not between a backward pass of ours and an optimizer step
+        slots = [s for s in self._table.slots_of(params) if s.index not in self._user_clipped]
+        if not slots:
+            return
+        self._grads.record(slots, self._clock.sampled_updates())
+        self._user_clipped.update(s.index for s in slots)
+        if not self._user_clip_noted:
+            self._user_clip_noted = True
+            self._event({"event": "script_clip", "step": self._clock.step,
+                         "function": function, **detail,
+                         "note": "grad_norm is read before the script's clip, "
+                                 "grad_norm_clipped after it"})
 
     def _on_scaler_skipped(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._clock.slots_for(optimizer):
@@ -368,6 +467,7 @@ class Scope:
 
     def discard_row(self) -> None:
         self._buffer.discard_current()
+        self._user_clipped.clear()
         self._loss, self._loss_count = None, 0
         self._skip_noted = False
         self._weights.cancel()
@@ -383,8 +483,23 @@ class Scope:
         # read at the end of a backward pass that started from GradScaler.scale(): the
         # gradients still carry the loss scale
         scaled = at_backward and patches.backward_was_scaled()
-        return self._grads.record(slots, self._clock.sampled_updates(), grad_scale,
-                                  known_nonfinite, scaled)
+        clipped = self._user_clipped
+        if not clipped or at_backward or known_nonfinite:
+            return self._grads.record(slots, self._clock.sampled_updates(), grad_scale,
+                                      known_nonfinite, scaled)
+        # the script clipped some of these itself: their statistics were taken before its
+        # clip; what reaches the optimizer is recorded as grad_norm_clipped
+        before = [s for s in slots if s.index not in clipped]
+        after = [s for s in slots if s.index in clipped]
+        parts = [m for m in (
+            self._grads.record(before, self._clock.sampled_updates(), grad_scale)
+            if before else None,
+            self._grads.record_clipped(after, grad_scale),
+        ) if m is not None]
+        if len(parts) < 2:
+            return parts[0] if parts else None
+        (s1, g1, n1), (s2, g2, n2) = parts
+        return s1 + s2, g1 + g2, torch.cat([n1, n2.to(n1.device)])
 
     def before_update(self, opt: torch.optim.Optimizer, measured: Any, grad_scale: Any) -> bool:
         """Right before ``opt`` updates the weights, after the statistics: the guard and
@@ -399,7 +514,7 @@ class Scope:
             self._buffer.write_host(self._cols["guard_skipped"].cols[0], 1.0)
             return True
         if result is not None and measured is not None:
-            slots = measured[0][: result.post.shape[0]]
+            slots = result.slots  # the watched ones, in the order the clipper saw them
             groups = self._grads._param_groups
             self._buffer.write(groups(slots, "grad_norm_clipped"), result.post)
             self._buffer.write(self._cols["grad_norm_total_clipped"], result.total_post)
@@ -459,6 +574,7 @@ class Scope:
     def commit_row(self) -> None:
         step = self._clock.step
         self._modules.forward_seen = False
+        self._user_clipped.clear()
         if self._loss is not None:
             loss = self._loss if self._loss_count == 1 else self._loss / self._loss_count
             self._buffer.write(self._cols["loss"], loss)
@@ -493,6 +609,7 @@ class Scope:
         serves the remedies that act on findings, without a Parquet file per sample."""
         if write:
             self._last_flush = time.monotonic()
+            self._follow_device()
         # a step in progress (a flush() called mid-step) stays on the device
         chunk = self._buffer.take(keep_current=self._clock.row_open)
         if chunk is not None:
@@ -517,6 +634,17 @@ class Scope:
         if self._layer_count() != self._meta_shape or \
                 time.monotonic() - self._meta_time >= META_SECS:
             self._write_meta("running")
+
+    def _follow_device(self) -> None:
+        """The model moved (``.to("cuda")`` after a first forward on the CPU, which is where
+        ``gradscope run`` may have found it): host reads are free on the CPU only."""
+        on_cpu = _first_device(self._models).type == "cpu"
+        if on_cpu == self._on_cpu:
+            return
+        self._on_cpu = on_cpu
+        self._grads.count_policy = "host" if on_cpu else "flagged-only"
+        self._modules.count_on_host = on_cpu
+        self._tracer.immediate = on_cpu
 
     # -- diagnosis --------------------------------------------------------------------------------
     def _diagnose(self, table: LongTable, early: bool = False) -> None:
@@ -592,7 +720,7 @@ class Scope:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": " ".join(self.command or [Path(sys.executable).name, *sys.argv]),
             "argv": list(sys.argv),
             "cwd": os.getcwd(),
             "pid": self._pid,
@@ -601,7 +729,7 @@ class Scope:
             "started": _iso(self._started),
             "ended": None if status == "running" else _iso(time.time()),
             "status": status,
-            "exit_code": None,
+            "exit_code": None if status == "running" else self._exit_code,
             "world_size": _world_size(),
             "steps": self._clock.step,
             "step_mode": self._clock.mode,
@@ -658,13 +786,14 @@ def _first_device(models: Mapping[str, nn.Module]) -> torch.device:
     return torch.device("cpu")
 
 
+def _unwrap(m: Any) -> Any:
+    """torch.compile's OptimizedModule: hook (and name) the original module."""
+    inner = getattr(m, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else m
+
+
 def normalize_models(models: Any) -> tuple[dict[str, nn.Module], str]:
     """``watch()``'s first argument as ``{prefix: module}`` plus a label for the run name."""
-
-    def unwrap(m: Any) -> Any:
-        # torch.compile's OptimizedModule: hook (and name) the original module
-        inner = getattr(m, "_orig_mod", None)
-        return inner if isinstance(inner, nn.Module) else m
 
     def bad(value: Any) -> TypeError:
         return TypeError(
@@ -673,13 +802,13 @@ def normalize_models(models: Any) -> tuple[dict[str, nn.Module], str]:
         )
 
     if isinstance(models, nn.Module):
-        m = unwrap(models)
+        m = _unwrap(models)
         return {"": m}, type(m).__name__
     if isinstance(models, Mapping):
         items = list(models.items())
     elif isinstance(models, Iterable) and not isinstance(models, (str, bytes)):
         mods = list(models)
-        names = [type(unwrap(m)).__name__ for m in mods]
+        names = [type(_unwrap(m)).__name__ for m in mods]
         keys = names if len(set(names)) == len(names) else [str(i) for i in range(len(mods))]
         items = list(zip(keys, mods))
     else:
@@ -692,7 +821,7 @@ def normalize_models(models: Any) -> tuple[dict[str, nn.Module], str]:
             raise bad(m)
         if not isinstance(key, str) or not key or "." in key:
             raise ValueError(f"watch(): model key {key!r} must be a non-empty string without '.'")
-        out[key] = unwrap(m)
+        out[key] = _unwrap(m)
     return out, "-".join(type(m).__name__ for m in out.values())
 
 

@@ -74,3 +74,85 @@ def test_bad_remedy_option_is_a_one_line_usage_error(tmp_path, args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert not any(tmp_path.iterdir())
+
+
+def _run_parse(args, monkeypatch, tmp_path):
+    """What `gradscope run ARGS` would run, with which Config (without running it)."""
+    import gradscope.runner as runner
+
+    seen = {}
+
+    def fake_run(target, script_args, config):
+        seen.update(target=target, args=script_args, config=config)
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    result = CliRunner().invoke(main, ["run", *args])
+    return result, seen
+
+
+def test_run_options_end_at_the_script(monkeypatch, tmp_path):
+    result, seen = _run_parse(["--out", "runs", "--clip", "norm:1", "train.py", "--out", "x",
+                               "-m", "--clip", "--", "--help"], monkeypatch, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert seen["target"].name == "train.py" and seen["target"].kind == "script"
+    assert seen["args"] == ["--out", "x", "-m", "--clip", "--", "--help"]
+    assert str(seen["config"].out) == "runs" and seen["config"].clip.method == "norm"
+
+
+def test_run_accepts_a_double_dash_and_python_style_m(monkeypatch, tmp_path):
+    result, seen = _run_parse(["--name", "a", "--", "train.py", "x"], monkeypatch, tmp_path)
+    assert result.exit_code == 0 and seen["args"] == ["x"] and seen["config"].name == "a"
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "train.py").write_text("")
+    for form in (["-mpkg.train", "--lr", "1"], ["-m", "pkg.train", "--lr", "1"]):
+        result, seen = _run_parse(form, monkeypatch, tmp_path)
+        assert result.exit_code == 0, result.output
+        assert seen["target"].kind == "module" and seen["target"].name == "pkg.train"
+        assert seen["args"] == ["--lr", "1"]
+
+
+def test_run_config_precedence_file_then_flags(monkeypatch, tmp_path):
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.gradscope]\nflush_every = 7\nclip = "zclip"\n')
+    result, seen = _run_parse(["--flush-every", "9", "train.py"], monkeypatch, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert seen["config"].flush_every == 9 and seen["config"].clip.method == "zclip"
+    (tmp_path / "other.toml").write_text("activation_every = 3\nguard = 4\n")
+    result, seen = _run_parse(["--config", "other.toml", "--quiet", "--threshold",
+                               "dead_fraction=0.6", "--no-tensorboard", "train.py"],
+                              monkeypatch, tmp_path)
+    assert result.exit_code == 0, result.output
+    cfg = seen["config"]
+    assert (cfg.activation_every, cfg.guard, cfg.flush_every) == (3, 4, 100)  # no pyproject
+    assert cfg.quiet and not cfg.tensorboard and cfg.thresholds.dead_fraction == 0.6
+    (tmp_path / "bad.toml").write_text("flush_every = 0\n")
+    result, _ = _run_parse(["--config", "bad.toml", "train.py"], monkeypatch, tmp_path)
+    assert result.exit_code == 2 and "bad.toml: flush_every=0" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.py"], "missing.py: no such file"),
+    (["folder"], "folder: is a directory without a __main__.py"),
+    (["blob.bin"], "blob.bin: not a Python file"),
+    (["notes.txt"], "notes.txt: not a Python file"),
+    (["-m", "no_such_module_here"], "no module named 'no_such_module_here'"),
+    (["-m", "pkg2"], "pkg2: a package without a __main__ module"),
+    (["-m", "1bad"], "not a module name"),
+    (["--guard", "many", "train.py"], "guard='many'"),
+])
+def test_run_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    (tmp_path / "train.py").write_text("print('never')\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "notes.txt").write_text("this is not python (\n")
+    (tmp_path / "pkg2").mkdir()
+    (tmp_path / "pkg2" / "__init__.py").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "gradscope", "run", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "reports").exists()

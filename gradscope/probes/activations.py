@@ -242,9 +242,10 @@ class ModuleProbe:
     def attach(self, hooks: HookSet) -> None:
         self._hooks = hooks
         for entry in self.table.modules:
-            self._attach_one(entry)
+            self.attach_one(entry)
 
-    def _attach_one(self, entry: ModuleEntry) -> None:
+    def attach_one(self, entry: ModuleEntry) -> None:
+        """Hook one watched module (at attach, or when a model joins the run later)."""
         hooks = self._hooks
         assert hooks is not None
         hook = Hook(partial(self._on_forward, entry), f"forward {entry.name}")
@@ -267,7 +268,7 @@ class ModuleProbe:
         old_id = id(entry.module)
         entry.module = new
         entry.family = activation_family(new, self.config.activation_types)
-        self._attach_one(entry)
+        self.attach_one(entry)
         for key in [k for k in self._sites if k[0] == old_id]:
             site = self._sites.pop(key)
             fresh = _Site(site.name, entry, site.axis, self.buffer)
@@ -276,6 +277,12 @@ class ModuleProbe:
             self._sites[(id(new), key[1], key[2])] = fresh
         for akey in [k for k in self._axis if k[0] == old_id]:
             self._axis[(id(new), akey[1])] = self._axis.pop(akey)
+
+    def started(self, module: nn.Module) -> None:
+        """``module``'s forward began before its pre-hook existed: order it now."""
+        for entry in self.table.modules:
+            if entry.module is module and not entry.is_leaf:
+                self._on_forward_pre(entry, module, ())
 
     def _site_named(self, name: str) -> _Site | None:
         return next((s for s in self._sites.values() if s.name == name), None)

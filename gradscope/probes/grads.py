@@ -73,6 +73,24 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.logical_not(torch.isfinite(t)).sum() for t in tensors]).float()
 
 
+def _gather(slots: Sequence[ParamSlot]) -> tuple[list[ParamSlot], list[torch.Tensor]]:
+    """The slots that have a gradient now, and those gradients (a sparse one's values;
+    detached from a ``create_graph=True`` graph)."""
+    present: list[ParamSlot] = []
+    grads: list[torch.Tensor] = []
+    for slot in slots:
+        g = slot.param.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = g.coalesce()._values()
+        elif g.requires_grad:  # only under create_graph=True: keep out of the graph
+            g = g.detach()
+        present.append(slot)
+        grads.append(g)
+    return present, grads
+
+
 class ParamGroups:
     """Buffer groups of one metric over a set of parameters, cached by the set."""
 
@@ -130,18 +148,7 @@ class GradProbe:
         measured (a sparse gradient's values) and their fp32 norms (divided by ``grad_scale``),
         for the remedies; None when no slot had a gradient.
         """
-        present: list[ParamSlot] = []
-        grads: list[torch.Tensor] = []
-        for slot in slots:
-            g = slot.param.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                g = g.coalesce()._values()
-            elif g.requires_grad:  # only under create_graph=True: keep out of the graph
-                g = g.detach()
-            present.append(slot)
-            grads.append(g)
+        present, grads = _gather(slots)
         if not grads:
             return None
         norms = fp32_norms(grads)  # [k]
@@ -172,6 +179,21 @@ class GradProbe:
                 self.on_nonfinite()
         return present, grads, norms
 
+    def record_clipped(
+        self, slots: Sequence[ParamSlot], grad_scale: torch.Tensor | float | None = None
+    ) -> tuple[list[ParamSlot], list[torch.Tensor], torch.Tensor] | None:
+        """Norms of gradients the script has clipped itself (``clip_grad_norm_`` between
+        ``backward()`` and ``step()``): their pre-clip statistics were recorded when the clip
+        was called; these are the norms after it, as ``grad_norm_clipped``."""
+        present, grads = _gather(slots)
+        if not grads:
+            return None
+        norms = fp32_norms(grads)
+        if grad_scale is not None:
+            norms = norms / grad_scale
+        self.buffer.write(self._param_groups(present, "grad_norm_clipped"), norms)
+        return present, grads, norms
+
     def complete(self, chunk: Chunk) -> None:
         """At flush, on the host: ``grad_norm_total`` of each step from its parameter norms
         (``sqrt(sum ||g_p||^2)``, as ``clip_grad_norm_`` computes it), and the non-finite
@@ -198,6 +220,7 @@ class GradProbe:
                 has = w.any(axis=1)
                 chunk.values[has, total_col] = np.sqrt(sq.sum(axis=1))[has]
                 chunk.written[has, total_col] = True
+        self._complete_clipped(chunk, col_of)
         pairs = [
             (i, col_of[(layer, kind, "grad_nonfinite")])
             for i, (layer, kind, metric) in enumerate(chunk.columns)
@@ -214,3 +237,44 @@ class GradProbe:
         )
         chunk.values[:, count_cols] = np.where(fill, 0.0, chunk.values[:, count_cols])
         chunk.written[:, count_cols] |= fill
+
+    @staticmethod
+    def _complete_clipped(chunk: Chunk, col_of: dict[tuple[str, str, str], int]) -> None:
+        """Steps where the script clipped its own gradients (``grad_norm_clipped`` recorded
+        outside gradscope's clipping): the run-level norm after the clip and the coefficient
+        (``clip_coef`` = after / before), from the per-parameter norms. A parameter the clip
+        did not touch counts with its unclipped norm."""
+        import numpy as np
+
+        total_col = col_of.get((RUN_LAYER, "run", "grad_norm_total_clipped"))
+        coef_col = col_of.get((RUN_LAYER, "run", "clip_coef"))
+        before_col = col_of.get((RUN_LAYER, "run", "grad_norm_total"))
+        if total_col is None or before_col is None:
+            return
+        norm_cols, clipped_cols = [], []
+        for (layer, kind, metric), i in col_of.items():
+            if kind == KIND and metric == "grad_norm":
+                norm_cols.append(i)
+                clipped_cols.append(col_of.get((layer, kind, "grad_norm_clipped"), -1))
+        if not any(c >= 0 for c in clipped_cols):
+            return
+        w = chunk.written
+        has_clip = np.zeros(len(chunk.steps), dtype=bool)
+        sq = np.zeros(len(chunk.steps))
+        for n, c in zip(norm_cols, clipped_cols):
+            norm = np.where(w[:, n], chunk.values[:, n], 0.0)
+            if c >= 0:
+                has_clip |= w[:, c]
+                norm = np.where(w[:, c], chunk.values[:, c], norm)
+            sq += norm**2
+        fill = has_clip & ~w[:, total_col]  # gradscope's own clipping wrote its totals itself
+        if not fill.any():
+            return
+        total = np.sqrt(sq)
+        chunk.values[fill, total_col] = total[fill]
+        w[fill, total_col] = True
+        if coef_col is not None:
+            before = chunk.values[:, before_col]
+            ok = fill & ~w[:, coef_col] & w[:, before_col] & (before > 0)
+            chunk.values[ok, coef_col] = total[ok] / before[ok]
+            w[ok, coef_col] = True

@@ -142,15 +142,10 @@ class NonfiniteTracer:
         self._report = report
         self._step = step
         self._named: list[tuple[str, nn.Module]] = []
-        seen: set[int] = set()
+        self._seen: set[int] = set()
         for prefix, model in models.items():
-            for raw, module in model.named_modules():
-                if id(module) in seen:
-                    continue
-                seen.add(id(module))
-                name = f"{prefix}.{raw}" if prefix and raw else (prefix or raw)
-                self._named.append((name or ROOT, module))
-        self._hooks = HookSet()
+            self._add(prefix, model)
+        self.hooks = HookSet()
         self.armed = False
         self.done = False  # the culprit is named; nothing left to trace
         self.first_flag_step: int | None = None
@@ -158,6 +153,23 @@ class NonfiniteTracer:
         self._state = _StepState()
         if mode == "always":
             self.arm()
+
+    def _add(self, prefix: str, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        added = []
+        for raw, module in model.named_modules():
+            if id(module) in self._seen:
+                continue
+            self._seen.add(id(module))
+            name = f"{prefix}.{raw}" if prefix and raw else (prefix or raw)
+            added.append((name or ROOT, module))
+        self._named.extend(added)
+        return added
+
+    def add_model(self, prefix: str, model: nn.Module) -> None:
+        """Trace the modules of a model found later in the run (hooked now if armed)."""
+        added = self._add(prefix, model)
+        if self.armed:
+            self._hook(added)
 
     # -- arming ---------------------------------------------------------------------------------
     def flag(self, step: int) -> None:
@@ -172,9 +184,12 @@ class NonfiniteTracer:
             return
         self.armed = True
         self._armed_steps = 0
-        for name, module in self._named:
+        self._hook(self._named)
+
+    def _hook(self, named: list[tuple[str, nn.Module]]) -> None:
+        for name, module in named:
             hook = Hook(partial(self._on_forward, name), f"trace {name}")
-            self._hooks.add(module.register_forward_hook(hook, with_kwargs=True), "trace")
+            self.hooks.add(module.register_forward_hook(hook, with_kwargs=True), "trace")
 
     def replace_module(self, old: nn.Module, new: nn.Module) -> None:
         """An activation swap put ``new`` where ``old`` was: trace the new one (re-hooked now
@@ -188,12 +203,13 @@ class NonfiniteTracer:
 
     def disarm(self) -> None:
         self.armed = False
-        self._hooks.close()
+        self.hooks.close()
         self._state = _StepState()
 
     def close(self) -> None:
         self.disarm()
         self._named.clear()
+        self._seen.clear()
 
     # -- forward ----------------------------------------------------------------------------------
     def _on_forward(

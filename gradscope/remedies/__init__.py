@@ -151,13 +151,13 @@ class Remedies:
         parts = []
         if watched:
             assert norms is not None
-            if len(watched) == len(slots):
+            order = [by_id[id(p)] for p in watched]
+            if order == list(range(len(slots))):
                 parts.append(norms)
-            else:  # a watched sparse gradient: keep the dense ones' norms, in order
+            else:  # the optimizer lists them in another order, or a watched sparse gradient
                 from .clipping import to_device_index
 
-                idx = to_device_index([by_id[id(p)] for p in watched], norms.device)
-                parts.append(norms.index_select(0, idx))
+                parts.append(norms.index_select(0, to_device_index(order, norms.device)))
         if extra:
             extra_norms = fp32_norms([p.grad for p in extra])
             if grad_scale is not None:
@@ -175,6 +175,7 @@ class Remedies:
             return False, None
         grads = [p.grad for p in ordered]
         result = self._clip(opt, ordered, grads, all_norms, len(watched))
+        result.slots = [slots[by_id[id(p)]] for p in watched]  # the optimizer's order
         return False, result
 
     def after_step(self, opt: torch.optim.Optimizer) -> None:

@@ -18,7 +18,8 @@ Global clipping treats all the optimizer's gradients as one vector (``clip_grad_
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ class ClipResult:
     total_pre: torch.Tensor
     total_post: torch.Tensor
     threshold: torch.Tensor | None
+    slots: list[Any] = field(default_factory=list)  # set by Remedies: the measured ParamSlots
 
 
 def to_device_index(keys: Sequence[int], device: torch.device) -> torch.Tensor:

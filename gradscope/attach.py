@@ -1,0 +1,258 @@
+"""Watching code that never calls ``watch()``: models are found as they first train.
+
+``gradscope run`` cannot be told which model to watch, so it installs one process-wide forward
+pre-hook (``torch.nn.modules.module.register_module_forward_pre_hook``) and treats a module call
+as a *new model* when all of these hold:
+
+* it runs eagerly: dynamo traces global hooks into compiled graphs, so the check is skipped while
+  compiling (a ``torch.compile``d model is found through the call of its ``OptimizedModule``
+  wrapper, which is eager, and watched through ``_orig_mod``);
+* gradients are enabled: a forward under ``no_grad``/``inference_mode`` is evaluation;
+* it runs in the process that started the run (DataLoader workers are forks of it);
+* it is not part of a model already watched, here or by a ``watch()`` in the script itself;
+* it owns a parameter that requires a gradient (loss modules such as ``nn.CrossEntropyLoss``
+  have none; nor does a frozen feature extractor, rechecked after each optimizer step in case
+  it is unfrozen).
+
+A parent's pre-hook runs before its children's, so the model found is the outermost module the
+script called: the whole network, not its first layer. A model wrapped for data parallelism
+(``DistributedDataParallel``, ``DataParallel``) is watched through its ``.module``. The first
+model found names its parameters as ``watch()`` would (``fc1.weight``); later ones get their class
+name as a prefix (``Discriminator.fc1.weight``), made unique with ``_1``, ``_2``... A module added
+to a watched model later (a new layer) joins under the model's names.
+
+The hook runs for every module call in the process. For a module already watched it costs one
+``is_compiling()`` call and one dictionary lookup; the search runs only for modules not yet
+classified, and its verdict is cached.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.optim.optimizer as _optim_mod
+from torch import nn
+
+from . import __version__, rundir
+from .config import Config
+from .hooks import Hook, HookSet
+from .scope import Scope, watched_elsewhere
+
+# OptimizedModule.__call__ warns whenever any global module hook exists: ours is expected, and
+# the extra call of the wrapper is handled (it is unwrapped, below).
+_COMPILE_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+
+
+def _wrapped(module: nn.Module) -> nn.Module:
+    """The module a wrapper runs: torch.compile's OptimizedModule, DDP, DataParallel."""
+    for _ in range(4):  # torch.compile(DDP(model)) and the like
+        inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and isinstance(
+            module, (nn.DataParallel, nn.parallel.DistributedDataParallel)
+        ):
+            inner = module.module
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+    return module
+
+
+class Attach:
+    """Finds the models a script trains and watches them in one Scope (created at the first).
+
+    Args:
+        config: The run's configuration (validated).
+        command: How gradscope was started (``gradscope run ...``), for run.json.
+    """
+
+    def __init__(self, config: Config, command: list[str]) -> None:
+        self.config = config
+        self.command = command
+        self.scope: Scope | None = None
+        self.models: list[tuple[str, nn.Module]] = []  # (key, root) in the order found
+        self._pid = os.getpid()
+        self._started = time.time()
+        self._known: dict[int, nn.Module] = {}  # modules of watched models (and wrappers), by id
+        # classified as not a model: no parameter at all (kept), or none trainable (rechecked
+        # after each optimizer step); weak, so a dead module's id cannot be mistaken
+        self._paramless: dict[int, weakref.ref[nn.Module]] = {}
+        self._frozen: dict[int, weakref.ref[nn.Module]] = {}
+        self._failed = False
+        self._hooks = HookSet()
+        self._hooks.add(
+            nn.modules.module.register_module_forward_pre_hook(
+                Hook(self._on_forward_pre, "discover")),
+            "discover")
+        self._hooks.add(
+            _optim_mod.register_optimizer_step_post_hook(Hook(self._on_step, "recheck")),
+            "recheck")
+        warnings.filterwarnings("ignore", message=_COMPILE_WARNING, category=UserWarning)
+        self._filter = warnings.filters[0]
+        self._patch_compile()
+
+    def _patch_compile(self) -> None:
+        """``model.compile()`` (in place) runs the whole ``_call_impl``, global hooks included,
+        inside dynamo, where nothing can be discovered: give such a module an eager first look
+        before its compiled call (then the watch's own hooks are there when dynamo traces)."""
+        original = nn.Module.__dict__.get("compile")
+        if original is None:  # torch without Module.compile
+            self._compile_original = None
+            return
+        attach_ref = weakref.ref(self)
+
+        def compile(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+            original(module, *args, **kwargs)
+            compiled = module.__dict__.get("_compiled_call_impl")
+            if compiled is None:
+                return
+            module_ref = weakref.ref(module)
+
+            def call(*a: Any, **k: Any) -> Any:
+                attach = attach_ref()
+                target = module_ref()
+                if attach is not None and target is not None and \
+                        attach._known.get(id(target)) is not target:
+                    attach._consider(target)
+                return compiled(*a, **k)
+
+            module._compiled_call_impl = call
+
+        compile.__doc__ = original.__doc__
+        compile.__gradscope__ = True  # type: ignore[attr-defined]
+        nn.Module.compile = compile  # type: ignore[method-assign,assignment]
+        self._compile_original = original
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
+        # The hot path, once per module call in the process: keep it this short.
+        if torch.compiler.is_compiling() or self._known.get(id(module)) is module:
+            return
+        self._consider(module)
+
+    def _on_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self._frozen.clear()  # a frozen module may have been unfrozen: look again
+
+    # -- discovery --------------------------------------------------------------------------------
+    def _consider(self, module: nn.Module) -> None:
+        if self._failed or not torch.is_grad_enabled() or os.getpid() != self._pid:
+            return
+        key = id(module)
+        for cache in (self._paramless, self._frozen):
+            ref = cache.get(key)
+            if ref is not None and ref() is module:
+                return
+        try:
+            self._discover(module)
+        except Exception as exc:  # a monitor must never take the script down
+            self._failed = True
+            self._close_hooks()
+            print(f"gradscope: stopped looking for models after an internal error: {exc!r}; "
+                  "the script continues", file=sys.stderr, flush=True)
+
+    def _discover(self, module: nn.Module) -> None:
+        root = _wrapped(module)
+        if self._known.get(id(root)) is root:
+            self._known[id(module)] = module  # a wrapper of a model already watched
+            return
+        params = list(root.parameters())
+        if not params:
+            self._paramless[id(module)] = weakref.ref(module)
+            return
+        if not any(p.requires_grad for p in params):
+            self._frozen[id(module)] = weakref.ref(module)
+            return
+        if watched_elsewhere(root, self.scope):  # the script watches it itself
+            self._remember(module, root)
+            return
+        owner = next((k for k, m in self.models if any(s is root for s in m.modules())), None)
+        if self.scope is None:
+            try:
+                scope = Scope({"": root}, [], self.config, type(root).__name__)
+            except ValueError as exc:  # nothing passed the filters: not ours to watch
+                print(f"gradscope: not watching {type(root).__name__}: {exc}", file=sys.stderr,
+                      flush=True)
+                self._remember(module, root)
+                return
+            self.scope = scope
+            scope.command = self.command
+            scope._write_meta("running")
+            key = ""
+        elif owner is not None:  # new layers of a watched model
+            key = self.scope.add_model(dict(self.models)[owner], owner)
+        else:
+            key = self.scope.add_model(root)
+        if owner is None:
+            self.models.append((key, root))
+            self.scope._event({
+                "event": "model_found", "key": key, "type": type(root).__name__,
+                "step": self.scope.steps, "parameters": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+            })
+        self._remember(module, root)
+        self.scope.started(root)
+
+    def _remember(self, module: nn.Module, root: nn.Module) -> None:
+        for m in root.modules():
+            self._known[id(m)] = m
+        self._known[id(module)] = module
+
+    # -- the end ----------------------------------------------------------------------------------
+    def _close_hooks(self) -> None:
+        self._hooks.close()
+        if self._compile_original is not None and \
+                getattr(nn.Module.__dict__.get("compile"), "__gradscope__", False):
+            nn.Module.compile = self._compile_original  # type: ignore[method-assign]
+            self._compile_original = None
+        if self._filter in warnings.filters:
+            warnings.filters.remove(self._filter)  # type: ignore[attr-defined]
+            warnings._filters_mutated()  # type: ignore[attr-defined]
+
+    def close(self, status: str, exit_code: int | None) -> Path | None:
+        """Stop looking for models and close the run: the Scope's ``close()``, or, when no
+        model ever trained, a run directory that says so. Returns the run directory (None if
+        even that could not be written; the reason is on stderr)."""
+        self._close_hooks()
+        self._known.clear()
+        if self.scope is not None:
+            self.scope.close(status, exit_code)
+            return self.scope.run_dir
+        try:
+            return self._write_empty(status, exit_code)
+        except (OSError, ValueError) as exc:
+            print(f"gradscope: could not write the run directory: {exc}", file=sys.stderr,
+                  flush=True)
+            return None
+
+    def _write_empty(self, status: str, exit_code: int | None) -> Path:
+        import platform
+
+        cfg = self.config
+        run_dir = rundir.create(cfg.out, cfg.name or rundir.default_name("no-model"))
+        note = ("no model trained: no module with trainable parameters ran a forward pass with "
+                "gradients enabled")
+        rundir.write_json(run_dir / rundir.RUN_JSON, {
+            "gradscope": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "command": " ".join(self.command), "argv": list(sys.argv), "cwd": os.getcwd(),
+            "pid": self._pid,
+            "config": cfg.to_json(), "models": {},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._started)),
+            "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": status,
+            "exit_code": exit_code, "world_size": 1, "steps": 0, "step_mode": None,
+            "layers": [], "sites": [], "note": note,
+        })
+        rundir.write_json(run_dir / rundir.FINDINGS, [])
+        with open(run_dir / rundir.EVENTS, "a", encoding="utf-8") as fh:
+            import json
+
+            fh.write(json.dumps({"event": "nothing_watched", "reason": note}) + "\n")
+        if not cfg.quiet:
+            print(f"gradscope: {note}; run {status}: {run_dir}", file=sys.stderr, flush=True)
+        return run_dir
