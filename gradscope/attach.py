@@ -77,6 +77,7 @@ class Attach:
         self.command = command
         self.scope: Scope | None = None
         self.models: list[tuple[str, nn.Module]] = []  # (key, root) in the order found
+        self.deferred: list[Path] = []  # run directories of models the script watches itself
         self._pid = os.getpid()
         self._started = time.time()
         self._known: dict[int, nn.Module] = {}  # modules of watched models (and wrappers), by id
@@ -141,7 +142,8 @@ class Attach:
 
     # -- discovery --------------------------------------------------------------------------------
     def _consider(self, module: nn.Module) -> None:
-        if self._failed or not torch.is_grad_enabled() or os.getpid() != self._pid:
+        if self._failed or not torch.is_grad_enabled() or os.getpid() != self._pid or \
+                torch._C._get_tracing_state() is not None:  # torch.jit.trace is not training
             return
         key = id(module)
         for cache in (self._paramless, self._frozen):
@@ -168,7 +170,10 @@ class Attach:
         if not any(p.requires_grad for p in params):
             self._frozen[id(module)] = weakref.ref(module)
             return
-        if watched_elsewhere(root, self.scope):  # the script watches it itself
+        own = watched_elsewhere(root, self.scope)
+        if own is not None:  # the script watches it itself
+            if own.run_dir not in self.deferred:
+                self.deferred.append(own.run_dir)
             self._remember(module, root)
             return
         owner = next((k for k, m in self.models if any(s is root for s in m.modules())), None)
@@ -223,6 +228,11 @@ class Attach:
         if self.scope is not None:
             self.scope.close(status, exit_code)
             return self.scope.run_dir
+        if self.deferred:  # nothing of ours: the script's own watch() has the run
+            if not self.config.quiet:
+                print(f"gradscope: the script watches its model(s) itself: "
+                      f"{', '.join(map(str, self.deferred))}", file=sys.stderr, flush=True)
+            return self.deferred[0]
         try:
             return self._write_empty(status, exit_code)
         except (OSError, ValueError) as exc:

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -56,10 +57,11 @@ META_SECS = 10.0  # at most this long between run.json rewrites while running
 _open_scopes: weakref.WeakSet[Scope] = weakref.WeakSet()
 
 
-def watched_elsewhere(module: nn.Module, besides: Scope | None = None) -> bool:
-    """Whether an open Scope other than ``besides`` watches ``module`` (``gradscope run``
-    leaves a model alone that the script watches itself)."""
-    return any(s is not besides and s._table.contains(module) for s in list(_open_scopes))
+def watched_elsewhere(module: nn.Module, besides: Scope | None = None) -> Scope | None:
+    """The open Scope other than ``besides`` that watches ``module``, if any (``gradscope
+    run`` leaves a model alone that the script watches itself)."""
+    return next((s for s in list(_open_scopes)
+                 if s is not besides and s._table.contains(module)), None)
 
 
 class Scope:
@@ -330,6 +332,9 @@ class Scope:
                 self._flush()
             finally:
                 findings = self.findings
+                if self.command is not None:
+                    for f in findings:
+                        f["suggestion"] = command_line_hint(f["suggestion"])
                 self._store.write_findings(findings)
                 self._write_meta(status or "completed")
                 for sink in self._sinks:
@@ -695,6 +700,8 @@ class Scope:
             })
 
     def _announce(self, finding: dict[str, Any], new: bool) -> None:
+        if self.command is not None:  # gradscope run: options are flags, not watch() keywords
+            finding = {**finding, "suggestion": command_line_hint(finding["suggestion"])}
         self._store.event({"event": "finding" if new else "finding_updated", **finding})
         self._console.announce(finding, new)
 
@@ -756,6 +763,24 @@ class Scope:
         self._table.release()
         self._models.clear()
         self._loss = None
+
+
+_WATCH_HINT = re.compile(r"gradscope\.watch\(\.\.\., (\w+)=('[^']*'|\w+)\)")
+
+
+def command_line_hint(text: str) -> str:
+    """A finding's suggestion for ``gradscope run`` users: ``gradscope.watch(..., swap='a')``
+    becomes ``gradscope run --swap 'a' ...``, ``recycle=True`` becomes ``--recycle``."""
+
+    def flag(match: re.Match[str]) -> str:
+        key, value = match.group(1).replace("_", "-"), match.group(2)
+        if value == "True":
+            value = "" if key == "recycle" else " true"
+        else:
+            value = " " + value
+        return f"gradscope run --{key}{value} ..."
+
+    return _WATCH_HINT.sub(flag, text)
 
 
 def _status_for(exc_type: type[BaseException] | None) -> str:

@@ -200,7 +200,8 @@ def test_a_model_the_script_watches_itself_is_left_to_it(out, tmp_path):
     with gradscope.watch(model, out=tmp_path / "own", quiet=True) as own:
         nn.functional.cross_entropy(model(x), y).backward()
     assert attach.scope is None and own.steps == 1
-    attach.close("completed", 0)
+    assert attach.close("completed", 0) == own.run_dir  # no second, empty run directory
+    assert not out.exists()
 
 
 def test_the_scripts_own_clip_is_seen_before_and_after(out):
@@ -278,3 +279,41 @@ def test_clipping_records_follow_the_optimizers_parameter_order(out):
     rows = scope.load().metrics.query("metric == 'grad_norm_clipped'").set_index("layer")
     for name, value in expected.items():
         assert rows.loc[name, "value"] == pytest.approx(value, rel=1e-4), name
+
+
+def test_a_model_that_moves_device_after_it_was_found_switches_host_reads(out, monkeypatch):
+    import gradscope.scope as scope_mod
+
+    model = _mlp()
+    attach = _attach(out)
+    x, y = _data()
+    nn.functional.cross_entropy(model(x), y).backward()
+    scope = attach.scope
+    assert scope is not None and scope._grads.count_policy == "host"
+    # what model.to("cuda") would change: the device its first parameter reports
+    monkeypatch.setattr(scope_mod, "_first_device", lambda models: torch.device("cuda", 0))
+    scope.flush()
+    assert scope._grads.count_policy == "flagged-only"
+    assert not scope._modules.count_on_host and not scope._tracer.immediate
+    monkeypatch.undo()
+    scope.flush()
+    assert scope._grads.count_policy == "host" and scope._modules.count_on_host
+    attach.close("completed", 0)
+
+
+def test_jit_tracing_is_not_training_and_a_traced_model_still_gets_its_gradients(out):
+    model = _mlp()
+    attach = _attach(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated in 2.13
+        traced = torch.jit.trace(model, torch.randn(2, 6))
+    assert attach.scope is None  # the tracing forward
+    opt = torch.optim.SGD(traced.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(traced(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])
+                                    ).backward()
+        opt.step()
+    run = gradscope.load_run(attach.close("completed", 0))
+    assert run.meta["steps"] == 2
+    assert len(run.metrics.query("metric == 'grad_norm'")) == 2 * 4
