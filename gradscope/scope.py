@@ -774,11 +774,10 @@ def command_line_hint(text: str) -> str:
 
     def flag(match: re.Match[str]) -> str:
         key, value = match.group(1).replace("_", "-"), match.group(2)
-        if value == "True":
-            value = "" if key == "recycle" else " true"
-        else:
-            value = " " + value
-        return f"gradscope run --{key}{value} ..."
+        if value != "True":
+            return f"gradscope run --{key} {value} ..."
+        return f"gradscope run --{key} ..." if key == "recycle" else \
+            f"gradscope run --{key} true ..."
 
     return _WATCH_HINT.sub(flag, text)
 
