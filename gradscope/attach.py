@@ -75,6 +75,7 @@ class Attach:
     def __init__(self, config: Config, command: list[str]) -> None:
         self.config = config
         self.command = command
+        self.cwd = os.getcwd()  # the script may chdir: run.json records where it started
         self.scope: Scope | None = None
         self.models: list[tuple[str, nn.Module]] = []  # (key, root) in the order found
         self.deferred: list[Path] = []  # run directories of models the script watches itself
@@ -91,6 +92,10 @@ class Attach:
             nn.modules.module.register_module_forward_pre_hook(
                 Hook(self._on_forward_pre, "discover")),
             "discover")
+        self._stepping: list[tuple[Any, Any, Any]] = []  # optimizers inside step(), with args
+        self._hooks.add(
+            _optim_mod.register_optimizer_step_pre_hook(Hook(self._on_step_pre, "in-step")),
+            "in-step")
         self._hooks.add(
             _optim_mod.register_optimizer_step_post_hook(Hook(self._on_step, "recheck")),
             "recheck")
@@ -137,7 +142,12 @@ class Attach:
             return
         self._consider(module)
 
+    def _on_step_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self._stepping.append((opt, args, kwargs))
+
     def _on_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if self._stepping and self._stepping[-1][0] is opt:
+            self._stepping.pop()
         self._frozen.clear()  # a frozen module may have been unfrozen: look again
 
     # -- discovery --------------------------------------------------------------------------------
@@ -186,7 +196,7 @@ class Attach:
                 self._remember(module, root)
                 return
             self.scope = scope
-            scope.command = self.command
+            scope.command, scope.cwd = self.command, self.cwd
             scope._write_meta("running")
             key = ""
         elif owner is not None:  # new layers of a watched model
@@ -202,6 +212,10 @@ class Attach:
             })
         self._remember(module, root)
         self.scope.started(root)
+        for opt, args, kwargs in self._stepping:
+            # found inside an optimizer's step (an LBFGS closure makes the first forward):
+            # that step's pre-hook fired before the Scope could hear it
+            self.scope.optimizer_started(opt, args, kwargs)
 
     def _remember(self, module: nn.Module, root: nn.Module) -> None:
         for m in root.modules():
@@ -250,7 +264,7 @@ class Attach:
         rundir.write_json(run_dir / rundir.RUN_JSON, {
             "gradscope": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "command": " ".join(self.command), "argv": list(sys.argv), "cwd": os.getcwd(),
+            "command": " ".join(self.command), "argv": list(sys.argv), "cwd": self.cwd,
             "pid": self._pid,
             "config": cfg.to_json(), "models": {},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._started)),

@@ -233,6 +233,8 @@ def run(script: str, args: tuple[str, ...], as_module: bool, **options: Any) -> 
     except runner.TargetError as exc:
         raise click.UsageError(str(exc)) from None
     _check_out(config.out)
+    # the script may chdir: a relative output root means the one gradscope run started in
+    config = config.replace(out=config.out.resolve())
     return runner.run(target, list(args), config)
 
 
@@ -260,7 +262,12 @@ def entry(argv: list[str] | None = None) -> int:
     try:
         result = main.main(args=argv, prog_name="gradscope", standalone_mode=False)
     except click.UsageError as exc:
-        where = exc.ctx.command_path if exc.ctx is not None else "gradscope"
+        if exc.ctx is not None:
+            where = exc.ctx.command_path
+        else:  # raised while parsing, before a context existed: name the subcommand anyway
+            given = sys.argv[1:] if argv is None else argv
+            sub = given[0] if given and given[0] in main.commands else None
+            where = f"gradscope {sub}" if sub else "gradscope"
         print(f"{where}: error: {exc.format_message()}", file=sys.stderr)
         return 2
     except click.ClickException as exc:

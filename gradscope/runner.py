@@ -264,10 +264,11 @@ def _execute(target: Target, main: types.ModuleType) -> None:
 
 
 def _trimming(hook: Any, main_globals: dict[str, Any], script: Path | None) -> Any:
-    """An excepthook that prints the traceback from the script's first frame down, as Python
-    shows it for ``python script.py``. A syntax error in the script itself has no frame to
-    show: none, as Python prints it. An error raised outside the script's code (gradscope's
-    own) keeps every frame."""
+    """An excepthook that prints the traceback as Python shows it for ``python script.py``:
+    from the script's first frame down, without the frames of gradscope's own wrappers
+    (``torch.autograd.backward`` is patched; an error inside backward passes through it). A
+    syntax error in the script itself has no frame to show: none, as Python prints it. An
+    error gradscope raised itself keeps every frame."""
 
     def excepthook(tp: type[BaseException], value: BaseException, tb: Any) -> None:
         t = tb
@@ -276,9 +277,38 @@ def _trimming(hook: Any, main_globals: dict[str, Any], script: Path | None) -> A
         if t is None and not (isinstance(value, SyntaxError) and script is not None
                               and value.filename == str(script)):
             t = tb
+        t = _without_wrappers(t)
+        seen = {id(value)}
+        chained = value.__cause__ or value.__context__
+        while chained is not None and id(chained) not in seen:  # what the chain prints too
+            seen.add(id(chained))
+            chained.__traceback__ = _without_wrappers(chained.__traceback__)
+            chained = chained.__cause__ or chained.__context__
         hook(tp, value.with_traceback(t), t)
 
     return excepthook
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _without_wrappers(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` without gradscope's frames, unless the error was raised in gradscope (its last
+    frame is ours): then it is gradscope's own, shown whole."""
+    frames = []
+    t = tb
+    while t is not None:
+        frames.append(t)
+        t = t.tb_next
+    if not frames or frames[-1].tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        return tb
+    kept = [f for f in frames if not f.tb_frame.f_code.co_filename.startswith(_PACKAGE)]
+    if len(kept) == len(frames):
+        return tb
+    out: types.TracebackType | None = None
+    for f in reversed(kept):
+        out = types.TracebackType(out, f.tb_frame, f.tb_lasti, f.tb_lineno)
+    return out
 
 
 @contextlib.contextmanager

@@ -82,6 +82,7 @@ class Scope:
     ) -> None:
         self.config = config
         self.command: list[str] | None = None  # how the process was started, if not python
+        self.cwd: str | None = None  # where it was started, if not the working directory now
         self._closed = False
         self._disabled = False
         self._pid = os.getpid()
@@ -169,7 +170,8 @@ class Scope:
                     self._store.event({"event": "remedy", "action": "inactive", "reason": note})
                     warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=3)
             self._remedy_warned = False
-            pre = Hook(self._guarded(self._on_optimizer_pre), "optimizer-pre")
+            self._on_optimizer_pre_hook = self._guarded(self._on_optimizer_pre)
+            pre = Hook(self._on_optimizer_pre_hook, "optimizer-pre")
             post = Hook(self._guarded(self._on_optimizer_post), "optimizer-post")
             if optimizers:
                 for opt in optimizers:
@@ -284,6 +286,12 @@ class Scope:
         self._follow_device()
         self._write_meta("running")
         return key
+
+    def optimizer_started(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """``opt.step()`` began before this scope watched its parameters (the model was found
+        inside it): count it as if its pre-hook had run now."""
+        if not self._clock.in_optimizer_step:
+            self._on_optimizer_pre_hook(opt, args, kwargs)
 
     def started(self, module: nn.Module) -> None:
         """``module``'s forward has begun but its own forward-pre hook was registered too late
@@ -729,7 +737,7 @@ class Scope:
             "platform": platform.platform(),
             "command": " ".join(self.command or [Path(sys.executable).name, *sys.argv]),
             "argv": list(sys.argv),
-            "cwd": os.getcwd(),
+            "cwd": self.cwd or os.getcwd(),
             "pid": self._pid,
             "config": self.config.to_json(),
             "models": {k: type(m).__name__ for k, m in self._models.items()},
