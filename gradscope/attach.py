@@ -48,6 +48,7 @@ from .scope import Scope, watched_elsewhere
 # OptimizedModule.__call__ warns whenever any global module hook exists: ours is expected, and
 # the extra call of the wrapper is handled (it is unwrapped, below).
 _COMPILE_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+PRUNE_AT = 4096  # entries of the not-a-model cache before dead ones are dropped
 
 
 def _wrapped(module: nn.Module) -> nn.Module:
@@ -143,11 +144,12 @@ class Attach:
         self._consider(module)
 
     def _on_step_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+        # (a step that raised never reached its post-hook: drop what it left)
+        self._stepping = [e for e in self._stepping if e[0] is not opt]
         self._stepping.append((opt, args, kwargs))
 
     def _on_step(self, opt: Any, args: Any, kwargs: Any) -> None:
-        if self._stepping and self._stepping[-1][0] is opt:
-            self._stepping.pop()
+        self._stepping = [e for e in self._stepping if e[0] is not opt]
         self._frozen.clear()  # a frozen module may have been unfrozen: look again
 
     # -- discovery --------------------------------------------------------------------------------
@@ -175,6 +177,8 @@ class Attach:
             return
         params = list(root.parameters())
         if not params:
+            if len(self._paramless) >= PRUNE_AT:  # modules made per call (nn.ReLU()(x)) die
+                self._paramless = {k: r for k, r in self._paramless.items() if r() is not None}
             self._paramless[id(module)] = weakref.ref(module)
             return
         if not any(p.requires_grad for p in params):

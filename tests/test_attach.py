@@ -317,3 +317,24 @@ def test_jit_tracing_is_not_training_and_a_traced_model_still_gets_its_gradients
     run = gradscope.load_run(attach.close("completed", 0))
     assert run.meta["steps"] == 2
     assert len(run.metrics.query("metric == 'grad_norm'")) == 2 * 4
+
+
+def test_modules_made_per_call_do_not_grow_the_cache_without_bound(out, monkeypatch):
+    import gradscope.attach as attach_mod
+
+    monkeypatch.setattr(attach_mod, "PRUNE_AT", 8)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return nn.ReLU()(self.fc(x))  # a new, parameterless module on every call
+
+    model = Net()
+    attach = _attach(out)
+    for _ in range(50):
+        model(torch.randn(2, 6)).sum().backward()
+    assert len(attach._paramless) <= 9
+    attach.close("completed", 0)

@@ -157,3 +157,15 @@ def test_run_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
     assert proc.stdout == "" and not (tmp_path / "reports").exists()
+
+
+def test_run_has_an_option_for_every_config_field():
+    """The command line mirrors the Config: a new field without a flag fails here."""
+    from dataclasses import fields
+
+    from gradscope.cli import run
+    from gradscope.config import Config
+
+    dests = {p.name for p in run.params}
+    for f in fields(Config):
+        assert f.name in dests, f"gradscope run has no option for Config.{f.name}"
