@@ -9,7 +9,6 @@ steps, models, qualified layer names, metrics).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -561,29 +560,14 @@ def _finding_keys(findings: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
 def watched_in_process(name: str, out: Path) -> gradscope.Scope:
     """The reference: the example with ``watch()`` around the model its ``build_model()``
     returns, as tests/test_examples.py runs it (one torch thread, as the subprocesses)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    scopes: list[gradscope.Scope] = []
-    build = module.build_model
+    from test_examples import run_example
 
-    def watched_build():
-        model = build()
-        scopes.append(gradscope.watch(model, out=out, quiet=True))
-        return model
-
-    module.build_model = watched_build
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        module.main()
+        return run_example(name, out)
     finally:
         torch.set_num_threads(threads)
-        for scope in scopes:
-            scope.close()
-    assert len(scopes) == 1
-    return scopes[0]
 
 
 @pytest.mark.parametrize(("name", "expected"), [
