@@ -277,10 +277,15 @@ class Attach:
             "layers": [], "sites": [], "note": note,
         })
         rundir.write_json(run_dir / rundir.FINDINGS, [])
-        with open(run_dir / rundir.EVENTS, "a", encoding="utf-8") as fh:
-            import json
+        rundir.append_event(run_dir, {"event": "nothing_watched", "reason": note})
+        if cfg.report:
+            try:
+                from .report import write_report
 
-            fh.write(json.dumps({"event": "nothing_watched", "reason": note}) + "\n")
+                write_report(run_dir)
+            except Exception as exc:  # the run directory is what matters
+                print(f"gradscope: report.html not written ({exc!r})", file=sys.stderr,
+                      flush=True)
         if not cfg.quiet:
             print(f"gradscope: {note}; run {status}: {run_dir}", file=sys.stderr, flush=True)
         return run_dir

@@ -86,6 +86,11 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         opt("--backward-signal/--no-backward-signal", default=None,
             help="Record each module's output-gradient norm."),
         opt("--tensorboard/--no-tensorboard", default=None, help="Write TensorBoard logs."),
+        opt("--tb-max-layers", type=int, metavar="N",
+            help="Per-layer TensorBoard tags per metric: the N worst plus min/median/max "
+                 "(0 = all)."),
+        opt("--histograms/--no-histograms", default=None,
+            help="TensorBoard histograms of each gradient every update_every steps."),
         opt("--step-on", type=click.Choice(["auto", "optimizer", "backward"]), default=None,
             help="What ends a step."),
         opt("--diagnose/--no-diagnose", default=None, help="Run the rules."),
@@ -95,6 +100,8 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Override a rule threshold, e.g. dead_fraction=0.6."),
         opt("--quiet/--no-quiet", "-q", default=None,
             help="Print nothing (the run directory has everything)."),
+        opt("--report/--no-report", default=None,
+            help="Write report.html into the run directory at the end  [default: on]."),
     ]
     fn = remedy_options(fn)
     for decorator in reversed(decorators):
@@ -304,12 +311,57 @@ def demo(out: Path, steps: int, clip: str | None, guard: str | None, swap: str |
         raise click.UsageError(str(exc)) from None
     print_summary(load_run(run_dir))
     click.echo(f"\nrun directory: {run_dir}")
+    report = run_dir / "report.html"
+    if report.is_file():
+        click.echo(f"report: {report} (open it in a browser)")
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write it  [default: RUN/report.html].")
+def report(run: Path, output: Path | None) -> None:
+    """Write the HTML report of the run directory RUN (one self-contained file).
+
+    A run that crashed or was killed gets a partial report that says what is missing.
+    """
+    from .report import write_report
+
+    _write_page(write_report, run, output)
+
+
+@main.command()
+@click.argument("run_a", type=click.Path(path_type=Path))
+@click.argument("run_b", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write it  [default: compare-A-vs-B.html here].")
+def compare(run_a: Path, run_b: Path, output: Path | None) -> None:
+    """Write one HTML page that overlays RUN_A and RUN_B (before and after a fix)."""
+    from .report import write_compare
+
+    if output is None:
+        output = Path(f"compare-{run_a.resolve().name}-vs-{run_b.resolve().name}.html")
+    _write_page(write_compare, run_a, run_b, output)
+
+
+def _write_page(write: Callable[..., Path], *args: Any) -> None:
+    """Write an HTML page and print where; a missing run or an unwritable file is a one-line
+    usage error."""
+    try:
+        path = write(*args)
+    except FileNotFoundError as exc:
+        raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        raise click.UsageError(f"cannot write {args[-1]}: {exc.strerror or exc}") from None
+    click.echo(str(path))
 
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def summary(run: Path) -> None:
-    """Print a per-layer summary of the run directory RUN."""
+@click.option("--top", type=click.IntRange(min=0), default=25, show_default=True,
+              help="Show only the N layers that most need a look (0: all).")
+def summary(run: Path, top: int) -> None:
+    """Print the findings and a per-layer table of the run directory RUN."""
     from .load import load_run
     from .sinks.console import print_summary
 
@@ -317,7 +369,51 @@ def summary(run: Path) -> None:
         loaded = load_run(run)
     except FileNotFoundError as exc:
         raise click.UsageError(str(exc)) from None
-    print_summary(loaded)
+    print_summary(loaded, top=top)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--port", type=click.IntRange(0, 65535), default=6006, show_default=True,
+              help="Port to serve on (0: any free port).")
+@click.option("--host", default="localhost", show_default=True, help="Address to bind.")
+def view(runs: tuple[Path, ...], port: int, host: str) -> None:
+    """Start TensorBoard on the run directories RUNS (their tb/ folders), print its address,
+    and serve until Ctrl-C."""
+    import sys
+    import time
+
+    from . import rundir
+
+    spec = []
+    names: set[str] = set()
+    for run in runs:
+        tb = run / rundir.TB
+        if not tb.is_dir():
+            raise click.UsageError(f"{run}: no {rundir.TB}/ folder (a run with "
+                                   "tensorboard=False, or not a gradscope run directory)")
+        name = run.resolve().name
+        while name in names:
+            name += "_"
+        names.add(name)
+        spec.append(f"{name}:{tb.resolve()}")
+    from tensorboard import program
+
+    board = program.TensorBoard()
+    board.configure(argv=[None, "--logdir_spec", ",".join(spec), "--port", str(port),
+                          "--host", host])
+    try:
+        url = board.launch()
+    except Exception as exc:  # a taken port, a bad host
+        raise click.UsageError(f"TensorBoard could not start: {exc}") from None
+    click.echo(f"TensorBoard on {url} (Ctrl-C to stop); custom scalars: {url}#custom_scalars")
+    sys.stdout.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("stopped")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -67,7 +67,23 @@ class Config:
             the watched parameters as a snapshot buffer; turn off to save that memory.
         backward_signal: Record the norm of the gradient with respect to each watched module's
             output on sampled steps (tensor hooks on the outputs; skipped under torch.compile).
-        tensorboard: Write TensorBoard scalars to ``tb/`` in the run directory.
+        tensorboard: Write TensorBoard logs to ``tb/`` in the run directory: scalars tagged
+            ``<metric>/<layer>`` and ``<metric>`` (run level), a Custom Scalars layout (one
+            chart per metric across layers), findings and remedy actions as text.
+        tb_max_layers: At most this many per-layer TensorBoard tags per metric (0: no limit).
+            A metric recorded for more layers gets the worst ones, chosen at the first flush
+            that has its data and kept for the whole run (charts need stable tags), plus
+            ``<metric>/_min``, ``/_median`` and ``/_max`` across all its layers at every step.
+            Worst: the layers with the largest and the smallest median value, half each
+            (``grad_norm``, ``weight_norm``, ``update_ratio``, ``act_std``...); the largest
+            (``grad_max_abs``, dead fraction, saturation, non-finite counts); the largest
+            ``|median|`` (``act_mean``); the smallest (``clip_coef``). A layer with
+            non-finite values comes first. A layer named by a finding gets its tags from
+            then on. Every record is in the Parquet store either way.
+        histograms: Also write a histogram of each watched parameter's gradient to
+            TensorBoard (tag ``grad_hist/<parameter>``, 30 bins from its min to its max) every
+            ``update_every`` steps; for the parameters ``tb_max_layers`` shows. Costs one
+            pass over the gradients on those steps. Off by default.
         step_on: What ends a step. ``"auto"``: an optimizer step when an optimizer steps this
             model's parameters, otherwise a backward pass. ``"optimizer"`` / ``"backward"``
             force one of the two. Calling ``Scope.step()`` switches to manual stepping.
@@ -79,6 +95,8 @@ class Config:
             trace from step 0 (finds a one-off NaN at its first occurrence; costs more).
             ``"off"``: no tracer (non-finite values are still counted and reported).
         quiet: Do not print findings to stderr as they are raised, nor the end-of-run summary.
+        report: Write ``report.html`` (the HTML report) into the run directory when the run
+            ends, however it ends. Off: ``gradscope report RUN`` writes it later.
         thresholds: Overrides of the rules' thresholds, e.g. ``{"dead_fraction": 0.6}``
             (see :class:`gradscope.rules.Thresholds` for each default and its source).
         clip: Clip gradients right before each optimizer step, on the device (no host read):
@@ -117,10 +135,13 @@ class Config:
     update_ratio: bool = True
     backward_signal: bool = True
     tensorboard: bool = True
+    tb_max_layers: int = 50
+    histograms: bool = False
     step_on: str = "auto"
     diagnose: bool = True
     trace_nonfinite: str = "auto"
     quiet: bool = False
+    report: bool = True
     thresholds: Thresholds = field(default_factory=Thresholds)
     clip: ClipSpec | None = None
     guard: int = 0
@@ -147,7 +168,9 @@ class Config:
         _check_number("sigmoid_saturation", self.sigmoid_saturation, low=0.0, high=0.5)
         _check_number("tanh_saturation", self.tanh_saturation, low=0.0, high=1.0)
         _check_number("softmax_saturation", self.softmax_saturation, low=0.0, high=1.0)
-        for key in ("update_ratio", "backward_signal", "tensorboard", "diagnose", "quiet"):
+        _check_int("tb_max_layers", self.tb_max_layers, minimum=0)
+        for key in ("update_ratio", "backward_signal", "tensorboard", "histograms", "diagnose",
+                    "quiet", "report"):
             if not isinstance(getattr(self, key), bool):
                 raise TypeError(f"{key}={getattr(self, key)!r}: expected True or False")
         if self.step_on not in STEP_MODES:

@@ -83,3 +83,9 @@ def write_json(path: Path, obj: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def append_event(run_dir: Path, record: dict[str, Any]) -> None:
+    """One line to events.jsonl, for writers outside the Store (after it closed)."""
+    with open(run_dir / EVENTS, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, allow_nan=True, default=str) + "\n")

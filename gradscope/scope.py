@@ -110,15 +110,19 @@ class Scope:
             self._started = time.time()
             self._last_flush = time.monotonic()
             self._buffer = StepBuffer(config.flush_every)
-            self._grads = GradProbe(self._buffer, "host" if on_cpu else "flagged-only")
+            self._grads = GradProbe(self._buffer, "host" if on_cpu else "flagged-only",
+                                    histograms=config.tensorboard and config.histograms)
             self._weights = WeightProbe(self._buffer, config.update_ratio)
             self._modules = ModuleProbe(self._buffer, self._table, config, count_on_host=on_cpu)
             self._store = Store(self.run_dir)
             self._sinks: list[Any] = [self._store]
+            self._tb: Any = None  # reads the raw histogram columns too (Config.histograms)
             if config.tensorboard:
                 from .sinks.tensorboard import TensorBoardSink
 
-                self._sinks.append(TensorBoardSink(self.run_dir / rundir.TB))
+                self._tb = TensorBoardSink(self.run_dir / rundir.TB, config.tb_max_layers,
+                                           raw=self._grads.histograms)
+                self._sinks.append(self._tb)
             self._clock = Clock(
                 self._table, self, config.step_on, config.activation_every,
                 config.update_every or config.activation_every, optimizers,
@@ -347,9 +351,26 @@ class Scope:
                 self._write_meta(status or "completed")
                 for sink in self._sinks:
                     sink.close()
+                if self.config.report:
+                    self._write_report()
                 self._console.summary(findings, self._clock.step, self.run_dir,
                                       status or "completed")
         self._release()
+
+    def _write_report(self) -> None:
+        """report.html, from what was just written; a failure costs the report, not the run
+        (``gradscope report RUN`` can write it again)."""
+        try:
+            from .report import write_report
+
+            write_report(self.run_dir)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                rundir.append_event(self.run_dir, {"event": "internal_error",
+                                                   "where": "report", "error": repr(exc)})
+            if not self.config.quiet:
+                print(f"gradscope: report.html not written ({exc!r}); the records are "
+                      f"complete: gradscope report {self.run_dir}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> Scope:
         return self
@@ -630,17 +651,18 @@ class Scope:
             WeightProbe.complete(chunk)
             ModuleProbe.complete(chunk)
             table = LongTable.from_chunk(chunk)
-            self._pending.append(table.published())
+            self._pending.append(table if self._grads.histograms else table.published())
             self._pending_rows += len(chunk.steps)
             if self._diagnoser is not None:
                 self._diagnose(table, early=not write)
         if not write:
             return
         if self._pending:
-            published = LongTable.concat(self._pending)
+            raw = LongTable.concat(self._pending)
+            published = raw.published() if self._grads.histograms else raw
             self._pending, self._pending_rows = [], 0
             for sink in self._sinks:
-                sink.write(published)
+                sink.write(raw if sink is self._tb else published)
             self._summarize_clipping(published)
         # run.json is a status file, not the record: rewrite it when the layer list grew or
         # every META_SECS, not at every flush (the loader counts steps from the metrics)
@@ -710,7 +732,7 @@ class Scope:
     def _announce(self, finding: dict[str, Any], new: bool) -> None:
         if self.command is not None:  # gradscope run: options are flags, not watch() keywords
             finding = {**finding, "suggestion": command_line_hint(finding["suggestion"])}
-        self._store.event({"event": "finding" if new else "finding_updated", **finding})
+        self._event({"event": "finding" if new else "finding_updated", **finding})
         self._console.announce(finding, new)
 
     def _on_nonfinite_flag(self) -> None:

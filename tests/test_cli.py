@@ -169,3 +169,56 @@ def test_run_has_an_option_for_every_config_field():
     dests = {p.name for p in run.params}
     for f in fields(Config):
         assert f.name in dests, f"gradscope run has no option for Config.{f.name}"
+
+
+def test_summary_shows_the_worst_layers_of_a_deep_model(tmp_path):
+    from torch import nn
+
+    torch = pytest.importorskip("torch")
+    layers = []
+    for _ in range(30):
+        layers += [nn.Linear(8, 8), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        model[20].bias.fill_(-100.0)  # the ReLU at 21 is dead
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradscope.watch(model, out=tmp_path, quiet=True, activation_every=1) as scope:
+        for _ in range(12):
+            opt.zero_grad()
+            model(torch.rand(32, 8)).sum().backward()
+            opt.step()
+    result = CliRunner().invoke(main, ["summary", str(scope.run_dir), "--top", "5"],
+                                terminal_width=160)
+    assert result.exit_code == 0, result.output
+    assert "the 5 of 60 layers that most need a look" in result.output
+    assert "│ 21 " in result.output or "\n21 " in result.output or " 21 " in result.output
+    everything = CliRunner().invoke(main, ["summary", str(scope.run_dir), "--top", "0"],
+                                    terminal_width=160)
+    assert "most need a look" not in everything.output and "59" in everything.output
+
+
+def test_view_serves_tensorboard_on_the_runs(tmp_path):
+    import json
+    import urllib.request
+
+    from torch import nn
+
+    torch = pytest.importorskip("torch")
+    model = nn.Linear(3, 1)
+    with gradscope.watch(model, out=tmp_path, name="viewed", quiet=True):
+        model(torch.randn(4, 3)).sum().backward()
+    proc = subprocess.Popen([sys.executable, "-m", "gradscope", "view", str(tmp_path / "viewed"),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("TensorBoard on http://localhost:"), line + proc.stderr.read()
+        url = line.split()[2]
+        with urllib.request.urlopen(url + "data/runs", timeout=30) as resp:
+            assert [r.split("/")[0] for r in json.loads(resp.read())] == ["viewed"]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "gradscope", "view", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no tb/ folder" in bad.stderr

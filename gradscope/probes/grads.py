@@ -11,6 +11,8 @@ CPU (``aminmax`` per tensor, the cheapest kernel measured), so they are taken on
 only. Exact non-finite counts cost 10-20 norms, so they are taken only on steps whose norms are
 non-finite: a finite sum of squares proves every element finite, so every other step's count is
 exactly 0 and is filled in on the host at flush time (:meth:`GradProbe.complete`).
+Histograms (``Config.histograms``, off by default) are taken on sampled steps only, one
+``histc`` pass per gradient (see :func:`grad_histograms`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,60 @@ def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(out)
 
 
+HIST_BINS = 30
+HIST_METRICS = ("_hist_min", "_hist_max", *(f"_hist_{i}" for i in range(HIST_BINS)))
+"""Raw columns of one gradient's histogram: its min, its max, and the counts of ``HIST_BINS``
+equal-width bins between them. Raw (``_``): not in the Parquet store, only TensorBoard reads
+them."""
+_HIST_CHUNK = 1 << 24  # elements binned at once off the CPU (bounds the float32 temporary)
+
+
+def grad_histograms(tensors: Sequence[torch.Tensor], bins: int = HIST_BINS) -> torch.Tensor:
+    """``[k, bins + 2]``: each tensor's min, max and the counts of ``bins`` equal-width bins
+    from min to max (the max falls in the last bin), in float32.
+
+    No host read off the CPU: the values are mapped to ``[0, bins]`` on the device and counted
+    with ``histc`` over that fixed range. On the CPU, where reading the range is free, ``histc``
+    bins the gradient directly (one pass). A tensor holding NaN/Inf has a non-finite min or max
+    and counts that mean nothing (TensorBoard leaves it out: ``grad_nonfinite`` counts those).
+    All-equal values count in the first bin. Counts are exact up to 2**24 per bin (float32).
+    """
+    rows = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        if flat.dtype not in _WIDE:
+            flat = flat.float()
+        lo, hi = torch.aminmax(flat)
+        if flat.device.type == "cpu":
+            a, b = float(lo), float(hi)
+            if not (math.isfinite(a) and math.isfinite(b)):
+                counts = torch.zeros(bins, dtype=flat.dtype)
+            elif a == b:
+                counts = torch.zeros(bins, dtype=flat.dtype)
+                counts[0] = flat.numel()
+            else:
+                counts = torch.histc(flat, bins=bins, min=a, max=b)
+        else:
+            scale = bins / (hi - lo).clamp_min(torch.finfo(flat.dtype).tiny)
+            counts = torch.zeros(bins, dtype=flat.dtype, device=flat.device)
+            for part in torch.split(flat, _HIST_CHUNK):
+                counts += _fixed_range_counts((part - lo).mul_(scale).clamp_(0, bins), bins)
+        rows.append(torch.cat([lo.reshape(1), hi.reshape(1), counts]).float())
+    return torch.stack(rows)
+
+
+def _fixed_range_counts(v: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of ``v`` (values in ``[0, bins]``, NaN ignored) in the unit bins ``[i, i + 1)``.
+    CUDA's ``histc`` has no deterministic kernel: under ``torch.use_deterministic_algorithms``
+    the counts come from an accumulating ``index_put_`` (deterministic, slower)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return torch.histc(v, bins=bins, min=0, max=bins)
+    idx = v.clamp(max=bins - 1).nan_to_num_(nan=bins).long()  # NaN -> an extra, dropped bin
+    ones = torch.ones((), dtype=v.dtype, device=v.device).expand(idx.numel())
+    out = torch.zeros(bins + 1, dtype=v.dtype, device=v.device)
+    return out.index_put_((idx,), ones, accumulate=True)[:bins]
+
+
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[k]`` number of NaN/Inf elements of each tensor (expensive: flagged steps only)."""
     return torch.stack([torch.logical_not(torch.isfinite(t)).sum() for t in tensors]).float()
@@ -120,9 +176,12 @@ class GradProbe:
             known to be non-finite (GradScaler-skipped steps) or while armed.
     """
 
-    def __init__(self, buffer: StepBuffer, count_policy: str = "host") -> None:
+    def __init__(self, buffer: StepBuffer, count_policy: str = "host",
+                 histograms: bool = False) -> None:
         self.buffer = buffer
         self.count_policy = count_policy
+        self.histograms = histograms  # gradient histograms on sampled steps (TensorBoard)
+        self._hist_groups: dict[tuple[int, ...], Group] = {}
         self.on_nonfinite: Callable[[], None] | None = None  # a step had NaN/Inf gradients
         self._param_groups = ParamGroups(buffer)
         buffer.column(RUN_LAYER, "run", "grad_norm_total")  # filled in at flush, see complete()
@@ -156,9 +215,16 @@ class GradProbe:
             norms = norms / grad_scale
         self.buffer.write(self._group(present, "grad_norm"), norms)
         if sampled:
-            peaks = max_abs(grads)
-            if grad_scale is not None:
-                peaks = peaks / grad_scale
+            if self.histograms:
+                hist = grad_histograms(grads)  # [k, 2 + bins]: min, max, counts
+                if grad_scale is not None:
+                    hist[:, :2] /= grad_scale
+                self.buffer.write(self._hist_group(present), hist)
+                peaks = torch.maximum(hist[:, 1], -hist[:, 0])
+            else:
+                peaks = max_abs(grads)
+                if grad_scale is not None:
+                    peaks = peaks / grad_scale
             self.buffer.write(self._group(present, "grad_max_abs"), peaks)
         count = known_nonfinite or self.count_policy == "armed"
         if not count and self.count_policy == "host":
@@ -178,6 +244,14 @@ class GradProbe:
             ):
                 self.on_nonfinite()
         return present, grads, norms
+
+    def _hist_group(self, slots: Sequence[ParamSlot]) -> Group:
+        key = tuple(s.index for s in slots)
+        grp = self._hist_groups.get(key)
+        if grp is None:
+            keys = tuple((s.name, KIND, m) for s in slots for m in HIST_METRICS)
+            grp = self._hist_groups[key] = self.buffer.group(keys)
+        return grp
 
     def record_clipped(
         self, slots: Sequence[ParamSlot], grad_scale: torch.Tensor | float | None = None

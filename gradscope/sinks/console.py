@@ -72,8 +72,33 @@ def layer_rows(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def print_summary(run: Run, console: Any = None) -> None:
-    """Print the run header and the per-layer table."""
+def worst_rows(rows: list[dict[str, Any]], findings: list[dict[str, Any]], top: int
+               ) -> list[dict[str, Any]]:
+    """The ``top`` rows that most need a look, kept in forward order: layers named by a finding
+    first, then non-finite gradients, then the most dead or saturated units, then the gradient
+    norms furthest (in log10) from the median layer's."""
+    if top <= 0 or len(rows) <= top:
+        return rows
+    flagged = {str(f.get("layer")) for f in findings}
+    norms = [math.log10(r["grad_norm"]) for r in rows
+             if isinstance(r["grad_norm"], float) and r["grad_norm"] > 0]
+    mid = sorted(norms)[len(norms) // 2] if norms else 0.0
+
+    def score(r: dict[str, Any]) -> tuple[float, ...]:
+        g = r["grad_norm"]
+        off = abs(math.log10(g) - mid) if isinstance(g, float) and g > 0 else 0.0
+        frac = max((v for v in (r["dead"], r["saturated"]) if isinstance(v, float)
+                    and not math.isnan(v)), default=0.0)
+        return (float(r["layer"] in flagged or r["layer"].split("#")[0] in flagged),
+                float((r["nonfinite"] or 0) > 0), frac, off)
+
+    keep = set(sorted(range(len(rows)), key=lambda i: score(rows[i]), reverse=True)[:top])
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+def print_summary(run: Run, console: Any = None, top: int = 0) -> None:
+    """Print the run header and the per-layer table (``top``: only the layers that most need a
+    look, see :func:`worst_rows`; 0: every layer)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -89,7 +114,9 @@ def print_summary(run: Run, console: Any = None) -> None:
     table.add_column("type", no_wrap=True)
     for title in ("grad norm", "upd ratio", "nonfinite", "out grad", "dead", "sat"):
         table.add_column(title, justify="right", no_wrap=True)
-    for row in layer_rows(run):
+    all_rows = layer_rows(run)
+    shown = worst_rows(all_rows, run.findings, top)
+    for row in shown:
         table.add_row(
             row["layer"],
             row["type"],
@@ -101,6 +128,10 @@ def print_summary(run: Run, console: Any = None) -> None:
             _fmt(row["saturated"], pct=True),
         )
     console.print(table)
+    if len(shown) < len(all_rows):
+        console.print(f"the {len(shown)} of {len(all_rows)} layers that most need a look "
+                      "(findings, NaN/Inf, dead or saturated units, extreme gradient norms), "
+                      "in forward order; --top 0 shows all")
     console.print(
         "grad norm, upd ratio (||Δw||/||w||), out grad (backward signal): medians over steps; "
         "nonfinite: gradient elements, summed; dead, sat (saturated): last sampled step"

@@ -1,4 +1,24 @@
-"""TensorBoard scalars in ``tb/``: tags ``<metric>/<layer>`` and run-level ``<metric>``.
+"""TensorBoard logs in ``tb/``: scalars, a Custom Scalars layout, findings and remedies as text,
+and gradient histograms when asked for.
+
+Tags:
+
+* ``<metric>/<layer>`` (``grad_norm/layers.3.weight``) and run-level ``<metric>`` (``loss``);
+* ``<metric>/_min``, ``<metric>/_median``, ``<metric>/_max``: across every layer of a metric
+  recorded for more layers than ``Config.tb_max_layers``, which then keeps per-layer tags for
+  the worst layers only (:class:`_Metric`, :data:`WORST`; Lightning #1462 and #11471: one tag
+  per parameter buries the few that matter);
+* ``findings/<kind>/<layer>`` (``findings/<kind>`` for run-level and ``nonfinite`` findings):
+  the finding as text, at its first step. One tag per finding, not one ``findings`` tag:
+  TensorBoard's data server (``--load_fast``, used where it is installed) keeps one point per
+  step of a tag and drops every point at or after a step written again (checked with
+  tensorboard 2.21), and findings are raised late and often share a first step;
+* ``remedies``: remedy actions as text, at their step;
+* ``grad_hist/<parameter>``: gradient histograms (``Config.histograms``), for the parameters
+  whose ``grad_norm`` tag is written;
+* ``custom_scalars__config__``: the Custom Scalars layout (one multi-line chart per metric
+  across layers, categories ``gradients``, ``updates``, ``activations``, ``run``), written
+  again whenever the set of tags grows; TensorBoard reads the last one.
 
 Written synchronously at each flush, in TensorBoard's own record format (length, masked CRC32C,
 serialized ``Event``, masked CRC32C), one event per step carrying all of that step's values.
@@ -10,14 +30,55 @@ installed (a dependency), and nothing runs between flushes.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import struct
 import time
+from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from ..records import RUN_LAYER, LongTable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+AGGREGATES = ("_min", "_median", "_max")
+LAYOUT_TAG = "custom_scalars__config__"
+HIST_TAG = "grad_hist"
+_HIST = "_hist_"  # raw histogram columns (gradscope.probes.grads.HIST_METRICS)
+
+WORST: dict[str, str] = {
+    "grad_norm": "both", "output_grad_norm": "both", "grad_norm_clipped": "both",
+    "clip_threshold": "both", "weight_norm": "both", "update_ratio": "both", "act_std": "both",
+    "grad_max_abs": "high", "grad_nonfinite": "high", "act_dead_fraction": "high",
+    "act_saturation": "high", "act_nonfinite": "high",
+    "act_mean": "abs",
+    "clip_coef": "low",
+}
+"""Which layers of a capped metric get tags, ranked by the median of their finite values in
+the first flush that has them: ``both`` the largest and the smallest, half each (too large
+and too small are both pathologies); ``high`` the largest; ``abs`` the largest magnitude;
+``low`` the smallest (the most clipped). Layers with non-finite values come first, ties go to
+the earlier layer. Other metrics: ``both``."""
+
+CATEGORY: dict[str, str] = {
+    "grad_norm_total": "gradients", "grad_norm_total_clipped": "gradients",
+    "grad_norm": "gradients", "grad_max_abs": "gradients", "grad_nonfinite": "gradients",
+    "output_grad_norm": "gradients", "grad_norm_clipped": "gradients",
+    "clip_coef": "gradients", "clip_threshold": "gradients",
+    "update_ratio": "updates", "weight_norm": "updates",
+    "act_dead_fraction": "activations", "act_saturation": "activations",
+    "act_mean": "activations", "act_std": "activations", "act_nonfinite": "activations",
+}
+"""The Custom Scalars category of a metric's charts, in chart order (per-layer metrics; run
+level: ``run`` unless named here). Unknown per-layer metrics: ``other``, last."""
+_ORDER = {metric: i for i, metric in enumerate(CATEGORY)}
+CATEGORIES = ("gradients", "updates", "activations", "run", "other")
+_RUN_CHART = {"grad_norm_total_clipped": "grad_norm_total"}  # drawn in the same chart
 
 
 def tag(layer: str, metric: str) -> str:
@@ -101,62 +162,426 @@ def value_prefix(name: str) -> bytes:
     return _varint(1 << 3 | 2) + _varint(len(value) + 4) + value
 
 
+def histogram_value(name: str, lo: float, hi: float, counts: np.ndarray) -> bytes:
+    """``Summary.value[i] = Value{tag=name, histo=HistogramProto}`` (field 5) for counts of
+    equal-width bins from ``lo`` to ``hi``. TensorBoard draws bin ``i`` from the previous limit
+    (``lo`` for the first) to ``bucket_limit[i]``. ``sum``/``sum_squares`` come from the bin
+    centres (TensorBoard's charts do not use them)."""
+    import numpy as np
+
+    counts = np.asarray(counts, dtype="<f8")
+    bins = len(counts)
+    if hi <= lo:  # every value equal: one bin
+        counts = counts.sum(keepdims=True)
+        limits = np.array([hi], dtype="<f8")
+        centres = limits
+    else:
+        limits = lo + (hi - lo) * np.arange(1, bins + 1, dtype="<f8") / bins
+        limits[-1] = hi
+        centres = limits - (hi - lo) / (2 * bins)
+    histo = (
+        b"\x09" + struct.pack("<d", lo) + b"\x11" + struct.pack("<d", hi)
+        + b"\x19" + struct.pack("<d", float(counts.sum()))
+        + b"\x21" + struct.pack("<d", float(counts @ centres))
+        + b"\x29" + struct.pack("<d", float(counts @ centres**2))
+        + _field(6, limits.astype("<f8").tobytes()) + _field(7, counts.tobytes())
+    )
+    return _field(1, _field(1, name.encode("utf-8")) + _field(5, histo))
+
+
+@dataclass
+class _Metric:
+    """The per-layer tags of one metric.
+
+    A column (layer) is *undecided* until a flush has its data; then it is shown while the
+    metric has room (``cap`` layers). A flush whose new layers do not fit *caps* the metric:
+    the worst of them (:data:`WORST`) fill the room, the others never get a tag, nor do layers
+    that appear later, except the layers findings name (any time). Tags once written stay:
+    a chart whose lines come and go is no chart.
+    """
+
+    name: str
+    cols: list[int] = field(default_factory=list)  # every column of this metric
+    shown: list[int] = field(default_factory=list)
+    undecided: list[int] = field(default_factory=list)
+    capped: bool = False
+
+
 class TensorBoardSink:
-    """Writes flushed records as TensorBoard scalars."""
+    """Writes flushed records, findings and remedy actions to TensorBoard.
 
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self._file: EventFile | None = None
-        self._prefixes: list[bytes] = []
+    Args:
+        log_dir: The ``tb/`` directory (created at the first write).
+        max_layers: Per-layer tags per metric (``Config.tb_max_layers``; 0: every layer).
+        raw: The tables it is given still hold the raw working columns (``_...``), among them
+            the gradient histograms (``Config.histograms``); otherwise only published ones.
+    """
 
-    def write(self, table: LongTable) -> None:
-        if not len(table):
-            return
-        if self._file is None:
-            self._file = EventFile(self.log_dir)
+    def __init__(self, log_dir: Path, max_layers: int = 50, raw: bool = False) -> None:
         import numpy as np
 
-        while len(self._prefixes) < len(table.columns):
-            layer, _, metric = table.columns[len(self._prefixes)]
-            self._prefixes.append(value_prefix(tag(layer, metric)))
-        steps = table.step.tolist()
-        cols = table.col.tolist()
-        packed = np.asarray(table.value, dtype="<f4").tobytes()  # TensorBoard stores float32
-        prefixes = self._prefixes
-        now = time.time()
-        start = 0
-        for i in range(1, len(steps) + 1):  # records are grouped by step
-            if i == len(steps) or steps[i] != steps[start]:
-                summary = b"".join(
-                    prefixes[cols[j]] + packed[4 * j : 4 * j + 4] for j in range(start, i)
-                )
-                self._file.write(scalar_event(steps[start], now, summary))
-                start = i
-        self._file.flush()
+        self.log_dir = log_dir
+        self.max_layers = max_layers
+        self.raw = raw
+        self._file: EventFile | None = None
+        self._columns: list[tuple[str, str, str]] = []  # the columns classified so far
+        self._prefixes: list[bytes] = []  # encoded tag of each shown column (b"" otherwise)
+        self._prefix_len = np.zeros(0, dtype=np.int64)  # [columns] len(_prefixes[c])
+        self._show = np.zeros(0, dtype=bool)  # [columns] written as a scalar tag
+        self._metric_of = np.zeros(0, dtype=np.int64)  # [columns] index in _metrics, or -1
+        self._pos = np.zeros(0, dtype=np.int64)  # [columns] index in its metric's cols
+        self._hist_of = np.zeros(0, dtype=np.int64)  # [columns] index in _hist_layers, or -1
+        self._hist_slot = np.zeros(0, dtype=np.int64)  # [columns] 0 min, 1 max, 2+ counts
+        self._metrics: list[_Metric] = []
+        self._metric_index: dict[str, int] = {}
+        self._run_metrics: list[str] = []
+        self._run_undecided: list[int] = []  # run-level columns without a value so far
+        self._hist_layers: list[str] = []
+        self._hist_index: dict[str, int] = {}
+        self._agg_prefixes: dict[str, list[bytes]] = {}
+        self._named: set[str] = set()  # layers (and modules) named by findings
+        self._named_new = False
+        self._filtered = raw  # some record may not be written as a tag
+        self._layout_dirty = False
 
-    def event(self, record: dict[str, Any]) -> None:
-        """Remedy actions as TensorBoard text (tag ``remedies``), at their step. Other events
-        (findings) are left to the report and ``events.jsonl``."""
-        if record.get("event") not in ("remedy", "remedies"):
+    # -- records ----------------------------------------------------------------------------------
+    def write(self, table: LongTable) -> None:
+        """Write a flushed table: one event per step (scalars, aggregates, histograms)."""
+        if not len(table):
             return
-        import json
+        import numpy as np
 
-        from tensorboard.compat.proto.event_pb2 import Event
+        if len(table.columns) > len(self._columns):
+            self._add_columns(table.columns)
+        if self._named_new:
+            self._show_named()
+        if self._run_undecided or any(m.undecided for m in self._metrics):
+            self._decide(table)
+        file = self._open()
+        if self._layout_dirty:
+            self._write_layout(file)
+        extra: dict[int, list[bytes]] = {}  # step -> encoded values besides the table's own
+        if any(m.capped for m in self._metrics):
+            self._aggregates(table, extra)
+        if self._hist_layers:
+            self._histograms(table, extra)
+        steps, cols, values = table.step, table.col, table.value
+        if self._filtered:
+            keep = self._show[cols]
+            steps, cols, values = steps[keep], cols[keep], values[keep]
+        now = time.time()
+        if len(cols):
+            # every record's bytes (tag prefix + float32) joined at C speed, then cut per step
+            packed = np.asarray(values, dtype="<f4").tobytes()  # TensorBoard stores float32
+            floats = [packed[k : k + 4] for k in range(0, len(packed), 4)]
+            blob = b"".join(chain.from_iterable(
+                zip(map(self._prefixes.__getitem__, cols.tolist()), floats)))
+            ends = np.cumsum(self._prefix_len[cols] + 4)
+            bounds = np.flatnonzero(np.diff(steps)) + 1  # records are grouped by step
+            start = 0
+            for step, stop in zip(steps[np.r_[0, bounds]].tolist(),
+                                  ends[np.r_[bounds - 1, len(cols) - 1]].tolist()):
+                summary = blob[start:stop]
+                if extra:
+                    summary += b"".join(extra.pop(step, ()))
+                file.write(scalar_event(step, now, summary))
+                start = stop
+        for step, parts in sorted(extra.items()):  # steps with nothing but histograms
+            file.write(scalar_event(step, now, b"".join(parts)))
+        file.flush()
+
+    def _open(self) -> EventFile:
+        if self._file is None:
+            self._file = EventFile(self.log_dir)
+        return self._file
+
+    def _add_columns(self, columns: list[tuple[str, str, str]]) -> None:
+        """Classify the columns new since the last flush (columns are only ever appended)."""
+        import numpy as np
+
+        first = len(self._columns)
+        grow = len(columns) - first
+        self._show = np.concatenate([self._show, np.zeros(grow, dtype=bool)])
+        self._prefix_len = np.concatenate([self._prefix_len, np.zeros(grow, dtype=np.int64)])
+        minus = np.full(grow, -1, dtype=np.int64)
+        self._metric_of = np.concatenate([self._metric_of, minus])
+        self._pos = np.concatenate([self._pos, minus])
+        self._hist_of = np.concatenate([self._hist_of, minus])
+        self._hist_slot = np.concatenate([self._hist_slot, minus])
+        for c in range(first, len(columns)):
+            layer, _, metric = columns[c]
+            self._columns.append(columns[c])
+            self._prefixes.append(b"")
+            if metric.startswith(_HIST):
+                h = self._hist_index.get(layer)
+                if h is None:
+                    h = self._hist_index[layer] = len(self._hist_layers)
+                    self._hist_layers.append(layer)
+                slot = metric[len(_HIST):]
+                self._hist_of[c] = h
+                self._hist_slot[c] = 0 if slot == "min" else 1 if slot == "max" else 2 + int(slot)
+            elif metric.startswith("_"):  # a raw working column
+                pass
+            elif layer == RUN_LAYER:  # always a tag, from its first value on
+                self._run_undecided.append(c)
+            else:
+                k = self._metric_index.get(metric)
+                if k is None:
+                    k = self._metric_index[metric] = len(self._metrics)
+                    self._metrics.append(_Metric(metric))
+                m = self._metrics[k]
+                self._metric_of[c] = k
+                self._pos[c] = len(m.cols)
+                m.cols.append(c)
+                if not m.capped:
+                    m.undecided.append(c)
+                elif self._is_named(layer):
+                    self._show_column(c)
+        self._update_filtered()
+
+    def _update_filtered(self) -> None:
+        """Records need filtering when some column of theirs has no tag: a capped metric's, or
+        raw ones (published tables have no rows in raw columns)."""
+        self._filtered = self.raw or any(len(m.shown) < len(m.cols) for m in self._metrics)
+
+    def _show_column(self, c: int) -> None:
+        layer, _, metric = self._columns[c]
+        self._show[c] = True
+        self._prefixes[c] = value_prefix(tag(layer, metric))
+        self._prefix_len[c] = len(self._prefixes[c])
+        k = int(self._metric_of[c])
+        if k >= 0:
+            self._metrics[k].shown.append(c)
+        self._layout_dirty = True
+
+    def _decide(self, table: LongTable) -> None:
+        """Tags for the undecided columns that have data in this table (see :class:`_Metric`)."""
+        import numpy as np
+
+        present = np.bincount(table.col, minlength=len(self._columns)) > 0
+        for c in [c for c in self._run_undecided if present[c]]:
+            self._run_undecided.remove(c)
+            self._run_metrics.append(self._columns[c][2])
+            self._show_column(c)
+        for m in self._metrics:
+            ready = [c for c in m.undecided if present[c]]
+            if not ready:
+                continue
+            m.undecided = [c for c in m.undecided if not present[c]]
+            room = self.max_layers - len(m.shown) if self.max_layers else len(ready)
+            if len(ready) > room:
+                m.capped = True
+                self._agg_prefixes[m.name] = [value_prefix(f"{m.name}/{a}") for a in AGGREGATES]
+                named = [c for c in ready if self._is_named(self._columns[c][0])]
+                rest = [c for c in ready if c not in named]
+                ready = named + self._worst(m.name, rest, max(room - len(named), 0), table)
+            for c in sorted(ready):
+                self._show_column(c)
+        self._update_filtered()
+
+    def _worst(self, metric: str, cols: list[int], k: int, table: LongTable) -> list[int]:
+        """The ``k`` worst of ``cols`` by this table's records (:data:`WORST`)."""
+        import numpy as np
+
+        if k <= 0:
+            return []
+        index = np.full(len(self._columns), -1, dtype=np.int64)
+        index[cols] = np.arange(len(cols))
+        i = index[table.col]
+        sel = i >= 0
+        _, row = np.unique(table.step[sel], return_inverse=True)
+        mat = np.full((int(row.max()) + 1, len(cols)), np.nan)  # [steps, cols]; NaN: no value
+        mat[row, i[sel]] = table.value[sel]
+        finite = np.isfinite(mat)
+        n = finite.sum(axis=0)
+        n_bad = np.bincount(i[sel], weights=~np.isfinite(table.value[sel]), minlength=len(cols))
+        mat = np.sort(np.where(finite, mat, np.inf), axis=0)
+        j = np.arange(len(cols))
+        median = np.where(n > 0, (mat[(n - 1) // 2, j] + mat[n // 2, j]) / 2, 0.0)
+        rows = list(zip(cols, n_bad.astype(int).tolist(), median.tolist()))
+        bad = sorted((r for r in rows if r[1]), key=lambda r: (-r[1], r[0]))
+        good = [r for r in rows if not r[1]]
+        chosen = [r[0] for r in bad[:k]]
+        room = k - len(chosen)
+        how = WORST.get(metric, "both")
+        if how == "abs":
+            good = [(c, bad_n, abs(v)) for c, bad_n, v in good]
+        high = sorted(good, key=lambda r: (-r[2], r[0]))
+        low = sorted(good, key=lambda r: (r[2], r[0]))
+        n_high = room if how in ("high", "abs") else 0 if how == "low" else (room + 1) // 2
+        chosen += [r[0] for r in high[:n_high]]
+        taken = set(chosen)
+        chosen += [r[0] for r in low if r[0] not in taken][: room - n_high]
+        return chosen
+
+    def _aggregates(self, table: LongTable, extra: dict[int, list[bytes]]) -> None:
+        """``<metric>/_min``, ``_median``, ``_max`` over every layer of each capped metric, per
+        step. A NaN in any layer makes all three NaN: an aggregate never hides one."""
+        import numpy as np
+
+        metric_of = self._metric_of[table.col]
+        for k, m in enumerate(self._metrics):
+            if not m.capped:
+                continue
+            sel = metric_of == k
+            if not sel.any():
+                continue
+            val = table.value[sel]
+            steps, row = np.unique(table.step[sel], return_inverse=True)
+            mat = np.full((len(steps), len(m.cols)), np.inf)  # [steps, layers]; inf: no value
+            mat[row, self._pos[table.col[sel]]] = val
+            n = np.bincount(row, minlength=len(steps))
+            nan = np.bincount(row, weights=np.isnan(val), minlength=len(steps)) > 0
+            mat.sort(axis=1)
+            r = np.arange(len(steps))
+            agg = np.stack([mat[:, 0], (mat[r, (n - 1) // 2] + mat[r, n // 2]) / 2,
+                            mat[r, n - 1]], axis=1)  # [steps, 3]
+            agg[nan] = np.nan
+            packed = agg.astype("<f4").tobytes()
+            p_min, p_med, p_max = self._agg_prefixes[m.name]
+            for i, step in enumerate(steps.tolist()):
+                b = packed[12 * i : 12 * i + 12]
+                extra.setdefault(step, []).append(
+                    p_min + b[0:4] + p_med + b[4:8] + p_max + b[8:12])
+
+    def _histograms(self, table: LongTable, extra: dict[int, list[bytes]]) -> None:
+        """One histogram per parameter and sampled step, from the raw ``_hist_*`` columns;
+        only for the parameters whose ``grad_norm`` tag is written."""
+        import numpy as np
+
+        hist = self._hist_of[table.col]
+        sel = hist >= 0
+        if not sel.any():
+            return
+        grad = self._metric_index.get("grad_norm")
+        shown = None if grad is None or not self._metrics[grad].capped else \
+            {self._columns[c][0] for c in self._metrics[grad].shown}
+        n_layers = len(self._hist_layers)
+        key = table.step[sel] * n_layers + hist[sel]
+        keys, row = np.unique(key, return_inverse=True)
+        data = np.full((len(keys), int(self._hist_slot.max()) + 1), np.nan)  # [hists, 2 + bins]
+        data[row, self._hist_slot[table.col[sel]]] = table.value[sel]
+        for step, h, d in zip((keys // n_layers).tolist(), (keys % n_layers).tolist(), data):
+            layer = self._hist_layers[h]
+            if (shown is not None and layer not in shown) or not np.isfinite(d).all():
+                continue  # not shown, or non-finite gradients (grad_nonfinite counts them)
+            extra.setdefault(step, []).append(
+                histogram_value(f"{HIST_TAG}/{layer}", float(d[0]), float(d[1]), d[2:]))
+
+    # -- findings ---------------------------------------------------------------------------------
+    def _is_named(self, layer: str) -> bool:
+        """Whether a finding named this layer, its module (``net.0`` for ``net.0.weight``) or
+        its base site (``act`` for ``act#1``)."""
+        if not self._named:
+            return False
+        name = layer.partition("#")[0]
+        if layer in self._named or name in self._named:
+            return True
+        while "." in name:
+            name = name.rpartition(".")[0]
+            if name in self._named:
+                return True
+        return False
+
+    def _show_named(self) -> None:
+        self._named_new = False
+        for m in self._metrics:
+            if not m.capped:
+                continue
+            for c in m.cols:
+                if not self._show[c] and c not in m.undecided and \
+                        self._is_named(self._columns[c][0]):
+                    self._show_column(c)
+        self._update_filtered()
+
+    # -- layout -----------------------------------------------------------------------------------
+    def layout(self) -> Any:
+        """The Custom Scalars layout of the tags written so far (a ``layout_pb2.Layout``)."""
+        from tensorboard.plugins.custom_scalar import layout_pb2
+
+        charts: dict[str, list[tuple[int, Any]]] = {c: [] for c in CATEGORIES}
+
+        def chart(category: str, title: str, tags: list[str], metric: str) -> None:
+            pattern = "^(?:" + "|".join(re.escape(t) for t in tags) + ")$"
+            content = layout_pb2.MultilineChartContent(tag=[pattern])
+            charts[category].append((_ORDER.get(metric, len(_ORDER)),
+                                     layout_pb2.Chart(title=title, multiline=content)))
+
+        for m in self._metrics:
+            if not m.shown:
+                continue
+            category = CATEGORY.get(m.name, "other")
+            tags = [tag(self._columns[c][0], m.name) for c in sorted(m.shown)]
+            if m.capped:
+                chart(category, f"{m.name} (worst layers)", tags, m.name)
+                chart(category, f"{m.name} (min, median, max over layers)",
+                      [f"{m.name}/{a}" for a in AGGREGATES], m.name)
+            else:
+                chart(category, m.name, tags, m.name)
+        together: dict[str, list[str]] = {}
+        for metric in self._run_metrics:
+            together.setdefault(_RUN_CHART.get(metric, metric), []).append(metric)
+        for title, metrics in together.items():
+            chart(CATEGORY.get(title, "run"), title, metrics, title)
+        return layout_pb2.Layout(category=[  # charts of a category in CATEGORY's order (stable)
+            layout_pb2.Category(title=title, chart=[c for _, c in sorted(
+                charts[title], key=lambda item: item[0])])
+            for title in CATEGORIES if charts[title]
+        ])
+
+    def _write_layout(self, file: EventFile) -> None:
+        """As ``SummaryWriter.add_custom_scalars`` writes it (at step 0, every time)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+
+        self._layout_dirty = False
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+            plugin_name="custom_scalars"))
+        tensor = TensorProto(dtype=7, string_val=[self.layout().SerializeToString()],  # DT_STRING
+                             tensor_shape=TensorShapeProto())
+        value = Summary.Value(tag=LAYOUT_TAG, tensor=tensor, metadata=meta)
+        file.write(scalar_event(0, time.time(), Summary(value=[value]).SerializeToString()))
+
+    # -- events -----------------------------------------------------------------------------------
+    def event(self, record: dict[str, Any]) -> None:
+        """Findings (``findings/...``) and remedy actions (``remedies``) as text, at their
+        step. Other events are left to ``events.jsonl``."""
+        kind = record.get("event")
+        if kind in ("finding", "finding_updated"):
+            self._finding(record)
+        elif kind in ("remedy", "remedies"):
+            text = "; ".join(f"{k}: {json.dumps(v, default=str)}" for k, v in record.items()
+                             if k != "event")
+            step = record.get("step")
+            if not isinstance(step, int) and isinstance(record.get("steps"), list):
+                step = record["steps"][-1]  # a summary of several steps: at the last one
+            self._text("remedies", text, step)
+
+    def _finding(self, f: dict[str, Any]) -> None:
+        layer = f.get("layer")
+        for name in (layer, f.get("module")):
+            if isinstance(name, str) and name != RUN_LAYER and name not in self._named:
+                self._named.add(name)
+                self._named_new = True
+        name = f"findings/{f.get('kind')}"
+        if isinstance(layer, str) and layer != RUN_LAYER and f.get("kind") != "nonfinite":
+            name += f"/{layer}"
+        text = (f"**{f.get('severity')}**: {f.get('message')}\n\n"
+                f"layer `{layer}`, from step {f.get('first_step')}\n\n{f.get('suggestion')}")
+        self._text(name, text, f.get("first_step"))
+
+    def _text(self, name: str, text: str, step: Any) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
         from tensorboard.compat.proto.tensor_pb2 import TensorProto
 
-        if self._file is None:
-            self._file = EventFile(self.log_dir)
-        text = "; ".join(f"{k}: {json.dumps(v, default=str)}" for k, v in record.items()
-                         if k != "event")
         meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
         tensor = TensorProto(dtype=7, string_val=[text.encode("utf-8")])  # DT_STRING
-        summary = Summary(value=[Summary.Value(tag="remedies", metadata=meta, tensor=tensor)])
-        step = record.get("step")
-        ev = Event(wall_time=time.time(), step=int(step) if isinstance(step, int) else 0,
-                   summary=summary)
-        self._file.write(ev.SerializeToString())
-        self._file.flush()
+        summary = Summary(value=[Summary.Value(tag=name, metadata=meta, tensor=tensor)])
+        file = self._open()
+        file.write(scalar_event(step if isinstance(step, int) else 0, time.time(),
+                                summary.SerializeToString()))
+        file.flush()
 
     def close(self) -> None:
         if self._file is not None:
