@@ -316,3 +316,18 @@ def test_compare_overlays_two_runs(out, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gradscope", "compare", str(before),
                            str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_saturation_and_the_remedy_timeline(out):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(50.0)  # tanh pinned at +-1
+    run_dir = _train(model, 30, out, nan_at=12, guard=True, activation_every=1)
+    page = Page((run_dir / "report.html").read_text(encoding="utf-8"))
+    assert "saturation" in page.ids("section")
+    body = " ".join(page.text)
+    assert "Remedy timeline (1)" in body and "skip_step" in body
+    # the skipped step is a dashed marker on the step charts
+    markers = [a for t, a in page.tags if t == "line" and a.get("stroke-dasharray")]
+    assert markers, "no remedy marker drawn"
