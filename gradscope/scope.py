@@ -174,6 +174,7 @@ class Scope:
                     self._store.event({"event": "remedy", "action": "inactive", "reason": note})
                     warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=3)
             self._remedy_warned = False
+            self._hooks_verified = not self._table.modules
             self._on_optimizer_pre_hook = self._guarded(self._on_optimizer_pre)
             pre = Hook(self._on_optimizer_pre_hook, "optimizer-pre")
             post = Hook(self._guarded(self._on_optimizer_post), "optimizer-post")
@@ -607,6 +608,8 @@ class Scope:
 
     def commit_row(self) -> None:
         step = self._clock.step
+        if not self._hooks_verified:
+            self._check_hooks_run(step)
         self._modules.forward_seen = False
         self._user_clipped.clear()
         if self._loss is not None:
@@ -632,6 +635,26 @@ class Scope:
                     "without an optimizer, so they are not applied")
             self._event({"event": "remedy", "action": "inactive", "step": step, "reason": note})
             warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=2)
+
+    def _check_hooks_run(self, step: int) -> None:
+        """Steps end but no forward hook of ours has ever run: the forward passes bypass the
+        watched modules' hooks. The usual cause is torch.compile: a compiled model called
+        before ``watch()`` keeps its graph, and dynamo ignores hooks added after its first
+        call. Say so once, instead of silently recording no activation statistics."""
+        if self._modules.forward_ever:
+            self._hooks_verified = True
+            return
+        if step < 2:
+            return
+        self._hooks_verified = True
+        note = (f"no forward hook has run in {step + 1} steps: the model's forward passes do "
+                "not go through the watched modules' hooks. Most likely the model was compiled "
+                "and called before watch() (torch.compile ignores hooks added after its first "
+                "call). Activation statistics, the backward signal and the NaN tracer are off "
+                "for this run; gradient statistics are not affected. Call watch() before the "
+                "first call of the compiled model, or torch._dynamo.reset() after watch().")
+        self._event({"event": "hooks_inactive", "step": step, "reason": note})
+        warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=2)
 
     # -- flush and metadata -----------------------------------------------------------------------
     def _flush_due(self) -> bool:

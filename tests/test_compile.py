@@ -50,3 +50,39 @@ def test_compiled_records_match_eager(out, compile_when):
     # names come from the original module, not from OptimizedModule's "_orig_mod." prefix
     assert "0.weight" in compiled.wide("grad_norm").columns
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def _late_watch(out, reset):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = mlp()
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(i):
+        x, y = batch(seed=i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        opt.step()
+
+    step(0)  # compiled and called before watch(): its graph has no hooks
+    with gradscope.watch(model, out=out, activation_every=1, quiet=True) as scope:
+        if reset:
+            torch._dynamo.reset()  # the documented way out: recompile with the hooks
+        for i in range(1, 5):
+            step(i)
+    return scope.load()
+
+
+def test_hooks_added_after_the_first_compiled_call_are_reported_not_trusted(out):
+    with pytest.warns(RuntimeWarning, match="no forward hook has run in 3 steps"):
+        run = _late_watch(out / "late", reset=False)
+    assert [e["event"] for e in run.events if e["event"] == "hooks_inactive"] == [
+        "hooks_inactive"]
+    assert "act_mean" not in set(run.metrics["metric"])  # nothing measured, nothing invented
+    assert run.meta["steps"] == 4 and "grad_norm" in set(run.metrics["metric"])
+    fixed = _late_watch(out / "reset", reset=True)  # no warning (warnings are errors here)
+    assert "act_mean" in set(fixed.metrics["metric"])
+    assert not [e for e in fixed.events if e["event"] == "hooks_inactive"]

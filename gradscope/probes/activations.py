@@ -230,6 +230,7 @@ class ModuleProbe:
         self.count_on_host = count_on_host
         self.sampling = True
         self.forward_seen = False
+        self.forward_ever = False
         self._measured = False  # any site measured since the last finalize()
         self._sites: dict[tuple[int, int, int], _Site] = {}
         self._traced: list[tuple[ModuleEntry, tuple[int, int, int], int | None, _Call]] = []
@@ -318,6 +319,7 @@ class ModuleProbe:
         if not torch.is_grad_enabled():
             return
         self.forward_seen = True  # a training forward of this model: its backward is ours
+        self.forward_ever = True  # the hooks run at all (not so when added after a compile)
         if not self.sampling:
             return
         compiling = torch.compiler.is_compiling()
