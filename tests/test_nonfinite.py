@@ -299,3 +299,36 @@ def test_auto_tracer_gives_up_when_the_problem_does_not_recur(out, monkeypatch):
         assert not scope._tracer.armed and not scope._tracer.done
         assert hook_counts(model)["1"] == before["1"]  # the tracer's hooks came off
     assert _nonfinite(scope)["first_step"] == 3
+
+
+def test_an_fp16_overflow_names_the_module_whose_output_left_the_range(out):
+    """Under float16 autocast a layer whose outputs exceed 65504 produces inf from finite
+    inputs; GradScaler then skips every step. The finding names that layer and says why."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.big, self.head = nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.big(torch.relu(self.a(x)))))
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    with gradscope.watch(model, out=out, quiet=True, trace_nonfinite="always") as scope:
+        for i in range(8):
+            if i == 5:
+                with torch.no_grad():
+                    model.big.weight.mul_(1e5)  # its outputs now exceed float16's range
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(16, 8)).float().pow(2).mean()
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    (f,) = [f for f in scope.findings if f["kind"] == "nonfinite"]
+    assert (f["module"], f["phase"], f["first_step"]) == ("big", "forward", 5)
+    assert f["evidence"]["fp16_overflow"] is True and f["evidence"]["output_dtype"] == "float16"
+    assert "left the float16 range" in f["message"] and "bfloat16" in f["suggestion"]

@@ -83,6 +83,10 @@ def _max_abs_finite(ts: list[torch.Tensor]) -> float | None:
     return best
 
 
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
 def _summary(ts: list[torch.Tensor]) -> dict[str, int]:
     nan = sum(int(torch.isnan(t.detach()).sum()) for t in ts)
     inf = sum(int(torch.isinf(t.detach()).sum()) for t in ts)
@@ -106,6 +110,7 @@ class _FwdCall:
     out_bad: Any
     in_bad: Any
     mod: nn.Module | None = None
+    dtype: str = ""  # of the first output: float16 non-finite from finite inputs = an overflow
 
 
 @dataclass
@@ -234,7 +239,7 @@ class NonfiniteTracer:
         else:
             out_bad = torch.stack([_bad_flag(t) for t in outs]).any()
             in_bad = torch.stack([_bad_flag(t) for t in ins]).any() if ins else None
-            st.calls.append(_FwdCall(name, cls, out_bad, in_bad, module))
+            st.calls.append(_FwdCall(name, cls, out_bad, in_bad, module, _dtype(outs[0])))
         if st.forward_done:
             return  # the forward culprit of this step is known: its NaN reaches every gradient
         for which, group in (("out", outs), ("in", ins)):
@@ -251,11 +256,14 @@ class NonfiniteTracer:
             pname for pname, p in module.named_parameters()
             if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())
         ]
+        summary = _summary(outs)
         info: dict[str, Any] = {
             "step": step, "phase": "forward", "module": name, "class": type(module).__name__,
             "inputs_finite": True, "input_max_abs": _max_abs_finite(ins),
-            "output": _summary(outs),
+            "output": summary, "output_dtype": _dtype(outs[0]),
         }
+        if info["output_dtype"] == "float16" and summary["inf"] > 0:
+            info["fp16_overflow"] = True  # finite inputs, infinite float16 outputs
         if bad_params:
             info["nonfinite_params"] = bad_params[:10]
             earlier = self.first_flag_step is not None and self.first_flag_step < step
@@ -344,7 +352,10 @@ class NonfiniteTracer:
             if host[2 * i] and not host[2 * i + 1]:
                 step = self._step()
                 info: dict[str, Any] = {"step": step, "phase": "forward", "module": call.module,
-                                        "class": call.cls, "inputs_finite": True}
+                                        "class": call.cls, "inputs_finite": True,
+                                        "output_dtype": call.dtype}
+                if call.dtype == "float16":  # only flags were read: inf or NaN is not known
+                    info["fp16_overflow"] = "likely"
                 if call.mod is not None:
                     bad_params = [p for p, t in call.mod.named_parameters()
                                   if not bool(torch.isfinite(t.detach()).all())]

@@ -109,6 +109,14 @@ def traced_episode(info: dict[str, Any]) -> Episode:
                "update applied non-finite gradients")
     elif module is None:
         msg = f"non-finite values at step {step} ({phase} pass): {info.get('note', '')}"
+    elif phase == "forward" and evidence.get("fp16_overflow"):
+        msg = (f"{module} ({cls}) produced the first non-finite output at step {step}: its "
+               "float16 output left the float16 range (|x| > 65504) although its inputs were "
+               "finite" + (" (most likely: only NaN/Inf flags were read on the device)"
+                           if evidence["fp16_overflow"] == "likely" else ""))
+        return Episode("nonfinite", layer, step, step, "error", evidence, msg,
+                       FP16_HINT.format(module=module),
+                       {"phase": phase, "module": module, "class": cls})
     elif phase == "forward":
         msg = (f"{module} ({cls}) produced the first non-finite output at step {step}, "
                "from finite inputs")
@@ -120,6 +128,12 @@ def traced_episode(info: dict[str, Any]) -> Episode:
                f"step {step}, while the gradients were finite")
     return Episode("nonfinite", layer, step, step, "error", evidence, msg,
                    phase_hint(phase, module), {"phase": phase, "module": module, "class": cls})
+
+
+FP16_HINT = ("a float16 overflow under autocast: autocast to bfloat16 instead (float32's range), "
+             "or keep {module} in float32 (run it under torch.autocast(..., enabled=False) with "
+             "float32 inputs), or normalise its input (a LayerNorm before it) or scale its "
+             "weights down; GradScaler only skips such steps, it cannot fix a forward overflow")
 
 
 def phase_hint(phase: str, module: str | None) -> str:
