@@ -421,7 +421,10 @@ class ModuleProbe:
         nonfinite = None
         # A finite L2 norm proves every element finite (an fp32 overflow of huge finite values
         # is a false alarm that the exact count then clears).
-        if not self.count_on_host or compiling or not math.isfinite(l2.item()):
+        # is_compiling() again, not only the caller's flag: under an in-place model.compile()
+        # dynamo may compile this frame on its own, called from a hook that ran eagerly
+        if not self.count_on_host or compiling or torch.compiler.is_compiling() or \
+                not math.isfinite(l2.item()):
             nonfinite = torch.logical_not(torch.isfinite(o)).sum()
         return _Call(n, s, l2, peak, sat, nonfinite, rows)
 
