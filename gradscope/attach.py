@@ -40,10 +40,10 @@ import torch
 import torch.optim.optimizer as _optim_mod
 from torch import nn
 
-from . import __version__, rundir
+from . import rundir
 from .config import Config
 from .hooks import Hook, HookSet
-from .scope import Scope, watched_elsewhere
+from .scope import Scope, run_meta, watched_elsewhere, write_report_safely
 
 # OptimizedModule.__call__ warns whenever any global module hook exists: ours is expected, and
 # the extra call of the wrapper is handled (it is unwrapped, below).
@@ -259,33 +259,18 @@ class Attach:
             return None
 
     def _write_empty(self, status: str, exit_code: int | None) -> Path:
-        import platform
-
         cfg = self.config
         run_dir = rundir.create(cfg.out, cfg.name or rundir.default_name("no-model"))
         note = ("no model trained: no module with trainable parameters ran a forward pass with "
                 "gradients enabled")
-        rundir.write_json(run_dir / rundir.RUN_JSON, {
-            "gradscope": __version__, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "command": " ".join(self.command), "argv": list(sys.argv), "cwd": self.cwd,
-            "pid": self._pid,
-            "config": cfg.to_json(), "models": {},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._started)),
-            "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": status,
-            "exit_code": exit_code, "world_size": 1, "steps": 0, "step_mode": None,
-            "layers": [], "sites": [], "note": note,
-        })
+        rundir.write_json(run_dir / rundir.RUN_JSON, run_meta(
+            cfg, status, command=self.command, cwd=self.cwd, pid=self._pid,
+            started=self._started, exit_code=exit_code, models={}, steps=0, step_mode=None,
+            layers=[], sites=[], note=note))
         rundir.write_json(run_dir / rundir.FINDINGS, [])
         rundir.append_event(run_dir, {"event": "nothing_watched", "reason": note})
         if cfg.report:
-            try:
-                from .report import write_report
-
-                write_report(run_dir)
-            except Exception as exc:  # the run directory is what matters
-                print(f"gradscope: report.html not written ({exc!r})", file=sys.stderr,
-                      flush=True)
+            write_report_safely(run_dir, cfg.quiet)
         if not cfg.quiet:
             print(f"gradscope: {note}; run {status}: {run_dir}", file=sys.stderr, flush=True)
         return run_dir

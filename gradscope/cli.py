@@ -112,7 +112,7 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def build_config(options: dict[str, Any]) -> Any:
     """The run's Config: ``--config FILE`` (or the working directory's pyproject.toml), then
     the options given here on top. A bad value is a one-line usage error naming its source."""
-    from .config import Config, project_options
+    from .config import Config, file_options, project_options
 
     config_file = options.pop("config_file", None)
     given: dict[str, Any] = {}
@@ -128,7 +128,7 @@ def build_config(options: dict[str, Any]) -> Any:
         given["guard"] = _guard(given["guard"])
     try:
         if config_file is not None:
-            table, source = _config_file(config_file), config_file
+            table, source = file_options(config_file), config_file
         else:
             table, source = project_options()
     except ValueError as exc:
@@ -168,25 +168,6 @@ def _guard(value: str) -> Any:
         return int(text)
     except ValueError:
         return value  # Config names the bad value
-
-
-def _config_file(path: Path) -> dict[str, Any]:
-    """Options from a TOML file: its [tool.gradscope] table, a [gradscope] table, or its
-    top-level keys."""
-    try:
-        import tomllib  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # Python < 3.11
-        import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise ValueError(f"--config {path}: not valid TOML ({exc})") from None
-    table = data.get("tool", {}).get("gradscope", data.get("gradscope", data))
-    if not isinstance(table, dict):
-        raise ValueError(f"--config {path}: the gradscope options must be a table")
-    return dict(table)
 
 
 class _RunCommand(click.Command):

@@ -232,6 +232,20 @@ class Config:
 PYPROJECT = "pyproject.toml"
 
 
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict (one-line ValueError naming the file otherwise)."""
+    try:
+        import tomllib  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # Python < 3.11
+        import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+    try:
+        return dict(tomllib.loads(path.read_text(encoding="utf-8")))
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{what}: not valid TOML ({exc})") from None
+
+
 def project_options(start: Path | None = None) -> tuple[dict[str, Any], Path | None]:
     """The ``[tool.gradscope]`` table of the nearest ``pyproject.toml`` at or above ``start``
     (default: the working directory), and that file; ``({}, None)`` when there is none.
@@ -245,21 +259,28 @@ def project_options(start: Path | None = None) -> tuple[dict[str, Any], Path | N
         path = folder / PYPROJECT
         if not path.is_file():
             continue
-        try:
-            import tomllib  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:  # Python < 3.11
-            import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot read [tool.gradscope]: {exc}") from None
-        table = data.get("tool", {}).get("gradscope")
+        table = _read_toml(path, f"{path}: cannot read [tool.gradscope]").get("tool", {}).get(
+            "gradscope")
         if table is None:
             return {}, None
         if not isinstance(table, dict):
             raise ValueError(f"{path}: [tool.gradscope] must be a table of options")
         return dict(table), path
     return {}, None
+
+
+def file_options(path: Path) -> dict[str, Any]:
+    """Options from a TOML file given by name (``gradscope run --config FILE``): its
+    ``[tool.gradscope]`` table, a ``[gradscope]`` table, or its top-level keys.
+
+    Raises:
+        ValueError: The file cannot be read, is not TOML, or the options are not a table.
+    """
+    data = _read_toml(path, f"--config {path}")
+    table = data.get("tool", {}).get("gradscope", data.get("gradscope", data))
+    if not isinstance(table, dict):
+        raise ValueError(f"--config {path}: the gradscope options must be a table")
+    return dict(table)
 
 
 def _check_run_name(name: object) -> str:

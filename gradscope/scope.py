@@ -353,25 +353,10 @@ class Scope:
                 for sink in self._sinks:
                     sink.close()
                 if self.config.report:
-                    self._write_report()
+                    write_report_safely(self.run_dir, self.config.quiet)
                 self._console.summary(findings, self._clock.step, self.run_dir,
                                       status or "completed")
         self._release()
-
-    def _write_report(self) -> None:
-        """report.html, from what was just written; a failure costs the report, not the run
-        (``gradscope report RUN`` can write it again)."""
-        try:
-            from .report import write_report
-
-            write_report(self.run_dir)
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                rundir.append_event(self.run_dir, {"event": "internal_error",
-                                                   "where": "report", "error": repr(exc)})
-            if not self.config.quiet:
-                print(f"gradscope: report.html not written ({exc!r}); the records are "
-                      f"complete: gradscope report {self.run_dir}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> Scope:
         return self
@@ -775,27 +760,14 @@ class Scope:
     def _write_meta(self, status: str) -> None:
         self._meta_time = time.monotonic()
         self._meta_shape = self._layer_count()
-        meta = {
-            "gradscope": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "command": " ".join(self.command or [Path(sys.executable).name, *sys.argv]),
-            "argv": list(sys.argv),
-            "cwd": self.cwd or os.getcwd(),
-            "pid": self._pid,
-            "config": self.config.to_json(),
-            "models": {k: type(m).__name__ for k, m in self._models.items()},
-            "started": _iso(self._started),
-            "ended": None if status == "running" else _iso(time.time()),
-            "status": status,
-            "exit_code": None if status == "running" else self._exit_code,
-            "world_size": _world_size(),
-            "steps": self._clock.step,
-            "step_mode": self._clock.mode,
-            "layers": self._table.describe(),
-            "sites": self._modules.site_names(),
-        }
+        meta = run_meta(
+            self.config, status, command=self.command or [Path(sys.executable).name, *sys.argv],
+            cwd=self.cwd or os.getcwd(), pid=self._pid, started=self._started,
+            exit_code=None if status == "running" else self._exit_code,
+            models={k: type(m).__name__ for k, m in self._models.items()},
+            steps=self._clock.step, step_mode=self._clock.mode,
+            layers=self._table.describe(), sites=self._modules.site_names(),
+        )
         rundir.write_json(self.run_dir / rundir.RUN_JSON, meta)
 
     def _at_exit(self) -> None:
@@ -833,6 +805,51 @@ def command_line_hint(text: str) -> str:
             f"gradscope run --{key} true ..."
 
     return _WATCH_HINT.sub(flag, text)
+
+
+def run_meta(config: Config, status: str, *, command: list[str], cwd: str, pid: int,
+             started: float, exit_code: int | None, models: dict[str, str], steps: int,
+             step_mode: str | None, layers: list[dict[str, Any]], sites: list[str],
+             **extra: Any) -> dict[str, Any]:
+    """run.json's content (the run-directory contract; see reports/README.md)."""
+    return {
+        "gradscope": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": " ".join(command),
+        "argv": list(sys.argv),
+        "cwd": cwd,
+        "pid": pid,
+        "config": config.to_json(),
+        "models": models,
+        "started": _iso(started),
+        "ended": None if status == "running" else _iso(time.time()),
+        "status": status,
+        "exit_code": exit_code,
+        "world_size": _world_size(),
+        "steps": steps,
+        "step_mode": step_mode,
+        "layers": layers,
+        "sites": sites,
+        **extra,
+    }
+
+
+def write_report_safely(run_dir: Path, quiet: bool) -> None:
+    """report.html, from what was just written; a failure costs the report, not the run
+    (an ``internal_error`` event, and ``gradscope report RUN`` can write it again)."""
+    try:
+        from .report import write_report
+
+        write_report(run_dir)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            rundir.append_event(run_dir, {"event": "internal_error", "where": "report",
+                                          "error": repr(exc)})
+        if not quiet:
+            print(f"gradscope: report.html not written ({exc!r}); the records are complete: "
+                  f"gradscope report {run_dir}", file=sys.stderr, flush=True)
 
 
 def _status_for(exc_type: type[BaseException] | None) -> str:

@@ -148,17 +148,19 @@ def _gather(slots: Sequence[ParamSlot]) -> tuple[list[ParamSlot], list[torch.Ten
 
 
 class ParamGroups:
-    """Buffer groups of one metric over a set of parameters, cached by the set."""
+    """Buffer groups of one metric (or several per parameter, in order) over a set of
+    parameters, cached by the set."""
 
     def __init__(self, buffer: StepBuffer) -> None:
         self.buffer = buffer
-        self._groups: dict[tuple[tuple[int, ...], str], Group] = {}
+        self._groups: dict[tuple[tuple[int, ...], str | tuple[str, ...]], Group] = {}
 
-    def __call__(self, slots: Sequence[ParamSlot], metric: str) -> Group:
+    def __call__(self, slots: Sequence[ParamSlot], metric: str | tuple[str, ...]) -> Group:
         key = (tuple(s.index for s in slots), metric)
         grp = self._groups.get(key)
         if grp is None:
-            keys = tuple((s.name, KIND, metric) for s in slots)
+            metrics = (metric,) if isinstance(metric, str) else metric
+            keys = tuple((s.name, KIND, m) for s in slots for m in metrics)
             grp = self._groups[key] = self.buffer.group(keys)
         return grp
 
@@ -181,7 +183,6 @@ class GradProbe:
         self.buffer = buffer
         self.count_policy = count_policy
         self.histograms = histograms  # gradient histograms on sampled steps (TensorBoard)
-        self._hist_groups: dict[tuple[int, ...], Group] = {}
         self.on_nonfinite: Callable[[], None] | None = None  # a step had NaN/Inf gradients
         self._param_groups = ParamGroups(buffer)
         buffer.column(RUN_LAYER, "run", "grad_norm_total")  # filled in at flush, see complete()
@@ -219,7 +220,7 @@ class GradProbe:
                 hist = grad_histograms(grads)  # [k, 2 + bins]: min, max, counts
                 if grad_scale is not None:
                     hist[:, :2] /= grad_scale
-                self.buffer.write(self._hist_group(present), hist)
+                self.buffer.write(self._param_groups(present, HIST_METRICS), hist)
                 peaks = torch.maximum(hist[:, 1], -hist[:, 0])
             else:
                 peaks = max_abs(grads)
@@ -244,14 +245,6 @@ class GradProbe:
             ):
                 self.on_nonfinite()
         return present, grads, norms
-
-    def _hist_group(self, slots: Sequence[ParamSlot]) -> Group:
-        key = tuple(s.index for s in slots)
-        grp = self._hist_groups.get(key)
-        if grp is None:
-            keys = tuple((s.name, KIND, m) for s in slots for m in HIST_METRICS)
-            grp = self._hist_groups[key] = self.buffer.group(keys)
-        return grp
 
     def record_clipped(
         self, slots: Sequence[ParamSlot], grad_scale: torch.Tensor | float | None = None

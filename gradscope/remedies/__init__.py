@@ -93,6 +93,7 @@ class Remedies:
         self.on_replace = on_replace  # others that hold the swapped module (the tracer)
         self._clippers: dict[int, tuple[Clipper, dict[int, int], tuple[int, ...]]] = {}
         self._pending_state: list[dict[str, object]] = []  # loaded, for clippers not made yet
+        self._order_index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.consecutive = 0
         self.first_skip: int | None = None
@@ -155,9 +156,7 @@ class Remedies:
             if order == list(range(len(slots))):
                 parts.append(norms)
             else:  # the optimizer lists them in another order, or a watched sparse gradient
-                from .clipping import to_device_index
-
-                parts.append(norms.index_select(0, to_device_index(order, norms.device)))
+                parts.append(norms.index_select(0, self._index(tuple(order), norms.device)))
         if extra:
             extra_norms = fp32_norms([p.grad for p in extra])
             if grad_scale is not None:
@@ -177,6 +176,18 @@ class Remedies:
         result = self._clip(opt, ordered, grads, all_norms, len(watched))
         result.slots = [slots[by_id[id(p)]] for p in watched]  # the optimizer's order
         return False, result
+
+    def _index(self, order: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``order`` as a device index, copied once per distinct order (not every step)."""
+        from .clipping import to_device_index
+
+        key = (order, device)
+        index = self._order_index.get(key)
+        if index is None:
+            if len(self._order_index) > 64:
+                self._order_index.clear()
+            index = self._order_index[key] = to_device_index(order, device)
+        return index
 
     def after_step(self, opt: torch.optim.Optimizer) -> None:
         """Put back the gradients a skipped step hid from the optimizer."""
