@@ -43,6 +43,7 @@ class Row:
     writes: list[tuple[Group, torch.Tensor]] = field(default_factory=list)
     where: dict[Group, int] = field(default_factory=dict)  # group -> its index in writes
     host: dict[int, float] = field(default_factory=dict)
+    vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # column -> [n] values
 
 
 @dataclass
@@ -53,6 +54,9 @@ class Chunk:
     values: np.ndarray  # [rows, width] float64
     written: np.ndarray  # [rows, width] bool
     columns: list[tuple[str, str, str]]  # column -> (layer, kind, metric)
+    # (row, column) -> the vector behind that cell (per-unit dead masks under torch.distributed,
+    # reduced across ranks before the cell's value is derived from it)
+    vectors: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
 
 class StepBuffer:
@@ -108,6 +112,11 @@ class StepBuffer:
             row.writes.append((group, values))
         else:
             row.writes[i] = (group, values)
+
+    def write_vector(self, col: int, values: torch.Tensor) -> None:
+        """Record a 1-D statistic behind one cell (a per-unit mask whose count is the cell's
+        value once the ranks' masks are combined); copied to the host with the rest."""
+        self.rows[-1].vectors[col] = values
 
     def write_host(self, col: int, value: float) -> None:
         """Record a value the host already knows (a flag, a count), at no device cost."""
@@ -165,8 +174,24 @@ class StepBuffer:
                 tensors.append(flat)
                 row_idx.extend([r] * len(grp.cols))
                 col_idx.extend(grp.cols)
-        for tensors, row_idx, col_idx in by_device.values():
+        vec_at: list[tuple[torch.device, int, int, int]] = []  # device, row, col, length
+        for r, row in enumerate(rows):
+            for col, vec in row.vectors.items():
+                flat = vec.reshape(-1).float()
+                tensors, _, _ = by_device.setdefault(flat.device, ([], [], []))
+                tensors.append(flat)
+                vec_at.append((flat.device, r, col, flat.numel()))
+        vectors: dict[tuple[int, int], np.ndarray] = {}
+        for device, (tensors, row_idx, col_idx) in by_device.items():
             host = torch.cat(tensors).to("cpu", torch.float64).numpy()  # the one transfer
+            start = len(row_idx)
+            for dev, r, col, n in vec_at:
+                if dev == device:
+                    vectors[(r, col)] = host[start:start + n]
+                    start += n
+            host = host[:len(row_idx)]
+            if not row_idx:
+                continue
             r_arr = np.asarray(row_idx)
             c_arr = np.asarray(col_idx)
             # a later write of the same (row, column) wins: keep each pair's last occurrence
@@ -180,7 +205,7 @@ class StepBuffer:
                 values[r, col] = value
                 written[r, col] = True
         steps = np.array([row.step for row in rows], dtype=np.int64)
-        return Chunk(steps, values, written, list(self.columns))
+        return Chunk(steps, values, written, list(self.columns), vectors)
 
     def release(self) -> None:
         self._groups.clear()

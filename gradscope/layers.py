@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,30 @@ class ParamSlot:
     module_name: str
     param: nn.Parameter
     aliases: tuple[str, ...] = ()
+    # FSDP1 flat parameters: this parameter is ``param``'s local shard[offset:offset + length]
+    span: tuple[int, int] | None = None
+    shape: tuple[int, ...] | None = None  # the original shape, where ``param`` is a shard
+    dtensor: bool = False  # FSDP2: ``param`` and its gradient are DTensors (read the local part)
+
+    def local_grad(self) -> torch.Tensor | None:
+        """This rank's part of the gradient (all of it outside FSDP)."""
+        g = self.param.grad
+        if g is None:
+            return None
+        if self.dtensor:
+            g = g.to_local()  # type: ignore[attr-defined]
+        if self.span is not None:
+            g = g.reshape(-1).narrow(0, self.span[0], self.span[1])
+        return g
+
+    def local_weight(self) -> torch.Tensor:
+        """This rank's part of the weights, detached."""
+        w = self.param.detach()
+        if self.dtensor:
+            w = w.to_local()  # type: ignore[attr-defined]
+        if self.span is not None:
+            w = w.reshape(-1).narrow(0, self.span[0], self.span[1])
+        return w
 
 
 @dataclass(eq=False)
@@ -89,9 +114,14 @@ class LayerTable:
 
     params: list[ParamSlot] = field(default_factory=list)
     modules: list[ModuleEntry] = field(default_factory=list)
-    _by_param: dict[int, ParamSlot] = field(default_factory=dict)
+    _by_param: dict[int, list[ParamSlot]] = field(default_factory=dict)  # FSDP1 flat: several
     _order: dict[str, int] = field(default_factory=dict)  # module name -> first forward rank
     _seen: dict[int, nn.Module] = field(default_factory=dict)  # every module walked, by id
+    _indices: int = 0  # slot indices handed out (never reused)
+
+    def _new_index(self) -> int:
+        self._indices += 1
+        return self._indices - 1
 
     @classmethod
     def build(cls, models: Mapping[str, nn.Module], config: Config) -> LayerTable:
@@ -105,28 +135,38 @@ class LayerTable:
         (``gradscope run`` discovers models as they first train), or the new parts of one
         already watched under the same prefix. Modules and parameters already watched keep
         their first names. Returns the new module entries (to hook)."""
+        from .distributed import clean_name, fsdp1_layout, is_dtensor
+
         added: list[ModuleEntry] = []
         for prefix, model in models.items():
             names = _names_by_param(model, prefix)
+            spans, shapes = fsdp1_layout(model)
+            adopted: dict[str, list[ParamSlot]] = {}  # FSDP1 flat: module name -> its slots
             for raw_name, module in model.named_modules():
-                raw_name = _join(prefix, raw_name)
+                raw_name = clean_name(_join(prefix, raw_name))
                 module_name = raw_name or ROOT
                 if id(module) in self._seen:
                     continue  # a module reachable twice is watched once, under its first name
                 self._seen[id(module)] = module
                 if not _type_allowed(module, config):
                     continue
-                owned = []
+                owned = adopted.pop(module_name, [])
                 for pname, param in module.named_parameters(recurse=False):
                     full = _join(raw_name, pname)
                     if not param.requires_grad or id(param) in self._by_param:
                         continue
+                    if id(param) in spans:  # one slot per original parameter of the unit
+                        for slot in self._spans(param, raw_name, spans[id(param)], config):
+                            adopted.setdefault(slot.module_name, []).append(slot)
+                        owned.extend(adopted.pop(module_name, []))
+                        continue
                     if not _name_allowed(full, module_name, config):
                         continue
                     first, *aliases = names[id(param)]
-                    slot = ParamSlot(len(self.params), first, module_name, param, tuple(aliases))
+                    slot = ParamSlot(self._new_index(), first, module_name, param, tuple(aliases),
+                                     shape=shapes.get(id(param)), dtensor=is_dtensor(param))
                     self.params.append(slot)
-                    self._by_param[id(param)] = slot
+                    self._by_param[id(param)] = [slot]
                     owned.append(slot)
                 family = activation_family(module, config.activation_types)
                 if family is not None and not _name_allowed(module_name, module_name, config):
@@ -136,7 +176,28 @@ class LayerTable:
                     entry = ModuleEntry(module_name, module, family, bool(owned), is_leaf)
                     self.modules.append(entry)
                     added.append(entry)
+            for slots in adopted.values():  # their module was filtered out
+                for slot in slots:
+                    self.params.remove(slot)
+                    self._by_param[id(slot.param)].remove(slot)
         return added
+
+    def _spans(self, flat: nn.Parameter, owner: str, spans: list[Any],
+               config: Config) -> list[ParamSlot]:
+        """Slots for the original parameters inside an FSDP1 flat parameter."""
+        slots = self._by_param.setdefault(id(flat), [])
+        out = []
+        for fqn, offset, length, shape in spans:
+            name = _join(owner, fqn)
+            module_name = name.rsplit(".", 1)[0] if "." in name else ROOT
+            if not _name_allowed(name, module_name, config):
+                continue
+            slot = ParamSlot(self._new_index(), name, module_name, flat, (),
+                             span=(offset, length), shape=shape)
+            self.params.append(slot)
+            slots.append(slot)
+            out.append(slot)
+        return out
 
     def contains(self, module: nn.Module) -> bool:
         """Whether ``module`` belongs to a watched model (filtered out or not)."""
@@ -144,7 +205,7 @@ class LayerTable:
 
     def slots_of(self, params: Iterable[torch.Tensor]) -> list[ParamSlot]:
         """The watched slots among ``params`` (an optimizer's), in the table's order, each once."""
-        found = {id(s): s for p in params if (s := self._by_param.get(id(p))) is not None}
+        found = {id(s): s for p in params for s in self._by_param.get(id(p), ())}
         return sorted(found.values(), key=lambda s: s.index)
 
     def mark_executed(self, module_name: str) -> None:
@@ -187,8 +248,10 @@ class LayerTable:
                         "kind": "param",
                         "module": entry.name,
                         "type": type(entry.module).__name__,
-                        "shape": list(slot.param.shape),
-                        "numel": slot.param.numel(),
+                        "shape": list(slot.shape if slot.shape is not None
+                                      else slot.param.shape),
+                        "numel": math.prod(slot.shape) if slot.shape is not None
+                        else slot.param.numel(),
                         "aliases": list(slot.aliases),
                         "executed": executed,
                     }
@@ -210,8 +273,10 @@ def _join(prefix: str, name: str) -> str:
 def _names_by_param(model: nn.Module, prefix: str) -> dict[int, list[str]]:
     """Every qualified name of every parameter; tied parameters get several."""
     names: dict[int, list[str]] = {}
+    from .distributed import clean_name
+
     for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(_join(prefix, name))
+        names.setdefault(id(param), []).append(clean_name(_join(prefix, name)))
     return names
 
 

@@ -134,7 +134,7 @@ class _Site:
     """Statistics of one module at one output width, pooled over the calls of a step."""
 
     __slots__ = ("axis", "buffer", "calls", "done", "family", "grad_done", "grad_hook",
-                 "grads", "groups", "masks", "name", "units")
+                 "grads", "groups", "masks", "name", "units", "whole_masks")
 
     def __init__(self, name: str, entry: ModuleEntry, axis: int | None, buffer: StepBuffer):
         self.name = name
@@ -148,6 +148,7 @@ class _Site:
         self.grad_hook = Hook(self._add_grad, f"output-grad {name}")
         self.masks: list[torch.Tensor] | None = None  # recent per-unit dead masks (recycling)
         self.units: int | None = None
+        self.whole_masks = False  # write the per-unit dead mask, not its count (distributed)
         metrics = ["output_grad_norm"]
         if self.family is not None:
             first = "act_dead_fraction" if self.family in (Family.RECTIFIER, Family.OTHER) \
@@ -182,7 +183,10 @@ class _Site:
             buf.write(self.groups[_L2], c.l2)
             if c.peak is not None:
                 dead = c.peak <= thr
-                buf.write(self.groups[_PEAK], dead.sum())
+                if self.whole_masks:  # the ranks' masks are combined at flush: dead on all
+                    buf.write_vector(self.groups[_PEAK].cols[0], dead)
+                else:
+                    buf.write(self.groups[_PEAK], dead.sum())
                 self.units = int(c.peak.numel())
                 if self.masks is not None:  # [units] bools of a statistic, not an activation
                     self.masks = [*self.masks[-(MASKS_KEPT - 1):], dead]
@@ -239,6 +243,7 @@ class ModuleProbe:
         self._handles: dict[str, list[Any]] = {}
         self._hooks: HookSet | None = None
         self.keep_unit_masks = False
+        self.whole_masks = False  # several ranks: dead masks go to the flush, to be combined
 
     def attach(self, hooks: HookSet) -> None:
         self._hooks = hooks
@@ -386,6 +391,7 @@ class ModuleProbe:
             site = self._sites[key] = _Site(name, entry, axis, self.buffer)
             if self.keep_unit_masks:
                 site.masks = []
+            site.whole_masks = self.whole_masks
         return site
 
     def _measure(
@@ -461,6 +467,10 @@ class ModuleProbe:
 
         col_of = {key: i for i, key in enumerate(chunk.columns)}
         v, w = chunk.values, chunk.written
+        for (r, c), mask in chunk.vectors.items():  # per-unit dead masks: count the dead
+            if chunk.columns[c][2] == _PEAK:
+                v[r, c] = float(np.count_nonzero(mask > 0.5))
+                w[r, c] = True
         sites = {layer for layer, kind, metric in chunk.columns if kind == KIND and metric == _N}
         with np.errstate(divide="ignore", invalid="ignore"):
             for site in sites:

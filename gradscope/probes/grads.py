@@ -65,6 +65,9 @@ def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[k]`` largest absolute value of each tensor (``aminmax``: one pass, no ``abs`` copy)."""
     out = []
     for t in tensors:
+        if not t.numel():  # an empty parameter: no peak (0 is what a MAX over parts ignores)
+            out.append(torch.zeros((), dtype=torch.float32, device=t.device))
+            continue
         lo, hi = torch.aminmax(t.detach().reshape(-1))
         out.append(torch.maximum(hi, -lo).float())
     return torch.stack(out)
@@ -138,6 +141,10 @@ def _gather(slots: Sequence[ParamSlot]) -> tuple[list[ParamSlot], list[torch.Ten
         g = slot.param.grad
         if g is None:
             continue
+        if slot.dtensor or slot.span is not None:  # FSDP: this rank's part
+            g = slot.local_grad()
+            if g is None or not g.numel():
+                continue  # no part of this parameter on this rank
         if g.is_sparse:
             g = g.coalesce()._values()
         elif g.requires_grad:  # only under create_graph=True: keep out of the graph

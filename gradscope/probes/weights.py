@@ -21,6 +21,7 @@ from ..layers import ParamSlot
 from .grads import KIND, ParamGroups, fp32_norms
 
 TINY = 1e-12  # ||w|| at or below this: the ratio is undefined, not reported
+DELTA = "_delta_norm"  # raw: ||w_before - w_after||, turned into update_ratio at flush
 
 
 class WeightProbe:
@@ -31,15 +32,15 @@ class WeightProbe:
         self.update_ratio = update_ratio
         self._snap: dict[int, torch.Tensor] = {}  # slot index -> persistent copy of the weights
         self._pending: dict[int, ParamSlot] = {}  # snapshotted this step, waiting for update()
-        self._before: torch.Tensor | None = None  # [k] norms of the snapshotted weights
         self._group = ParamGroups(buffer)
 
     def snapshot(self, slots: Sequence[ParamSlot]) -> None:
         """Record ``weight_norm`` now and, if update ratios are on, keep a copy of the weights."""
-        slots = [s for s in slots if s.param.grad is not None and s.index not in self._pending]
+        slots = [s for s in slots if s.param.grad is not None and s.index not in self._pending
+                 and (not (s.dtensor or s.span) or s.local_weight().numel())]
         if not slots:
             return
-        params = [s.param.detach() for s in slots]
+        params = [s.local_weight() for s in slots]
         norms = fp32_norms(params)  # [k]
         self.buffer.write(self._group(slots, "weight_norm"), norms)
         if not self.update_ratio:
@@ -48,10 +49,9 @@ class WeightProbe:
         torch._foreach_copy_(copies, params)
         for s in slots:
             self._pending[s.index] = s
-        self._before = norms if self._before is None else torch.cat([self._before, norms])
 
     def _copy_for(self, slot: ParamSlot) -> torch.Tensor:
-        p = slot.param
+        p = slot.local_weight()
         snap = self._snap.get(slot.index)
         if snap is None or (snap.shape, snap.dtype, snap.device) != (p.shape, p.dtype, p.device):
             snap = self._snap[slot.index] = torch.empty_like(p, memory_format=torch.preserve_format)
@@ -63,34 +63,43 @@ class WeightProbe:
 
     def update(self) -> None:
         """After the update: ``update_ratio = ||w_before - w_after|| / ||w_before||``."""
-        if not self._pending or self._before is None:
+        if not self._pending:
             return
         slots = list(self._pending.values())
         snaps = [self._snap[s.index] for s in slots]
-        torch._foreach_sub_(snaps, [s.param.detach() for s in slots])  # snaps := w_before - w
-        delta = fp32_norms(snaps)  # [k]
-        before = self._before
-        ratio = torch.where(before > TINY, delta / before.clamp_min(TINY), torch.nan)
-        self.buffer.write(self._group(slots, "update_ratio"), ratio)
+        torch._foreach_sub_(snaps, [s.local_weight() for s in slots])  # w_before - w
+        # ||Δw||: the ratio to weight_norm is taken on the host at flush (complete()), after
+        # the norms of sharded parameters are combined across ranks
+        self._group(slots, "update_ratio")  # the column complete() fills (created once)
+        self.buffer.write(self._group(slots, DELTA), fp32_norms(snaps))
         self._pending.clear()
-        self._before = None
 
     def cancel(self) -> None:
         """The step did not update the weights (e.g. skipped): drop the pending snapshot."""
         self._pending.clear()
-        self._before = None
 
     @staticmethod
     def complete(chunk: Chunk) -> None:
-        """At flush: an undefined ratio (``||w||`` ~ 0, or non-finite weights, which
-        ``weight_norm`` already shows) is left out rather than stored as NaN."""
+        """At flush: ``update_ratio = ||Δw|| / weight_norm``. An undefined ratio (``||w||`` ~ 0,
+        or non-finite weights, which ``weight_norm`` already shows) is left out rather than
+        stored as NaN."""
         import numpy as np
 
-        cols = [i for i, (_, kind, metric) in enumerate(chunk.columns)
-                if kind == KIND and metric == "update_ratio"]
-        if cols:
-            idx = np.array(cols)
-            chunk.written[:, idx] &= np.isfinite(chunk.values[:, idx])
+        col_of = {key: i for i, key in enumerate(chunk.columns)}
+        v, w = chunk.values, chunk.written
+        for (layer, kind, metric), d in col_of.items():
+            if kind != KIND or metric != DELTA:
+                continue
+            n = col_of.get((layer, kind, "weight_norm"))
+            r = col_of.get((layer, kind, "update_ratio"))
+            if n is None or r is None:
+                continue
+            ok = w[:, d] & w[:, n] & (v[:, n] > TINY)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = v[:, d] / v[:, n]
+            ok &= np.isfinite(ratio)
+            v[ok, r] = ratio[ok]
+            w[ok, r] = True
 
     def release(self) -> None:
         self._snap.clear()
