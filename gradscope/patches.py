@@ -52,6 +52,8 @@ class Listener(Protocol):
 
     def hooks_detached(self) -> contextlib.AbstractContextManager[None]: ...
 
+    def process_group_ending(self) -> None: ...
+
 
 class _State(threading.local):
     depth = 0  # nesting of torch.autograd.backward calls on this thread
@@ -202,6 +204,25 @@ def _make_save(original: Callable[..., Any]) -> Callable[..., Any]:
     return save
 
 
+def _make_destroy(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.distributed.destroy_process_group``: scripts call it at the end of training, on
+    every rank, before a ``with watch(...)`` block or ``gradscope run`` closes the run. The
+    scopes combine what the ranks buffered while the group still exists."""
+
+    @functools.wraps(original)
+    def destroy(group: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if _listeners:
+            dist = torch.distributed
+            world = getattr(dist, "group", None)
+            if group is None or group is getattr(world, "WORLD", None):
+                for listener in tuple(_listeners):
+                    listener.process_group_ending()
+        return original(group, *args, **kwargs)
+
+    destroy.__gradscope__ = True  # type: ignore[attr-defined]
+    return destroy
+
+
 def _mark_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     # Global optimizer pre-hook: an optimizer inside a GradScaler.step call really stepped.
     for call in _local.scaler_calls:
@@ -240,6 +261,14 @@ def _install() -> None:
             if (owner, name) not in _originals and hasattr(owner, name):
                 _originals[(owner, name)] = getattr(owner, name)
                 setattr(owner, name, _make_clip(owner, name))
+    if torch.distributed.is_available():
+        import torch.distributed.distributed_c10d as c10d
+
+        for owner in (c10d, torch.distributed):
+            name = "destroy_process_group"
+            if (owner, name) not in _originals and hasattr(owner, name):
+                _originals[(owner, name)] = getattr(owner, name)
+                setattr(owner, name, _make_destroy(getattr(owner, name)))
     for cls in _scaler_classes():
         for name, make in (("step", _make_step), ("scale", _make_scale)):
             if name in cls.__dict__ and (cls, name) not in _originals:

@@ -31,7 +31,7 @@ import torch
 import torch.optim.optimizer as _optim_mod
 from torch import nn
 
-from . import __version__, patches, rundir
+from . import __version__, distributed, patches, rundir
 from .buffer import StepBuffer
 from .clock import Clock
 from .config import Config
@@ -104,20 +104,32 @@ class Scope:
         device = _first_device(self._models)
         on_cpu = device.type == "cpu"
 
-        self.run_dir = rundir.create(config.out, config.name or rundir.default_name(label))
+        # several processes (torchrun): every rank measures, rank 0 writes (distributed.py)
+        self._dist = distributed.Reducer.create()
+        self._writer = self._dist is None or self._dist.rank == 0
+        self._sharded: dict[str, float] = {}  # sharded parameter -> ranks holding each part
+        self._bad_ranks: dict[int, dict[str, Any]] = {}  # rank -> its first non-finite value
+        if self._dist is not None:
+            self._shard_map()
+            _check_distributed(config, bool(self._sharded) or any(
+                s.span is not None for s in self._table.params))
+        self.run_dir = self._create_run_dir(label)
         self._stack = contextlib.ExitStack()
         try:
             self._started = time.time()
             self._last_flush = time.monotonic()
             self._buffer = StepBuffer(config.flush_every)
+            # a shard's histogram is not a part of the whole one: none under FSDP
             self._grads = GradProbe(self._buffer, "host" if on_cpu else "flagged-only",
-                                    histograms=config.tensorboard and config.histograms)
+                                    histograms=config.tensorboard and config.histograms
+                                    and not self._sharded)
             self._weights = WeightProbe(self._buffer, config.update_ratio)
             self._modules = ModuleProbe(self._buffer, self._table, config, count_on_host=on_cpu)
-            self._store = Store(self.run_dir)
+            self._modules.whole_masks = self._dist is not None
+            self._store: Any = Store(self.run_dir) if self._writer else _RankOutbox(self._dist)
             self._sinks: list[Any] = [self._store]
             self._tb: Any = None  # reads the raw histogram columns too (Config.histograms)
-            if config.tensorboard:
+            if config.tensorboard and self._writer:
                 from .sinks.tensorboard import TensorBoardSink
 
                 self._tb = TensorBoardSink(self.run_dir / rundir.TB, config.tb_max_layers,
@@ -131,7 +143,7 @@ class Scope:
             self._loss_count = 0
             self._scaler_seen = False
             self._skip_noted = False
-            self._console = FindingPrinter(quiet=config.quiet)
+            self._console = FindingPrinter(quiet=config.quiet or not self._writer)
             self._diagnoser = Diagnoser(
                 config.thresholds, self._announce,
                 sample_every=config.activation_every,
@@ -197,8 +209,37 @@ class Scope:
             self._stack.callback(_open_scopes.discard, self)
         except BaseException:
             self._stack.close()
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self._writer:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
+
+    def _create_run_dir(self, label: str) -> Path:
+        """The run directory; with several ranks, rank 0's, and its path on every rank."""
+        config = self.config
+        name = config.name or rundir.default_name(label)
+        if self._dist is None:
+            return rundir.create(config.out, name)
+        made: Path | None = None
+        error: BaseException | None = None
+        if self._writer:
+            try:
+                made = rundir.create(config.out, name)
+            except Exception as exc:  # told to the other ranks, then raised here
+                error = exc
+        path, problem = self._dist.broadcast(
+            (str(made) if made else None, f"{type(error).__name__}: {error}" if error else None))
+        if error is not None:
+            raise error
+        if problem is not None:
+            raise RuntimeError(f"gradscope: rank 0 could not create the run directory ({problem})")
+        return Path(path)
+
+    def _shard_map(self) -> None:
+        """Which watched parameters are sharded (FSDP), by name, and over how many replicas."""
+        assert self._dist is not None
+        replicas = distributed.replicas_of_shards(self._models.values(), self._dist.size)
+        self._sharded = {s.name: float(replicas[id(s.param)])
+                         for s in self._table.params if id(s.param) in replicas}
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -210,13 +251,33 @@ class Scope:
     def closed(self) -> bool:
         return self._closed
 
+    def _rank_evidence(self, findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """With several ranks: which rank's own values (its loss, its activations) turned
+        non-finite first; DDP then spreads the NaN into every rank's gradients."""
+        if not self._bad_ranks:
+            return findings
+        own = {r: v for r, v in self._bad_ranks.items() if v["in"] != "gradients"} or \
+            self._bad_ranks
+        first = min(v["step"] for v in own.values())
+        ranks = sorted(r for r, v in own.items() if v["step"] == first)
+        for f in findings:
+            if f["kind"] != "nonfinite":
+                continue
+            f["evidence"]["ranks"] = {str(r): v for r, v in sorted(self._bad_ranks.items())}
+            if "on rank" not in f["message"]:
+                which = ", ".join(map(str, ranks))
+                f["message"] += (f" (first on rank{'s' if len(ranks) > 1 else ''} {which}, "
+                                 f"in its {own[ranks[0]]['in']})")
+        return findings
+
     @property
     def findings(self) -> list[dict[str, Any]]:
         """Findings raised so far (JSON-shaped dicts; see DESIGN.md and reports/README.md).
 
         Rules run at every flush (every ``flush_every`` steps or ``flush_secs`` seconds) and at
         ``close()``; call :meth:`flush` first for an up-to-date list in the middle of a run."""
-        return self._diagnoser.snapshot() if self._diagnoser is not None else []
+        return self._rank_evidence(self._diagnoser.snapshot()) \
+            if self._diagnoser is not None else []
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the remedies where they were: the clippers'
@@ -271,7 +332,7 @@ class Scope:
         if key is None:
             key = next((k for k, m in self._models.items() if m is model), None)
             if key is None:
-                base = type(model).__name__
+                base = model_label(model)
                 key = base
                 n = 0
                 while key in self._models:
@@ -288,6 +349,8 @@ class Scope:
         for entry in entries:
             self._modules.attach_one(entry)
         self._clock.forget_slots()
+        if self._dist is not None:
+            self._shard_map()
         self._follow_device()
         self._write_meta("running")
         return key
@@ -311,7 +374,8 @@ class Scope:
         self._clock.manual_step()
 
     def flush(self) -> None:
-        """Copy buffered statistics to the host and write them to every sink now."""
+        """Copy buffered statistics to the host and write them to every sink now. With several
+        processes, a collective: call it on every rank at the same step."""
         self._check_open("flush")
         self._flush()
 
@@ -339,11 +403,18 @@ class Scope:
         if os.getpid() != self._pid:  # a forked child (DataLoader worker) never writes
             self._stack.close()
             return
+        dist = self._dist
+        if dist is not None and dist.active and (status or "completed") != "completed":
+            # the other ranks may be gone or still training: no collective now
+            dist.stopped = f"this rank ended {status}"
         with self._stack:  # hooks come off even if writing fails
             try:
                 self._clock.finish()
                 self._flush()
             finally:
+                if dist is not None and dist.outbox:  # what the exchange never carried
+                    outbox, dist.outbox = dist.outbox, []
+                    self._rank_events(outbox)
                 findings = self.findings
                 if self.command is not None:
                     for f in findings:
@@ -352,10 +423,11 @@ class Scope:
                 self._write_meta(status or "completed")
                 for sink in self._sinks:
                     sink.close()
-                if self.config.report:
+                if self.config.report and self._writer:
                     write_report_safely(self.run_dir, self.config.quiet)
-                self._console.summary(findings, self._clock.step, self.run_dir,
-                                      status or "completed")
+                if self._writer:
+                    self._console.summary(findings, self._clock.step, self.run_dir,
+                                          status or "completed")
         self._release()
 
     def __enter__(self) -> Scope:
@@ -439,6 +511,19 @@ class Scope:
         a saved model holds no trace of gradscope (it loads where gradscope is not installed)."""
         with self._hooks.detached(), self._tracer.hooks.detached():
             yield
+
+    def process_group_ending(self) -> None:
+        """``destroy_process_group()`` on every rank, before this run closes: combine what the
+        ranks buffered while the group exists; what follows is each rank's own."""
+        dist = self._dist
+        if dist is None or not dist.active or self._closed or self._disabled:
+            return
+        try:
+            self._flush()
+        except Exception as exc:
+            self._fail_internal(exc)
+        finally:
+            dist.stopped = "the process group was destroyed"
 
     def scaler_step_begin(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
         self._scaler_step(optimizer, getattr(scaler, "_scale", None))
@@ -607,7 +692,9 @@ class Scope:
         self._modules.finalize()
         if self._tracer.armed:
             self._tracer.end_step()
-        due = time.monotonic() - self._last_flush >= self.config.flush_secs
+        # the time-based flush is per process: with several ranks, flushes go by steps only
+        due = self._dist is None and \
+            time.monotonic() - self._last_flush >= self.config.flush_secs
         if self._flush_due() or due:
             self._flush()
         elif self._remedies is not None and self._remedies.needs_findings and \
@@ -654,6 +741,8 @@ class Scope:
             self._follow_device()
         # a step in progress (a flush() called mid-step) stays on the device
         chunk = self._buffer.take(keep_current=self._clock.row_open)
+        if self._dist is not None and self._dist.active:
+            chunk = self._exchange(chunk)
         if chunk is not None:
             self._grads.complete(chunk)
             WeightProbe.complete(chunk)
@@ -747,11 +836,77 @@ class Scope:
         self._tracer.flag(self._clock.step)
 
     def _on_traced(self, info: dict[str, Any]) -> None:
-        """The tracer named where the first non-finite value came from."""
+        """The tracer named where the first non-finite value came from. With several ranks,
+        every rank hears of it at the next flush (the rank is part of the finding)."""
+        if self._dist is not None:
+            self._dist.outbox.append({"event": "nonfinite_traced", **info,
+                                      "rank": self._dist.rank})
+            if self._dist.active:
+                return
+            outbox, self._dist.outbox = self._dist.outbox, []
+            self._rank_events(outbox)
+            return
         self._store.event({"event": "nonfinite_traced", **info})
         if self._diagnoser is None:
             return
         self._diagnoser.merge(traced_episode(info))
+
+    # -- several ranks ----------------------------------------------------------------------------
+    def _exchange(self, chunk: Any) -> Any:
+        """Combine this flush's records with the other ranks' (the same result on every rank)."""
+        dist = self._dist
+        assert dist is not None
+        if chunk is not None and dist.rank not in self._bad_ranks:
+            first = _first_nonfinite(chunk)
+            if first is not None:  # which rank it came from: the rank's own loss/activations
+                self._bad_ranks[dist.rank] = first
+                dist.outbox.append({"event": "nonfinite_rank", "rank": dist.rank, **first})
+        try:
+            merged, events = dist.exchange(chunk, self._reduction)
+        except Exception as exc:  # a rank gone, a timeout: keep this rank's own records
+            dist.stopped = repr(exc)
+            note = (f"the ranks stopped combining their records ({exc!r}); from step "
+                    f"{self._clock.step} on, rank {dist.rank}'s own records are written")
+            self._store.event({"event": "distributed", "action": "stopped", "rank": dist.rank,
+                               "step": self._clock.step, "reason": note})
+            warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=2)
+            return chunk
+        self._rank_events(events)
+        return merged
+
+    def _rank_events(self, events: list[dict[str, Any]]) -> None:
+        """Events of every rank: rank 0 writes them; a traced NaN/Inf joins every rank's
+        findings, the earliest first (forward before backward, lower rank first)."""
+        order = {"forward": 0, "backward": 1, "optimizer": 2}
+        traced = sorted((e for e in events if e.get("event") == "nonfinite_traced"),
+                        key=lambda e: (int(e.get("step", 0)), order.get(str(e.get("phase")), 3),
+                                       int(e.get("rank", 0))))
+        for e in [e for e in events if e.get("event") != "nonfinite_traced"] + traced:
+            if e.get("event") == "nonfinite_rank":
+                self._bad_ranks[int(e["rank"])] = {"step": e["step"], "in": e["in"]}
+            if self._writer:
+                self._store.event(e)
+        for e in traced:
+            if self._diagnoser is not None:
+                info = {k: v for k, v in e.items() if k != "event"}
+                self._diagnoser.merge(traced_episode(info))
+
+    def _reduction(self, key: tuple[str, str, str]) -> tuple[str, float]:
+        """How a record column combines across ranks (see distributed.py)."""
+        layer, kind, metric = key
+        if kind == "param":
+            replicas = self._sharded.get(layer)
+            if replicas is None:  # replicated: DDP averaged it already
+                return distributed.LOCAL, 1.0
+            return _SHARD_OPS.get(metric, distributed.LOCAL), 1.0 / replicas
+        if kind == "module":
+            if metric == "output_grad_norm":
+                # the data-parallel loss is the mean of the ranks' losses: each rank's output
+                # gradient is 1/size of its share of the global one
+                size = self._dist.size if self._dist is not None else 1
+                return distributed.L2, 1.0 / size**2
+            return _SITE_OPS.get(metric, distributed.LOCAL), 1.0
+        return _RUN_OPS.get(metric, distributed.LOCAL), 1.0
 
     def _layer_count(self) -> tuple[int, int]:
         """Modules seen running and activation sites: what run.json's layer lists hold."""
@@ -760,13 +915,25 @@ class Scope:
     def _write_meta(self, status: str) -> None:
         self._meta_time = time.monotonic()
         self._meta_shape = self._layer_count()
+        if not self._writer:
+            return
+        extra: dict[str, Any] = {}
+        if self._dist is not None:
+            extra["distributed"] = {
+                "world_size": self._dist.size,
+                "backend": self._dist.backend,
+                "sharded_params": len(self._sharded),
+                "combined": self._dist.stopped is None or "destroyed" in self._dist.stopped,
+                "stopped": self._dist.stopped,
+            }
         meta = run_meta(
             self.config, status, command=self.command or [Path(sys.executable).name, *sys.argv],
             cwd=self.cwd or os.getcwd(), pid=self._pid, started=self._started,
             exit_code=None if status == "running" else self._exit_code,
-            models={k: type(m).__name__ for k, m in self._models.items()},
+            models={k: model_label(m) for k, m in self._models.items()},
             steps=self._clock.step, step_mode=self._clock.mode,
-            layers=self._table.describe(), sites=self._modules.site_names(),
+            layers=self._table.describe(), sites=self._modules.site_names(), **extra,
+            **({"world_size": self._dist.size} if self._dist is not None else {}),
         )
         rundir.write_json(self.run_dir / rundir.RUN_JSON, meta)
 
@@ -788,6 +955,82 @@ class Scope:
         self._table.release()
         self._models.clear()
         self._loss = None
+
+
+_SHARD_OPS = {  # a sharded parameter's records: its parts' norms, peaks and counts
+    "grad_norm": distributed.L2, "grad_norm_clipped": distributed.L2,
+    "weight_norm": distributed.L2, "_delta_norm": distributed.L2,
+    "grad_max_abs": distributed.MAX, "grad_nonfinite": distributed.SUM,
+}
+_SITE_OPS = {  # an activation site's raw statistics (ModuleProbe.complete derives the rest)
+    "_sum": distributed.SUM, "_l2": distributed.L2, "_sat": distributed.SUM,
+    "_nonfinite": distributed.SUM, "_n": distributed.SUM, "_rows": distributed.SUM,
+    "_units": distributed.MAX, "_dead": distributed.UNITS,
+}
+_RUN_OPS = {"loss": distributed.MEAN, "skipped_step": distributed.MAX,
+            "guard_skipped": distributed.MAX}
+
+
+class _RankOutbox:
+    """The store of a rank other than 0: writes nothing; the events that concern the run
+    (an internal error on this rank) travel to rank 0 at the next flush."""
+
+    def __init__(self, dist: distributed.Reducer | None) -> None:
+        self._dist = dist
+
+    def write(self, table: LongTable) -> None:
+        pass
+
+    def event(self, record: dict[str, Any]) -> None:
+        if self._dist is not None and record.get("event") in ("internal_error", "distributed"):
+            self._dist.outbox.append({**record, "rank": self._dist.rank})
+
+    def write_findings(self, findings: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _first_nonfinite(chunk: Any) -> dict[str, Any] | None:
+    """This rank's first step with a non-finite loss, activation or gradient, before the
+    ranks' records are combined."""
+    import numpy as np
+
+    found: list[tuple[int, int, str]] = []
+    for c, (_, kind, metric) in enumerate(chunk.columns):
+        if metric == "loss":
+            bad = chunk.written[:, c] & ~np.isfinite(chunk.values[:, c])
+            where, rank = "loss", 0
+        elif kind == "module" and metric == "_nonfinite":
+            bad = chunk.written[:, c] & (chunk.values[:, c] > 0)
+            where, rank = "activations", 0
+        elif kind == "param" and metric == "grad_norm":
+            bad = chunk.written[:, c] & ~np.isfinite(chunk.values[:, c])
+            where, rank = "gradients", 1
+        else:
+            continue
+        rows = np.flatnonzero(bad)
+        if rows.size:
+            found.append((int(chunk.steps[rows[0]]), rank, where))
+    if not found:
+        return None
+    step, _, where = min(found)
+    return {"step": step, "in": where}
+
+
+def _check_distributed(config: Config, sharded: bool) -> None:
+    """Remedies that would act differently on each rank are refused, in one line."""
+    if config.recycle:
+        raise ValueError("recycle=True is not supported with several processes (each rank "
+                         "would re-initialise different units); use swap= instead")
+    if sharded and config.clip:
+        raise ValueError(f"clip={config.clip!r} is not supported on sharded (FSDP) parameters "
+                         "yet: clip with the model's own clip_grad_norm_ (gradscope records "
+                         "the norms before and after it)")
+    if sharded and config.guard:
+        raise ValueError(f"guard={config.guard!r} is not supported on sharded (FSDP) "
+                         "parameters yet: each rank sees only its part of the gradients")
 
 
 _WATCH_HINT = re.compile(r"gradscope\.watch\(\.\.\., (\w+)=('[^']*'|\w+)\)")
@@ -881,9 +1124,23 @@ def _first_device(models: Mapping[str, nn.Module]) -> torch.device:
 
 
 def _unwrap(m: Any) -> Any:
-    """torch.compile's OptimizedModule: hook (and name) the original module."""
-    inner = getattr(m, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else m
+    """torch.compile's OptimizedModule, DDP, DataParallel: hook (and name) the module they
+    run. FSDP1 stays: its flat parameters live on the wrapper (their names are cleaned)."""
+    from .attach import _wrapped
+
+    return _wrapped(m) if isinstance(m, nn.Module) else m
+
+
+def model_label(m: nn.Module) -> str:
+    """The class name a user knows: FSDP2's ``fully_shard`` makes ``FSDPNet`` of ``Net``,
+    FSDP1 wraps the model."""
+    inner = getattr(m, "_fsdp_wrapped_module", None)
+    if isinstance(inner, nn.Module):
+        m = inner
+    name = type(m).__name__
+    if name.startswith("FSDP") and any(b.__name__ == name[4:] for b in type(m).__mro__[1:]):
+        return name[4:]  # FSDP2's class(FSDPModule, Sequential)
+    return name
 
 
 def normalize_models(models: Any) -> tuple[dict[str, nn.Module], str]:
@@ -897,12 +1154,12 @@ def normalize_models(models: Any) -> tuple[dict[str, nn.Module], str]:
 
     if isinstance(models, nn.Module):
         m = _unwrap(models)
-        return {"": m}, type(m).__name__
+        return {"": m}, model_label(m)
     if isinstance(models, Mapping):
         items = list(models.items())
     elif isinstance(models, Iterable) and not isinstance(models, (str, bytes)):
         mods = list(models)
-        names = [type(_unwrap(m)).__name__ for m in mods]
+        names = [model_label(_unwrap(m)) for m in mods]
         keys = names if len(set(names)) == len(names) else [str(i) for i in range(len(mods))]
         items = list(zip(keys, mods))
     else:
@@ -916,7 +1173,7 @@ def normalize_models(models: Any) -> tuple[dict[str, nn.Module], str]:
         if not isinstance(key, str) or not key or "." in key:
             raise ValueError(f"watch(): model key {key!r} must be a non-empty string without '.'")
         out[key] = _unwrap(m)
-    return out, "-".join(type(m).__name__ for m in out.values())
+    return out, "-".join(model_label(m) for m in out.values())
 
 
 def normalize_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:

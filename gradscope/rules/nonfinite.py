@@ -104,6 +104,7 @@ def traced_episode(info: dict[str, Any]) -> Episode:
     evidence["traced"] = not poisoned
     evidence["traced_at_step"] = step
     layer = module or info.get("after_module") or info.get("before_module") or RUN_LAYER
+    on_rank = f" (on rank {info['rank']})" if "rank" in info else ""  # torch.distributed
     if poisoned:
         msg = (f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "
                "update applied non-finite gradients")
@@ -114,7 +115,7 @@ def traced_episode(info: dict[str, Any]) -> Episode:
                "float16 output left the float16 range (|x| > 65504) although its inputs were "
                "finite" + (" (most likely: only NaN/Inf flags were read on the device)"
                            if evidence["fp16_overflow"] == "likely" else ""))
-        return Episode("nonfinite", layer, step, step, "error", evidence, msg,
+        return Episode("nonfinite", layer, step, step, "error", evidence, msg + on_rank,
                        FP16_HINT.format(module=module),
                        {"phase": phase, "module": module, "class": cls})
     elif phase == "forward":
@@ -126,7 +127,7 @@ def traced_episode(info: dict[str, Any]) -> Episode:
     else:
         msg = (f"weights of {module} ({cls}) became non-finite in the optimizer step before "
                f"step {step}, while the gradients were finite")
-    return Episode("nonfinite", layer, step, step, "error", evidence, msg,
+    return Episode("nonfinite", layer, step, step, "error", evidence, msg + on_rank,
                    phase_hint(phase, module), {"phase": phase, "module": module, "class": cls})
 
 
