@@ -40,10 +40,10 @@ import torch
 import torch.optim.optimizer as _optim_mod
 from torch import nn
 
-from . import rundir
+from . import distributed, rundir
 from .config import Config
 from .hooks import Hook, HookSet
-from .scope import Scope, run_meta, watched_elsewhere, write_report_safely
+from .scope import Scope, model_label, run_meta, watched_elsewhere, write_report_safely
 
 # OptimizedModule.__call__ warns whenever any global module hook exists: ours is expected, and
 # the extra call of the wrapper is handled (it is unwrapped, below).
@@ -193,7 +193,7 @@ class Attach:
         owner = next((k for k, m in self.models if any(s is root for s in m.modules())), None)
         if self.scope is None:
             try:
-                scope = Scope({"": root}, [], self.config, type(root).__name__)
+                scope = Scope({"": root}, [], self.config, model_label(root))
             except ValueError as exc:  # nothing passed the filters: not ours to watch
                 print(f"gradscope: not watching {type(root).__name__}: {exc}", file=sys.stderr,
                       flush=True)
@@ -246,6 +246,8 @@ class Attach:
         if self.scope is not None:
             self.scope.close(status, exit_code)
             return self.scope.run_dir
+        if distributed.launch_rank() != 0:  # under torchrun only rank 0 writes
+            return None
         if self.deferred:  # nothing of ours: the script's own watch() has the run
             if not self.config.quiet:
                 print(f"gradscope: the script watches its model(s) itself: "

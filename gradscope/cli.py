@@ -192,6 +192,7 @@ class _RunCommand(click.Command):
                 out.append(args[i + 1])
                 i += 1
             i += 1
+        ctx.meta["gradscope.argv"] = list(args)  # for --nproc-per-node: the workers' command
         return super().parse_args(ctx, out)
 
 
@@ -202,10 +203,15 @@ class _RunCommand(click.Command):
 )
 @click.option("-m", "as_module", is_flag=True,
               help="Run a module, as python -m does (SCRIPT is the module name).")
+@click.option("--nproc-per-node", "nproc", metavar="N",
+              help="Start N processes with torch.distributed.run (torchrun --standalone), each "
+                   "running the script under gradscope; rank 0 writes the run directory. "
+                   "For several nodes: torchrun ... -m gradscope run SCRIPT.")
 @config_options
 @click.argument("script", metavar="SCRIPT | -m MODULE")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(script: str, args: tuple[str, ...], as_module: bool, **options: Any) -> Any:
+def run(script: str, args: tuple[str, ...], as_module: bool, nproc: str | None,
+        **options: Any) -> Any:
     """Run SCRIPT with ARGS as `python SCRIPT ARGS...` would, with gradscope attached.
 
     \b
@@ -218,6 +224,10 @@ def run(script: str, args: tuple[str, ...], as_module: bool, **options: Any) -> 
     """
     from . import runner
 
+    if nproc is not None and not (nproc.isdigit() and int(nproc) > 0) and \
+            nproc not in ("auto", "cpu", "gpu"):
+        raise click.UsageError(f"--nproc-per-node {nproc!r}: expected a positive number of "
+                               "processes, or auto, cpu or gpu (as torchrun accepts)")
     config = build_config({**options})
     try:
         target = runner.resolve_module(script) if as_module else runner.resolve_script(script)
@@ -226,7 +236,32 @@ def run(script: str, args: tuple[str, ...], as_module: bool, **options: Any) -> 
     _check_out(config.out)
     # the script may chdir: a relative output root means the one gradscope run started in
     config = config.replace(out=config.out.resolve())
+    if nproc is not None:
+        raw = click.get_current_context().meta["gradscope.argv"]
+        return runner.launch_workers(nproc, _without_nproc(raw))
     return runner.run(target, list(args), config)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``run``'s arguments for each worker: the same, less ``--nproc-per-node N`` (which can
+    only stand among gradscope's options, before SCRIPT). The workers start in this working
+    directory, so a relative ``--out`` means the same root to every one."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--nproc-per-node":
+            i += 2
+            continue
+        if arg.startswith("--nproc-per-node="):
+            i += 1
+            continue
+        if arg in ("--", "-m") or not arg.startswith("-"):
+            out += argv[i:]
+            break
+        out.append(arg)
+        i += 1
+    return out
 
 
 def _check_out(out: Path) -> None:

@@ -195,6 +195,34 @@ def run(target: Target, args: list[str], config: Config) -> Outcome:
     return Outcome(exc, status, code, run_dir, main.__dict__, target.path)
 
 
+def launch_workers(nproc: str, run_args: list[str]) -> int:
+    """``gradscope run --nproc-per-node N ...``: PyTorch's own launcher starts the processes
+    (``python -m torch.distributed.run --standalone --nproc-per-node N -m gradscope run ...``),
+    each one runs the script under gradscope, and rank 0 writes the run directory. Returns
+    the launcher's exit code (128 + the signal, if a signal ended it); SIGTERM is passed on."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", nproc, "-m", "gradscope", "run", *run_args]
+    proc = subprocess.Popen(command)
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+        restore = previous
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached the launcher too: it stops the workers
+                continue
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+    return 128 - code if code < 0 else code
+
+
 def finish(outcome: Outcome) -> int:
     """End as Python would have: return the exit code, or re-raise the script's exception for
     the interpreter to print (through ``sys.excepthook``, trimmed to the script's frames) and
