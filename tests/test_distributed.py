@@ -1,9 +1,8 @@
 """Several processes: DDP, FSDP1 (flat and use_orig_params) and FSDP2 on 2 CPU ranks (gloo).
 
 The workers start once per module (tests/workers/dist_checks.py under torchrun) and run every
-scenario;
-each one is compared here with the single-process reference (the same network trained on the
-union of the ranks' batches, measured with torch's own functions) within 1e-5.
+scenario; each one is compared here with the single-process reference (the same network
+trained on the union of the ranks' batches, measured with torch's own functions) within 1e-5.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ reference says into OUT/<scenario>.json; test_distributed.py compares them.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
