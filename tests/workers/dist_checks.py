@@ -91,7 +91,8 @@ def reference(world: int) -> dict[str, float]:
         opt.step()
         for name, p in net.named_parameters():
             delta = torch.linalg.vector_norm(before[name] - p.detach()).item()
-            out[f"update_ratio|{name}|{step}"] = delta / torch.linalg.vector_norm(before[name]).item()
+            norm = torch.linalg.vector_norm(before[name]).item()
+            out[f"update_ratio|{name}|{step}"] = delta / norm
     return out
 
 
