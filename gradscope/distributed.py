@@ -24,6 +24,7 @@ clock would wait forever in the collective).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from datetime import timedelta
@@ -213,9 +214,18 @@ class Reducer:
         reducer.backend = str(dist.get_backend())
         return reducer
 
+    def release(self) -> None:
+        """Give the group back (at close; nothing is exchanged after it)."""
+        group, self.group = self.group, None
+        if self.stopped is None:
+            self.stopped = "closed"
+        if group is not None and _group_alive():
+            with contextlib.suppress(Exception):  # the default group went first: nothing to free
+                torch.distributed.destroy_process_group(group)
+
     @property
     def active(self) -> bool:
-        return self.stopped is None and _group_alive()
+        return self.stopped is None and self.group is not None and _group_alive()
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (the run directory's name)."""

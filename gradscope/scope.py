@@ -115,6 +115,8 @@ class Scope:
                 s.span is not None for s in self._table.params))
         self.run_dir = self._create_run_dir(label)
         self._stack = contextlib.ExitStack()
+        if self._dist is not None:
+            self._stack.callback(self._dist.release)
         try:
             self._started = time.time()
             self._last_flush = time.monotonic()
