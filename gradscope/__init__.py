@@ -58,8 +58,22 @@ def watch(
         ValueError: A config value is out of range, or the output root is not writable. Nothing
             is written when either error is raised.
     """
-    from .config import project_options
     from .scope import normalize_models, normalize_optimizers
+
+    cfg = resolve_config(**config)
+    models, label = normalize_models(model)
+    optimizers = normalize_optimizers(optimizer)
+    return Scope(models, optimizers, cfg, label)
+
+
+def resolve_config(**config: Any) -> Config:
+    """The configuration ``watch(**config)`` runs with: the ``[tool.gradscope]`` table of the
+    nearest ``pyproject.toml``, overridden by ``config``, validated.
+
+    Raises:
+        TypeError, ValueError: As :func:`watch`.
+    """
+    from .config import project_options
 
     project, path = project_options()
     if project:  # the project's defaults; keywords given here win
@@ -67,10 +81,7 @@ def watch(
             Config.from_kwargs(**project)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{path} [tool.gradscope]: {exc}") from None
-    cfg = Config.from_kwargs(**{**project, **config})
-    models, label = normalize_models(model)
-    optimizers = normalize_optimizers(optimizer)
-    return Scope(models, optimizers, cfg, label)
+    return Config.from_kwargs(**{**project, **config})
 
 
 def load_run(path: Any) -> Run:

@@ -285,8 +285,14 @@ class Clock:
             self._update_seen = False
         if self._in_step is not None:  # inside a closure: only the first evaluation counts
             if self._closure_pending == self._in_step:
-                self.rec.record_grads(self._slots[self._in_step][2], at_backward=True)
+                ref, _, slots = self._slots[self._in_step]
+                measured = self.rec.record_grads(slots, at_backward=True)
                 self._closure_pending = None
+                opt = ref()
+                # the remedies act on these gradients, before the optimizer uses them (a
+                # framework's own clipping, run after the closure, comes after ours)
+                if opt is not None and self.rec.before_update(opt, measured, None):
+                    self.rec.cancel_weights()  # skipped: no update to measure
             if loss is not None and not self._closure_loss_taken:
                 self.rec.note_loss(loss)
                 self._closure_loss_taken = True

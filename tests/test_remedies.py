@@ -281,6 +281,43 @@ def test_guard_leaves_weights_and_optimizer_state_bit_identical_on_a_nan_step(ou
     assert [f["kind"] for f in scope.findings] == ["nonfinite"]
 
 
+def test_remedies_act_on_a_closure_step(out):
+    """``opt.step(closure)`` (Lightning's automatic optimization, LBFGS): the gradients exist
+    only after the closure's backward pass; clipping and the guard act there, before the
+    update."""
+    model, ref = _mlp(), _mlp()
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+
+    def closure_of(net, optimizer, step, clip):
+        def closure():
+            optimizer.zero_grad()
+            xb = x.clone()
+            if step == 4:
+                xb[0, 0] = float("nan")
+            loss = nn.functional.cross_entropy(net(xb), y)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 0.3)
+            return loss
+        return closure
+
+    with gradscope.watch(model, opt, out=out, clip="norm:0.3", guard=True, quiet=True) as scope:
+        for step in range(8):
+            opt.step(closure_of(model, opt, step, clip=False))
+    for step in range(8):
+        if step == 4:  # the guard's skip: no update
+            continue
+        ref_opt.step(closure_of(ref, ref_opt, step, clip=True))
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    run = scope.load()
+    assert run.wide("guard_skipped").index.tolist() == [4]
+    post = run.wide("grad_norm_total_clipped")["(run)"]
+    assert (post <= 0.3 + 1e-6).all() and len(post) == 7
+
+
 def test_guard_stops_after_max_skips_in_a_row_and_keeps_the_run(out):
     model = _mlp()
     x, y = _data()
