@@ -266,6 +266,20 @@ def test_update_ratio_low_ignores_exact_zeros():
     assert [(f["kind"], f["layer"]) for f in found] == [("update_ratio_low", "a.weight")]
 
 
+def test_update_ratio_low_while_later_layers_learn_blames_the_gradient_flow():
+    """The early layer barely moves, a later one moves normally: a low-update finding that
+    points at the gradient flow, not the learning rate (this branch once left its kind unset,
+    an internal error that dropped the rule)."""
+    s = np.arange(0, 200, 10)
+    series = {("early.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-8)),
+              ("late.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-3))}
+    li = info(params=("early.weight", "late.weight"))
+    li.rank.update({"early": 0, "late": 1})
+    found, _ = diagnose(series, li)
+    assert [(f["kind"], f["layer"]) for f in found] == [("update_ratio_low", "early.weight")]
+    assert "gradient flow" in found[0]["suggestion"]
+
+
 # -- loss -----------------------------------------------------------------------------------------
 def test_one_poisoned_batch_is_a_loss_spike_at_its_step():
     loss = noisy(200, level=0.5, spread=0.2)

@@ -49,6 +49,8 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
                     hint = ("fix the gradient flow rather than the learning rate: He/Xavier "
                             "init, ReLU-family hidden activations, normalisation or residual "
                             "connections")
+                    kind = "update_ratio_low"
+                    strength = 1 / med
                 else:
                     msg = (f"updates of {name} are only {fmt(med)} of its weights per step "
                            "(about 1e-3 is typical): it barely learns")
