@@ -50,6 +50,8 @@ class Listener(Protocol):
     def user_clip(self, params: list[torch.Tensor], function: str,
                   detail: dict[str, Any]) -> None: ...
 
+    def user_clipped(self, params: list[torch.Tensor]) -> None: ...
+
     def hooks_detached(self) -> contextlib.AbstractContextManager[None]: ...
 
     def process_group_ending(self) -> None: ...
@@ -184,7 +186,10 @@ def _make_clip(owner: object, name: str) -> Callable[..., Any]:
         tensors = [p for p in params if isinstance(p, torch.Tensor)]
         for listener in tuple(_listeners):
             listener.user_clip(tensors, name, detail)
-        return original(passed, *args, **kwargs)
+        result = original(passed, *args, **kwargs)
+        for listener in tuple(_listeners):
+            listener.user_clipped(tensors)
+        return result
 
     clip.__gradscope__ = True  # type: ignore[attr-defined]  # wraps() took torch's __module__
     return clip

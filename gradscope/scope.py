@@ -204,6 +204,7 @@ class Scope:
             self._scaler_step = self._guarded(self._clock.scaler_step)
             self._scaler_skipped = self._guarded(self._on_scaler_skipped)
             self._on_user_clip = self._guarded(self._user_clip_impl)
+            self._on_closure_clipped = self._guarded(self._closure_clipped_impl)
             self._stack.callback(patches.add_listener(self))
             atexit.register(self._at_exit)
             self._stack.callback(atexit.unregister, self._at_exit)
@@ -506,6 +507,18 @@ class Scope:
     def user_clip(self, params: list[torch.Tensor], function: str,
                   detail: dict[str, Any]) -> None:
         self._on_user_clip(params, function, detail)
+
+    def user_clipped(self, params: list[torch.Tensor]) -> None:
+        if self._clock.in_optimizer_step and self._clock.row_open:
+            self._on_closure_clipped(params)
+
+    def _closure_clipped_impl(self, params: list[torch.Tensor]) -> None:
+        """The script (a framework: Lightning's automatic optimization) clipped inside
+        ``optimizer.step(closure)``: the statistics were taken after the closure's backward,
+        before this clip; the norms after it are ``grad_norm_clipped``."""
+        slots = self._table.slots_of(params)
+        if slots:
+            self._grads.record_clipped(slots)
 
     @contextlib.contextmanager
     def hooks_detached(self) -> Iterator[None]:

@@ -102,8 +102,11 @@ def test_lightning_steps_and_norms_are_lightnings(tmp_path, accumulate):
     for step, expected in enumerate(oracle.norms):
         for name, value in expected.items():
             assert norms.loc[step, name] == pytest.approx(value, rel=1e-5), (step, name)
-    # the clip (0.5) acted on these norms: they are the ones before it
-    assert run.wide("grad_norm_total")["(run)"].max() > 0.5
+    # the clip (0.5) acted on these norms: they are the ones before it; after it, at most 0.5
+    total = run.wide("grad_norm_total")["(run)"]
+    clipped = run.wide("grad_norm_total_clipped")["(run)"]
+    assert total.max() > 0.5
+    assert clipped.tolist() == pytest.approx(total.clip(upper=0.5).tolist(), rel=1e-5)
     framework = [e for e in _events(cb.scope.run_dir) if e["event"] == "framework"]
     assert framework[0]["name"] == "lightning"
     assert framework[0]["gradient_clip_val"] == 0.5

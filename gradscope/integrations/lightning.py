@@ -6,7 +6,8 @@ package, whichever is installed (``pip install "gradscope[lightning]"``).
 What gradscope sees of Lightning's loop: one step per optimizer step (``trainer.global_step``;
 ``accumulate_grad_batches`` accumulates backward passes into one step). The gradients are read
 after the backward pass of the step's closure, which is after AMP unscaling (``16-mixed``) and
-before Lightning's ``gradient_clip_val`` clipping, so ``grad_norm`` shows what the clip acted on.
+before Lightning's ``gradient_clip_val`` clipping, so ``grad_norm`` shows what the clip acted on
+and ``grad_norm_clipped`` what it left.
 Validation and test loops run without gradients and are not counted. The remedies' state (clip
 histories) is saved in Lightning's checkpoints with the callback's state and restored on resume.
 Under a DDP/FSDP strategy every rank watches its part and rank 0 writes the run directory.
@@ -57,7 +58,8 @@ class GradscopeCallback(_callback_base()):  # type: ignore[misc]
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         clip = getattr(trainer, "gradient_clip_val", None)
         note = ("gradients are read after the backward pass of each optimizer step: after AMP "
-                "unscaling, before Lightning's gradient clipping")
+                "unscaling, before Lightning's gradient clipping (grad_norm); grad_norm_clipped "
+                "after it")
         self._session.start(
             pl_module, list(trainer.optimizers), note,
             gradient_clip_val=clip, gradient_clip_algorithm=getattr(
