@@ -98,7 +98,7 @@ class Config:
         report: Write ``report.html`` (the HTML report) into the run directory when the run
             ends, however it ends. Off: ``gradscope report RUN`` writes it later.
         thresholds: Overrides of the rules' thresholds, e.g. ``{"dead_fraction": 0.6}``
-            (see :class:`gradscope.rules.Thresholds` for each default and its source).
+            (see :class:`gradscope.rules.thresholds.Thresholds` for each default and its source).
         clip: Clip gradients right before each optimizer step, on the device (no host read):
             ``"norm:1.0"`` (``clip_grad_norm_``), ``"autoclip:p=10"`` (AutoClip),
             ``"agc:0.01"`` (unit-wise AGC, final layer left out), ``"zclip"`` (ZClip,
