@@ -236,6 +236,18 @@ def test_an_output_sigmoid_may_saturate():
     assert [(f["kind"], f["layer"]) for f in found] == [("saturation", "net.1")]
 
 
+def test_a_leaky_unit_that_is_never_positive_is_not_called_gradient_free():
+    """LeakyReLU & co. still pass a small gradient below 0: the finding says so, stays a
+    warning, and does not suggest swapping to the LeakyReLU it already is."""
+    li = info(sites=("act",), families={"act": "rectifier"})
+    li.module_type["act"] = "LeakyReLU"
+    found, _ = diagnose(_site("act", "act_dead_fraction", [0.95] * 6), li)
+    [f] = found
+    assert f["kind"] == "dead_units" and f["severity"] == "warning"
+    assert "never positive" in f["message"] and "output 0" not in f["message"]
+    assert "leaky" not in f["suggestion"].lower()
+
+
 # -- update ratios --------------------------------------------------------------------------------
 def test_update_ratio_high_after_warmup_only_on_weights():
     s = np.arange(0, 200, 10)

@@ -8,6 +8,8 @@ from .base import Episode, Records, fmt, runs
 from .thresholds import Thresholds
 
 _RECTIFYING = ("rectifier", "other")
+_SOFT = ("LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish",
+         "Hardswish")  # never exactly flat below 0: a "dead" unit still passes some gradient
 _BOUNDED = ("sigmoid", "tanh")  # softmax attention is peaked by design: not a pathology
 
 
@@ -46,7 +48,19 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                 "born_dead": bool(born), "since_step": first_step,
                 "at_first_check": None if start is None else start[1],
             }
-            if born:
+            # a hard rectifier passes nothing below 0; LeakyReLU, ELU, GELU, SiLU... still pass
+            # a small gradient where they are never positive
+            hard = kind_of not in _SOFT
+            if not hard:
+                what = ("they are never positive on any example, where a "
+                        f"{kind_of} passes only a small gradient")
+                msg = (f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) "
+                       + (f"are dead from the start: {what}" if born else
+                          f"died during training (since step {first_step}): {what}"))
+                hint = ("lower the learning rate, or re-initialise the layer before it "
+                        "(He/Kaiming init, a small positive bias); these units learn slowly "
+                        "rather than not at all")
+            elif born:
                 msg = (f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) are dead from "
                        "the start: they output 0 for every example, so no gradient reaches the "
                        "layers below through them")
@@ -55,7 +69,7 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                         f"probability (Lu et al. 2019): widen it or make it shallower; or swap "
                         f"{site} to nn.LeakyReLU (gradscope.watch(..., "
                         "swap='relu->leaky_relu:0.2'))")
-            else:
+            if hard and not born:
                 msg = (f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) died during "
                        f"training (since step {first_step}): they output 0 for every example")
                 hint = (f"lower the learning rate (Adam at lr 0.1 kills 90-95% of ReLUs where "
@@ -63,7 +77,7 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                         "gradient again (gradscope.watch(..., swap='relu->leaky_relu:0.2')); "
                         "or re-initialise the dead units (ReDo, Sokar et al. 2023: "
                         "gradscope.watch(..., recycle=True))")
-            sev = "error" if latest >= 0.9 else "warning"
+            sev = "error" if latest >= 0.9 and hard else "warning"
             out.append(Episode("dead_units", site, first_step, last_step, sev, ev, msg, hint))
     return _fold_cascades(out, rec)
 
