@@ -110,6 +110,17 @@ def test_short_moderate_spike_waits_for_patience_but_a_huge_one_does_not():
         ("exploding_gradients", 80, "error")]
 
 
+def test_a_larger_later_spike_takes_over_the_message_with_its_evidence():
+    w = noisy(200)
+    w[60] *= 150
+    w[120] *= 3000
+    found, _ = diagnose(grads({"a.weight": w}), info(params=("a.weight",)), chunks=2)
+    [f] = found
+    assert (f["first_step"], f["last_step"]) == (60, 120)
+    assert f["evidence"]["peak_step"] == 120
+    assert "at step 120" in f["message"] and "at step 60" not in f["message"]
+
+
 def test_all_layers_spiking_together_make_one_finding_naming_the_others():
     layers = {f"l{i}.weight": noisy(100, seed=i) for i in range(4)}
     for i, v in enumerate(layers.values()):

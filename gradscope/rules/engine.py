@@ -222,6 +222,8 @@ class Diagnoser:
             if peak_key is not None and (k.startswith("peak") or k in _AT_PEAK) and not higher:
                 continue
             old[k] = v
+        if higher and peak_key == "peak_ratio":  # the message tells the peak: the larger one
+            finding["message"] = ep.message
         if ep.severity == "error":
             finding["severity"] = "error"
 
