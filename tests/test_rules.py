@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from gradscope.records import RUN_LAYER, LongTable
-from gradscope.rules.base import LayerInfo, trailing_stats
+from gradscope.rules.base import Episode, LayerInfo, trailing_stats
 from gradscope.rules.engine import Diagnoser
+from gradscope.rules.nonfinite import traced_episode
 from gradscope.rules.thresholds import Thresholds
 
 Series = dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]
@@ -389,3 +390,20 @@ def test_thresholds_reject_unknown_and_bad_values():
     with pytest.raises(ValueError, match="spike_ratio=nan"):
         Thresholds(spike_ratio=float("nan"))
     assert Thresholds.from_any({"dead_fraction": 0.6}).dead_fraction == 0.6
+
+
+def test_an_earlier_origin_replacing_an_announced_nonfinite_finding_is_announced():
+    """The tracer reports poisoned weights at step 34 first (announced); the records, flushed
+    later, show the NaN began at step 33: the finding changes, and that change is announced,
+    so the line printed first does not stand uncorrected."""
+    announced = []
+    d = Diagnoser(Thresholds(), lambda f, new: announced.append((f["first_step"], new)))
+    d.merge(traced_episode({"step": 34, "phase": "optimizer", "module": "body.0",
+                            "class": "Linear", "poisoned": True}))
+    d.merge(Episode("nonfinite", RUN_LAYER, 33, 40, "error", {"traced": False},
+                    "first appeared in the forward pass at step 33", "guard it",
+                    {"phase": "forward", "module": None, "class": None}))
+    [f] = d.findings
+    assert f["first_step"] == 33 and "step 33" in f["message"]
+    assert announced == [(34, True), (33, False)]
+

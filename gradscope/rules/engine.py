@@ -250,8 +250,9 @@ class Diagnoser:
             f.update(finding_from(ep))
             if len(notes) < 5:
                 notes.append(old_msg)
-            if ep_traced and not f_traced:
-                self.announce(f, False)
+            # a better attribution (traced, or an earlier step) replaces what was announced:
+            # say so, or the line printed at the time contradicts the final finding
+            self.announce(f, False)
         elif ep.message != f["message"] and len(notes) < 5 and ep.message not in notes:
             notes.append(ep.message)
         if notes:
