@@ -85,6 +85,7 @@ class Scope:
         self.cwd: str | None = None  # where it was started, if not the working directory now
         self._closed = False
         self._disabled = False
+        self._degraded = False  # several ranks: an internal error turned measuring down
         self._pid = os.getpid()
         self._models = dict(models)
         self._table = LayerTable.build(self._models, config)
@@ -469,6 +470,27 @@ class Scope:
     def _fail_internal(self, exc: Exception) -> None:
         # Not close(): we may be inside torch's loop over the very hook dicts close() edits.
         # The hooks go inert now and come off at close() (__exit__, or interpreter exit).
+        dist = self._dist
+        if dist is not None and dist.active:
+            # The other ranks will wait for this one in the next flush exchange: going inert
+            # would leave them waiting until the timeout. Keep counting steps and flushing;
+            # stop measuring what can be stopped (activations, the tracer); say it once.
+            self._modules.sampling = False
+            with contextlib.suppress(Exception):
+                self._tracer.disarm()
+            if self._degraded:
+                return
+            self._degraded = True
+            with contextlib.suppress(Exception):
+                self._store.event({"event": "internal_error", "error": repr(exc),
+                                   "step": self.steps, "rank": dist.rank})
+            warnings.warn(
+                f"gradscope: internal error on rank {dist.rank}: {exc!r}; training continues, "
+                "activation statistics and the NaN tracer are off on this rank, and it keeps "
+                "taking part in the flushes (the other ranks wait for it there)",
+                RuntimeWarning, stacklevel=3,
+            )
+            return
         self._disabled = True
         self._modules.sampling = False
         with contextlib.suppress(Exception):
@@ -668,7 +690,7 @@ class Scope:
         self._modules.end_window()
 
     def set_sampling(self, sampled: bool) -> None:
-        self._modules.sampling = sampled and not self._disabled
+        self._modules.sampling = sampled and not self._disabled and not self._degraded
 
     def note_loss(self, loss: torch.Tensor) -> None:
         # a running sum, not a list: a loop that never steps must not grow without bound

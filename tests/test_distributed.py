@@ -36,7 +36,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("dist")
-    which = ",".join([*SCENARIOS, "nonfinite", "destroyed"])
+    which = ",".join([*SCENARIOS, "nonfinite", "internal_error", "destroyed"])
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(HERE / "workers" / "dist_checks.py"), str(out), which],
@@ -103,6 +103,17 @@ def test_a_nonfinite_value_on_rank_1_is_reported_with_its_rank(results):
     # rank 0 saw it only in its gradients, which DDP averaged with rank 1's
     assert f["evidence"]["ranks"]["0"]["in"] == "gradients"
     assert {e["rank"] for e in res["nonfinite"]["traced"]} <= {0, 1}
+
+
+def test_an_internal_error_on_rank_1_leaves_no_rank_waiting(results):
+    """The workers finished (the fixture would time out otherwise): rank 1 went on taking part
+    in the flushes after its error, and rank 0 wrote the error with its rank."""
+    r = results[0]["internal_error"]
+    [err] = r["errors"]
+    assert err["rank"] == 1 and "injected" in err["error"]
+    assert r["meta"]["status"] == "completed" and r["meta"]["steps"] == 8
+    assert r["meta"]["distributed"]["combined"] is True
+    assert r["grad_steps"] == list(range(8))  # DDP's replicated gradients: rank 0's
 
 
 def test_destroy_process_group_before_close_still_combines(results):

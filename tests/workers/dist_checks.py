@@ -178,6 +178,44 @@ def nonfinite(out: Path, rank: int, world: int) -> dict[str, object]:
     return result
 
 
+def internal_error(out: Path, rank: int, world: int) -> dict[str, object]:
+    """gradscope fails inside a hook on rank 1 at step 3: that rank keeps taking part in the
+    flush exchanges (no rank waits for it), and rank 0 writes the error with its rank."""
+    from gradscope.probes.grads import GradProbe
+
+    net = nn.parallel.DistributedDataParallel(network())
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    original = GradProbe.record
+    calls = [0]
+
+    def failing(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if rank == 1 and calls[0] >= 4:
+            raise RuntimeError("injected")
+        return original(self, *args, **kwargs)
+
+    GradProbe.record = failing  # type: ignore[method-assign]
+    try:
+        with gradscope.watch(net, out=str(out / "internal_error"), name="run", flush_every=2,
+                             activation_every=1, quiet=True, report=False) as scope:
+            for step in range(8):
+                x, y = data(step, world)
+                x, y = x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
+                opt.zero_grad()
+                nn.functional.mse_loss(net(x), y).backward()
+                opt.step()
+    finally:
+        GradProbe.record = original  # type: ignore[method-assign]
+    result: dict[str, object] = {}
+    if rank == 0:
+        events = (scope.run_dir / "events.jsonl").read_text().splitlines()
+        result["errors"] = [json.loads(e) for e in events if '"internal_error"' in e]
+        result["meta"] = json.loads((scope.run_dir / "run.json").read_text())
+        run = gradscope.load_run(scope.run_dir)
+        result["grad_steps"] = run.wide("grad_norm").index.tolist()
+    return result
+
+
 def destroyed(out: Path, rank: int, world: int) -> dict[str, object]:
     """The script destroys the process group before the scope closes (the usual ending of a
     torchrun script): the records are combined in time. Run last: it ends the group."""
@@ -211,6 +249,8 @@ def main() -> None:
         try:
             if name == "nonfinite":
                 results[name] = nonfinite(out, rank, world)
+            elif name == "internal_error":
+                results[name] = internal_error(out, rank, world)
             elif name == "destroyed":
                 results[name] = destroyed(out, rank, world)
             else:
