@@ -170,6 +170,30 @@ def test_lightning_remedy_state_travels_in_its_checkpoint(tmp_path):
     assert again.scope.closed and again.scope.steps == 3
 
 
+@pytest.mark.slow
+def test_lightning_ddp_strategy_writes_one_combined_run(tmp_path):
+    """Lightning's own DDP (2 CPU processes): every rank watches, rank 0 writes one run."""
+    _lightning()
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(here / "workers" / "lightning_ddp.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 steps 6" in proc.stdout and "rank 1 steps 6" in proc.stdout
+    assert proc.stderr.count("run completed") == 1  # rank 0's summary only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pl"]
+    meta = json.loads((tmp_path / "pl" / "run.json").read_text())
+    assert meta["world_size"] == 2 and meta["steps"] == 6
+    assert meta["distributed"]["combined"] is True
+
+
 def test_a_bad_option_fails_when_the_callback_is_made():
     pytest.importorskip("lightning.pytorch")
     from gradscope.integrations.lightning import GradscopeCallback
