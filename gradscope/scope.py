@@ -110,10 +110,14 @@ class Scope:
         self._writer = self._dist is None or self._dist.rank == 0
         self._sharded: dict[str, float] = {}  # sharded parameter -> ranks holding each part
         self._bad_ranks: dict[int, dict[str, Any]] = {}  # rank -> its first non-finite value
+        self._replicas_by_id: dict[int, int] = {}
+        self._norm_factors: dict[Any, torch.Tensor] = {}
         if self._dist is not None:
             self._shard_map()
-            _check_distributed(config, bool(self._sharded) or any(
-                s.span is not None for s in self._table.params))
+            fsdp1 = any(s.span is not None or (s.name in self._sharded and not s.dtensor)
+                        for s in self._table.params)
+            _check_distributed(config, fsdp1, any(s.dtensor and s.name in self._sharded
+                                                  for s in self._table.params))
         self.run_dir = self._create_run_dir(label)
         self._stack = contextlib.ExitStack()
         if self._dist is not None:
@@ -184,6 +188,8 @@ class Scope:
                     patience_steps=config.thresholds.patience * config.activation_every,
                     on_replace=self._tracer.replace_module,
                 )
+                if self._dist is not None and self._sharded:
+                    self._remedies.combine = self._combine_norms
                 self._store.event({"event": "remedies", **self._remedies.describe()})
                 for note in self._remedies.check_model():
                     self._store.event({"event": "remedy", "action": "inactive", "reason": note})
@@ -242,6 +248,7 @@ class Scope:
         """Which watched parameters are sharded (FSDP), by name, and over how many replicas."""
         assert self._dist is not None
         replicas = distributed.replicas_of_shards(self._models.values(), self._dist.size)
+        self._replicas_by_id = replicas
         self._sharded = {s.name: float(replicas[id(s.param)])
                          for s in self._table.params if id(s.param) in replicas}
 
@@ -928,6 +935,24 @@ class Scope:
                 info = {k: v for k, v in e.items() if k != "event"}
                 self._diagnoser.merge(traced_episode(info))
 
+    def _combine_norms(self, params: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
+        """Each parameter's gradient norm over all ranks, from this rank's parts' norms: one
+        all-reduce of the squares on the training's process group, on the norms' device (no
+        host read), each divided by how many ranks hold the same part."""
+        assert self._dist is not None
+        key = (tuple(id(p) for p in params), norms.device)
+        factors = self._norm_factors.get(key)
+        if factors is None:
+            size = self._dist.size
+            factors = torch.tensor([1.0 / self._replicas_by_id.get(id(p), size) for p in params],
+                                   dtype=norms.dtype, device=norms.device)
+            if len(self._norm_factors) > 16:
+                self._norm_factors.clear()
+            self._norm_factors[key] = factors
+        sq = norms.square() * factors
+        torch.distributed.all_reduce(sq)
+        return sq.sqrt()
+
     def _reduction(self, key: tuple[str, str, str]) -> tuple[str, float]:
         """How a record column combines across ranks (see distributed.py)."""
         layer, kind, metric = key
@@ -1056,18 +1081,19 @@ def _first_nonfinite(chunk: Any) -> dict[str, Any] | None:
     return {"step": step, "in": where}
 
 
-def _check_distributed(config: Config, sharded: bool) -> None:
+def _check_distributed(config: Config, fsdp1: bool, fsdp2: bool) -> None:
     """Remedies that would act differently on each rank are refused, in one line."""
     if config.recycle:
         raise ValueError("recycle=True is not supported with several processes (each rank "
                          "would re-initialise different units); use swap= instead")
-    if sharded and config.clip:
-        raise ValueError(f"clip={config.clip!r} is not supported on sharded (FSDP) parameters "
-                         "yet: clip with the model's own clip_grad_norm_ (gradscope records "
-                         "the norms before and after it)")
-    if sharded and config.guard:
-        raise ValueError(f"guard={config.guard!r} is not supported on sharded (FSDP) "
-                         "parameters yet: each rank sees only its part of the gradients")
+    if fsdp1 and (config.clip or config.guard):
+        option = f"clip='{config.clip}'" if config.clip else f"guard={config.guard!r}"
+        raise ValueError(f"{option} is not supported on FSDP1 (FullyShardedDataParallel) "
+                         "parameters: use its own clip_grad_norm_ (gradscope records the norms "
+                         "before and after it), or FSDP2 (fully_shard), where it is")
+    if fsdp2 and config.clip and config.clip.method == "agc":
+        raise ValueError(f"clip='{config.clip}': AGC is not supported on sharded (FSDP2) "
+                         "parameters; use norm, autoclip or zclip")
 
 
 _WATCH_HINT = re.compile(r"gradscope\.watch\(\.\.\., (\w+)=('[^']*'|\w+)\)")

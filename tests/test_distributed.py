@@ -36,7 +36,8 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("dist")
-    which = ",".join([*SCENARIOS, "nonfinite", "internal_error", "destroyed"])
+    which = ",".join([*SCENARIOS, "nonfinite", "fsdp2_remedies", "internal_error",
+                      "destroyed"])
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(HERE / "workers" / "dist_checks.py"), str(out), which],
@@ -103,6 +104,23 @@ def test_a_nonfinite_value_on_rank_1_is_reported_with_its_rank(results):
     # rank 0 saw it only in its gradients, which DDP averaged with rank 1's
     assert f["evidence"]["ranks"]["0"]["in"] == "gradients"
     assert {e["rank"] for e in res["nonfinite"]["traced"]} <= {0, 1}
+
+
+def test_fsdp2_clip_and_guard_act_on_the_global_gradient(results):
+    """Clipping by the norm over all shards, and the guard skipping a NaN step that only rank
+    1's batch had, on every rank: the weights are the single-process run's (clip_grad_norm_,
+    step 3 left out)."""
+    r = results[0]["fsdp2_remedies"]
+    assert r["max_diff"] < 1e-6
+    assert r["skipped"] == [3]
+    assert r["clipped_total"] == [pytest.approx(0.05, rel=1e-5)] * 5
+
+
+def test_remedies_that_cannot_act_alike_on_every_rank_are_refused_in_one_line(results):
+    first, second, agc = results[0]["fsdp2_remedies"]["refusals"]
+    assert first.startswith("clip='norm:") and "FSDP1" in first and "\n" not in first
+    assert second.startswith("clip='zclip") and "fully_shard" in second
+    assert agc.startswith("clip='agc") and "AGC is not supported on sharded" in agc
 
 
 def test_an_internal_error_on_rank_1_leaves_no_rank_waiting(results):

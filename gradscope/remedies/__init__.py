@@ -103,6 +103,11 @@ class Remedies:
         self._recycled_at: dict[str, int] = {}
         self._last_layer: tuple[int, set[int]] | None = None
         self.generator = torch.Generator().manual_seed(0)
+        # FSDP2 (several ranks, DTensor parameters): each rank holds a part of each gradient.
+        # ``combine(params, local_norms)`` returns every parameter's norm over all ranks (one
+        # all-reduce per step); the guard and the clippers then decide alike on every rank and
+        # scale each rank's part by the same coefficient.
+        self.combine: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
         if recycle:
             probe.keep_unit_masks = True
 
@@ -149,6 +154,9 @@ class Remedies:
             return False, None
         from ..probes.grads import fp32_norms
 
+        if self.combine is not None:
+            return self._before_sharded_step(opt, params, slots, by_id, grad_scale,
+                                             under_scaler, step)
         parts = []
         if watched:
             assert norms is not None
@@ -175,6 +183,39 @@ class Remedies:
         grads = [p.grad for p in ordered]
         result = self._clip(opt, ordered, grads, all_norms, len(watched))
         result.slots = [slots[by_id[id(p)]] for p in watched]  # the optimizer's order
+        return False, result
+
+    def _before_sharded_step(self, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                             slots: Any, by_id: dict[int, int], grad_scale: Any,
+                             under_scaler: bool, step: int) -> tuple[bool, ClipResult | None]:
+        """The guard and clipping on sharded gradients: the norms of this rank's parts, in the
+        optimizer's order (the same on every rank), combined over the ranks."""
+        from ..probes.grads import fp32_norms
+
+        assert self.combine is not None
+        grads: list[torch.Tensor] = []
+        for p in params:
+            g: Any = p.grad
+            grads.append(g.to_local() if hasattr(g, "to_local") else g)  # a DTensor's part
+        norms = fp32_norms(grads)
+        if grad_scale is not None:
+            norms = norms / grad_scale
+        norms = self.combine(params, norms)
+        if self.max_skips and not under_scaler:
+            if not bool(torch.isfinite(norms.sum())):  # the same decision on every rank
+                self._skip(opt, step)
+                return True, None
+            self.consecutive = 0
+        if self.clip is None:
+            return False, None
+        watched = [i for i, p in enumerate(params) if id(p) in by_id]
+        rest = [i for i, p in enumerate(params) if id(p) not in by_id]
+        order = watched + rest
+        ordered = [params[i] for i in order]
+        result = self._clip(opt, ordered, [grads[i] for i in order],
+                            norms.index_select(0, self._index(tuple(order), norms.device)),
+                            len(watched))
+        result.slots = [slots[by_id[id(params[i])]] for i in watched]
         return False, result
 
     def _index(self, order: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -178,6 +178,50 @@ def nonfinite(out: Path, rank: int, world: int) -> dict[str, object]:
     return result
 
 
+def fsdp2_remedies(out: Path, rank: int, world: int) -> dict[str, object]:
+    """FSDP2 with clip="norm:0.05" and the guard; rank 1's batch of step 3 holds a NaN. Every
+    rank must skip step 3 and clip the others by the global norm: the weights equal the
+    single-process run that clips with clip_grad_norm_ and leaves out step 3."""
+    nan_step = 3
+    net = wrap("fsdp2", network())
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with gradscope.watch(net, out=str(out / "fsdp2_remedies"), name="run", clip="norm:0.05",
+                         guard=True, quiet=True, report=False) as scope:
+        for step in range(STEPS):
+            x, y = data(step, world)
+            x, y = x[rank * BATCH:(rank + 1) * BATCH].clone(), y[rank * BATCH:(rank + 1) * BATCH]
+            if step == nan_step and rank == 1:
+                x[0, 0] = float("nan")
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+    full = {n: p.full_tensor().detach() for n, p in net.named_parameters()}  # type: ignore
+    ref = network()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for step in range(STEPS):
+        if step == nan_step:
+            continue
+        x, y = data(step, world)
+        ref_opt.zero_grad()
+        nn.functional.mse_loss(ref(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        ref_opt.step()
+    refusals = []
+    for kind, clip in (("fsdp1_flat", "norm:1.0"), ("fsdp1_orig", "zclip"), ("fsdp2", "agc")):
+        try:
+            gradscope.watch(wrap(kind, network()), out=str(out / "refused"), clip=clip)
+        except ValueError as exc:
+            refusals.append(str(exc))
+    result: dict[str, object] = {"refusals": refusals}
+    if rank == 0:
+        result["max_diff"] = max((full[n] - p.detach()).abs().max().item()
+                                 for n, p in ref.named_parameters())
+        run = gradscope.load_run(scope.run_dir)
+        result["skipped"] = run.wide("guard_skipped").index.tolist()
+        result["clipped_total"] = run.wide("grad_norm_total_clipped")["(run)"].tolist()
+    return result
+
+
 def internal_error(out: Path, rank: int, world: int) -> dict[str, object]:
     """gradscope fails inside a hook on rank 1 at step 3: that rank keeps taking part in the
     flush exchanges (no rank waits for it), and rank 0 writes the error with its rank."""
@@ -249,6 +293,8 @@ def main() -> None:
         try:
             if name == "nonfinite":
                 results[name] = nonfinite(out, rank, world)
+            elif name == "fsdp2_remedies":
+                results[name] = fsdp2_remedies(out, rank, world)
             elif name == "internal_error":
                 results[name] = internal_error(out, rank, world)
             elif name == "destroyed":
