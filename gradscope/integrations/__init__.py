@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config
-
 
 class Session:
     """One watched training run of a framework: made when training begins, closed when it ends
@@ -86,4 +84,4 @@ def status_of(exc: BaseException | None) -> str:
     return "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
 
 
-__all__ = ["Config", "Session", "status_of"]
+__all__ = ["Session", "status_of"]

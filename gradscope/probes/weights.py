@@ -36,25 +36,27 @@ class WeightProbe:
 
     def snapshot(self, slots: Sequence[ParamSlot]) -> None:
         """Record ``weight_norm`` now and, if update ratios are on, keep a copy of the weights."""
-        slots = [s for s in slots if s.param.grad is not None and s.index not in self._pending
-                 and (not (s.dtensor or s.span) or s.local_weight().numel())]
-        if not slots:
+        pairs = [(s, s.local_weight()) for s in slots
+                 if s.param.grad is not None and s.index not in self._pending]
+        # an FSDP rank may hold no part of a parameter: nothing of it to measure here
+        pairs = [(s, w) for s, w in pairs if w.numel() or not (s.dtensor or s.span)]
+        if not pairs:
             return
-        params = [s.local_weight() for s in slots]
+        slots = [s for s, _ in pairs]
+        params = [w for _, w in pairs]
         norms = fp32_norms(params)  # [k]
         self.buffer.write(self._group(slots, "weight_norm"), norms)
         if not self.update_ratio:
             return
-        copies = [self._copy_for(s) for s in slots]
+        copies = [self._copy_for(s.index, w) for s, w in pairs]
         torch._foreach_copy_(copies, params)
         for s in slots:
             self._pending[s.index] = s
 
-    def _copy_for(self, slot: ParamSlot) -> torch.Tensor:
-        p = slot.local_weight()
-        snap = self._snap.get(slot.index)
+    def _copy_for(self, index: int, p: torch.Tensor) -> torch.Tensor:
+        snap = self._snap.get(index)
         if snap is None or (snap.shape, snap.dtype, snap.device) != (p.shape, p.dtype, p.device):
-            snap = self._snap[slot.index] = torch.empty_like(p, memory_format=torch.preserve_format)
+            snap = self._snap[index] = torch.empty_like(p, memory_format=torch.preserve_format)
         return snap
 
     @property

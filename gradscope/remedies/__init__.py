@@ -106,7 +106,7 @@ class Remedies:
         # FSDP2 (several ranks, DTensor parameters): each rank holds a part of each gradient.
         # ``combine(params, local_norms)`` returns every parameter's norm over all ranks (one
         # all-reduce per step); the guard and the clippers then decide alike on every rank and
-        # scale each rank's part by the same coefficient.
+        # scale each rank's part (``_local``) by the same coefficient.
         self.combine: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
         if recycle:
             probe.keep_unit_masks = True
@@ -154,9 +154,6 @@ class Remedies:
             return False, None
         from ..probes.grads import fp32_norms
 
-        if self.combine is not None:
-            return self._before_sharded_step(opt, params, slots, by_id, grad_scale,
-                                             under_scaler, step)
         parts = []
         if watched:
             assert norms is not None
@@ -166,12 +163,14 @@ class Remedies:
             else:  # the optimizer lists them in another order, or a watched sparse gradient
                 parts.append(norms.index_select(0, self._index(tuple(order), norms.device)))
         if extra:
-            extra_norms = fp32_norms([p.grad for p in extra])
+            extra_norms = fp32_norms([_local(p.grad) for p in extra])
             if grad_scale is not None:
                 extra_norms = extra_norms / grad_scale
             parts.append(extra_norms.to(parts[0].device) if parts else extra_norms)
         all_norms = torch.cat(parts) if len(parts) > 1 else parts[0]
         ordered = watched + extra
+        if self.combine is not None:  # sharded: every rank decides on the whole gradient
+            all_norms = self._combined(params, ordered, all_norms)
         if self.max_skips and not under_scaler:
             # the documented host read: is this step's gradient finite?
             if not bool(torch.isfinite(all_norms.sum())):
@@ -180,43 +179,21 @@ class Remedies:
             self.consecutive = 0
         if self.clip is None:
             return False, None
-        grads = [p.grad for p in ordered]
+        grads = [_local(p.grad) for p in ordered]
         result = self._clip(opt, ordered, grads, all_norms, len(watched))
         result.slots = [slots[by_id[id(p)]] for p in watched]  # the optimizer's order
         return False, result
 
-    def _before_sharded_step(self, opt: torch.optim.Optimizer, params: list[torch.Tensor],
-                             slots: Any, by_id: dict[int, int], grad_scale: Any,
-                             under_scaler: bool, step: int) -> tuple[bool, ClipResult | None]:
-        """The guard and clipping on sharded gradients: the norms of this rank's parts, in the
-        optimizer's order (the same on every rank), combined over the ranks."""
-        from ..probes.grads import fp32_norms
-
+    def _combined(self, params: list[torch.Tensor], ordered: list[torch.Tensor],
+                  norms: torch.Tensor) -> torch.Tensor:
+        """``norms`` (of this rank's parts, in ``ordered``'s order, which depends on what this
+        rank measured) over all ranks: combined in the optimizer's order, the same on every
+        rank, and put back."""
         assert self.combine is not None
-        grads: list[torch.Tensor] = []
-        for p in params:
-            g: Any = p.grad
-            grads.append(g.to_local() if hasattr(g, "to_local") else g)  # a DTensor's part
-        norms = fp32_norms(grads)
-        if grad_scale is not None:
-            norms = norms / grad_scale
-        norms = self.combine(params, norms)
-        if self.max_skips and not under_scaler:
-            if not bool(torch.isfinite(norms.sum())):  # the same decision on every rank
-                self._skip(opt, step)
-                return True, None
-            self.consecutive = 0
-        if self.clip is None:
-            return False, None
-        watched = [i for i, p in enumerate(params) if id(p) in by_id]
-        rest = [i for i, p in enumerate(params) if id(p) not in by_id]
-        order = watched + rest
-        ordered = [params[i] for i in order]
-        result = self._clip(opt, ordered, [grads[i] for i in order],
-                            norms.index_select(0, self._index(tuple(order), norms.device)),
-                            len(watched))
-        result.slots = [slots[by_id[id(params[i])]] for i in watched]
-        return False, result
+        pos = {id(p): i for i, p in enumerate(params)}
+        idx = self._index(tuple(pos[id(p)] for p in ordered), norms.device)
+        in_order = torch.empty_like(norms).index_copy_(0, idx, norms)
+        return self.combine(params, in_order).index_select(0, idx)
 
     def _index(self, order: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """``order`` as a device index, copied once per distinct order (not every step)."""
@@ -445,3 +422,13 @@ class Remedies:
                 consumer = e.module
                 break
         return producer, between, consumer
+
+
+def _local(grad: Any) -> torch.Tensor:
+    """This rank's part of a gradient (a DTensor's local tensor, which clipping scales in
+    place); any other gradient as is."""
+    if type(grad) is torch.Tensor:
+        return grad
+    to_local = getattr(grad, "to_local", None)
+    return to_local() if to_local is not None else grad  # type: ignore[no-any-return]
+

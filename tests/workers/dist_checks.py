@@ -58,6 +58,20 @@ def data(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def fit(net: nn.Module, opt: torch.optim.Optimizer, steps: int, rank: int, world: int,
+        nan_at: int | None = None) -> None:
+    """``steps`` steps on this rank's share of each union batch (a NaN in rank 1's batch of
+    step ``nan_at``)."""
+    for step in range(steps):
+        x, y = data(step, world)
+        x, y = x[rank * BATCH:(rank + 1) * BATCH].clone(), y[rank * BATCH:(rank + 1) * BATCH]
+        if step == nan_at and rank == 1:
+            x[0, 0] = float("nan")
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+
+
 def reference(world: int) -> dict[str, float]:
     """The single-process run on the union batches, measured with torch's functions."""
     net = network()
@@ -138,12 +152,7 @@ def train(kind: str, out: Path, rank: int, world: int) -> dict[str, object]:
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     scope = gradscope.watch(net, out=str(out / kind), name="run", activation_every=1,
                             flush_every=4, update_every=1, quiet=True, report=rank == 0)
-    for step in range(STEPS):
-        x, y = data(step, world)
-        x, y = x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
-        opt.zero_grad()
-        nn.functional.mse_loss(net(x), y).backward()
-        opt.step()
+    fit(net, opt, STEPS, rank, world)
     scope.close()
     result: dict[str, object] = {"run_dir": str(scope.run_dir)}
     if rank == 0:
@@ -187,14 +196,7 @@ def fsdp2_remedies(out: Path, rank: int, world: int) -> dict[str, object]:
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     with gradscope.watch(net, out=str(out / "fsdp2_remedies"), name="run", clip="norm:0.05",
                          guard=True, quiet=True, report=False) as scope:
-        for step in range(STEPS):
-            x, y = data(step, world)
-            x, y = x[rank * BATCH:(rank + 1) * BATCH].clone(), y[rank * BATCH:(rank + 1) * BATCH]
-            if step == nan_step and rank == 1:
-                x[0, 0] = float("nan")
-            opt.zero_grad()
-            nn.functional.mse_loss(net(x), y).backward()
-            opt.step()
+        fit(net, opt, STEPS, rank, world, nan_at=nan_step)
     full = {n: p.full_tensor().detach() for n, p in net.named_parameters()}  # type: ignore
     ref = network()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
@@ -242,12 +244,7 @@ def internal_error(out: Path, rank: int, world: int) -> dict[str, object]:
     try:
         with gradscope.watch(net, out=str(out / "internal_error"), name="run", flush_every=2,
                              activation_every=1, quiet=True, report=False) as scope:
-            for step in range(8):
-                x, y = data(step, world)
-                x, y = x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
-                opt.zero_grad()
-                nn.functional.mse_loss(net(x), y).backward()
-                opt.step()
+            fit(net, opt, 8, rank, world)
     finally:
         GradProbe.record = original  # type: ignore[method-assign]
     result: dict[str, object] = {}
@@ -267,12 +264,7 @@ def destroyed(out: Path, rank: int, world: int) -> dict[str, object]:
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     scope = gradscope.watch(net, out=str(out / "destroyed"), name="run", activation_every=1,
                             flush_every=100, quiet=True, report=False)
-    for step in range(3):
-        x, y = data(step, world)
-        x, y = x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
-        opt.zero_grad()
-        nn.functional.mse_loss(net(x), y).backward()
-        opt.step()
+    fit(net, opt, 3, rank, world)
     dist.destroy_process_group()
     scope.close()
     result: dict[str, object] = {}
