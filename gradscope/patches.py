@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 import types
 import weakref
@@ -34,6 +35,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.optim.optimizer as _optim_mod
+
+from .guard import Deliberate
 
 
 class Listener(Protocol):
@@ -59,6 +62,7 @@ class Listener(Protocol):
 
 class _State(threading.local):
     depth = 0  # nesting of torch.autograd.backward calls on this thread
+    clipping = 0  # nesting of patched clip calls (clip_grad_norm_ calls clip_grads_with_norm_)
     scaled = False  # the current/last outermost backward started from GradScaler.scale()'s output
     scaler_calls: list[list[Any]]  # stack of [optimizer, stepped?] for GradScaler.step calls
 
@@ -71,6 +75,34 @@ _local = _State()
 _originals: dict[tuple[object, str], Callable[..., Any]] = {}
 _opt_hook: Any = None
 _last_scaled: tuple[weakref.ReferenceType[torch.Tensor], torch.Tensor] | None = None
+
+
+def _notify(method: str, *args: Any) -> None:
+    """Tell every listener, each through the guard: a listener that raises (a bug of
+    gradscope's, never the user's) is told through its ``internal_error``, and the user's call
+    goes on. Only an exception gradscope raises on purpose (``guard.Deliberate``: the guard
+    remedy stopping training) reaches the caller."""
+    for listener in tuple(_listeners):
+        try:
+            getattr(listener, method)(*args)
+        except Deliberate:
+            raise
+        except Exception as exc:
+            _listener_failed(listener, f"patch:{method}", exc)
+
+
+def _listener_failed(listener: Any, where: str, exc: BaseException) -> None:
+    report = getattr(listener, "internal_error", None)
+    try:
+        if report is None:
+            raise exc
+        report(where, exc)
+    except Deliberate:
+        raise
+    except Exception:
+        with contextlib.suppress(Exception):
+            print(f"gradscope: internal error in {where}: {exc!r}; training continues",
+                  file=sys.stderr, flush=True)
 
 
 def add_listener(listener: Listener) -> Callable[[], None]:
@@ -112,15 +144,13 @@ def _backward(*args: Any, **kwargs: Any) -> Any:
     root = args[0] if args else kwargs.get("tensors")
     loss = _scalar_loss(root)
     _local.scaled = _last_scaled is not None and loss is _last_scaled[1]
-    for listener in tuple(_listeners):
-        listener.before_backward(loss)
+    _notify("before_backward", loss)
     _local.depth += 1
     try:
         result = original(*args, **kwargs)
     finally:
         _local.depth -= 1
-    for listener in tuple(_listeners):
-        listener.after_backward(loss)
+    _notify("after_backward", loss)
     return result
 
 
@@ -144,8 +174,7 @@ def _make_step(cls: type) -> Callable[..., Any]:
     def step(self: Any, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         if not _listeners or not self.is_enabled():
             return original(self, optimizer, *args, **kwargs)
-        for listener in tuple(_listeners):
-            listener.scaler_step_begin(self, optimizer)
+        _notify("scaler_step_begin", self, optimizer)
         call = [optimizer, False]
         _local.scaler_calls.append(call)
         try:
@@ -153,20 +182,27 @@ def _make_step(cls: type) -> Callable[..., Any]:
         finally:
             _local.scaler_calls.pop()
         if not call[1]:
-            for listener in tuple(_listeners):
-                listener.scaler_skipped(self, optimizer)
+            _notify("scaler_skipped", self, optimizer)
         return result
 
     return step
 
 
+_CLIP_LIMIT = {"clip_grad_norm_": "max_norm", "clip_grads_with_norm_": "max_norm",
+               "clip_grad_value_": "clip_value"}
+
+
 def _make_clip(owner: object, name: str) -> Callable[..., Any]:
+    """A clip of the script's own: ``clip_grad_norm_``, ``clip_grad_value_``, or
+    ``clip_grads_with_norm_`` (torch >= 2.6: the norm computed apart, with ``get_total_norm``;
+    accelerate, hence the Hugging Face Trainer, clips this way). Listeners hear of the outermost
+    call only: ``clip_grad_norm_`` itself clips through the same code."""
     original = _originals[(owner, name)]
-    what = "max_norm" if name == "clip_grad_norm_" else "clip_value"
+    what = _CLIP_LIMIT[name]
 
     @functools.wraps(original)
     def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _listeners or _local.depth:
+        if not _listeners or _local.depth or _local.clipping:
             return original(parameters, *args, **kwargs)
         passed: Any = parameters
         if isinstance(parameters, torch.Tensor):
@@ -184,11 +220,13 @@ def _make_clip(owner: object, name: str) -> Callable[..., Any]:
             detail["norm_type"] = float(norm_type) if isinstance(norm_type, (int, float)) else \
                 repr(norm_type)
         tensors = [p for p in params if isinstance(p, torch.Tensor)]
-        for listener in tuple(_listeners):
-            listener.user_clip(tensors, name, detail)
-        result = original(passed, *args, **kwargs)
-        for listener in tuple(_listeners):
-            listener.user_clipped(tensors)
+        _notify("user_clip", tensors, name, detail)
+        _local.clipping += 1
+        try:
+            result = original(passed, *args, **kwargs)
+        finally:
+            _local.clipping -= 1
+        _notify("user_clipped", tensors)
         return result
 
     clip.__gradscope__ = True  # type: ignore[attr-defined]  # wraps() took torch's __module__
@@ -200,10 +238,19 @@ def _make_save(original: Callable[..., Any]) -> Callable[..., Any]:
     def save(obj: Any, *args: Any, **kwargs: Any) -> Any:
         if not _listeners:
             return original(obj, *args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for listener in tuple(_listeners):
+        stack = contextlib.ExitStack()
+        for listener in tuple(_listeners):
+            try:
                 stack.enter_context(listener.hooks_detached())
+            except Exception as exc:  # the file then holds inert hooks (hooks.InertHook)
+                _listener_failed(listener, "patch:torch.save", exc)
+        try:
             return original(obj, *args, **kwargs)
+        finally:
+            try:
+                stack.close()
+            except Exception as exc:
+                _listener_failed(None, "patch:torch.save", exc)
 
     save.__gradscope__ = True  # type: ignore[attr-defined]
     return save
@@ -220,8 +267,7 @@ def _make_destroy(original: Callable[..., Any]) -> Callable[..., Any]:
             dist = torch.distributed
             world = getattr(dist, "group", None)
             if group is None or group is getattr(world, "WORLD", None):
-                for listener in tuple(_listeners):
-                    listener.process_group_ending()
+                _notify("process_group_ending")
         return original(group, *args, **kwargs)
 
     destroy.__gradscope__ = True  # type: ignore[attr-defined]
@@ -230,6 +276,7 @@ def _make_destroy(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _mark_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     # Global optimizer pre-hook: an optimizer inside a GradScaler.step call really stepped.
+    # (Runs inside the user's step: nothing here can raise.)
     for call in _local.scaler_calls:
         if call[0] is optimizer:
             call[1] = True
@@ -262,7 +309,7 @@ def _install() -> None:
     import torch.nn.utils.clip_grad as clip_mod
 
     for owner in (clip_mod, torch.nn.utils):
-        for name in ("clip_grad_norm_", "clip_grad_value_"):
+        for name in _CLIP_LIMIT:
             if (owner, name) not in _originals and hasattr(owner, name):
                 _originals[(owner, name)] = getattr(owner, name)
                 setattr(owner, name, _make_clip(owner, name))

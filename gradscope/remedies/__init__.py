@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..guard import Deliberate
 from .clipping import AGC, Clipper, ClipResult, make_clipper
 from .spec import (
     ClipSpec,
@@ -44,9 +45,10 @@ __all__ = [
 ]
 
 
-class NonfiniteStepsError(RuntimeError):
+class NonfiniteStepsError(RuntimeError, Deliberate):
     """Raised by ``guard=`` after too many optimizer steps in a row had non-finite gradients.
-    The run directory, findings and report are still written."""
+    The run directory, findings and report are still written. The one exception gradscope
+    raises into the training loop on purpose (see :mod:`gradscope.guard`)."""
 
 
 Measured = tuple[list["ParamSlot"], list[torch.Tensor], torch.Tensor]
