@@ -42,6 +42,7 @@ from torch import nn
 
 from . import distributed, rundir
 from .config import Config
+from .guard import DISCOVERY, Guard
 from .hooks import Hook, HookSet
 from .scope import Scope, model_label, run_meta, watched_elsewhere, write_report_safely
 
@@ -87,18 +88,21 @@ class Attach:
         # after each optimizer step); weak, so a dead module's id cannot be mistaken
         self._paramless: dict[int, weakref.ref[nn.Module]] = {}
         self._frozen: dict[int, weakref.ref[nn.Module]] = {}
-        self._failed = False
+        # the discovery hooks run inside the script: an error stops the search, not the script
+        self.guard = Guard(self._internal_error)
         self._hooks = HookSet()
         self._hooks.add(
             nn.modules.module.register_module_forward_pre_hook(
-                Hook(self._on_forward_pre, "discover")),
+                Hook(self._on_forward_pre, "discover", self.guard, "discover")),
             "discover")
         self._stepping: list[tuple[Any, Any, Any]] = []  # optimizers inside step(), with args
         self._hooks.add(
-            _optim_mod.register_optimizer_step_pre_hook(Hook(self._on_step_pre, "in-step")),
+            _optim_mod.register_optimizer_step_pre_hook(
+                Hook(self._on_step_pre, "in-step", self.guard, "discover")),
             "in-step")
         self._hooks.add(
-            _optim_mod.register_optimizer_step_post_hook(Hook(self._on_step, "recheck")),
+            _optim_mod.register_optimizer_step_post_hook(
+                Hook(self._on_step, "recheck", self.guard, "discover")),
             "recheck")
         warnings.filterwarnings("ignore", message=_COMPILE_WARNING, category=UserWarning)
         self._filter = warnings.filters[0]
@@ -126,7 +130,7 @@ class Attach:
                 target = module_ref()
                 if attach is not None and target is not None and \
                         attach._known.get(id(target)) is not target:
-                    attach._consider(target)
+                    attach.guard.call("discover", attach._consider, target)
                 return compiled(*a, **k)
 
             module._compiled_call_impl = call
@@ -154,7 +158,7 @@ class Attach:
 
     # -- discovery --------------------------------------------------------------------------------
     def _consider(self, module: nn.Module) -> None:
-        if self._failed or not torch.is_grad_enabled() or os.getpid() != self._pid or \
+        if not torch.is_grad_enabled() or os.getpid() != self._pid or \
                 torch._C._get_tracing_state() is not None:  # torch.jit.trace is not training
             return
         key = id(module)
@@ -162,13 +166,19 @@ class Attach:
             ref = cache.get(key)
             if ref is not None and ref() is module:
                 return
-        try:
-            self._discover(module)
-        except Exception as exc:  # a monitor must never take the script down
-            self._failed = True
-            self._close_hooks()
-            print(f"gradscope: stopped looking for models after an internal error: {exc!r}; "
-                  "the script continues", file=sys.stderr, flush=True)
+        self._discover(module)
+
+    def _internal_error(self, where: str, part: str, exc: BaseException) -> None:
+        """The guard switched a part of ``gradscope run`` off (the search for models, or
+        closing the run at the end or on SIGTERM): say so once. A model already found stays
+        watched (its own Scope's guard covers it)."""
+        if self.scope is not None:
+            self.scope._record({"event": "internal_error", "where": where, "part": part,
+                                "error": repr(exc)})
+        what = "stopped looking for models" if part == DISCOVERY else \
+            "could not close the run directory"
+        print(f"gradscope: internal error in {where}: {exc!r}; {what}; the script continues",
+              file=sys.stderr, flush=True)
 
     def _discover(self, module: nn.Module) -> None:
         root = _wrapped(module)

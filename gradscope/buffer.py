@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+_KEPT = (torch.float32, torch.float64)  # statistics in other dtypes travel as float32
+
+
 class Group:
     """A fixed set of columns written together."""
 
@@ -57,6 +60,7 @@ class Chunk:
     # (row, column) -> the vector behind that cell (per-unit dead masks under torch.distributed,
     # reduced across ranks before the cell's value is derived from it)
     vectors: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list, repr=False)  # the buffer's rows it holds
 
 
 class StepBuffer:
@@ -145,59 +149,68 @@ class StepBuffer:
 
     # -- flush --------------------------------------------------------------------------------
     def take(self, keep_current: bool = False) -> Chunk | None:
-        """Copy the buffered rows to the host (one transfer per device) and start empty again.
+        """Copy the buffered rows to the host (one transfer per device and precision). The
+        rows stay buffered until :meth:`forget` says they were written: a flush interrupted by
+        a signal (or failing) loses nothing, and the next flush takes them again.
 
         Args:
-            keep_current: The last row is a step still in progress: keep it buffered and take
-                only the rows before it.
+            keep_current: The last row is a step still in progress: take only the rows before
+                it.
         """
         import numpy as np
 
-        rows = self.rows
-        if keep_current and rows:
-            rows, self.rows = rows[:-1], rows[-1:]
-        else:
-            self.rows = []
+        rows = self.rows[:-1] if keep_current and self.rows else self.rows
         if not rows:
             return None
         width = len(self.columns)
         values = np.full((len(rows), width), np.nan)
         written = np.zeros((len(rows), width), dtype=bool)
-        # (row, col) of every written value, in write order, per device
-        by_device: dict[torch.device, tuple[list[torch.Tensor], list[int], list[int]]] = {}
+        # Every written value, grouped by device and precision for the transfers: float64
+        # statistics (of a float64 model) travel as float64, everything else as float32. Each
+        # value keeps its (row, column) and its place in the write order.
+        Key = tuple[torch.device, torch.dtype]
+        groups: dict[Key, tuple[list[torch.Tensor], list[int], list[int], list[int]]] = {}
+        n_written = 0
         for r, row in enumerate(rows):
             for grp, tensor in row.writes:  # statistics: detached already, never need grad
                 flat = tensor if tensor.dim() == 1 else tensor.reshape(-1)
-                if flat.dtype != torch.float32:
+                if flat.dtype not in _KEPT:
                     flat = flat.float()
-                tensors, row_idx, col_idx = by_device.setdefault(flat.device, ([], [], []))
+                tensors, row_idx, col_idx, seq = groups.setdefault(
+                    (flat.device, flat.dtype), ([], [], [], []))
                 tensors.append(flat)
                 row_idx.extend([r] * len(grp.cols))
                 col_idx.extend(grp.cols)
-        vec_at: list[tuple[torch.device, int, int, int]] = []  # device, row, col, length
+                seq.extend(range(n_written, n_written + len(grp.cols)))
+                n_written += len(grp.cols)
+        vec_at: list[tuple[Key, int, int, int]] = []  # (device, dtype), row, col, length
         for r, row in enumerate(rows):
             for col, vec in row.vectors.items():
                 flat = vec.reshape(-1).float()
-                tensors, _, _ = by_device.setdefault(flat.device, ([], [], []))
-                tensors.append(flat)
-                vec_at.append((flat.device, r, col, flat.numel()))
+                key = (flat.device, flat.dtype)
+                groups.setdefault(key, ([], [], [], []))[0].append(flat)
+                vec_at.append((key, r, col, flat.numel()))
         vectors: dict[tuple[int, int], np.ndarray] = {}
-        for device, (tensors, row_idx, col_idx) in by_device.items():
+        parts: list[tuple[list[int], list[int], list[int], np.ndarray]] = []
+        for key, (tensors, row_idx, col_idx, seq) in groups.items():
             host = torch.cat(tensors).to("cpu", torch.float64).numpy()  # the one transfer
             start = len(row_idx)
-            for dev, r, col, n in vec_at:
-                if dev == device:
+            for k, r, col, n in vec_at:
+                if k == key:
                     vectors[(r, col)] = host[start:start + n]
                     start += n
-            host = host[:len(row_idx)]
-            if not row_idx:
-                continue
-            r_arr = np.asarray(row_idx)
-            c_arr = np.asarray(col_idx)
-            # a later write of the same (row, column) wins: keep each pair's last occurrence
-            key = r_arr * max(width, 1) + c_arr
-            _, last = np.unique(key[::-1], return_index=True)
-            keep = len(key) - 1 - last
+            if row_idx:
+                parts.append((row_idx, col_idx, seq, host[:len(row_idx)]))
+        if parts:
+            r_arr = np.concatenate([np.asarray(p[0]) for p in parts])
+            c_arr = np.concatenate([np.asarray(p[1]) for p in parts])
+            s_arr = np.concatenate([np.asarray(p[2]) for p in parts])
+            host = np.concatenate([p[3] for p in parts])
+            # a later write of the same (row, column) wins: keep each cell's last write
+            in_order = np.argsort(s_arr, kind="stable")
+            cell = (r_arr * max(width, 1) + c_arr)[in_order]
+            _, last = np.unique(cell[::-1], return_index=True)
+            keep = in_order[len(cell) - 1 - last]
             values[r_arr[keep], c_arr[keep]] = host[keep]
             written[r_arr[keep], c_arr[keep]] = True
         for r, row in enumerate(rows):
@@ -205,7 +218,12 @@ class StepBuffer:
                 values[r, col] = value
                 written[r, col] = True
         steps = np.array([row.step for row in rows], dtype=np.int64)
-        return Chunk(steps, values, written, list(self.columns), vectors)
+        return Chunk(steps, values, written, list(self.columns), vectors, list(rows))
+
+    def forget(self, chunk: Chunk) -> None:
+        """The rows of ``chunk`` (as :meth:`take` returned it) are safe elsewhere: drop them."""
+        gone = {id(row) for row in chunk.rows}
+        self.rows = [row for row in self.rows if id(row) not in gone]
 
     def release(self) -> None:
         self._groups.clear()

@@ -28,6 +28,7 @@ run).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -45,6 +46,7 @@ STORE = "store"  # the run directory's records (Parquet, events.jsonl, run.json)
 TENSORBOARD = "tensorboard"
 REPORT = "report"  # report.html and the terminal summary at the end
 EXIT = "exit"  # interpreter exit and signal handlers closing the run
+REMEDIES = "remedies"  # swap/recycle acting on findings (not an entry point of its own)
 
 ENTRY_POINTS: dict[str, str] = {
     "module-forward": ACTIVATIONS,
@@ -69,6 +71,12 @@ ENTRY_POINTS: dict[str, str] = {
     "signal": EXIT,
 }
 """Every entry point, and the part of gradscope that an error in it switches off."""
+
+MEASURING = frozenset({ACTIVATIONS, TRACER, CORE, SAVE})
+"""Parts that measure (or serve measuring): off as soon as :data:`STOPS_MEASURING` is."""
+STOPS_MEASURING = frozenset({CORE, STORE})
+"""An error in the core leaves the step clock in an unknown state; the records cannot be
+stored once the store fails (a full disk): either way measuring stops."""
 
 
 class Deliberate(Exception):
@@ -104,39 +112,70 @@ class Guard:
             (whatever it raises is swallowed).
     """
 
-    __slots__ = ("_faults", "_report", "errors", "off")
+    __slots__ = ("_report", "errors", "faults", "off", "stops_measuring")
 
     def __init__(self, report: Reporter) -> None:
         self._report = report
-        self._faults = injected_faults()
+        self.faults = injected_faults()
         self.off: set[str] = set()  # parts switched off
+        # parts whose failure stops every measuring part (several ranks: none, a rank that
+        # stopped would leave the others waiting in the next flush exchange)
+        self.stops_measuring: frozenset[str] = STOPS_MEASURING
         self.errors: list[tuple[str, str, str]] = []  # (entry, part, repr(exception))
 
     def active(self, part: str) -> bool:
-        """Whether ``part`` still runs (everything stops when the core does)."""
+        """Whether ``part`` still runs. When the core is off (or the records cannot be
+        stored), nothing measures any more; the sinks, the report and the exit handlers still
+        run, to write what was measured before."""
         off = self.off
-        return not off or (part not in off and CORE not in off)
+        if not off:
+            return True
+        if part in off:
+            return False
+        return part not in MEASURING or not (off & self.stops_measuring)
+
+    def stop(self) -> None:
+        """Everything off (the owner closed)."""
+        self.off.update(ENTRY_POINTS.values())
 
     def fault(self, entry: str) -> None:
         """Raise the injected fault of ``entry``, if one is injected (tests)."""
-        if self._faults and entry in self._faults:
+        if self.faults and entry in self.faults:
             raise InjectedFault(f"injected fault in {entry}")
 
     def fail(self, entry: str, exc: BaseException) -> None:
         """``entry`` raised ``exc``: switch its part off and tell the owner, once per part."""
-        part = ENTRY_POINTS.get(entry, CORE)
+        self._fail_part(entry, ENTRY_POINTS.get(entry, CORE), exc)
+
+    def _tell(self, where: str, part: str, exc: BaseException) -> None:
+        try:
+            self._report(where, part, exc)
+        except Exception:  # the reporter itself failed: one bare line, then nothing
+            with contextlib.suppress(Exception):
+                print(f"gradscope: internal error in {where}: {exc!r}; training continues",
+                      file=sys.stderr, flush=True)
+
+    def isolate(self, part: str, where: str, fn: Callable[..., Any], *args: Any,
+                **kwargs: Any) -> Any:
+        """``fn`` under the guard, as a part of gradscope's own work (not an entry point: no
+        fault is injected here, and ``part`` runs even after the core stopped). An error
+        switches ``part`` off and is reported as coming from ``where``."""
+        if part in self.off:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Deliberate:
+            raise
+        except Exception as exc:
+            self._fail_part(where, part, exc)
+            return None
+
+    def _fail_part(self, where: str, part: str, exc: BaseException) -> None:
         first = part not in self.off
         self.off.add(part)
-        self.errors.append((entry, part, repr(exc)))
+        self.errors.append((where, part, repr(exc)))
         if first:
-            try:
-                self._report(entry, part, exc)
-            except Exception:  # the reporter itself failed: one bare line, then nothing
-                try:
-                    print(f"gradscope: internal error in {entry}: {exc!r}; training continues",
-                          file=sys.stderr, flush=True)
-                except Exception:
-                    pass
+            self._tell(where, part, exc)
 
     def call(self, entry: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` under the guard; None when ``entry``'s part is off or
@@ -144,7 +183,7 @@ class Guard:
         if not self.active(ENTRY_POINTS.get(entry, CORE)):
             return None
         try:
-            if self._faults:
+            if self.faults:
                 self.fault(entry)
             return fn(*args, **kwargs)
         except Deliberate:

@@ -19,6 +19,8 @@ from typing import Any
 
 from torch.utils.hooks import RemovableHandle
 
+from .guard import ENTRY_POINTS, Deliberate, Guard
+
 
 class InertHook:
     """What a gradscope hook becomes when its model is pickled or deep-copied: does nothing."""
@@ -33,21 +35,43 @@ class InertHook:
 
 
 class Hook:
-    """A picklable wrapper around one of gradscope's hook functions.
+    """A picklable wrapper around one of gradscope's hook functions, run under its guard.
 
     Args:
         fn: The function to call; it must only measure (return None, change nothing).
         purpose: A short label (``"activation"``, ``"optimizer-pre"``) for debugging and tests.
+        guard: The owner's :class:`~gradscope.guard.Guard`: an exception in ``fn`` becomes an
+            internal error of ``entry``'s part (switched off) and the hook returns None, as if
+            it were not there. None: unguarded (only for code that guards itself).
+        entry: The entry point (a key of :data:`gradscope.guard.ENTRY_POINTS`).
     """
 
-    __slots__ = ("fn", "purpose")
+    __slots__ = ("entry", "fn", "guard", "part", "purpose")
 
-    def __init__(self, fn: Callable[..., Any], purpose: str) -> None:
+    def __init__(self, fn: Callable[..., Any], purpose: str, guard: Guard | None = None,
+                 entry: str = "") -> None:
         self.fn = fn
         self.purpose = purpose
+        self.guard = guard
+        self.entry = entry
+        self.part = ENTRY_POINTS[entry] if guard is not None else ""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+        guard = self.guard
+        if guard is None:
+            return self.fn(*args, **kwargs)
+        # Guard.call, inlined: this runs for every module call of the watched models
+        if guard.off and not guard.active(self.part):
+            return None
+        try:
+            if guard.faults:
+                guard.fault(self.entry)
+            return self.fn(*args, **kwargs)
+        except Deliberate:
+            raise
+        except Exception as exc:
+            guard.fail(self.entry, exc)
+            return None
 
     def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:
         return (InertHook, ())

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .guard import EXIT, Deliberate
 
 PYC_SUFFIXES = tuple(importlib.machinery.BYTECODE_SUFFIXES)
 SOURCE_SUFFIXES = (".py", ".pyw")
@@ -189,7 +190,7 @@ def run(target: Target, args: list[str], config: Config) -> Outcome:
         status, code = _classify(exc)
         with _sigint_deferred():
             ended.set()
-            run_dir = attach.close(status, code)
+            run_dir = attach.guard.isolate(EXIT, "close", attach.close, status, code)
     finally:
         restore()
     return Outcome(exc, status, code, run_dir, main.__dict__, target.path)
@@ -232,6 +233,9 @@ def finish(outcome: Outcome) -> int:
         return 0
     if isinstance(exc, SystemExit):
         raise exc
+    if isinstance(exc, Deliberate):  # the guard= remedy stopped the run, as asked: say why
+        print(f"gradscope: {exc}", file=sys.stderr, flush=True)
+        return 1
     sys.excepthook = _trimming(sys.excepthook, outcome.main_globals, outcome.script)
     raise exc
 
@@ -371,7 +375,8 @@ def _on_sigterm(attach: Any, ended: threading.Event) -> Any:
         if os.getpid() == pid and not ended.is_set():  # not in a forked worker
             ended.set()
             with contextlib.suppress(Exception):
-                attach.close("interrupted", 128 + signal.SIGTERM)
+                attach.guard.isolate(EXIT, "signal", attach.guard.call, "signal",
+                                     attach.close, "interrupted", 128 + signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 

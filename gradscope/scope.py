@@ -35,6 +35,18 @@ from . import __version__, distributed, patches, rundir
 from .buffer import StepBuffer
 from .clock import Clock
 from .config import Config
+from .guard import (
+    ACTIVATIONS,
+    CORE,
+    ENTRY_POINTS,
+    EXIT,
+    REMEDIES,
+    REPORT,
+    SAVE,
+    STORE,
+    TRACER,
+    Guard,
+)
 from .hooks import Hook, HookSet
 from .layers import LayerTable, ParamSlot
 from .probes.activations import ModuleProbe
@@ -42,7 +54,7 @@ from .probes.grads import GradProbe
 from .probes.nonfinite import NonfiniteTracer
 from .probes.weights import WeightProbe
 from .records import RUN_LAYER, LongTable
-from .remedies import NonfiniteStepsError, Remedies
+from .remedies import Remedies
 from .rules.engine import FINDING_REMEDY_RULES, Diagnoser, layer_info
 from .rules.nonfinite import traced_episode
 from .sinks.console import FindingPrinter
@@ -84,9 +96,11 @@ class Scope:
         self.command: list[str] | None = None  # how the process was started, if not python
         self.cwd: str | None = None  # where it was started, if not the working directory now
         self._closed = False
-        self._disabled = False
         self._degraded = False  # several ranks: an internal error turned measuring down
+        self._recording_stopped = False  # the store failed (a full disk): said once
         self._pid = os.getpid()
+        # every entry point from the user's program into this scope runs under this guard
+        self._guard = Guard(self._internal_error)
         self._models = dict(models)
         self._table = LayerTable.build(self._models, config)
         if not self._table.params and not self._table.modules:
@@ -131,10 +145,12 @@ class Scope:
                                     histograms=config.tensorboard and config.histograms
                                     and not self._sharded)
             self._weights = WeightProbe(self._buffer, config.update_ratio)
-            self._modules = ModuleProbe(self._buffer, self._table, config, count_on_host=on_cpu)
+            self._modules = ModuleProbe(self._buffer, self._table, config, count_on_host=on_cpu,
+                                        guard=self._guard)
             self._modules.whole_masks = self._dist is not None
             self._store: Any = Store(self.run_dir) if self._writer else _RankOutbox(self._dist)
             self._sinks: list[Any] = [self._store]
+            self._sink_entry: dict[int, str] = {id(self._store): "sink:store"}
             self._tb: Any = None  # reads the raw histogram columns too (Config.histograms)
             if config.tensorboard and self._writer:
                 from .sinks.tensorboard import TensorBoardSink
@@ -142,6 +158,9 @@ class Scope:
                 self._tb = TensorBoardSink(self.run_dir / rundir.TB, config.tb_max_layers,
                                            raw=self._grads.histograms)
                 self._sinks.append(self._tb)
+                self._sink_entry[id(self._tb)] = "sink:tensorboard"
+            if self._dist is not None:  # a rank stopping would leave the others waiting
+                self._guard.stops_measuring = frozenset()
             self._clock = Clock(
                 self._table, self, config.step_on, config.activation_every,
                 config.update_every or config.activation_every, optimizers,
@@ -161,23 +180,29 @@ class Scope:
                 for name in ("loss", "skipped_step", "amp_scale", "guard_skipped",
                              "grad_norm_total_clipped", "clip_coef", "clip_threshold")
             }
-            self._pending: list[LongTable] = []  # diagnosed early, not yet written
+            # flushed from the buffer, not yet written by every sink (table, sinks done)
+            self._pending: list[tuple[LongTable, set[int], int]] = []  # and its row count
             self._pending_rows = 0
             self._user_clipped: set[int] = set()  # slots the script clipped in this step
             self._user_clip_noted = False
             self._exit_code: int | None = None
-            self._write_meta("running")
+            try:
+                self._write_meta("running", strict=True)
+            except OSError as exc:
+                raise ValueError(f"out={str(config.out)!r}: cannot write run.json in "
+                                 f"{str(self.run_dir)!r} ({exc.strerror or exc})") from None
 
             hooks = HookSet()
             self._hooks = hooks
             self._stack.callback(hooks.close)
             self._tracer = NonfiniteTracer(
                 self._models, config.trace_nonfinite, immediate=on_cpu,
-                report=self._guarded(self._on_traced), step=lambda: self._clock.step,
+                report=self._on_traced, step=lambda: self._clock.step, guard=self._guard,
             )
             self._stack.callback(self._tracer.close)
-            self._grads.on_nonfinite = self._guarded(self._on_nonfinite_flag)
-            self._trace_after_backward = self._guarded(self._tracer.after_backward)
+            self._grads.on_nonfinite = self._on_nonfinite_flag
+            self._trace_after_backward = self._guard.wrap(self._tracer.after_backward,
+                                                          "tracer-backward")
             self._modules.attach(hooks)
             self._remedies: Remedies | None = None
             if config.clip or config.guard or config.swap or config.recycle:
@@ -190,15 +215,14 @@ class Scope:
                 )
                 if self._dist is not None and self._sharded:
                     self._remedies.combine = self._combine_norms
-                self._store.event({"event": "remedies", **self._remedies.describe()})
+                self._record({"event": "remedies", **self._remedies.describe()})
                 for note in self._remedies.check_model():
-                    self._store.event({"event": "remedy", "action": "inactive", "reason": note})
-                    warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=3)
+                    self._record({"event": "remedy", "action": "inactive", "reason": note})
+                    _warn(f"gradscope: {note}", stacklevel=3)
             self._remedy_warned = False
             self._hooks_verified = not self._table.modules
-            self._on_optimizer_pre_hook = self._guarded(self._on_optimizer_pre)
-            pre = Hook(self._on_optimizer_pre_hook, "optimizer-pre")
-            post = Hook(self._guarded(self._on_optimizer_post), "optimizer-post")
+            pre = Hook(self._on_optimizer_pre, "optimizer-pre", self._guard, "optimizer-pre")
+            post = Hook(self._on_optimizer_post, "optimizer-post", self._guard, "optimizer-post")
             if optimizers:
                 for opt in optimizers:
                     hooks.add(opt.register_step_pre_hook(pre), "optimizer-pre")
@@ -206,12 +230,13 @@ class Scope:
             else:  # find the optimizers that step these parameters when they first step
                 hooks.add(_optim_mod.register_optimizer_step_pre_hook(pre), "optimizer-pre")
                 hooks.add(_optim_mod.register_optimizer_step_post_hook(post), "optimizer-post")
-            self._before_backward = self._guarded(self._clock.before_backward)
-            self._after_backward = self._guarded(self._clock.after_backward)
-            self._scaler_step = self._guarded(self._clock.scaler_step)
-            self._scaler_skipped = self._guarded(self._on_scaler_skipped)
-            self._on_user_clip = self._guarded(self._user_clip_impl)
-            self._on_closure_clipped = self._guarded(self._closure_clipped_impl)
+            guard = self._guard
+            self._before_backward = guard.wrap(self._clock.before_backward, "backward")
+            self._after_backward = guard.wrap(self._clock.after_backward, "backward")
+            self._scaler_step = guard.wrap(self._clock.scaler_step, "scaler")
+            self._scaler_skipped = guard.wrap(self._on_scaler_skipped, "scaler")
+            self._on_user_clip = guard.wrap(self._user_clip_impl, "clip")
+            self._on_closure_clipped = guard.wrap(self._closure_clipped_impl, "clip")
             self._stack.callback(patches.add_listener(self))
             atexit.register(self._at_exit)
             self._stack.callback(atexit.unregister, self._at_exit)
@@ -370,7 +395,7 @@ class Scope:
         """``opt.step()`` began before this scope watched its parameters (the model was found
         inside it): count it as if its pre-hook had run now."""
         if not self._clock.in_optimizer_step:
-            self._on_optimizer_pre_hook(opt, args, kwargs)
+            self._guard.call("optimizer-pre", self._on_optimizer_pre, opt, args, kwargs)
 
     def started(self, module: nn.Module) -> None:
         """``module``'s forward has begun but its own forward-pre hook was registered too late
@@ -388,22 +413,28 @@ class Scope:
         """Copy buffered statistics to the host and write them to every sink now. With several
         processes, a collective: call it on every rank at the same step."""
         self._check_open("flush")
-        self._flush()
+        self._guard.call("flush", self._flush)
 
     def load(self) -> Run:
         """Flush and read this run back (see :func:`gradscope.load_run`)."""
         from .load import load_run
 
         if not self._closed:
-            self._flush()
+            self._guard.call("flush", self._flush)
         return load_run(self.run_dir)
 
     def close(self, status: str | None = None, exit_code: int | None = None) -> None:
-        """Write everything, mark the run's status and remove every hook. Idempotent.
+        """Write everything, mark the run's status and remove every hook. Idempotent, and
+        never raises: each stage (the last flush, findings.json, run.json, each sink, the
+        report, the summary) runs under the guard, so one that fails (a full disk) costs
+        itself, not the others, and the hooks always come off.
 
         Args:
             status: ``completed`` (default), ``failed`` or ``interrupted``.
             exit_code: The process's exit code, for run.json (``gradscope run`` sets it).
+
+        Raises:
+            ValueError: ``status`` is not one of those three.
         """
         if self._closed:
             return
@@ -411,35 +442,46 @@ class Scope:
             raise ValueError(f"status={status!r}: expected one of {', '.join(STATUSES[1:])}")
         self._closed = True
         self._exit_code = exit_code
-        if os.getpid() != self._pid:  # a forked child (DataLoader worker) never writes
-            self._stack.close()
-            return
+        try:
+            if os.getpid() == self._pid:  # a forked child (DataLoader worker) never writes
+                self._write_out(status or "completed")
+        finally:
+            self._guard.stop()
+            try:
+                self._stack.close()  # the hooks come off
+            except Exception as exc:
+                self._internal_error("close", CORE, exc)
+            with contextlib.suppress(Exception):
+                self._release()
+
+    def _write_out(self, status: str) -> None:
+        """close()'s stages: what was measured, the findings, the status, the report."""
+        guard = self._guard
         dist = self._dist
-        if dist is not None and dist.active and (status or "completed") != "completed":
+        if dist is not None and dist.active and status != "completed":
             # the other ranks may be gone or still training: no collective now
             dist.stopped = f"this rank ended {status}"
-        with self._stack:  # hooks come off even if writing fails
-            try:
-                self._clock.finish()
-                self._flush()
-            finally:
-                if dist is not None and dist.outbox:  # what the exchange never carried
-                    outbox, dist.outbox = dist.outbox, []
-                    self._rank_events(outbox)
-                findings = self.findings
-                if self.command is not None:
-                    for f in findings:
-                        f["suggestion"] = command_line_hint(f["suggestion"])
-                self._store.write_findings(findings)
-                self._write_meta(status or "completed")
-                for sink in self._sinks:
-                    sink.close()
-                if self.config.report and self._writer:
-                    write_report_safely(self.run_dir, self.config.quiet)
-                if self._writer:
-                    self._console.summary(findings, self._clock.step, self.run_dir,
-                                          status or "completed")
-        self._release()
+        guard.isolate(CORE, "close", self._clock.finish)
+        guard.isolate(CORE, "close", self._flush)
+        if dist is not None and dist.outbox:  # what the exchange never carried
+            outbox, dist.outbox = dist.outbox, []
+            guard.isolate(CORE, "close", self._rank_events, outbox)
+        findings = guard.isolate(CORE, "close", self._final_findings) or []
+        self._sink_call(self._store, "write_findings", findings)
+        self._write_meta(status)
+        self._close_sinks()
+        if self.config.report and self._writer:
+            guard.call("report", write_report_safely, self.run_dir, self.config.quiet)
+        if self._writer:
+            guard.isolate(REPORT, "summary", self._console.summary, findings,
+                          self._clock.step, self.run_dir, status)
+
+    def _final_findings(self) -> list[dict[str, Any]]:
+        findings = self.findings
+        if self.command is not None:
+            for f in findings:
+                f["suggestion"] = command_line_hint(f["suggestion"])
+        return findings
 
     def __enter__(self) -> Scope:
         return self
@@ -456,60 +498,89 @@ class Scope:
         state = "closed" if self._closed else "open"
         return f"<gradscope.Scope {state} steps={self.steps} run_dir={str(self.run_dir)!r}>"
 
-    # -- hooks ----------------------------------------------------------------------------------
-    def _guarded(self, fn: Any) -> Any:
-        """A monitor must never take training down: an internal error detaches gradscope with a
-        warning and an event instead of propagating into the user's step."""
+    # -- the guard --------------------------------------------------------------------------------
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """A patch's call into this scope raised (``patches.Listener``): switch its part off."""
+        self._guard.fail(_PATCH_ENTRIES.get(where, "backward"), exc)
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self._closed or self._disabled:
-                return None
-            try:
-                return fn(*args, **kwargs)
-            except NonfiniteStepsError:
-                raise  # the guard stopping training on purpose, not a gradscope failure
-            except Exception as exc:
-                self._fail_internal(exc)
-                return None
-
-        return call
-
-    def _fail_internal(self, exc: Exception) -> None:
-        # Not close(): we may be inside torch's loop over the very hook dicts close() edits.
-        # The hooks go inert now and come off at close() (__exit__, or interpreter exit).
+    def _internal_error(self, where: str, part: str, exc: BaseException) -> None:
+        """The guard switched ``part`` off after ``exc`` in ``where``: an ``internal_error``
+        event (if the store still writes) and one line on stderr. Never raises."""
         dist = self._dist
-        if dist is not None and dist.active:
-            # The other ranks will wait for this one in the next flush exchange: going inert
-            # would leave them waiting until the timeout. Keep counting steps and flushing;
-            # stop measuring what can be stopped (activations, the tracer); say it once.
-            self._modules.sampling = False
-            with contextlib.suppress(Exception):
-                self._tracer.disarm()
+        several = dist is not None and dist.active
+        if part == STORE and isinstance(exc, OSError):
+            self._recording_stopped = True
+            steps = getattr(getattr(self, "_clock", None), "step", 0)
+            line = (f"gradscope: stopped recording: cannot write the run directory "
+                    f"({exc.strerror or exc}: {exc.filename or self.run_dir}); training "
+                    f"continues unwatched; what was written before step {steps} is in "
+                    f"{self.run_dir}")
+            _say(line)  # said even when quiet: the run directory cannot say it
+            return
+        if several and part == CORE:
+            # The other ranks wait for this one in the next flush exchange: keep counting
+            # steps and flushing; stop measuring what can be stopped.
+            self._guard.off.discard(CORE)
+            self._guard.off.update((ACTIVATIONS, TRACER))
             if self._degraded:
                 return
             self._degraded = True
-            with contextlib.suppress(Exception):
-                self._store.event({"event": "internal_error", "error": repr(exc),
-                                   "step": self.steps, "rank": dist.rank})
-            warnings.warn(
-                f"gradscope: internal error on rank {dist.rank}: {exc!r}; training continues, "
-                "activation statistics and the NaN tracer are off on this rank, and it keeps "
-                "taking part in the flushes (the other ranks wait for it there)",
-                RuntimeWarning, stacklevel=3,
-            )
-            return
-        self._disabled = True
-        self._modules.sampling = False
-        with contextlib.suppress(Exception):
-            self._tracer.disarm()
-        with contextlib.suppress(Exception):
-            self._store.event({"event": "internal_error", "error": repr(exc), "step": self.steps})
-        warnings.warn(
-            f"gradscope stopped watching after an internal error: {exc!r}; training continues "
-            f"(records up to the last flush are in {self.run_dir})",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        record = {"event": "internal_error", "where": where, "part": part, "error": repr(exc),
+                  "step": getattr(getattr(self, "_clock", None), "step", None)}
+        if dist is not None:
+            record["rank"] = dist.rank
+        if hasattr(self, "_store") and self._guard.active(STORE):
+            try:
+                self._store.event(record)
+            except Exception:  # closed already (the report runs last): append it directly
+                if self._writer:
+                    with contextlib.suppress(Exception):
+                        rundir.append_event(self.run_dir, record)
+        if several and part in (CORE, ACTIVATIONS, TRACER):
+            what = ("activation statistics and the NaN tracer are off on this rank, and it "
+                    "keeps taking part in the flushes (the other ranks wait for it there)")
+        elif part in (CORE, STORE):
+            what = "gradscope stopped watching"
+        elif part == EXIT:
+            what = "the run directory was not closed (run.json still says running)"
+        else:
+            what = f"the {_PART_NAMES.get(part, part)} switched off"
+        rank = f" on rank {dist.rank}" if dist is not None else ""
+        goes_on = "the program ends as it would have" if part == EXIT else \
+            "training continues"
+        if not self.config.quiet or part == STORE:
+            _say(f"gradscope: internal error{rank} in {where}: {exc!r}; {what}; {goes_on} "
+                 f"(records up to the last flush are in {self.run_dir})")
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """An event for the store only (events.jsonl)."""
+        self._sink_call(self._store, "event", record)
+
+    def _sink_call(self, sink: Any, method: str, *args: Any) -> bool:
+        """One sink's ``method``, under the guard (a full disk, a bug: that sink stops; the
+        store stopping stops the recording). True when it ran."""
+        entry = self._sink_entry.get(id(sink), "sink:store")
+        part = ENTRY_POINTS[entry]
+        if not self._guard.active(part):
+            return False
+        ran = [False]
+
+        def call() -> None:
+            getattr(sink, method)(*args)
+            ran[0] = True
+
+        self._guard.call(entry, call)
+        return ran[0]
+
+    def _close_sinks(self) -> None:
+        """Close every sink, also one that failed before (to release its file)."""
+        for sink in self._sinks:
+            entry = self._sink_entry.get(id(sink), "sink:store")
+            if self._guard.active(ENTRY_POINTS[entry]):
+                self._sink_call(sink, "close")
+            else:
+                with contextlib.suppress(Exception):
+                    sink.close()
 
     def _on_optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # torch passes the step's own positional args, the optimizer itself first
@@ -523,12 +594,17 @@ class Scope:
     # A backward pass concerns this scope only if one of its models ran a forward pass with
     # gradients since the last step: other models' backward passes (a second model trained in
     # the same process, an unwatched critic) are none of its business.
+    def _ours(self) -> bool:
+        """Whether the backward pass now is this scope's (with the activation hooks off after
+        an error, nothing tells: every one counts)."""
+        return self._modules.forward_seen or not self._guard.active(ACTIVATIONS)
+
     def before_backward(self, loss: torch.Tensor | None) -> None:
-        if self._modules.forward_seen:
+        if self._ours():
             self._before_backward()
 
     def after_backward(self, loss: torch.Tensor | None) -> None:
-        if self._modules.forward_seen:
+        if self._ours():
             self._after_backward(loss)
             if self._tracer.armed:
                 self._trace_after_backward(loss)
@@ -553,19 +629,25 @@ class Scope:
     def hooks_detached(self) -> Iterator[None]:
         """``torch.save`` is pickling: gradscope's hooks step out of the modules' hook dicts, so
         a saved model holds no trace of gradscope (it loads where gradscope is not installed)."""
+        if self._closed or not self._guard.active(SAVE):
+            yield  # (hooks left in place pickle to inert no-ops: hooks.InertHook)
+            return
+        self._guard.fault("save")  # the patch reports it: torch.save goes on
         with self._hooks.detached(), self._tracer.hooks.detached():
             yield
 
     def process_group_ending(self) -> None:
         """``destroy_process_group()`` on every rank, before this run closes: combine what the
         ranks buffered while the group exists; what follows is each rank's own."""
+        if not self._closed:
+            self._guard.call("process-group", self._group_ending)
+
+    def _group_ending(self) -> None:
         dist = self._dist
-        if dist is None or not dist.active or self._closed or self._disabled:
+        if dist is None or not dist.active:
             return
         try:
             self._flush()
-        except Exception as exc:
-            self._fail_internal(exc)
         finally:
             dist.stopped = "the process group was destroyed"
 
@@ -600,7 +682,7 @@ class Scope:
             return
         step = self._clock.step
         self._clock.scaler_skipped(optimizer)
-        self._store.event(
+        self._record(
             {"event": "skipped_step", "step": step, "by": "GradScaler",
              "reason": "inf/NaN in the scaled gradients; optimizer.step() was not called"}
         )
@@ -697,7 +779,7 @@ class Scope:
         self._modules.end_window()
 
     def set_sampling(self, sampled: bool) -> None:
-        self._modules.sampling = sampled and not self._disabled and not self._degraded
+        self._modules.sampling = sampled and self._guard.active(ACTIVATIONS)
 
     def note_loss(self, loss: torch.Tensor) -> None:
         # a running sum, not a list: a loop that never steps must not grow without bound
@@ -750,7 +832,7 @@ class Scope:
             note = ("clip= and guard= act at optimizer.step(); this loop updates the weights "
                     "without an optimizer, so they are not applied")
             self._event({"event": "remedy", "action": "inactive", "step": step, "reason": note})
-            warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=2)
+            _warn(f"gradscope: {note}")
 
     def _check_hooks_run(self, step: int) -> None:
         """Steps end but no forward hook of ours has ever run: the forward passes bypass the
@@ -770,7 +852,7 @@ class Scope:
                 "for this run; gradient statistics are not affected. Call watch() before the "
                 "first call of the compiled model, or torch._dynamo.reset() after watch().")
         self._event({"event": "hooks_inactive", "step": step, "reason": note})
-        warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=2)
+        _warn(f"gradscope: {note}")
 
     # -- flush and metadata -----------------------------------------------------------------------
     def _flush_due(self) -> bool:
@@ -783,8 +865,12 @@ class Scope:
         if write:
             self._last_flush = time.monotonic()
             self._follow_device()
-        # a step in progress (a flush() called mid-step) stays on the device
-        chunk = self._buffer.take(keep_current=self._clock.row_open)
+        # A step in progress (a flush() called mid-step) stays on the device. The rows stay
+        # in the buffer until their table is pending, and a pending table stays until every
+        # sink wrote it: a signal (or a failure) anywhere in a flush loses no record, and the
+        # flush at close() writes what this one did not.
+        taken = self._buffer.take(keep_current=self._clock.row_open)
+        chunk = taken
         if self._dist is not None and self._dist.active:
             chunk = self._exchange(chunk)
         if chunk is not None:
@@ -792,24 +878,47 @@ class Scope:
             WeightProbe.complete(chunk)
             ModuleProbe.complete(chunk)
             table = LongTable.from_chunk(chunk)
-            self._pending.append(table if self._grads.histograms else table.published())
+            self._pending.append((table if self._grads.histograms else table.published(),
+                                  set(), len(chunk.steps)))
+            if taken is not None:
+                self._buffer.forget(taken)
             self._pending_rows += len(chunk.steps)
             if self._diagnoser is not None:
                 self._diagnose(table, early=not write)
+        elif taken is not None:
+            self._buffer.forget(taken)
         if not write:
             return
         if self._pending:
-            raw = LongTable.concat(self._pending)
-            published = raw.published() if self._grads.histograms else raw
-            self._pending, self._pending_rows = [], 0
-            for sink in self._sinks:
-                sink.write(raw if sink is self._tb else published)
-            self._summarize_clipping(published)
+            self._write_pending()
         # run.json is a status file, not the record: rewrite it when the layer list grew or
         # every META_SECS, not at every flush (the loader counts steps from the metrics)
         if self._layer_count() != self._meta_shape or \
                 time.monotonic() - self._meta_time >= META_SECS:
             self._write_meta("running")
+
+    def _write_pending(self) -> None:
+        """Every pending table to every sink that has not written it yet; a table leaves
+        ``_pending`` once all have (a sink switched off counts as done: it writes no more)."""
+        published_all: list[LongTable] = []
+        for sink in self._sinks:
+            key = id(sink)
+            todo = [t for t, done, _ in self._pending if key not in done]
+            if not todo:
+                continue
+            raw = LongTable.concat(todo)
+            table = raw if sink is self._tb or not self._grads.histograms else raw.published()
+            if self._sink_call(sink, "write", table):
+                for _, done, _ in self._pending:
+                    done.add(key)
+                if sink is self._store:
+                    published_all.append(table)
+        live = {id(s) for s in self._sinks
+                if self._guard.active(ENTRY_POINTS[self._sink_entry.get(id(s), "sink:store")])}
+        self._pending = [p for p in self._pending if not live <= p[1]]
+        self._pending_rows = sum(p[2] for p in self._pending)
+        for table in published_all:
+            self._summarize_clipping(table)
 
     def _follow_device(self) -> None:
         """The model moved (``.to("cuda")`` after a first forward on the CPU, which is where
@@ -830,19 +939,18 @@ class Scope:
         info = layer_info(self._table.describe(), self._modules.site_names())
         self._diagnoser.update(table, info, FINDING_REMEDY_RULES if early else None)
         for error in self._diagnoser.errors:
-            self._store.event({"event": "internal_error", "where": "rules", "error": error})
+            self._record({"event": "internal_error", "where": "rules", "error": error})
         self._diagnoser.errors.clear()
         if self._remedies is not None and self._remedies.needs_findings:
-            try:
-                self._remedies.on_findings(self._diagnoser.findings, self._clock.step,
-                                           self._clock.optimizers())
-            except Exception as exc:  # a remedy bug must not take training down
-                self._fail_internal(exc)
+            # a remedy bug must not take training down: the remedies switch off
+            self._guard.isolate(REMEDIES, "remedies", self._remedies.on_findings,
+                                self._diagnoser.findings, self._clock.step,
+                                self._clock.optimizers())
 
     def _event(self, record: dict[str, Any]) -> None:
         """An event for every sink that keeps events (events.jsonl, TensorBoard text)."""
         for sink in self._sinks:
-            sink.event(record)
+            self._sink_call(sink, "event", record)
 
     def _summarize_clipping(self, table: LongTable) -> None:
         """One ``clipped`` event per flush: how many steps clipping changed, and by how much
@@ -877,7 +985,8 @@ class Scope:
         self._console.announce(finding, new)
 
     def _on_nonfinite_flag(self) -> None:
-        self._tracer.flag(self._clock.step)
+        """The gradient probe saw a non-finite gradient: arm the tracer (its part only)."""
+        self._guard.isolate(TRACER, "tracer-flag", self._tracer.flag, self._clock.step)
 
     def _on_traced(self, info: dict[str, Any]) -> None:
         """The tracer named where the first non-finite value came from. With several ranks,
@@ -890,7 +999,7 @@ class Scope:
             outbox, self._dist.outbox = self._dist.outbox, []
             self._rank_events(outbox)
             return
-        self._store.event({"event": "nonfinite_traced", **info})
+        self._record({"event": "nonfinite_traced", **info})
         if self._diagnoser is None:
             return
         self._diagnoser.merge(traced_episode(info))
@@ -911,9 +1020,9 @@ class Scope:
             dist.stopped = repr(exc)
             note = (f"the ranks stopped combining their records ({exc!r}); from step "
                     f"{self._clock.step} on, rank {dist.rank}'s own records are written")
-            self._store.event({"event": "distributed", "action": "stopped", "rank": dist.rank,
-                               "step": self._clock.step, "reason": note})
-            warnings.warn(f"gradscope: {note}", RuntimeWarning, stacklevel=2)
+            self._record({"event": "distributed", "action": "stopped", "rank": dist.rank,
+                          "step": self._clock.step, "reason": note})
+            _warn(f"gradscope: {note}")
             return chunk
         self._rank_events(events)
         return merged
@@ -929,7 +1038,7 @@ class Scope:
             if e.get("event") == "nonfinite_rank":
                 self._bad_ranks[int(e["rank"])] = {"step": e["step"], "in": e["in"]}
             if self._writer:
-                self._store.event(e)
+                self._record(e)
         for e in traced:
             if self._diagnoser is not None:
                 info = {k: v for k, v in e.items() if k != "event"}
@@ -974,11 +1083,18 @@ class Scope:
         """Modules seen running and activation sites: what run.json's layer lists hold."""
         return self._table.executed_count(), len(self._modules.site_names())
 
-    def _write_meta(self, status: str) -> None:
+    def _write_meta(self, status: str, strict: bool = False) -> None:
+        """Rewrite run.json (through the store's guard; ``strict``: raise, in ``watch()``)."""
         self._meta_time = time.monotonic()
         self._meta_shape = self._layer_count()
         if not self._writer:
             return
+        if strict:
+            self._write_meta_now(status)
+        else:
+            self._guard.call("sink:store", self._write_meta_now, status)
+
+    def _write_meta_now(self, status: str) -> None:
         extra: dict[str, Any] = {}
         if self._dist is not None:
             extra["distributed"] = {
@@ -1000,11 +1116,16 @@ class Scope:
         rundir.write_json(self.run_dir / rundir.RUN_JSON, meta)
 
     def _at_exit(self) -> None:
-        status = "completed"
-        last = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
-        if last is not None:
-            status = _status_for(type(last))
-        self.close(status)
+        """Interpreter exit with this scope still open (a handle never closed)."""
+
+        def close() -> None:
+            status = "completed"
+            last = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
+            if last is not None:
+                status = _status_for(type(last))
+            self.close(status)
+
+        self._guard.isolate(EXIT, "atexit", self._guard.call, "atexit", close)
 
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -1017,6 +1138,32 @@ class Scope:
         self._table.release()
         self._models.clear()
         self._loss = None
+
+
+_PATCH_ENTRIES = {  # a patch's listener call (patches._notify) -> its entry point
+    "patch:before_backward": "backward", "patch:after_backward": "backward",
+    "patch:user_clip": "clip", "patch:user_clipped": "clip",
+    "patch:scaler_step_begin": "scaler", "patch:scaler_skipped": "scaler",
+    "patch:torch.save": "save", "patch:process_group_ending": "process-group",
+}
+_PART_NAMES = {ACTIVATIONS: "activation statistics", TRACER: "NaN/Inf tracer",
+               REMEDIES: "remedies", REPORT: "report", SAVE: "hook removal in torch.save",
+               "tensorboard": "TensorBoard sink", EXIT: "exit handler"}
+
+
+def _say(line: str) -> None:
+    """One line on stderr, never an exception (a closed stderr, a broken pipe)."""
+    with contextlib.suppress(Exception):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _warn(message: str, stacklevel: int = 2) -> None:
+    """A RuntimeWarning; where warnings are errors (``python -W error``, pytest) one line on
+    stderr instead: a warning of gradscope's must not raise into the training loop."""
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+    except Exception:
+        _say(message)
 
 
 _SHARD_OPS = {  # a sharded parameter's records: its parts' norms, peaks and counts

@@ -86,8 +86,8 @@ def test_forward_nan_is_blamed_on_the_module_that_made_it(out, immediate, monkey
         assert f["evidence"]["output"]["inf"] + f["evidence"]["output"]["nan"] > 0
 
 
-def _deferred_init(self, models, mode, immediate, report, step):
-    _orig_init(self, models, mode, False, report, step)
+def _deferred_init(self, models, mode, immediate, report, step, **kwargs):
+    _orig_init(self, models, mode, False, report, step, **kwargs)
 
 
 _orig_init = NonfiniteTracer.__init__

@@ -43,8 +43,10 @@ from torch import nn
 
 from ..buffer import Chunk, StepBuffer
 from ..config import Config
+from ..guard import Guard
 from ..hooks import Hook, HookSet
 from ..layers import Family, LayerTable, ModuleEntry
+from . import numerics
 
 KIND = "module"
 COMPACT_AT = 64  # pool a site's per-call statistics once this many calls are pending
@@ -136,7 +138,8 @@ class _Site:
     __slots__ = ("axis", "buffer", "calls", "done", "family", "grad_done", "grad_hook",
                  "grads", "groups", "masks", "name", "units", "whole_masks")
 
-    def __init__(self, name: str, entry: ModuleEntry, axis: int | None, buffer: StepBuffer):
+    def __init__(self, name: str, entry: ModuleEntry, axis: int | None, buffer: StepBuffer,
+                 guard: Guard | None = None):
         self.name = name
         self.family = entry.family
         self.axis = axis
@@ -145,7 +148,7 @@ class _Site:
         self.done: list[_Call] = []  # windows already closed in this step
         self.grads: list[torch.Tensor] = []  # norms of output gradients, current window
         self.grad_done: list[torch.Tensor] = []
-        self.grad_hook = Hook(self._add_grad, f"output-grad {name}")
+        self.grad_hook = Hook(self._add_grad, f"output-grad {name}", guard, "output-grad")
         self.masks: list[torch.Tensor] | None = None  # recent per-unit dead masks (recycling)
         self.units: int | None = None
         self.whole_masks = False  # write the per-unit dead mask, not its count (distributed)
@@ -160,7 +163,7 @@ class _Site:
                        for raw in (_SUM, _L2, _PEAK, _SAT, _NF, "output_grad_norm")}
 
     def _add_grad(self, grad: torch.Tensor) -> None:
-        self.grads.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
+        self.grads.append(numerics.norm(grad))
         if len(self.grads) >= COMPACT_AT:
             self.grads[:] = [torch.linalg.vector_norm(torch.stack(self.grads))]
 
@@ -223,11 +226,14 @@ class ModuleProbe:
         config: Thresholds and switches.
         count_on_host: Read each output's non-finite flag on the host and count only when set
             (CPU: free). Otherwise count on the device every sampled call.
+        guard: Runs every hook (an error switches the activation statistics off).
     """
 
     def __init__(
-        self, buffer: StepBuffer, table: LayerTable, config: Config, count_on_host: bool
+        self, buffer: StepBuffer, table: LayerTable, config: Config, count_on_host: bool,
+        guard: Guard | None = None,
     ) -> None:
+        self.guard = guard
         self.buffer = buffer
         self.table = table
         self.config = config
@@ -254,12 +260,14 @@ class ModuleProbe:
         """Hook one watched module (at attach, or when a model joins the run later)."""
         hooks = self._hooks
         assert hooks is not None
-        hook = Hook(partial(self._on_forward, entry), f"forward {entry.name}")
+        hook = Hook(partial(self._on_forward, entry), f"forward {entry.name}", self.guard,
+                    "module-forward")
         handles = [hooks.add(entry.module.register_forward_hook(hook), "module-forward")]
         if not entry.is_leaf:
             # a container that owns parameters (a root's positional embedding) is ordered
             # by when its forward starts, not when it ends
-            pre = Hook(partial(self._on_forward_pre, entry), f"forward-pre {entry.name}")
+            pre = Hook(partial(self._on_forward_pre, entry), f"forward-pre {entry.name}",
+                       self.guard, "module-forward-pre")
             handles.append(hooks.add(entry.module.register_forward_pre_hook(pre),
                                      "module-forward-pre"))
         self._handles[entry.name] = handles
@@ -277,7 +285,7 @@ class ModuleProbe:
         self.attach_one(entry)
         for key in [k for k in self._sites if k[0] == old_id]:
             site = self._sites.pop(key)
-            fresh = _Site(site.name, entry, site.axis, self.buffer)
+            fresh = _Site(site.name, entry, site.axis, self.buffer, self.guard)
             if site.masks is not None:
                 fresh.masks = []
             self._sites[(id(new), key[1], key[2])] = fresh
@@ -388,7 +396,7 @@ class ModuleProbe:
             k = self._per_name.get(entry.name, 0)
             self._per_name[entry.name] = k + 1
             name = entry.name if k == 0 else f"{entry.name}#{k}"
-            site = self._sites[key] = _Site(name, entry, axis, self.buffer)
+            site = self._sites[key] = _Site(name, entry, axis, self.buffer, self.guard)
             if self.keep_unit_masks:
                 site.masks = []
             site.whole_masks = self.whole_masks
@@ -400,22 +408,22 @@ class ModuleProbe:
         cfg = self.config
         family = entry.family
         n = o.numel()
-        l2 = torch.linalg.vector_norm(o, dtype=torch.float32)
+        l2 = numerics.norm(o)  # float32, or float64 for a float64 output
         peak = sat = None
         rows = 0
         if family in (Family.RECTIFIER, Family.OTHER):
             dims = tuple(d for d in range(o.dim()) if d != axis)
-            if axis is None:
-                peak = o.reshape(-1).to(torch.float32, copy=True)  # every element is a unit
+            if axis is None:  # every element is a unit (a copy: o may change in place later)
+                peak = o.reshape(-1).to(numerics.accumulate_dtype(o) or o.dtype, copy=True)
                 s = peak.sum()
             elif isinstance(entry.module, _NONNEGATIVE) and cfg.dead_threshold == 0.0:
-                peak = o.sum(dim=dims, dtype=torch.float32)  # [units]: 0 iff dead, one pass
+                peak = numerics.total(o, dims)  # [units]: 0 iff dead, one pass
                 s = peak.sum()
             else:
                 peak = o.amax(dim=dims)  # [units]
-                s = o.sum(dtype=torch.float32)
+                s = numerics.total(o)
         else:
-            s = o.sum(dtype=torch.float32)
+            s = numerics.total(o)
             if family is Family.SIGMOID:
                 sat = ((o - 0.5).abs() > cfg.sigmoid_saturation).sum()
             elif family is Family.TANH:

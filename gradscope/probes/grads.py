@@ -25,54 +25,12 @@ import torch
 from ..buffer import Chunk, Group, StepBuffer
 from ..layers import ParamSlot
 from ..records import RUN_LAYER
+from . import numerics
 
 KIND = "param"
 
 
-def _foreach_norm_supports_dtype() -> bool:
-    try:
-        torch._foreach_norm([torch.zeros(1, dtype=torch.float16)], 2, dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        return False
-    return True
-
-
-_NORM_DTYPE_OK: bool | None = None
-
-
 _WIDE = (torch.float32, torch.float64)
-
-
-def fp32_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``[k]`` L2 norm of each tensor, accumulated in at least float32 (a norm accumulated in
-    fp16 overflows at 65504).
-
-    One ``_foreach_norm`` (on accelerators a multi-tensor kernel: one launch instead of k; on
-    the CPU, measured within noise of a loop of ``vector_norm``, both at the memory-bandwidth
-    floor of reading the gradients once).
-    """
-    global _NORM_DTYPE_OK
-    if all(t.dtype in _WIDE for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors)).float()
-    if _NORM_DTYPE_OK is None:
-        _NORM_DTYPE_OK = _foreach_norm_supports_dtype()
-    if _NORM_DTYPE_OK:
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-    return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors])
-
-
-def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[k]`` largest absolute value of each tensor (``aminmax``: one pass, no ``abs`` copy)."""
-    out = []
-    for t in tensors:
-        if not t.numel():  # an empty parameter: no peak (0 is what a MAX over parts ignores)
-            out.append(torch.zeros((), dtype=torch.float32, device=t.device))
-            continue
-        lo, hi = torch.aminmax(t.detach().reshape(-1))
-        out.append(torch.maximum(hi, -lo).float())
-    return torch.stack(out)
-
-
 HIST_BINS = 30
 HIST_METRICS = ("_hist_min", "_hist_max", *(f"_hist_{i}" for i in range(HIST_BINS)))
 """Raw columns of one gradient's histogram: its min, its max, and the counts of ``HIST_BINS``
@@ -94,6 +52,8 @@ def grad_histograms(tensors: Sequence[torch.Tensor], bins: int = HIST_BINS) -> t
     rows = []
     for t in tensors:
         flat = t.detach().reshape(-1)
+        if flat.is_complex():  # the moduli: a histogram orders real values
+            flat = flat.abs()
         if flat.dtype not in _WIDE:
             flat = flat.float()
         lo, hi = torch.aminmax(flat)
@@ -125,11 +85,6 @@ def _fixed_range_counts(v: torch.Tensor, bins: int) -> torch.Tensor:
     ones = torch.ones((), dtype=v.dtype, device=v.device).expand(idx.numel())
     out = torch.zeros(bins + 1, dtype=v.dtype, device=v.device)
     return out.index_put_((idx,), ones, accumulate=True)[:bins]
-
-
-def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[k]`` number of NaN/Inf elements of each tensor (expensive: flagged steps only)."""
-    return torch.stack([torch.logical_not(torch.isfinite(t)).sum() for t in tensors]).float()
 
 
 def _gather(slots: Sequence[ParamSlot]) -> tuple[list[ParamSlot], list[torch.Tensor]]:
@@ -218,7 +173,7 @@ class GradProbe:
         present, grads = _gather(slots)
         if not grads:
             return None
-        norms = fp32_norms(grads)  # [k]
+        norms = numerics.norms(grads)  # [k]
         if grad_scale is not None:
             norms = norms / grad_scale
         self.buffer.write(self._group(present, "grad_norm"), norms)
@@ -230,7 +185,7 @@ class GradProbe:
                 self.buffer.write(self._param_groups(present, HIST_METRICS), hist)
                 peaks = torch.maximum(hist[:, 1], -hist[:, 0])
             else:
-                peaks = max_abs(grads)
+                peaks = numerics.max_abs(grads)
                 if grad_scale is not None:
                     peaks = peaks / grad_scale
             self.buffer.write(self._group(present, "grad_max_abs"), peaks)
@@ -241,7 +196,7 @@ class GradProbe:
             # of huge finite values is a false alarm that the exact count then clears).
             count = not math.isfinite(norms.sum().item())
         if count:
-            counts = nonfinite_counts(grads)
+            counts = numerics.nonfinite_counts(grads)
             self.buffer.write(self._group(present, "grad_nonfinite"), counts)
             # A GradScaler-skipped step (known_nonfinite) is the scaler doing its job (an fp16
             # overflow at too high a scale): it does not arm the tracer.
@@ -262,7 +217,7 @@ class GradProbe:
         present, grads = _gather(slots)
         if not grads:
             return None
-        norms = fp32_norms(grads)
+        norms = numerics.norms(grads)
         if grad_scale is not None:
             norms = norms / grad_scale
         self.buffer.write(self._param_groups(present, "grad_norm_clipped"), norms)

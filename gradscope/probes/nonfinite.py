@@ -34,8 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..guard import Guard
 from ..hooks import Hook, HookSet
 from ..layers import ROOT
+from . import numerics
 
 Report = Callable[[dict[str, Any]], None]
 ARMED_STEPS = 100
@@ -59,7 +61,7 @@ def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 def _bad_flag(t: torch.Tensor) -> torch.Tensor:
     """0-d bool on the tensor's device: does ``t`` hold a NaN/Inf? (exact)"""
     t = t.detach()
-    quick = torch.isfinite(t.sum(dtype=torch.float32))
+    quick = torch.isfinite(numerics.total(t))
     return torch.logical_not(quick) & torch.logical_not(torch.isfinite(t).all())
 
 
@@ -67,7 +69,7 @@ def _is_bad(t: torch.Tensor) -> bool:
     """Host verdict (CPU tensors): one sum, an element-wise check only if the sum is not
     finite (NaN/Inf, or an overflow of huge finite values)."""
     t = t.detach()
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    if bool(torch.isfinite(numerics.total(t))):
         return False
     return not bool(torch.isfinite(t).all())
 
@@ -132,6 +134,7 @@ class NonfiniteTracer:
         immediate: Read verdicts on the host at once (tensors on the CPU).
         report: Called with the culprit's description when one is named.
         step: Returns the current step number.
+        guard: Runs every hook (an error switches the tracer off).
     """
 
     def __init__(
@@ -141,7 +144,9 @@ class NonfiniteTracer:
         immediate: bool,
         report: Report,
         step: Callable[[], int],
+        guard: Guard | None = None,
     ) -> None:
+        self.guard = guard
         self.mode = mode
         self.immediate = immediate
         self._report = report
@@ -193,7 +198,8 @@ class NonfiniteTracer:
 
     def _hook(self, named: list[tuple[str, nn.Module]]) -> None:
         for name, module in named:
-            hook = Hook(partial(self._on_forward, name), f"trace {name}")
+            hook = Hook(partial(self._on_forward, name), f"trace {name}", self.guard,
+                        "tracer-forward")
             self.hooks.add(module.register_forward_hook(hook, with_kwargs=True), "trace")
 
     def replace_module(self, old: nn.Module, new: nn.Module) -> None:
@@ -245,7 +251,8 @@ class NonfiniteTracer:
         for which, group in (("out", outs), ("in", ins)):
             for t in group:
                 if t.requires_grad:
-                    hook = partial(self._on_grad, id(t), name, cls, which)
+                    hook = Hook(partial(self._on_grad, id(t), name, cls, which),
+                                f"trace-grad {name}", self.guard, "tracer-grad")
                     t.register_hook(hook)  # type: ignore[no-untyped-call]
 
     def _forward_culprit(

@@ -18,7 +18,8 @@ import torch
 
 from ..buffer import Chunk, StepBuffer
 from ..layers import ParamSlot
-from .grads import KIND, ParamGroups, fp32_norms
+from . import numerics
+from .grads import KIND, ParamGroups
 
 TINY = 1e-12  # ||w|| at or below this: the ratio is undefined, not reported
 DELTA = "_delta_norm"  # raw: ||w_before - w_after||, turned into update_ratio at flush
@@ -44,7 +45,7 @@ class WeightProbe:
             return
         slots = [s for s, _ in pairs]
         params = [w for _, w in pairs]
-        norms = fp32_norms(params)  # [k]
+        norms = numerics.norms(params)  # [k]
         self.buffer.write(self._group(slots, "weight_norm"), norms)
         if not self.update_ratio:
             return
@@ -73,7 +74,7 @@ class WeightProbe:
         # ||Δw||: the ratio to weight_norm is taken on the host at flush (complete()), after
         # the norms of sharded parameters are combined across ranks
         self._group(slots, "update_ratio")  # the column complete() fills (created once)
-        self.buffer.write(self._group(slots, DELTA), fp32_norms(snaps))
+        self.buffer.write(self._group(slots, DELTA), numerics.norms(snaps))
         self._pending.clear()
 
     def cancel(self) -> None:

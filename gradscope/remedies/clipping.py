@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..probes.numerics import accumulate_dtype
 from .spec import ClipSpec
 
 EPS = 1e-6  # clip_grad_norm_'s: coef = max / (norm + 1e-6)
@@ -355,9 +356,9 @@ class AGC(Clipper):
                 g = grads[i]
                 dims = tuple(range(g.dim())) if g.dim() <= 1 else tuple(range(1, g.dim()))
                 w_n.append(torch.linalg.vector_norm(params[i].detach(), dim=dims, keepdim=True,
-                                                    dtype=torch.float32))
+                                                    dtype=accumulate_dtype(params[i])))
                 g_n.append(torch.linalg.vector_norm(g, dim=dims, keepdim=True,
-                                                    dtype=torch.float32))
+                                                    dtype=accumulate_dtype(g)))
             max_n = torch._foreach_clamp_min(w_n, eps)
             torch._foreach_mul_(max_n, lam)
             scale = torch._foreach_div(max_n, torch._foreach_clamp_min(g_n, 1e-6))

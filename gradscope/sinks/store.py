@@ -2,11 +2,13 @@
 
 Crash safety: every flush writes a complete Parquet file under a temporary name and renames it
 into place, and every event line is flushed as it is appended, so after a ``kill -9`` everything
-up to the last flush is readable and nothing is half-written.
+up to the last flush is readable and nothing is half-written. A write that fails (a full disk)
+raises to the Scope, whose guard stops the recording and says so once; the training goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -47,8 +49,13 @@ class Store:
         self._seq += 1
         final = self.metrics_dir / f"part-{self._seq:06d}.parquet"
         tmp = final.with_name(f".{final.name}.tmp")
-        pq.write_table(arrow, tmp, compression="snappy")
-        os.replace(tmp, final)
+        try:
+            pq.write_table(arrow, tmp, compression="snappy")
+            os.replace(tmp, final)
+        except BaseException:  # a full disk, a signal: no half-written file stays behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def event(self, record: dict[str, Any]) -> None:
         self._events.write(json.dumps(record, allow_nan=True, default=str) + "\n")
