@@ -5,8 +5,10 @@
 ...     train(model)
 >>> scope.load().wide("grad_norm")             # doctest: +SKIP
 
-``import gradscope`` is light: it imports torch and nothing heavy besides (pandas, pyarrow,
-matplotlib and tensorboard load on first use).
+``import gradscope`` is light: it imports nothing heavy, not even torch. Every public name loads
+its module on first use (``gradscope.watch``, ``gradscope.Scope`` import torch; pandas, pyarrow,
+matplotlib and tensorboard load later still, when something needs them), so the command line
+answers ``--help`` and a usage error without importing torch.
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
-from .config import Config as Config
-from .remedies import NonfiniteStepsError as NonfiniteStepsError
-from .remedies import swap_activations as swap_activations
-from .scope import Scope as Scope
-
 if TYPE_CHECKING:
     import torch
 
+    from .config import Config as Config
     from .load import Run as Run
+    from .remedies import NonfiniteStepsError as NonfiniteStepsError
+    from .remedies import swap_activations as swap_activations
+    from .scope import Scope as Scope
 
 __all__ = [
     "Config", "NonfiniteStepsError", "Run", "Scope", "__version__", "load_run",
@@ -58,7 +59,7 @@ def watch(
         ValueError: A config value is out of range, or the output root is not writable. Nothing
             is written when either error is raised.
     """
-    from .scope import normalize_models, normalize_optimizers
+    from .scope import Scope, normalize_models, normalize_optimizers
 
     cfg = resolve_config(**config)
     models, label = normalize_models(model)
@@ -73,7 +74,7 @@ def resolve_config(**config: Any) -> Config:
     Raises:
         TypeError, ValueError: As :func:`watch`.
     """
-    from .config import project_options
+    from .config import Config, project_options
 
     project, path = project_options()
     if project:  # the project's defaults; keywords given here win
@@ -91,9 +92,23 @@ def load_run(path: Any) -> Run:
     return _load_run(path)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "Run":
-        from .load import Run
+_LAZY = {
+    "Config": ".config", "NonfiniteStepsError": ".remedies", "Run": ".load", "Scope": ".scope",
+    "swap_activations": ".remedies",
+}
+"""The public names that load their module on first access (PEP 562)."""
 
-        return Run
-    raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,34 +18,87 @@ def main() -> None:
     """Find and treat gradient pathologies in PyTorch training."""
 
 
+GUARD_HELP = ("Skip optimizer steps whose gradients hold NaN/Inf; stop after --guard-limit of "
+              "them in a row. Older spellings, still accepted: --guard N (the limit; 0: off), "
+              "--guard true/false (an integer or true/false right after --guard is its value).")
+
+
 def remedy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The remedy options, the same strings as ``watch(clip=..., guard=..., swap=...,
     recycle=...)``; checked by :class:`gradscope.Config` (a bad one is a one-line usage
-    error)."""
+    error). ``--guard`` is a flag; the command's ``parse_args`` turns the older ``--guard N``
+    spellings into ``--guard-limit N`` first (:func:`_guard_spelling`)."""
     fn = click.option("--recycle", is_flag=True, default=False,
                       help="Re-initialise dead units (ReDo) when dead_units is found.")(fn)
     fn = click.option("--swap", metavar="SPEC", default=None,
                       help="Swap activations on a finding, e.g. 'relu->leaky_relu:0.2'.")(fn)
-    fn = click.option("--guard", metavar="N", default=None,
-                      help="Skip steps with NaN/Inf gradients; stop after N in a row "
-                           "('true' = 10).")(fn)
+    fn = click.option("--guard-limit", type=click.IntRange(min=1), metavar="N", default=None,
+                      help="Skipped steps in a row before --guard stops the run (implies "
+                           "--guard)  [default: 10].")(fn)
+    fn = click.option("--guard/--no-guard", default=None, help=GUARD_HELP)(fn)
     fn = click.option("--clip", metavar="SPEC", default=None,
                       help="Clip gradients: 'norm:1.0', 'autoclip', 'agc:0.01', 'zclip'.")(fn)
     return fn
 
 
-def remedy_config(clip: str | None, guard: str | None, swap: str | None,
-                  recycle: bool) -> dict[str, Any]:
+_TRUE_WORDS = ("true", "yes", "on")
+_FALSE_WORDS = ("false", "no", "off")
+
+
+def _is_integer(text: str) -> bool:
+    body = text[1:] if text[:1] in "+-" else text
+    return body.isascii() and body.isdigit()
+
+
+def _guard_spelling(args: list[str], i: int, ctx: click.Context) -> tuple[list[str], int]:
+    """``args[i]`` is ``--guard`` or ``--guard=VALUE``: the options it stands for, and how many
+    tokens it takes. ``--guard`` alone is the flag; an integer or true/false right after it (or
+    after ``=``) is the older spelling of its value: ``N`` -> ``--guard-limit N``, ``0`` and
+    false -> ``--no-guard``, true -> ``--guard``."""
+    arg = args[i]
+    if arg.startswith("--guard="):
+        value, used = arg[len("--guard="):], 1
+    elif i + 1 < len(args) and (args[i + 1].strip().lower() in _TRUE_WORDS + _FALSE_WORDS
+                                or _is_integer(args[i + 1].strip())):
+        value, used = args[i + 1], 2
+    else:
+        return ["--guard"], 1
+    text = value.strip().lower()
+    if text in _TRUE_WORDS:
+        return ["--guard"], used
+    if text in _FALSE_WORDS:
+        return ["--no-guard"], used
+    if _is_integer(text) and int(text) >= 0:
+        return (["--guard-limit", str(int(text))] if int(text) else ["--no-guard"]), used
+    raise click.UsageError(
+        f"--guard {value!r}: expected no value (then --guard-limit N sets the limit), or "
+        "the older spellings: an integer >= 0 (the limit; 0: off) or true/false", ctx)
+
+
+def guard_option(guard: bool | None, limit: int | None) -> bool | int | None:
+    """``watch(guard=...)`` from ``--guard/--no-guard`` and ``--guard-limit``; None: neither
+    given."""
+    if limit is not None:
+        if guard is False:
+            raise click.UsageError(f"--no-guard and --guard-limit {limit}: the limit is for "
+                                   "the guard that --no-guard turns off; drop one")
+        return limit
+    return guard
+
+
+def remedy_config(clip: str | None, guard: bool | None, guard_limit: int | None,
+                  swap: str | None, recycle: bool) -> dict[str, Any]:
     """The remedy options as ``watch`` keywords, validated now (a usage error, not a
     traceback)."""
     from .config import Config
 
-    opts: dict[str, Any] = {"clip": clip, "guard": guard if guard is not None else False,
-                            "swap": swap, "recycle": recycle}
+    guard_value = guard_option(guard, guard_limit)
+    opts: dict[str, Any] = {"clip": clip, "guard": guard_value or False, "swap": swap,
+                            "recycle": recycle}
     try:
         Config(**opts)
     except (TypeError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(_as_flag(str(exc), {"clip", "swap"})) from None
     return opts
 
 
@@ -58,7 +112,8 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Options from this TOML file ([tool.gradscope] or top-level keys) instead of "
                  "the working directory's pyproject.toml."),
         opt("--out", metavar="DIR", default=None, help="Output root  [default: reports]."),
-        opt("--name", default=None, help="Run directory name  [default: time-model]."),
+        opt("--name", default=None,
+            help="Run directory name, at most 240 bytes  [default: time-model]."),
         opt("--flush-every", type=int, metavar="N", help="Steps between host transfers."),
         opt("--flush-secs", type=float, metavar="SECS", help="Also flush after this long."),
         opt("--activation-every", type=int, metavar="N",
@@ -97,7 +152,8 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         opt("--trace-nonfinite", type=click.Choice(["auto", "always", "off"]), default=None,
             help="Name the module that first produced a NaN/Inf."),
         opt("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
-            help="Override a rule threshold, e.g. dead_fraction=0.6."),
+            help="Override a rule threshold, e.g. dead_fraction=0.6 (each has a range: "
+                 "gradscope.rules.thresholds.Thresholds); the file's other thresholds stay."),
         opt("--quiet/--no-quiet", "-q", default=None,
             help="Print nothing (the run directory has everything)."),
         opt("--report/--no-report", default=None,
@@ -115,6 +171,7 @@ def build_config(options: dict[str, Any]) -> Any:
     from .config import Config, file_options, project_options
 
     config_file = options.pop("config_file", None)
+    guard = guard_option(options.pop("guard", None), options.pop("guard_limit", None))
     given: dict[str, Any] = {}
     for key, value in options.items():
         if value is None or value == () or (key == "recycle" and value is False):
@@ -124,8 +181,8 @@ def build_config(options: dict[str, Any]) -> Any:
         elif isinstance(value, tuple):
             value = list(value)
         given[key] = value
-    if "guard" in given:
-        given["guard"] = _guard(given["guard"])
+    if guard is not None:
+        given["guard"] = guard
     try:
         if config_file is not None:
             table, source = file_options(config_file), config_file
@@ -138,36 +195,47 @@ def build_config(options: dict[str, Any]) -> Any:
             Config.from_kwargs(**table)
         except (TypeError, ValueError) as exc:
             raise click.UsageError(f"{source}: {exc}") from None
+        if "thresholds" in given and isinstance(table.get("thresholds"), dict):
+            # each --threshold overrides one threshold, not the file's whole table of them
+            given["thresholds"] = {**table["thresholds"], **given["thresholds"]}
     try:
         return Config.from_kwargs(**{**table, **given})
     except (TypeError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(_as_flag(str(exc), set(given))) from None
+
+
+def _as_flag(message: str, keys: set[str]) -> str:
+    """A Config error about one of ``keys`` (given on the command line), worded with the
+    option the user typed: ``name='x': ...`` -> ``--name 'x': ...``, ``thresholds: ...`` ->
+    ``--threshold: ...``."""
+    for key in keys:
+        flag = "--threshold" if key == "thresholds" else "--" + key.replace("_", "-")
+        if message.startswith(f"{key}="):
+            return f"{flag} {message[len(key) + 1:]}"
+        if message.startswith(f"{key}:"):
+            return flag + message[len(key):]
+    return message
 
 
 def _thresholds(pairs: tuple[str, ...]) -> dict[str, float]:
+    """``--threshold NAME=VALUE`` pairs, each checked against its threshold's range."""
+    from .rules.thresholds import Thresholds
+
     out: dict[str, float] = {}
     for pair in pairs:
-        name, sep, value = pair.partition("=")
+        name, sep, text = (part.strip() for part in pair.partition("="))
         try:
             if not sep or not name:
                 raise ValueError
-            out[name.strip()] = float(value)
+            value = int(text) if _is_integer(text) else float(text)
         except ValueError:
             raise click.UsageError(f"--threshold {pair!r}: expected NAME=NUMBER, e.g. "
                                    "dead_fraction=0.6") from None
+        try:
+            out[name] = Thresholds.range_of(name).check(value)
+        except (TypeError, ValueError) as exc:
+            raise click.UsageError(f"--threshold {pair!r}: {exc}") from None
     return out
-
-
-def _guard(value: str) -> Any:
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "on"):
-        return True
-    if text in ("false", "no", "off"):
-        return False
-    try:
-        return int(text)
-    except ValueError:
-        return value  # Config names the bad value
 
 
 class _RunCommand(click.Command):
@@ -181,6 +249,11 @@ class _RunCommand(click.Command):
         i = 0
         while i < len(args):
             arg = args[i]
+            if arg == "--guard" or arg.startswith("--guard="):
+                options, used = _guard_spelling(args, i, ctx)
+                out += options
+                i += used
+                continue
             if arg.startswith("-m") and len(arg) > 2:  # python's -mpackage.module
                 out += ["-m", arg[2:], *args[i + 1:]]
                 break
@@ -283,10 +356,12 @@ def entry(argv: list[str] | None = None) -> int:
     print) happens here, outside click."""
     import sys
 
-    from . import runner
-
+    no_args_is_help = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
     try:
         result = main.main(args=argv, prog_name="gradscope", standalone_mode=False)
+    except no_args_is_help as exc:  # `gradscope` alone: its help, as click prints it
+        print(exc.format_message(), file=sys.stderr)
+        return 2
     except click.UsageError as exc:
         if exc.ctx is not None:
             where = exc.ctx.command_path
@@ -302,25 +377,50 @@ def entry(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         print("Aborted!", file=sys.stderr)
         return 1
-    if isinstance(result, runner.Outcome):
-        return runner.finish(result)
-    return result if isinstance(result, int) else 0
+    if isinstance(result, int):
+        return result
+    runner = sys.modules.get("gradscope.runner")  # imported by `run`, not before (it is slower)
+    if runner is not None and isinstance(result, runner.Outcome):
+        return int(runner.finish(result))
+    return 0
 
 
-@main.command()
+class _DemoCommand(click.Command):
+    """``demo``'s parsing: the older ``--guard N`` spellings become ``--guard-limit N`` (as in
+    ``run``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            if args[i] == "--":
+                out += args[i:]
+                break
+            if args[i] == "--guard" or args[i].startswith("--guard="):
+                options, used = _guard_spelling(args, i, ctx)
+                out += options
+                i += used
+                continue
+            out.append(args[i])
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+@main.command(cls=_DemoCommand)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
               show_default=True, help="Output root for the run directory.")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
               help="Training steps.")
 @remedy_options
-def demo(out: Path, steps: int, clip: str | None, guard: str | None, swap: str | None,
-         recycle: bool) -> None:
+def demo(out: Path, steps: int, clip: str | None, guard: bool | None, guard_limit: int | None,
+         swap: str | None, recycle: bool) -> None:
     """Train a small deep-sigmoid network under gradscope and summarise the run."""
+    remedies = remedy_config(clip, guard, guard_limit, swap, recycle)
+    _check_out(out)
     from . import demo as demo_mod
     from .load import load_run
     from .sinks.console import print_summary
 
-    remedies = remedy_config(clip, guard, swap, recycle)
     try:
         run_dir = demo_mod.run(out=out, steps=steps, **remedies)
     except ValueError as exc:
@@ -397,39 +497,96 @@ def summary(run: Path, top: int) -> None:
 def view(runs: tuple[Path, ...], port: int, host: str) -> None:
     """Start TensorBoard on the run directories RUNS (their tb/ folders), print its address,
     and serve until Ctrl-C."""
+    import signal
     import sys
     import time
 
     from . import rundir
 
-    spec = []
-    names: set[str] = set()
+    boards: dict[str, Path] = {}
     for run in runs:
         tb = run / rundir.TB
         if not tb.is_dir():
             raise click.UsageError(f"{run}: no {rundir.TB}/ folder (a run with "
                                    "tensorboard=False, or not a gradscope run directory)")
         name = run.resolve().name
-        while name in names:
+        while name.lower() in {n.lower() for n in boards}:  # case-insensitive file systems
             name += "_"
-        names.add(name)
-        spec.append(f"{name}:{tb.resolve()}")
+        boards[name] = tb.resolve()
     from tensorboard import program
 
-    board = program.TensorBoard()
-    board.configure(argv=[None, "--logdir_spec", ",".join(spec), "--port", str(port),
-                          "--host", host])
+    logdir, links = _link_runs(boards)
     try:
-        url = board.launch()
-    except Exception as exc:  # a taken port, a bad host
-        raise click.UsageError(f"TensorBoard could not start: {exc}") from None
-    click.echo(f"TensorBoard on {url} (Ctrl-C to stop); custom scalars: {url}#custom_scalars")
-    sys.stdout.flush()
+        # TensorBoard names each run by its folder below --logdir: the run directory's name,
+        # whatever it holds (--logdir_spec would split names and paths on ',' and ':')
+        where = ["--logdir", str(logdir)] if logdir is not None else \
+            ["--logdir_spec", ",".join(f"{_spec_safe(n)}:{tb}" for n, tb in boards.items())]
+        board = program.TensorBoard()
+        board.configure(argv=[None, *where, "--port", str(port), "--host", host])
+        try:
+            url = board.launch()
+        except Exception as exc:  # a taken port, a bad host
+            raise click.UsageError(f"TensorBoard could not start: {exc}") from None
+        click.echo(f"TensorBoard on {url} (Ctrl-C to stop); custom scalars: "
+                   f"{url}#custom_scalars")
+        sys.stdout.flush()
+
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        previous = {}
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                with contextlib.suppress(ValueError):  # not the main thread: no handler
+                    previous[sig] = signal.signal(sig, stop)  # a kill removes the links too
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            click.echo("stopped")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        _unlink_runs(logdir, links)
+
+
+def _link_runs(boards: dict[str, Path]) -> tuple[Path | None, list[Path]]:
+    """A temporary folder with one symbolic link per run, named as the run: TensorBoard's
+    ``--logdir``. ``(None, [])`` where links cannot be made (Windows without the privilege, no
+    writable temporary folder): then ``--logdir_spec``, with the names made safe for it."""
+    import tempfile
+
+    links: list[Path] = []
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        click.echo("stopped")
+        logdir = Path(tempfile.mkdtemp(prefix="gradscope-view-"))
+    except OSError:  # no writable temporary folder
+        return None, []
+    try:
+        for name, tb in boards.items():
+            link = logdir / name
+            link.symlink_to(tb, target_is_directory=True)
+            links.append(link)
+    except OSError:
+        _unlink_runs(logdir, links)
+        return None, []
+    return logdir, links
+
+
+def _unlink_runs(logdir: Path | None, links: list[Path]) -> None:
+    """Remove what :func:`_link_runs` made: the links alone (never what they point to), then
+    the folder."""
+    for link in links:
+        with contextlib.suppress(OSError):
+            link.unlink()
+    if logdir is not None:
+        with contextlib.suppress(OSError):
+            logdir.rmdir()
+
+
+def _spec_safe(name: str) -> str:
+    """A run name TensorBoard's ``--logdir_spec`` keeps whole (it splits on ',' and ':')."""
+    return name.replace(",", "_").replace(":", "_")
 
 
 if __name__ == "__main__":  # pragma: no cover

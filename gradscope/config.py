@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,7 +41,8 @@ class Config:
     Attributes:
         out: Output root; each run gets its own directory below it.
         name: Run directory name. Default: ``<YYYYmmdd-HHMMSS>-<model class>``. A name that is
-            already taken gets a ``-1``, ``-2`` ... suffix; it is never overwritten.
+            already taken gets a ``-1``, ``-2`` ... suffix; it is never overwritten. One plain
+            directory name of at most 240 bytes in the file system encoding.
         flush_every: Steps buffered on the device between two host transfers (and Parquet
             chunks). A ``kill -9`` loses at most this many steps.
         flush_secs: Also flush when this many seconds have passed since the last flush, so slow
@@ -259,8 +262,8 @@ def project_options(start: Path | None = None) -> tuple[dict[str, Any], Path | N
         path = folder / PYPROJECT
         if not path.is_file():
             continue
-        table = _read_toml(path, f"{path}: cannot read [tool.gradscope]").get("tool", {}).get(
-            "gradscope")
+        tool = _read_toml(path, f"{path}: cannot read [tool.gradscope]").get("tool", {})
+        table = tool.get("gradscope") if isinstance(tool, dict) else None
         if table is None:
             return {}, None
         if not isinstance(table, dict):
@@ -277,14 +280,25 @@ def file_options(path: Path) -> dict[str, Any]:
         ValueError: The file cannot be read, is not TOML, or the options are not a table.
     """
     data = _read_toml(path, f"--config {path}")
-    table = data.get("tool", {}).get("gradscope", data.get("gradscope", data))
+    tool = data.get("tool")
+    if isinstance(tool, dict) and "gradscope" in tool:
+        table = tool["gradscope"]
+    else:
+        table = data.get("gradscope", data)
     if not isinstance(table, dict):
         raise ValueError(f"--config {path}: the gradscope options must be a table")
     return dict(table)
 
 
+MAX_NAME_BYTES = 240
+"""The longest run name, in bytes of the file system encoding: a directory name holds 255 bytes
+on common file systems (ext4, XFS, APFS), less room for the ``-N`` suffix a taken name gets."""
+
+
 def _check_run_name(name: object) -> str:
-    """A run name is one plain directory name: it can never escape the output root."""
+    """A run name is one plain directory name: it can never escape the output root, and the
+    file system can create it (checked here, before a script starts, not when the run
+    directory is made)."""
     if not isinstance(name, str):
         raise TypeError(f"name={name!r}: expected a string")
     bad = (
@@ -298,6 +312,20 @@ def _check_run_name(name: object) -> str:
         raise ValueError(
             f"name={name!r}: expected a plain directory name (no '/', '\\', '..' or "
             "surrounding spaces) so the run stays inside the output root"
+        )
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeError:
+        raise ValueError(
+            f"name={name!r}: not encodable in the file system encoding "
+            f"({sys.getfilesystemencoding()}): expected a name the file system can store"
+        ) from None
+    if size > MAX_NAME_BYTES:
+        shown = f"{name[:20]}...{name[-10:]}" if len(name) > 40 else name
+        raise ValueError(
+            f"name={shown!r}: {size} bytes long in the file system encoding "
+            f"({sys.getfilesystemencoding()}); expected at most {MAX_NAME_BYTES} (a directory "
+            "name holds 255 bytes, less room for the '-N' suffix a taken name gets)"
         )
     return name
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -98,3 +99,114 @@ def test_bad_pyproject_option_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot read"):
         gradscope.watch(nn.Linear(2, 2))
     assert [p.name for p in tmp_path.iterdir()] == ["pyproject.toml"]
+
+
+# -- run names: one directory name the file system can create ----------------------------------
+@pytest.mark.parametrize(("name", "message"), [
+    ("a" * 241, "name='aaaaaaaaaaaaaaaaaaaa...aaaaaaaaaa': 241 bytes long in the file system "
+                "encoding (utf-8); expected at most 240"),
+    ("€" * 81, "243 bytes long"),  # 3 bytes each in UTF-8
+    ("a\ud800", "not encodable in the file system encoding"),
+])
+def test_names_that_no_file_system_stores_are_refused(out, name, message):
+    import sys
+
+    if sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"):
+        pytest.skip("byte counts worked out for UTF-8")
+    with pytest.raises(ValueError) as info:
+        gradscope.watch(nn.Linear(2, 2), out=out, name=name)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()  # nothing written
+
+
+def test_the_longest_name_leaves_room_for_a_suffix(out):
+    model = nn.Linear(2, 2)
+    name = "r" * 240
+    with gradscope.watch(model, out=out, name=name, quiet=True, report=False) as first:
+        pass
+    with gradscope.watch(model, out=out, name=name, quiet=True, report=False) as second:
+        pass
+    assert first.run_dir.name == name and second.run_dir.name == name + "-1"
+
+
+# -- thresholds: each within the range its rule can use ----------------------------------------
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"dead_fraction": 1}, {"dead_fraction": 1.0}),  # whole layers dead only; int -> float
+    ({"saturation_fraction": 1.0, "spike_ratio": 1, "loss_spike_max": 1.0},
+     {"saturation_fraction": 1.0, "spike_ratio": 1.0, "loss_spike_max": 1.0}),
+    ({"depth_vanish_ratio": 0.999, "weight_vanish_ratio": 1e-9, "depth_explode_ratio": 1.001},
+     {"depth_vanish_ratio": 0.999, "weight_vanish_ratio": 1e-9, "depth_explode_ratio": 1.001}),
+    ({"update_warmup": 0, "merge_gap": 0, "dead_min_samples": 1},
+     {"update_warmup": 0, "merge_gap": 0, "dead_min_samples": 1}),
+    ({"min_history": 50, "history": 50}, {"min_history": 50, "history": 50}),
+    ({"patience": np.int64(4), "dead_fraction": np.float32(0.5)},  # NumPy numbers: converted
+     {"patience": 4, "dead_fraction": 0.5}),
+])
+def test_thresholds_at_the_ends_of_their_ranges(overrides, expected):
+    t = Config.from_kwargs(thresholds=overrides).thresholds
+    got = {k: getattr(t, k) for k in expected}
+    assert got == expected and all(type(got[k]) is type(v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"dead_fraction": 2}, "thresholds: dead_fraction=2: expected a number in (0, 1]"),
+    ({"dead_fraction": 0}, "thresholds: dead_fraction=0: expected a number in (0, 1]"),
+    ({"saturation_fraction": 1.01}, "saturation_fraction=1.01: expected a number in (0, 1]"),
+    ({"spike_ratio": 0.99}, "spike_ratio=0.99: expected a number >= 1"),
+    ({"spike_once_ratio": -1}, "spike_once_ratio=-1: expected a number >= 1"),
+    ({"loss_spike_ratio": 0.5}, "loss_spike_ratio=0.5: expected a number >= 1"),
+    ({"loss_spike_max": 0.9}, "loss_spike_max=0.9: expected a number >= 1"),
+    ({"depth_explode_ratio": 1}, "depth_explode_ratio=1: expected a number > 1"),
+    ({"depth_vanish_ratio": 1}, "depth_vanish_ratio=1: expected a number in (0, 1)"),
+    ({"weight_vanish_ratio": 0}, "weight_vanish_ratio=0: expected a number in (0, 1)"),
+    ({"spike_z": 0}, "spike_z=0: expected a number > 0"),
+    ({"loss_spike_z": float("inf")}, "loss_spike_z=inf: expected a number > 0"),
+    ({"update_high": -0.1}, "update_high=-0.1: expected a number > 0"),
+    ({"patience": 0}, "patience=0: expected an integer >= 1"),
+    ({"history": 50.0}, "history=50.0: expected an integer >= 1"),
+    ({"dead_min_samples": True}, "dead_min_samples=True: expected an integer >= 1"),
+    ({"update_warmup": -1}, "update_warmup=-1: expected an integer >= 0"),
+    ({"merge_gap": "5"}, "merge_gap='5': expected an integer >= 0"),
+    ({"min_history": 60}, "min_history=60 is larger than history=50"),
+    ({"update_low": 0.1}, "update_low=0.1 is not below update_high=0.1"),
+])
+def test_thresholds_out_of_range_are_one_line_errors(out, overrides, message):
+    with pytest.raises(ValueError) as info:
+        gradscope.watch(nn.Linear(2, 2), out=out, thresholds=overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_threshold_out_of_range_in_the_project_table(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.gradscope]\nthresholds = { dead_fraction = 2 }\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"pyproject\.toml \[tool\.gradscope\]: thresholds: "
+                                         r"dead_fraction=2: expected a number in \(0, 1\]"):
+        gradscope.watch(nn.Linear(2, 2))
+
+
+def test_every_threshold_documents_its_range():
+    import dataclasses
+    import re
+
+    from gradscope.rules.thresholds import Thresholds
+
+    doc = " ".join(Thresholds.__doc__.split())
+    defaults = Thresholds()
+    for f in dataclasses.fields(Thresholds):
+        entry = re.search(rf" {f.name}: (.*?)(?= [a-z_]+: [A-Z.]|$)", doc)
+        assert entry is not None, f.name
+        accepted = str(Thresholds.range_of(f.name))
+        assert accepted[0].upper() + accepted[1:] in entry.group(1), (f.name, accepted)
+        assert Thresholds.range_of(f.name).check(getattr(defaults, f.name)) is not None
+
+
+def test_a_pyproject_whose_tool_is_not_a_table_has_no_options(tmp_path):
+    from gradscope.config import file_options, project_options
+
+    (tmp_path / "pyproject.toml").write_text('tool = 3\n[project]\nname = "x"\n')
+    assert project_options(tmp_path) == ({}, None)
+    (tmp_path / "opts.toml").write_text("tool = 3\n")
+    with pytest.raises(TypeError, match="unknown gradscope option 'tool'"):
+        Config.from_kwargs(**file_options(tmp_path / "opts.toml"))

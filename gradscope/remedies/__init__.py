@@ -19,11 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from ..guard import Deliberate
-from .clipping import AGC, Clipper, ClipResult, make_clipper
 from .spec import (
     ClipSpec,
     SpecError,
@@ -33,11 +29,15 @@ from .spec import (
     parse_recycle,
     parse_swap,
 )
-from .swap import FUNCTIONAL_NOTE, replace_module, swap_activations
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from ..layers import LayerTable, ModuleEntry, ParamSlot
     from ..probes.activations import ModuleProbe
+    from .clipping import AGC, Clipper, ClipResult, make_clipper
+    from .swap import FUNCTIONAL_NOTE, replace_module, swap_activations
 
 __all__ = [
     "ClipSpec", "NonfiniteStepsError", "Remedies", "SpecError", "SwapRule", "parse_clip",
@@ -51,9 +51,43 @@ class NonfiniteStepsError(RuntimeError, Deliberate):
     raises into the training loop on purpose (see :mod:`gradscope.guard`)."""
 
 
-Measured = tuple[list["ParamSlot"], list[torch.Tensor], torch.Tensor]
-"""What the gradient probe measured at an optimizer step: slots, their gradients, fp32 norms
-(unscaled)."""
+# torch and the remedies built on it are imported on first use, so that parsing a remedy option
+# (gradscope.Config, the command line's usage errors) does not import torch: the first
+# Remedies() binds them into this module's namespace, where its methods find them; the public
+# names among them (swap_activations...) also load on first access (__getattr__).
+_TORCH_SIDE = {
+    "AGC": "clipping", "ClipResult": "clipping", "Clipper": "clipping",
+    "make_clipper": "clipping", "FUNCTIONAL_NOTE": "swap", "replace_module": "swap",
+    "swap_activations": "swap",
+}
+
+
+def _bind_torch() -> None:
+    """Import torch, ``nn`` and the names of :data:`_TORCH_SIDE` into this module (once)."""
+    namespace = globals()
+    if "torch" in namespace:
+        return
+    import importlib
+
+    import torch
+    from torch import nn
+
+    for name, module in _TORCH_SIDE.items():
+        namespace[name] = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    namespace.update(torch=torch, nn=nn)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_SIDE:
+        _bind_torch()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    Measured = tuple[list["ParamSlot"], list[torch.Tensor], torch.Tensor]
+    """What the gradient probe measured at an optimizer step: slots, their gradients, fp32
+    norms (unscaled)."""
 
 
 class Remedies:
@@ -93,6 +127,7 @@ class Remedies:
         self.annotate = annotate
         self.patience_steps = patience_steps
         self.on_replace = on_replace  # others that hold the swapped module (the tracer)
+        _bind_torch()
         self._clippers: dict[int, tuple[Clipper, dict[int, int], tuple[int, ...]]] = {}
         self._pending_state: list[dict[str, object]] = []  # loaded, for clippers not made yet
         self._order_index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
@@ -154,7 +189,7 @@ class Remedies:
         extra = [p for p in params if id(p) not in by_id]
         if not params:
             return False, None
-        from ..probes.grads import fp32_norms
+        from ..probes.numerics import norms as fp32_norms
 
         parts = []
         if watched:

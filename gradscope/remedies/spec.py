@@ -25,9 +25,10 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class SpecError(ValueError):
@@ -207,18 +208,30 @@ def _is_flag(method: str, key: str) -> bool:
 
 # -- activation swap ---------------------------------------------------------------------------
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "leaky_relu": nn.LeakyReLU,
-    "gelu": nn.GELU,
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "silu": nn.SiLU,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "softplus": nn.Softplus,
+ACTIVATIONS: dict[str, str] = {
+    "relu": "ReLU",
+    "relu6": "ReLU6",
+    "leaky_relu": "LeakyReLU",
+    "gelu": "GELU",
+    "elu": "ELU",
+    "selu": "SELU",
+    "silu": "SiLU",
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "softplus": "Softplus",
 }
+"""The activations a swap names, and their ``torch.nn`` classes (by name: parsing a swap option
+does not import torch)."""
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The ``torch.nn`` class of an activation named in :data:`ACTIVATIONS`."""
+    from torch import nn
+
+    cls: type[nn.Module] = getattr(nn, ACTIVATIONS[name])
+    return cls
+
+
 _SLOPED = ("leaky_relu", "elu")  # targets that take a parameter: leaky_relu:0.01, elu:1.0
 _DEFAULT_SLOPE = {"leaky_relu": 0.01, "elu": 1.0}
 
@@ -234,11 +247,11 @@ class SwapRule:
 
     @property
     def source_type(self) -> type[nn.Module]:
-        return ACTIVATIONS[self.source]
+        return activation_class(self.source)
 
     def make(self, old: nn.Module | None = None) -> nn.Module:
         """A fresh target module; keeps ``inplace=True`` of the module it replaces."""
-        cls = ACTIVATIONS[self.target]
+        cls = activation_class(self.target)
         kwargs: dict[str, Any] = {}
         if self.target == "leaky_relu":
             kwargs["negative_slope"] = self.arg if self.arg is not None else 0.01
