@@ -44,6 +44,7 @@ from . import distributed, rundir
 from .config import Config
 from .guard import DISCOVERY, Guard
 from .hooks import Hook, HookSet
+from .imports import own_imports
 from .scope import Scope, model_label, run_meta, watched_elsewhere, write_report_safely
 
 # OptimizedModule.__call__ warns whenever any global module hook exists: ours is expected, and
@@ -264,7 +265,8 @@ class Attach:
                       f"{', '.join(map(str, self.deferred))}", file=sys.stderr, flush=True)
             return self.deferred[0]
         try:
-            return self._write_empty(status, exit_code)
+            with own_imports():
+                return self._write_empty(status, exit_code)
         except (OSError, ValueError) as exc:
             print(f"gradscope: could not write the run directory: {exc}", file=sys.stderr,
                   flush=True)

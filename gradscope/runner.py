@@ -234,7 +234,9 @@ def finish(outcome: Outcome) -> int:
     if isinstance(exc, SystemExit):
         raise exc
     if isinstance(exc, Deliberate):  # the guard= remedy stopped the run, as asked: say why
-        print(f"gradscope: {exc}", file=sys.stderr, flush=True)
+        text = str(exc)
+        print(text if text.startswith("gradscope") else f"gradscope: {text}", file=sys.stderr,
+              flush=True)
         return 1
     sys.excepthook = _trimming(sys.excepthook, outcome.main_globals, outcome.script)
     raise exc

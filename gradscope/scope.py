@@ -48,6 +48,7 @@ from .guard import (
     Guard,
 )
 from .hooks import Hook, HookSet
+from .imports import own_imports
 from .layers import LayerTable, ParamSlot
 from .probes.activations import ModuleProbe
 from .probes.grads import GradProbe
@@ -153,7 +154,8 @@ class Scope:
             self._sink_entry: dict[int, str] = {id(self._store): "sink:store"}
             self._tb: Any = None  # reads the raw histogram columns too (Config.histograms)
             if config.tensorboard and self._writer:
-                from .sinks.tensorboard import TensorBoardSink
+                with own_imports():
+                    from .sinks.tensorboard import TensorBoardSink
 
                 self._tb = TensorBoardSink(self.run_dir / rundir.TB, config.tb_max_layers,
                                            raw=self._grads.histograms)
@@ -421,7 +423,8 @@ class Scope:
 
         if not self._closed:
             self._guard.call("flush", self._flush)
-        return load_run(self.run_dir)
+        with own_imports():
+            return load_run(self.run_dir)
 
     def close(self, status: str | None = None, exit_code: int | None = None) -> None:
         """Write everything, mark the run's status and remove every hook. Idempotent, and
@@ -444,7 +447,8 @@ class Scope:
         self._exit_code = exit_code
         try:
             if os.getpid() == self._pid:  # a forked child (DataLoader worker) never writes
-                self._write_out(status or "completed")
+                with own_imports():
+                    self._write_out(status or "completed")
         finally:
             self._guard.stop()
             try:
@@ -862,6 +866,10 @@ class Scope:
         """Copy the buffered steps to the host and diagnose them; ``write``: also write them
         (and everything diagnosed early) to the sinks. Early diagnosis (``write=False``)
         serves the remedies that act on findings, without a Parquet file per sample."""
+        with own_imports():  # the first flush imports pyarrow: never the script's modules
+            self._flush_now(write)
+
+    def _flush_now(self, write: bool) -> None:
         if write:
             self._last_flush = time.monotonic()
             self._follow_device()
@@ -1248,13 +1256,14 @@ _WATCH_HINT = re.compile(r"gradscope\.watch\(\.\.\., (\w+)=('[^']*'|\w+)\)")
 
 def command_line_hint(text: str) -> str:
     """A finding's suggestion for ``gradscope run`` users: ``gradscope.watch(..., swap='a')``
-    becomes ``gradscope run --swap 'a' ...``, ``recycle=True`` becomes ``--recycle``."""
+    becomes ``gradscope run --swap 'a' ...``, ``recycle=True`` and ``guard=True`` become the
+    bare flags ``--recycle`` and ``--guard``."""
 
     def flag(match: re.Match[str]) -> str:
         key, value = match.group(1).replace("_", "-"), match.group(2)
         if value != "True":
             return f"gradscope run --{key} {value} ..."
-        return f"gradscope run --{key} ..." if key == "recycle" else \
+        return f"gradscope run --{key} ..." if key in ("recycle", "guard") else \
             f"gradscope run --{key} true ..."
 
     return _WATCH_HINT.sub(flag, text)

@@ -21,7 +21,7 @@ from gradscope import guard
 from gradscope.guard import ENTRY_POINTS, Deliberate, Guard, InjectedFault
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-import every_entry  # noqa: E402
+import every_entry
 
 SCRIPT = Path(__file__).parent / "scripts" / "every_entry.py"
 
@@ -29,7 +29,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "every_entry.py"
 IN_PROCESS = [e for e in ENTRY_POINTS if e not in ("atexit", "discover", "signal")]
 
 
-# -- the guard on its own ------------------------------------------------------------------------
+# -- the guard on its own --------------------------------------------------------------------------
 def _guard() -> tuple[Guard, list[tuple[str, str, str]]]:
     told: list[tuple[str, str, str]] = []
     return Guard(lambda where, part, exc: told.append((where, part, repr(exc)))), told
@@ -50,7 +50,7 @@ def test_an_error_switches_its_part_off_and_is_told_once():
 
 
 def test_the_core_stopping_stops_every_measuring_part_but_not_the_writing():
-    g, told = _guard()
+    g, _ = _guard()
     g.call("backward", lambda: 1 / 0)
     assert not g.active("activations") and not g.active("tracer") and not g.active("core")
     assert g.active("store") and g.active("report") and g.active("exit")
@@ -111,7 +111,7 @@ def test_nonfinite_steps_error_is_the_deliberate_one():
     assert issubclass(gradscope.NonfiniteStepsError, RuntimeError)
 
 
-# -- every entry point, in one process ------------------------------------------------------------
+# -- every entry point, in one process -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def plain() -> tuple[list[str], dict[str, torch.Tensor]]:
     lines: list[str] = []
@@ -183,7 +183,7 @@ def test_every_entry_point_is_passed_through(out):
     assert set(IN_PROCESS) <= seen, set(IN_PROCESS) - seen
 
 
-# -- the entry points that need a process of their own ----------------------------------------------
+# -- the entry points that need a process of their own ---------------------------------------------
 def _run(args: list[str], fault: str | None, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop(guard.FAULTS_ENV, None)
@@ -234,7 +234,7 @@ def test_entry_points_of_a_whole_process(fault, python_runs, tmp_path):
         assert meta["status"] == "completed" and meta["steps"] == 6
 
 
-# -- a full disk ------------------------------------------------------------------------------------
+# -- a full disk -----------------------------------------------------------------------------------
 def test_a_full_disk_stops_the_recording_not_the_training(plain, out, monkeypatch, capsys):
     """ENOSPC from the third flush on: the training ends as it would have, one line says the
     recording stopped, what was written before is intact, and close() raises nothing."""
@@ -302,3 +302,24 @@ def test_a_full_disk_under_gradscope_run_exits_as_python_does(tmp_path):
     assert "Traceback" not in got.stderr
     said = [line for line in got.stderr.splitlines() if "stopped recording" in line]
     assert len(said) == 1, got.stderr
+
+
+# -- the guard remedy stopping a run: one line -----------------------------------------------------
+@pytest.mark.slow
+def test_the_guard_stopping_a_run_says_why_in_one_line(tmp_path):
+    script = Path(__file__).parent / "scripts" / "nan_every_step.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop(guard.FAULTS_ENV, None)
+    got = subprocess.run([sys.executable, "-m", "gradscope", "run", "--out", str(tmp_path),
+                          "--name", "run", "--guard", "--guard-limit", "3", "-q", str(script)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert got.returncode == 1
+    printed = got.stdout.splitlines()
+    assert printed == [f"step {i}" for i in range(len(printed))] and 2 <= len(printed) <= 4
+    lines = got.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradscope guard: ") and "Traceback" not in \
+        got.stderr, got.stderr
+    assert "3" in lines[0] and "non-finite" in lines[0]
+    run = gradscope.load_run(tmp_path / "run")
+    assert run.meta["status"] == "failed" and run.meta["exit_code"] == 1
+    assert (tmp_path / "run" / "findings.json").is_file()

@@ -15,6 +15,7 @@ backward pass and the step). The run says so in a ``framework`` event.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,12 +48,23 @@ class Session:
 
         if self.open:
             return
-        self.scope = gradscope.watch(model, list(optimizers) or None, **self.config)
+        # called by the framework inside the user's training: nothing here may raise into it
+        try:
+            self.scope = gradscope.watch(model, list(optimizers) or None, **self.config)
+        except Exception as exc:
+            self.scope = None
+            print(f"gradscope: not watching this {self.framework} run: {exc}", file=sys.stderr,
+                  flush=True)
+            return
         self.scope._event({"event": "framework", "name": self.framework, "note": note,
                            **detail})
         if self._state is not None:
-            self.scope.load_state_dict(self._state)
-            self._state = None
+            state, self._state = self._state, None
+            try:
+                self.scope.load_state_dict(state)
+            except (TypeError, ValueError) as exc:  # a checkpoint of another configuration
+                print(f"gradscope: the remedies start afresh: {exc}", file=sys.stderr,
+                      flush=True)
 
     def stop(self, status: str = "completed") -> None:
         if self.open:

@@ -28,7 +28,7 @@ pq.write_table = write_table
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
-for step in range(60):
+for _ in range(60):
     opt.zero_grad()
     nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
     opt.step()
