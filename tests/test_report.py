@@ -331,3 +331,166 @@ def test_saturation_and_the_remedy_timeline(out):
     # the skipped step is a dashed marker on the step charts
     markers = [a for t, a in page.tags if t == "line" and a.get("stroke-dasharray")]
     assert markers, "no remedy marker drawn"
+
+
+# -- NaN never reads as 0 -----------------------------------------------------------------------
+NAN_FROM, NAN_STEPS = 20, 40
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory):
+    """A saturated tanh network whose first weights turn NaN at step 20 of 40: from then on the
+    loss, every gradient and the tanh's output are NaN (and its saturation fraction, computed
+    on NaN outputs, is recorded as 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(50.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    out = tmp_path_factory.mktemp("nan")
+    with gradscope.watch(model, out=out, name="nan", quiet=True, activation_every=1,
+                         flush_every=8) as scope:
+        for step in range(NAN_STEPS):
+            if step == NAN_FROM:
+                with torch.no_grad():
+                    model[0].weight.fill_(float("nan"))
+            opt.zero_grad()
+            model(torch.randn(32, 8, generator=gen)).pow(2).mean().backward()
+            opt.step()
+    return scope.run_dir
+
+
+def _sections(text: str) -> dict[str, list[tuple[str, dict]]]:
+    """The tags of each <section>, by its id."""
+    out: dict[str, list[tuple[str, dict]]] = {}
+    current = None
+    for tag, attrs in Page(text).tags:
+        if tag == "section":
+            current = out.setdefault(attrs.get("id"), [])
+        elif current is not None:
+            current.append((tag, attrs))
+    return out
+
+
+def _png(uri: str) -> np.ndarray:
+    from matplotlib import image as mpimg
+
+    return mpimg.imread(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])), format="png")
+
+
+def test_nan_losses_get_the_magenta_ticks_the_caption_promises(nan_run):
+    run = gradscope.load_run(nan_run)
+    loss = run.wide("loss")["(run)"]
+    assert np.isfinite(loss[:NAN_FROM]).all() and np.isnan(loss[NAN_FROM:]).all()
+    data = read_report_data(nan_run)
+    assert data.width == 1
+    x, y, bad, _ = run_series(data, "loss")  # the all-NaN bins are there, marked
+    assert list(x) == list(range(NAN_STEPS)) and list(bad) == [s >= NAN_FROM for s in x]
+    assert np.isnan(y[NAN_FROM:]).all()
+    text = (nan_run / "report.html").read_text(encoding="utf-8")
+    sections = _sections(text)
+    assert "magenta ticks: NaN/Inf loss" in " ".join(Page(text).text)
+    ticks = [a for t, a in sections["loss"] if t == "line" and a.get("class") == "nonfinite"]
+    assert len(ticks) == NAN_STEPS - NAN_FROM
+    assert all(a["stroke"] == "rgb(217,0,140)" for a in ticks)
+    # each tick stands at its step: x = 64 + 640 * step / 40
+    assert [float(a["x1"]) for a in ticks] == pytest.approx(
+        [64 + 640 * s / NAN_STEPS for s in range(NAN_FROM, NAN_STEPS)], abs=0.06)
+    assert "NaN/Inf at step 20" in text and "NaN/Inf at step 39" in text
+    # and the total gradient norm's chart the same
+    ticks = [a for t, a in sections["grad-total"] if t == "line" and a.get("class") == "nonfinite"]
+    assert len(ticks) == NAN_STEPS - NAN_FROM
+
+
+def test_a_saturation_heatmap_after_nan_weights_is_magenta_not_0(nan_run):
+    from gradscope.report.figures import BAD_RGB, colorize
+
+    run = gradscope.load_run(nan_run)
+    sat = run.wide("act_saturation")["1"]
+    assert (sat[NAN_FROM:] == 0).all()  # what the probe recorded for NaN outputs
+    assert (sat[:NAN_FROM] > 0.5).all()  # saturated before
+    text = (nan_run / "report.html").read_text(encoding="utf-8")
+    images = [a["href"] for t, a in _sections(text)["saturation"] if t == "image"]
+    pixels = _png(images[0])[..., :3]  # rows: sites, columns: steps
+    assert pixels.shape[1] == NAN_STEPS
+    names, _ = read_report_data(nan_run).ordered("act_saturation")
+    row = pixels[names.index("1")]
+    assert np.allclose(row[NAN_FROM:], BAD_RGB, atol=2 / 255)
+    zero = colorize(np.array([[0.0]]), None, "Oranges", 0.0, 1.0)[0, 0]
+    assert not np.allclose(row[NAN_FROM:], zero, atol=0.05)
+    assert not np.allclose(row[:NAN_FROM], BAD_RGB, atol=0.05)
+    section_text = " ".join(Page(text).text)
+    assert "NaN/Inf" in section_text and "its fraction means nothing there" in section_text
+    # the gradient heatmap: magenta from step 20 on for the first layer's weight
+    images = [a["href"] for t, a in _sections(text)["gradient-flow"] if t == "image"]
+    grad = _png(images[0])[..., :3]
+    names, _ = read_report_data(nan_run).ordered("grad_norm")
+    assert np.allclose(grad[names.index("0.weight"), NAN_FROM:], BAD_RGB, atol=2 / 255)
+
+
+def test_gradient_bars_mark_nan_layers_with_how_many(nan_run):
+    text = (nan_run / "report.html").read_text(encoding="utf-8")
+    marks = [a for t, a in _sections(text)["grad-bars"]
+             if t == "rect" and a.get("class") == "nonfinite"]
+    assert len(marks) == 4  # every parameter: NaN gradients from step 20 on
+    assert f"NaN/Inf ×{NAN_STEPS - NAN_FROM}" in " ".join(Page(text).text)
+
+
+def test_compare_marks_nan_values_instead_of_empty_bars(nan_run, out, tmp_path):
+    from gradscope.report import write_compare
+
+    clean = _train(_mlp(), 10, out)
+    page = write_compare(nan_run, clean, tmp_path / "cmp.html").read_text(encoding="utf-8")
+    sections = _sections(page)
+    # saturation, last sample: NaN output in A, so no bar and a mark (not a 0% bar)
+    marks = [a for t, a in sections["saturation-bars"]
+             if t == "rect" and a.get("class") == "nonfinite"]
+    assert len(marks) == 1
+    titles = " ".join(Page(page).text)
+    assert "A: NaN/Inf values (nan)" in titles
+    marks = [a for t, a in sections["grad-bars"] if t == "rect" and a.get("class") == "nonfinite"]
+    assert len(marks) == 4
+    ticks = [a for t, a in sections["loss"] if t == "line" and a.get("class") == "nonfinite"]
+    assert len(ticks) == NAN_STEPS - NAN_FROM
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["link", "fifo", "stdout"])
+def test_report_output_goes_through_links_and_to_streams(out, tmp_path, where):
+    run_dir = _train(_mlp(), 5, out, report=False)
+    if where == "link":
+        real = tmp_path / "site" / "report.html"
+        real.parent.mkdir()
+        real.write_text("old")
+        link = tmp_path / "latest.html"
+        link.symlink_to(real)
+        proc = subprocess.run([sys.executable, "-m", "gradscope", "report", str(run_dir), "-o",
+                               str(link)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert link.is_symlink() and os.readlink(link) == str(real)
+        assert "gradscope report" in real.read_text()
+        cmp = tmp_path / "cmp-link.html"
+        cmp.symlink_to(real)
+        proc = subprocess.run([sys.executable, "-m", "gradscope", "compare", str(run_dir),
+                               str(run_dir), "-o", str(cmp)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and cmp.is_symlink(), proc.stderr
+        assert "gradscope: " in real.read_text() and " vs " in real.read_text()
+    elif where == "fifo":
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        proc = subprocess.Popen([sys.executable, "-m", "gradscope", "report", str(run_dir),
+                                 "-o", str(fifo)], stdout=subprocess.PIPE, text=True)
+        with open(fifo, encoding="utf-8") as fh:
+            html = fh.read()
+        assert proc.wait(timeout=120) == 0
+        proc.stdout.close()
+        assert html.lstrip().startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+        assert fifo.is_fifo()
+    else:
+        proc = subprocess.run([sys.executable, "-m", "gradscope", "report", str(run_dir), "-o",
+                               "/dev/stdout"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.lstrip().startswith("<!DOCTYPE html>") and "</html>" in proc.stdout
+        assert os.path.exists("/dev/stdout")

@@ -99,10 +99,70 @@ def test_findings_are_text_at_their_first_step(dead_run):
         [("dead_units", "1", 0)]
     events = acc.Tensors("findings/dead_units/1")
     assert [e.step for e in events] == [0]
-    text = events[0].tensor_proto.string_val[0].decode()
-    assert findings[0]["message"] in text and findings[0]["suggestion"] in text
+    shown, _ = _rendered(events[0].tensor_proto.string_val[0].decode())
+    assert findings[0]["message"] in shown and findings[0]["suggestion"] in shown
     meta = acc.SummaryMetadata("findings/dead_units/1")
     assert meta.plugin_data.plugin_name == "text"
+
+
+def _rendered(markdown: str) -> tuple[str, list[str]]:
+    """The text TensorBoard's text plugin shows for ``markdown``, and the HTML tags around it:
+    its own Markdown-to-HTML (Python-Markdown and its sanitiser), read with an HTML parser."""
+    import warnings
+    from html.parser import HTMLParser
+
+    with warnings.catch_warnings():  # its vendored html5lib warns about itself on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from tensorboard.plugin_util import markdown_to_safe_html
+
+        html = markdown_to_safe_html(markdown)
+
+    class Text(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.parts: list[str] = []
+            self.tags: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.parts.append(data)
+
+    parser = Text()
+    parser.feed(html)
+    parser.close()
+    return "".join(parser.parts), parser.tags
+
+
+HOSTILE = "blocks.0._orig_mod.w*[x]<b>"
+
+
+def test_finding_and_remedy_text_shows_names_literally(tmp_path):
+    """Layer names and values are escaped for Markdown: TensorBoard shows them as they are
+    (no emphasis from ``*``/``_``, no link from ``[x]``, no tag from ``<b>``)."""
+    sink = TensorBoardSink(tmp_path / "tb", max_layers=5)
+    message = f"50% of the units of {HOSTILE} are dead: *not* a [link](x) # or `code` & <i>"
+    sink.event({"event": "finding", "kind": "dead_units", "layer": HOSTILE,
+                "severity": "warning", "first_step": 3, "last_step": 9, "message": message,
+                "suggestion": "swap it (swap='relu->leaky_relu:0.2'); 1. lower the lr_"})
+    sink.event({"event": "remedy", "remedy": "swap", "action": "swapped", "step": 4,
+                "layer": HOSTILE, "from": "ReLU", "to": "LeakyReLU(0.2)"})
+    sink.close()
+    acc = _read(tmp_path)
+    (event,) = acc.Tensors(f"findings/dead_units/{HOSTILE}")
+    raw = event.tensor_proto.string_val[0].decode()
+    assert HOSTILE not in raw and "\\*\\[x\\]&lt;b&gt;" in raw  # escaped in the record
+    shown, tags = _rendered(raw)
+    assert tags == ["p", "strong", "p", "p"]  # **warning** is the only markup
+    assert shown == (f"warning: {message}\nlayer {HOSTILE}, from step 3\n"
+                     "swap it (swap='relu->leaky_relu:0.2'); 1. lower the lr_")
+    (remedy,) = acc.Tensors("remedies")
+    assert remedy.step == 4
+    shown, tags = _rendered(remedy.tensor_proto.string_val[0].decode())
+    assert tags == ["p"]
+    assert shown == ('remedy: "swap"; action: "swapped"; step: 4; layer: "' + HOSTILE +
+                     '"; from: "ReLU"; to: "LeakyReLU(0.2)"')
 
 
 def test_layout_has_one_chart_per_metric_naming_the_written_tags(dead_run):

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, rundir
+from ..load import finding_steps
 from . import figures
 from .data import ReportData, read_report_data, run_series
 from .html import Figure, _environment, _header, _picked
@@ -18,7 +19,8 @@ MAX_LAYERS = 60  # layers in a paired bar chart
 
 
 def write_compare(run_a: str | Path, run_b: str | Path, out: str | Path) -> Path:
-    """Render the comparison of two run directories to ``out`` (written atomically).
+    """Render the comparison of two run directories to ``out`` (a regular file is replaced
+    atomically, a link written through, ``/dev/stdout`` or a FIFO written as a stream).
 
     Raises:
         FileNotFoundError: Either is not a run directory (a one-line message).
@@ -26,11 +28,7 @@ def write_compare(run_a: str | Path, run_b: str | Path, out: str | Path) -> Path
     """
     a, b = read_report_data(Path(run_a)), read_report_data(Path(run_b))
     html = render_compare(a, b)
-    target = Path(out)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return rundir.write_text(Path(out), html)
 
 
 def _names(a: ReportData, b: ReportData) -> tuple[str, str]:
@@ -65,9 +63,7 @@ def _finding_rows(a: ReportData, b: ReportData) -> list[dict[str, str]]:
     def cell(f: dict[str, Any] | None) -> str:
         if f is None:
             return "-"
-        first, last = f.get("first_step"), f.get("last_step")
-        steps = str(first) if first == last else f"{first}-{last}"
-        return f"{f.get('severity')} at steps {steps}: {f.get('message', '')}"
+        return f"{f.get('severity')} at steps {finding_steps(f)}: {f.get('message', '')}"
 
     keys = sorted(set(ia) | set(ib))
     return [{"kind": k, "layer": layer, "a": cell(ia.get((k, layer))),
@@ -75,36 +71,48 @@ def _finding_rows(a: ReportData, b: ReportData) -> list[dict[str, str]]:
 
 
 def _run_lines(a: ReportData, b: ReportData, metric: str, labels: tuple[str, str]
-               ) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    out = []
+               ) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[float]]:
+    """Each run's line of a run-level metric, and the steps where either had NaN/Inf."""
+    out, bad = [], []
     for data, label in ((a, labels[0]), (b, labels[1])):
         s = run_series(data, metric)
         if s is not None:
             out.append((f"{label}", s[0], s[1]))
-    return out
+            bad += [float(x) for x in s[0][s[2]]]
+    return out, sorted(set(bad))
 
 
 def _per_layer(a: ReportData, b: ReportData, metric: str, how: str
-               ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """One number per layer and run (``mean`` over the run, or ``last`` bin with data), the
-    layers of both in A's forward order, then B's extra ones."""
-    def values(data: ReportData) -> dict[str, float]:
+               ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One number per layer and run (``mean`` of the finite values over the run, or the
+    ``last`` bin with data: NaN if NaN/Inf was all that bin had), whether that run had NaN/Inf
+    values there, the layers of both in A's forward order, then B's extra ones."""
+    def values(data: ReportData) -> dict[str, tuple[float, bool]]:
         names, idx = data.ordered(metric)
         if not names:
             return {}
         acc = data.acc[metric]
         if how == "mean":
             vals = acc.whole_run()[0][idx]
+            bad = acc.nonfinite_count()[idx] > 0
         else:
-            m = acc.mean()[idx]
-            vals = np.array([row[np.isfinite(row)][-1] if np.isfinite(row).any() else np.nan
-                             for row in m])
-        return dict(zip(names, vals.tolist()))
+            m, nf = acc.mean()[idx], acc.nonfinite()[idx]
+            if metric in ("act_dead_fraction", "act_saturation"):
+                nf = nf | data.site_nonfinite(names)
+            has = np.isfinite(m) | nf
+            at = np.array([np.flatnonzero(row)[-1] if row.any() else -1 for row in has])
+            rows = np.arange(len(names))
+            vals = np.where((at >= 0) & ~nf[rows, at], m[rows, at], np.nan)
+            bad = (at >= 0) & nf[rows, at]
+        return {n: (float(v), bool(x)) for n, v, x in zip(names, vals, bad)}
 
     va, vb = values(a), values(b)
     names = list(dict.fromkeys([*va, *vb]))
-    return (names, np.array([va.get(n, np.nan) for n in names]),
-            np.array([vb.get(n, np.nan) for n in names]))
+    missing = (np.nan, False)
+    return (names, np.array([va.get(n, missing)[0] for n in names]),
+            np.array([vb.get(n, missing)[0] for n in names]),
+            np.array([va.get(n, missing)[1] for n in names], dtype=bool),
+            np.array([vb.get(n, missing)[1] for n in names], dtype=bool))
 
 
 def _figures(a: ReportData, b: ReportData, labels: tuple[str, str]) -> list[Figure]:
@@ -113,28 +121,33 @@ def _figures(a: ReportData, b: ReportData, labels: tuple[str, str]) -> list[Figu
     for metric, fid, title, ylab in (("loss", "loss", "Loss", "loss"),
                                       ("grad_norm_total", "grad-total", "Total gradient norm",
                                        "‖g‖ total")):
-        series = _run_lines(a, b, metric, labels)
+        series, bad = _run_lines(a, b, metric, labels)
         positive = all(np.all(y[np.isfinite(y)] > 0) for _, _, y in series)
         figs.append(Figure(fid, title, figures.line_chart(
-            series, log_y=positive, x_max=max(last, 1), y_label=ylab, title=title)
-            if series else None, "mean per step bin of each run"))
+            series, log_y=positive, x_max=max(last, 1), y_label=ylab, title=title, bad_x=bad)
+            if series else None, "mean per step bin of each run"
+            + ("; magenta ticks: NaN/Inf in either run" if bad else "")))
     for metric, fid, title, how, log, unit, note in (
         ("grad_norm", "grad-bars", "Gradient norm per layer", "mean", True, "",
-         "mean over each run"),
+         "mean of the finite values over each run"),
         ("update_ratio", "update-bars", "Update ratio per layer", "mean", True, "",
-         "mean over each run"),
+         "mean of the finite values over each run"),
         ("act_dead_fraction", "dead-bars", "Dead units per activation", "last", False, "",
          "the last sample of each run"),
         ("act_saturation", "saturation-bars", "Saturated units per activation", "last", False,
          "", "the last sample of each run"),
     ):
-        names, va, vb = _per_layer(a, b, metric, how)
+        names, va, vb, bad_a, bad_b = _per_layer(a, b, metric, how)
         if not names:
             continue
         if len(names) > MAX_LAYERS:
             keep = _picked(names, a.findings + b.findings, MAX_LAYERS)
             names, va, vb = [names[i] for i in keep], va[keep], vb[keep]
+            bad_a, bad_b = bad_a[keep], bad_b[keep]
             note += f"; {MAX_LAYERS} layers (those with findings, then evenly spaced)"
+        if bad_a.any() or bad_b.any():
+            note += "; magenta: NaN/Inf values"
         figs.append(Figure(fid, title, figures.paired_bars(
-            names, va, vb, labels, log=log, title=title, unit=unit), note))
+            names, va, vb, labels, log=log, title=title, unit=unit, bad_a=bad_a,
+            bad_b=bad_b), note))
     return figs

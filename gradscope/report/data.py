@@ -11,7 +11,6 @@ Memory is rows x bins per metric, whatever the run's length.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from .. import rundir
+from ..load import (
+    MAX_STEP,
+    Progress,
+    check_run_dir,
+    chunk_files,
+    layer_order,
+    progress,
+    read_chunk,
+    read_events,
+    read_findings,
+    read_meta,
+    schema_problem,
+)
 from ..records import RUN_LAYER
 
 MAX_COLS = 400  # step bins: columns of a heatmap, points of a line
@@ -35,6 +46,7 @@ DRAWN = {
     "grad_norm_total": "run",
     "grad_norm_total_clipped": "run",
     "skipped_step": "run",
+    "act_nonfinite": "module",  # marks the dead and saturated fractions of NaN/Inf outputs
 }
 
 
@@ -115,13 +127,20 @@ class Acc:
         return out[: self.rows()]
 
     def log_mean(self) -> np.ndarray:
-        """log10 of the geometric mean of the positive values (NaN where none)."""
+        """log10 of the geometric mean of the positive values: NaN where nothing finite was
+        recorded, -inf where every finite value was 0 (a zero is not "not recorded")."""
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.logsum / self.logcount
+        out[(self.count > 0) & (self.logcount == 0)] = -np.inf
         return out[: self.rows()]
 
     def nonfinite(self) -> np.ndarray:
+        """Per row and bin: a NaN/Inf value seen."""
         return self.bad[: self.rows()] > 0
+
+    def nonfinite_count(self) -> np.ndarray:
+        """Per row: how many NaN/Inf values over the whole run."""
+        return np.asarray(self.bad[: self.rows()].sum(axis=1))
 
     def peak(self) -> np.ndarray:
         out = self.max[: self.rows()].copy()
@@ -152,6 +171,8 @@ class ReportData:
     acc: dict[str, Acc] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     records: int = 0
+    progress: Progress = field(default_factory=lambda: Progress("unknown", "", 0, 0, None))
+    _steps: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def bin_steps(self) -> np.ndarray:
         """The first step of each bin."""
@@ -162,86 +183,90 @@ class ReportData:
         acc = self.acc.get(metric)
         if acc is None or not acc.rows():
             return [], np.empty(0, dtype=np.int64)
-        order = {name: i for i, name in enumerate(_layer_order(self.meta))}
+        order = {name: i for i, name in enumerate(layer_order(self.meta))}
         idx = sorted(range(acc.rows()), key=lambda r: (order.get(acc.names[r], len(order)),
                                                         acc.names[r]))
         return [acc.names[i] for i in idx], np.array(idx, dtype=np.int64)
 
+    def site_nonfinite(self, names: list[str]) -> np.ndarray:
+        """Per activation site (``names``) and bin: NaN/Inf in the module's output
+        (``act_nonfinite`` > 0, or not finite itself). Fractions of such an output (dead,
+        saturated) are computed on garbage: a NaN is neither dead nor saturated."""
+        out = np.zeros((len(names), self.cols), dtype=bool)
+        acc = self.acc.get("act_nonfinite")
+        if acc is None:
+            return out
+        row = {n: i for i, n in enumerate(acc.names)}
+        peak, bad = acc.peak(), acc.nonfinite()
+        for i, name in enumerate(names):
+            r = row.get(name)
+            if r is not None:
+                with np.errstate(invalid="ignore"):
+                    out[i] = (peak[r] > 0) | bad[r]
+        return out
 
-def _layer_order(meta: dict[str, Any]) -> list[str]:
-    order = [e["name"] for e in meta.get("layers", []) if isinstance(e, dict) and "name" in e]
-    order += [s for s in meta.get("sites", []) if isinstance(s, str) and s not in order]
-    return order
 
-
-def _max_step(files: list[Path], problems: list[str]) -> int:
-    """The largest step in the chunks, from Parquet's column statistics (no data read)."""
+def _max_step(files: list[Path]) -> int:
+    """The largest valid step in the chunks: from Parquet's column statistics where the
+    chunk's schema is valid and its steps in range (no data read), else from its cleaned
+    rows (problems are left to the reading pass)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     last = -1
     for f in files:
+        top: int | None = None
         try:
-            md = pq.ParquetFile(f).metadata
-            col = md.schema.names.index("step")
-            for g in range(md.num_row_groups):
-                stats = md.row_group(g).column(col).statistics
-                if stats is not None and stats.has_min_max:
-                    last = max(last, int(stats.max))
+            with pq.ParquetFile(f) as pf:
+                md = pf.metadata
+                if schema_problem(pf.schema_arrow) is None and \
+                        pa.types.is_integer(pf.schema_arrow.field("step").type):
+                    col = md.schema.names.index("step")
+                    for g in range(md.num_row_groups):
+                        stats = md.row_group(g).column(col).statistics
+                        if stats is None or not stats.has_min_max or stats.null_count or \
+                                int(stats.min) < 0 or int(stats.max) > MAX_STEP:
+                            top = None
+                            break
+                        top = max(top if top is not None else -1, int(stats.max))
         except Exception:
-            continue
+            top = None
+        if top is None:
+            table = read_chunk(f, [])
+            if table is not None and table.num_rows:
+                top = int(max(table.column("step").to_numpy()))
+        if top is not None:
+            last = max(last, top)
     return last
 
 
 def read_report_data(path: Path, max_cols: int = MAX_COLS) -> ReportData:
-    """Read and reduce the run directory at ``path``.
+    """Read and reduce the run directory at ``path`` (validated by :mod:`gradscope.load`:
+    what is invalid is dropped and listed in ``problems``).
 
     Raises:
         FileNotFoundError: ``path`` is not a directory, or holds neither run.json nor metrics/.
     """
-    import pyarrow.parquet as pq
-
-    if not path.is_dir():
-        raise FileNotFoundError(f"{str(path)!r}: no such run directory")
+    check_run_dir(path)
     problems: list[str] = []
-    meta: dict[str, Any] = {}
-    meta_file = path / rundir.RUN_JSON
-    if meta_file.is_file():
-        try:
-            loaded = json.loads(meta_file.read_text(encoding="utf-8"))
-            meta = loaded if isinstance(loaded, dict) else {}
-            if not isinstance(loaded, dict):
-                problems.append("run.json is not a JSON object")
-        except (OSError, ValueError) as exc:
-            problems.append(f"run.json unreadable ({exc}): no run header, layer order unknown")
-    elif not (path / rundir.METRICS).is_dir():
-        raise FileNotFoundError(
-            f"{str(path)!r}: not a gradscope run directory (no run.json, no metrics/)")
-    else:
-        problems.append("run.json missing: no run header, layer order unknown")
-
-    events = _read_events(path / rundir.EVENTS, problems)
-    findings = _read_findings(path / rundir.FINDINGS, events, problems)
-
-    files = sorted((path / rundir.METRICS).glob("part-*.parquet"))
-    if not files:
-        problems.append("no metrics recorded (metrics/ is empty or missing)")
-    last = _max_step(files, problems)
+    meta = read_meta(path, problems)
+    files = chunk_files(path, problems)
+    if not files and not any(p.startswith("metrics") for p in problems):
+        problems.append("no metrics recorded (metrics/ is empty)")
+    last = _max_step(files)
     width = max(1, math.ceil((last + 1) / max_cols)) if last >= 0 else 1
     cols = (last // width + 1) if last >= 0 else 0
-    data = ReportData(path, meta, findings, events, last, width, cols, problems=problems)
-    rows_hint = {"param": sum(1 for e in meta.get("layers", [])
-                              if isinstance(e, dict) and e.get("kind") == "param"),
-                 "module": len(meta.get("sites", []) or []) + len(meta.get("layers", [])),
+    data = ReportData(path, meta, [], [], last, width, cols, problems=problems)
+    rows_hint = {"param": sum(1 for e in meta.get("layers", []) if e["kind"] == "param"),
+                 "module": len(meta.get("sites", [])) + len(meta.get("layers", [])),
                  "run": 1}
     for metric, kind in DRAWN.items():
         data.acc[metric] = Acc(cols, rows_hint.get(kind, 8))
     wanted = set(DRAWN)
 
-    def read(f: Path) -> Any:
-        try:
-            return pq.read_table(f, columns=["step", "layer", "metric", "value"])
-        except Exception as exc:
-            return exc
+    def read(f: Path) -> tuple[Any, list[str]]:
+        found: list[str] = []
+        return read_chunk(f, found), found
 
     # reading (Parquet decoding releases the GIL) overlaps with folding the previous chunk
     from concurrent.futures import ThreadPoolExecutor
@@ -249,15 +274,22 @@ def read_report_data(path: Path, max_cols: int = MAX_COLS) -> ReportData:
     with ThreadPoolExecutor(max_workers=1) as pool:
         # one chunk read ahead, no more: memory stays at two chunks whatever the run's size
         pending = pool.submit(read, files[0]) if files else None
-        for i, f in enumerate(files):
+        for i in range(len(files)):
             assert pending is not None
-            table = pending.result()
+            table, found = pending.result()
             pending = pool.submit(read, files[i + 1]) if i + 1 < len(files) else None
-            if isinstance(table, Exception):
-                problems.append(f"{f.name} unreadable ({type(table).__name__}): its steps are "
-                                "missing")
-                continue
-            _fold(data, table, wanted)
+            problems.extend(found)
+            if table is not None:
+                _fold(data, table, wanted)
+    data.events = read_events(path, problems)
+    data.findings = read_findings(path, data.events, problems)
+    # the steps as load_run counts them: of the rows that passed the schema
+    recorded = np.unique(np.concatenate(data._steps)) if data._steps else np.empty(0, np.int64)
+    data._steps = []
+    data.progress = progress(meta, path, int(recorded[-1]) if len(recorded) else -1,
+                             len(recorded))
+    if data.progress.why:
+        problems.append(data.progress.why)
     return data
 
 
@@ -279,6 +311,7 @@ def _fold(data: ReportData, table: Any, wanted: set[str]) -> None:
     m_codes, m_names = _codes(table.column("metric"))
     l_codes, l_names = _codes(table.column("layer"))
     steps = np.asarray(table.column("step").to_numpy(), dtype=np.int64)
+    data._steps.append(np.unique(steps))
     values = np.asarray(table.column("value").to_numpy(), dtype=np.float64)
     cols = np.minimum(steps // data.width, data.cols - 1)
     for code, metric in enumerate(m_names):
@@ -295,56 +328,17 @@ def _fold(data: ReportData, table: Any, wanted: set[str]) -> None:
         acc.add(row_of[lc], cols[sel], values[sel])
 
 
-def _read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    if not path.is_file():
-        return events
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as exc:
-        problems.append(f"events.jsonl unreadable ({exc})")
-        return events
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            problems.append(f"events.jsonl line {i + 1} unreadable (a truncated write?)")
-            continue
-        if isinstance(ev, dict):
-            events.append(ev)
-    return events
-
-
-def _read_findings(path: Path, events: list[dict[str, Any]],
-                   problems: list[str]) -> list[dict[str, Any]]:
-    from ..load import findings_from_events
-
-    if path.is_file():
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(loaded, list):
-                return [f for f in loaded if isinstance(f, dict)]
-            problems.append("findings.json is not a list")
-        except (OSError, ValueError) as exc:
-            problems.append(f"findings.json unreadable ({exc}): findings from events.jsonl")
-    found = findings_from_events(events)
-    if found and not path.is_file():
-        problems.append("findings.json missing (the run did not end?): findings from "
-                        "events.jsonl, as they were when raised")
-    return found
-
-
 def run_series(data: ReportData, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                        np.ndarray] | None:
-    """A run-level metric per bin: (first step, mean, min-ish, max) where recorded."""
+    """A run-level metric per bin where recorded: (first step, mean of the finite values,
+    NaN/Inf seen, max of the finite values). A bin whose values were all NaN/Inf is there,
+    with a NaN mean, and marked."""
     acc = data.acc.get(metric)
     if acc is None or RUN_LAYER not in acc.names:
         return None
     r = acc.names.index(RUN_LAYER)
     mean, peak = acc.mean()[r], acc.peak()[r]
-    has = acc.count[r] > 0
+    has = (acc.count[r] > 0) | (acc.bad[r] > 0)
     if not has.any():
         return None
     return data.bin_steps()[has], mean[has], acc.nonfinite()[r][has], peak[has]

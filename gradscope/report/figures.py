@@ -19,6 +19,7 @@ from markupsafe import Markup, escape
 
 NAN_RGB = (0.88, 0.88, 0.88)  # no data in the cell
 BAD_RGB = (0.85, 0.0, 0.55)  # NaN/Inf seen in the cell
+BAD_COLOR = "rgb(217,0,140)"  # the same, for SVG strokes and fills
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 FONT = 'font-family="system-ui, sans-serif" font-size="11"'
@@ -118,7 +119,7 @@ def heatmap(values: np.ndarray, bad: np.ndarray | None, rows: Sequence[str], ste
                f'<text x="{bx}" y="{top - 8}">{escape(label)}</text>')
     if bad is not None and bad.any():
         out.append(f'<rect x="{bx}" y="{top + plot_h + 8}" width="12" height="10" '
-                   f'fill="rgb(217,0,140)"/><text x="{bx + 16}" y="{top + plot_h + 17}">'
+                   f'fill="{BAD_COLOR}"/><text x="{bx + 16}" y="{top + plot_h + 17}">'
                    'NaN/Inf</text>')
     out.append("</svg>")
     return Markup("".join(out))
@@ -140,7 +141,8 @@ def line_chart(series: Sequence[tuple[str, np.ndarray, np.ndarray]], *, log_y: b
                markers: Sequence[tuple[float, str]] = (),
                bad_x: Sequence[float] = ()) -> Markup:
     """Lines of (name, x, y); log-scaled y on request (non-positive values dropped); vertical
-    markers (remedy actions) and red ticks where a value was NaN/Inf."""
+    markers (remedy actions) and magenta ticks (``class="nonfinite"``, with a legend entry)
+    at ``bad_x``, where a value was NaN/Inf."""
     w, h, left, top, right, bottom = 640.0, 240.0, 64.0, 16.0, 180.0, 34.0
     pts = []
     for name, x, y in series:
@@ -184,8 +186,9 @@ def line_chart(series: Sequence[tuple[str, np.ndarray, np.ndarray]], *, log_y: b
                    f'stroke="#9467bd" stroke-dasharray="4 3"><title>{escape(text)}</title>'
                    '</line>')
     for bxv in bad_x:
-        out.append(f'<line x1="{px(bxv):.1f}" x2="{px(bxv):.1f}" y1="{top + h - 8}" '
-                   f'y2="{top + h}" stroke="rgb(217,0,140)" stroke-width="2"/>')
+        out.append(f'<line class="nonfinite" x1="{px(bxv):.1f}" x2="{px(bxv):.1f}" '
+                   f'y1="{top + h - 8}" y2="{top + h}" stroke="{BAD_COLOR}" stroke-width="2">'
+                   f'<title>NaN/Inf at step {int(bxv)}</title></line>')
     for i, (name, x, y) in enumerate(pts):
         color = PALETTE[i % len(PALETTE)]
         if len(x) == 1:
@@ -200,14 +203,20 @@ def line_chart(series: Sequence[tuple[str, np.ndarray, np.ndarray]], *, log_y: b
             out.append(f'<rect x="{left + w + 10}" y="{ly - 8}" width="10" height="3" '
                        f'fill="{color}"/><text x="{left + w + 24}" y="{ly - 3}">'
                        f'{escape(_clip(name, 26))}</text>')
+    if len(bad_x):
+        ly = min(top + 12 + 14 * len(pts), top + h)
+        out.append(f'<rect x="{left + w + 14}" y="{ly - 10}" width="2" height="8" '
+                   f'fill="{BAD_COLOR}"/><text x="{left + w + 24}" y="{ly - 3}">'
+                   'NaN/Inf</text>')
     out.append("</svg>")
     return Markup("".join(out))
 
 
 def bar_chart(names: Sequence[str], mean: np.ndarray, peak: np.ndarray, *,
-              title: str = "", label: str = "") -> Markup:
+              title: str = "", label: str = "", nonfinite: np.ndarray | None = None) -> Markup:
     """Horizontal bars per layer (forward order): the mean (dark) and the maximum (light) of
-    the values, log scale."""
+    the finite values, log scale; a layer with NaN/Inf values (``nonfinite``: how many per
+    layer) gets a magenta mark saying how many, so no NaN reads as a short bar."""
     n = len(names)
     row_h, left, w = 14.0, min(260.0, 12 + 6.5 * max((len(x) for x in names), default=4)), 420.0
     top = 20.0
@@ -223,7 +232,7 @@ def bar_chart(names: Sequence[str], mean: np.ndarray, peak: np.ndarray, *,
             return 0.0
         return w * (math.log10(v) - lo) / (hi - lo)
 
-    tw = left + w + 90
+    tw = left + w + 150
     out = [_open(tw, th, title)]
     for e in range(lo, hi + 1):
         x = left + bx(10.0**e)
@@ -240,15 +249,27 @@ def bar_chart(names: Sequence[str], mean: np.ndarray, peak: np.ndarray, *,
                    f'<rect x="{left}" y="{y + 4:.1f}" width="{bx(float(mean[i])):.1f}" '
                    f'height="{row_h - 8}" fill="#1f77b4"><title>mean {escape(_fmt(mean[i]))}'
                    f'</title></rect>')
+        bad = int(nonfinite[i]) if nonfinite is not None else 0
+        if bad:
+            x = left + max(bx(float(peak[i])), bx(float(mean[i]))) + 4
+            out.append(f'<rect class="nonfinite" x="{x:.1f}" y="{y + 2:.1f}" width="8" '
+                       f'height="{row_h - 4}" fill="{BAD_COLOR}"><title>{bad} NaN/Inf '
+                       f'value(s)</title></rect><text x="{x + 11:.1f}" y="{y + 10:.1f}" '
+                       f'fill="{BAD_COLOR}">NaN/Inf ×{bad}</text>')
+        elif not (math.isfinite(float(mean[i])) or math.isfinite(float(peak[i]))):
+            out.append(f'<text x="{left + 4}" y="{y + 10:.1f}" fill="#888">not recorded</text>')
     out.append(f'<text x="{left}" y="{th - 6}">{escape(label)}: mean (dark), max (light), '
                'log scale</text></svg>')
     return Markup("".join(out))
 
 
 def paired_bars(names: Sequence[str], a: np.ndarray, b: np.ndarray, labels: tuple[str, str],
-                *, log: bool = True, title: str = "", unit: str = "") -> Markup:
+                *, log: bool = True, title: str = "", unit: str = "",
+                bad_a: np.ndarray | None = None, bad_b: np.ndarray | None = None) -> Markup:
     """Two bars per layer (forward order): run A above run B, on one scale (log10 for norms,
-    linear for fractions). A layer missing from one run has no bar there."""
+    linear for fractions). A layer missing from one run has no bar there and says "not
+    recorded"; one with NaN/Inf values there (``bad_a``, ``bad_b``) gets a magenta mark
+    (a NaN value has no bar: it never reads as 0)."""
     n = len(names)
     row_h, w = 20.0, 420.0
     left = min(260.0, 12 + 6.5 * max((len(x) for x in names), default=4))
@@ -270,7 +291,7 @@ def paired_bars(names: Sequence[str], a: np.ndarray, b: np.ndarray, labels: tupl
         pos = (math.log10(v) - lo) / (hi - lo) if log else (v - lo) / (hi - lo)
         return w * min(max(pos, 0.0), 1.0)
 
-    tw = left + w + 120
+    tw = left + w + 160
     out = [_open(tw, th, title)]
     ticks = [10.0**e for e in range(int(lo), int(hi) + 1)] if log else _ticks(lo, hi)
     for t in ticks:
@@ -278,18 +299,34 @@ def paired_bars(names: Sequence[str], a: np.ndarray, b: np.ndarray, labels: tupl
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + n * row_h}" '
                    f'stroke="#ddd"/><text x="{x:.1f}" y="{top - 6}" text-anchor="middle">'
                    f'{escape(_fmt(t))}</text>')
+    any_bad = False
     for i, name in enumerate(names):
         y = top + i * row_h
         out.append(f'<text x="{left - 4}" y="{y + 13:.1f}" text-anchor="end">'
                    f'{escape(_clip(name))}</text>')
-        for j, (vals, color) in enumerate(((a, PALETTE[0]), (b, PALETTE[1]))):
+        for j, (vals, bad, color) in enumerate(((a, bad_a, PALETTE[0]),
+                                                (b, bad_b, PALETTE[1]))):
             v = float(vals[i])
-            out.append(f'<rect x="{left}" y="{y + 2 + 8 * j:.1f}" width="{bx(v):.1f}" '
+            yy = y + 2 + 8 * j
+            out.append(f'<rect x="{left}" y="{yy:.1f}" width="{bx(v):.1f}" '
                        f'height="7" fill="{color}"><title>{escape(labels[j])}: '
                        f'{escape(_fmt(v))}{escape(unit)}</title></rect>')
+            if bad is not None and bad[i]:
+                any_bad = True
+                x = left + bx(v) + 3
+                out.append(f'<rect class="nonfinite" x="{x:.1f}" y="{yy:.1f}" width="7" '
+                           f'height="7" fill="{BAD_COLOR}"><title>{escape(labels[j])}: '
+                           f'NaN/Inf values ({escape(_fmt(v))})</title></rect>')
+            elif not math.isfinite(v):
+                out.append(f'<text x="{left + 3}" y="{yy + 6.5:.1f}" font-size="8" '
+                           f'fill="#888">{escape(labels[j])}: not recorded</text>')
     for j, color in enumerate(PALETTE[:2]):
         out.append(f'<rect x="{left + w + 10}" y="{top + 14 * j}" width="10" height="8" '
                    f'fill="{color}"/><text x="{left + w + 24}" y="{top + 8 + 14 * j}">'
                    f'{escape(_clip(labels[j], 16))}</text>')
+    if any_bad:
+        out.append(f'<rect x="{left + w + 10}" y="{top + 28}" width="10" height="8" '
+                   f'fill="{BAD_COLOR}"/><text x="{left + w + 24}" y="{top + 36}">'
+                   'NaN/Inf</text>')
     out.append("</svg>")
     return Markup("".join(out))

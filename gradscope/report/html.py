@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from markupsafe import Markup
 
-from .. import __version__
+from .. import __version__, rundir
+from ..load import finding_steps
 from . import figures
 from .data import ReportData, read_report_data, run_series
 
@@ -36,7 +37,9 @@ class Figure:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Render the report of the run directory ``run_dir`` to ``out`` (default:
-    ``run_dir/report.html``), written atomically. Returns the file.
+    ``run_dir/report.html``). Returns the file. A regular file is replaced atomically, a link
+    is written through, ``/dev/stdout`` or a FIFO is written as a stream
+    (:func:`gradscope.rundir.write_text`).
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a run directory (a one-line message).
@@ -45,11 +48,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path = Path(run_dir)
     data = read_report_data(path)
     html = render(data)
-    target = Path(out) if out is not None else path / REPORT
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return rundir.write_text(Path(out) if out is not None else path / REPORT, html)
 
 
 def _environment() -> jinja2.Environment:
@@ -64,14 +63,11 @@ def _environment() -> jinja2.Environment:
 
 def render(data: ReportData) -> str:
     template = _environment().get_template("template.html")
-    meta = data.meta
-    status = str(meta.get("status", "unknown"))
     return str(template.render(
         version=__version__,
         title=data.path.name,
-        status=status,
-        status_class=status if status in ("completed", "failed", "interrupted", "running")
-        else "unknown",
+        status=data.progress.status_text,
+        status_class=data.progress.state.replace(" ", "-"),
         header=_header(data),
         problems=data.problems,
         findings=_findings(data.findings),
@@ -93,9 +89,9 @@ def _header(data: ReportData) -> list[tuple[str, str]]:
             rows.append((key, str(value)))
 
     add("command", meta.get("command"))
-    add("status", meta.get("status"))
+    add("status", data.progress.status_text)
     add("exit code", meta.get("exit_code"))
-    add("steps", meta.get("steps"))
+    add("steps", data.progress.steps_text)
     add("step mode", meta.get("step_mode"))
     models = meta.get("models")
     if isinstance(models, dict):
@@ -133,13 +129,12 @@ def _findings(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for f in sorted(findings, key=lambda f: (order.get(str(f.get("severity")), 3),
                                              _int(f.get("first_step")))):
-        first, last = f.get("first_step"), f.get("last_step")
         evidence = f.get("evidence") if isinstance(f.get("evidence"), dict) else {}
         out.append({
             "severity": str(f.get("severity", "?")),
             "kind": str(f.get("kind", "?")),
             "layer": str(f.get("layer", "")),
-            "steps": str(first) if first == last else f"{first}-{last}",
+            "steps": finding_steps(f),
             "message": str(f.get("message", "")),
             "suggestion": str(f.get("suggestion", "")),
             "evidence": [(str(k), _short(v)) for k, v in (evidence or {}).items()],
@@ -229,15 +224,22 @@ def _figures(data: ReportData) -> list[Figure]:
                                title="gradient norms", markers=markers, bad_x=nf_steps),
             f"{len(pick)} of {len(names)} parameters (those with findings, then evenly "
             "spaced in forward order)" if len(pick) < len(names) else ""))
+        nbad = acc.nonfinite_count()[idx]
         order = list(range(len(names)))
         note = ""
         if len(names) > MAX_BARS:
-            order = sorted(np.argsort(-np.nan_to_num(peak[idx], nan=-1))[:MAX_BARS].tolist())
-            note = f"the {MAX_BARS} parameters with the largest gradients, of {len(names)}"
+            # layers with NaN/Inf first, then the largest gradients
+            key = np.where(nbad > 0, np.inf, np.nan_to_num(peak[idx], nan=-1.0))
+            order = sorted(np.argsort(-key, kind="stable")[:MAX_BARS].tolist())
+            note = (f"the {MAX_BARS} parameters with NaN/Inf or the largest gradients, of "
+                    f"{len(names)}")
         figs.append(Figure(
             "grad-bars", "Mean and largest gradient norm per layer",
             figures.bar_chart([names[i] for i in order], mean[idx][order], peak[idx][order],
-                              title="gradient norm per layer", label="‖g‖"), note))
+                              title="gradient norm per layer", label="‖g‖",
+                              nonfinite=nbad[order]),
+            (note + "; " if note else "") + "over the finite values; magenta: NaN/Inf "
+            "gradients (how many)" if nbad.any() else note))
     else:
         figs.append(Figure("gradient-flow", "Gradient flow", None,
                            empty="No gradient norms recorded."))
@@ -260,11 +262,12 @@ def _figures(data: ReportData) -> list[Figure]:
         acc = data.acc["update_ratio"]
         lm = acc.log_mean()[idx]
         pick = _picked(names, data.findings)
+        bad_u = acc.nonfinite()[idx].any(axis=0)
         figs.append(Figure(
             "update-ratios", "Update ratio ‖Δw‖/‖w‖",
             figures.line_chart([(names[i], steps, 10 ** lm[i]) for i in pick], log_y=True,
                                x_max=last, y_label="‖Δw‖/‖w‖", title="update ratios",
-                               markers=markers),
+                               markers=markers, bad_x=[float(x) for x in steps[bad_u]]),
             "around 1e-3 is the usual healthy band (CS231n); far above, the learning rate is "
             "too high for the layer; far below, the layer barely learns."))
 
@@ -278,12 +281,14 @@ def _figures(data: ReportData) -> list[Figure]:
         if not names:
             continue
         acc = data.acc[metric]
+        values, bad = _held(acc.mean()[idx], acc.nonfinite()[idx] | data.site_nonfinite(names))
         figs.append(Figure(
             fid, title,
-            figures.heatmap(_held(acc.mean()[idx]), None, names, steps, data.width, cmap=cmap,
+            figures.heatmap(values, bad, names, steps, data.width, cmap=cmap,
                             vmin=0.0, vmax=1.0, label=label, title=title),
             "sampled every activation_every steps, each sample held until the next; "
-            "activations in forward order"))
+            "activations in forward order; magenta: NaN/Inf in the activation (its fraction "
+            "means nothing there); grey: not sampled yet"))
 
     loss = run_series(data, "loss")
     if loss is not None:
@@ -299,11 +304,13 @@ def _figures(data: ReportData) -> list[Figure]:
     return figs
 
 
-def _held(values: np.ndarray) -> np.ndarray:
+def _held(values: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each row's last sample carried forward over the bins without one (sampled metrics
-    would otherwise be thin stripes on grey)."""
-    out = values.copy()
+    would otherwise be thin stripes on grey), NaN/Inf marks included: a bin after a NaN
+    sample is not shown as the finite sample before it."""
+    out, mark = values.copy(), bad.copy()
     for j in range(1, out.shape[1]):
-        gap = np.isnan(out[:, j])
+        gap = np.isnan(out[:, j]) & ~mark[:, j]
         out[gap, j] = out[gap, j - 1]
-    return out
+        mark[gap, j] = mark[gap, j - 1]
+    return out, mark

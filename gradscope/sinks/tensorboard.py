@@ -438,8 +438,9 @@ class TensorBoardSink:
         if kind in ("finding", "finding_updated"):
             self._finding(record)
         elif kind in ("remedy", "remedies"):
-            text = "; ".join(f"{k}: {json.dumps(v, default=str)}" for k, v in record.items()
-                             if k != "event")
+            md = self._markdown
+            text = "; ".join(f"{md(k)}: {md(json.dumps(v, default=str))}"
+                             for k, v in record.items() if k != "event")
             step = record.get("step")
             if not isinstance(step, int) and isinstance(record.get("steps"), list):
                 step = record["steps"][-1]  # a summary of several steps: at the last one
@@ -454,9 +455,21 @@ class TensorBoardSink:
         name = f"findings/{f.get('kind')}"
         if isinstance(layer, str) and layer != RUN_LAYER and f.get("kind") != "nonfinite":
             name += f"/{layer}"
-        text = (f"**{f.get('severity')}**: {f.get('message')}\n\n"
-                f"layer `{layer}`, from step {f.get('first_step')}\n\n{f.get('suggestion')}")
+        md = self._markdown
+        text = (f"**{md(f.get('severity'))}**: {md(f.get('message'))}\n\n"
+                f"layer {md(layer)}, from step {md(f.get('first_step'))}\n\n"
+                f"{md(f.get('suggestion'))}")
         self._text(name, text, f.get("first_step"))
+
+    @staticmethod
+    def _markdown(value: Any) -> str:
+        """``value`` as Markdown that TensorBoard's text plugin (Python-Markdown, then an HTML
+        sanitiser) shows literally: its special characters backslash-escaped, ``&``, ``<``
+        and ``>`` as HTML entities (a layer ``w*[x]<b>`` is not emphasis, a link, or a tag)."""
+        entities = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+        special = "\\`*_{}[]()#+-.!|"  # the characters Python-Markdown lets one escape
+        return "".join(entities.get(ch) or ("\\" + ch if ch in special else ch)
+                       for ch in str(value))
 
     def _text(self, name: str, text: str, step: Any) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
