@@ -469,7 +469,14 @@ def _write_page(write: Callable[..., Path], *args: Any) -> None:
         raise click.UsageError(str(exc)) from None
     except OSError as exc:
         raise click.UsageError(f"cannot write {args[-1]}: {exc.strerror or exc}") from None
-    click.echo(str(path))
+    import stat
+
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        regular = False
+    # where the page went; a stream (-o /dev/stdout, a pipe) got the page itself
+    click.echo(str(path), err=not regular)
 
 
 @main.command()

@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -1283,6 +1284,7 @@ def run_meta(config: Config, status: str, *, command: list[str], cwd: str, pid: 
         "argv": list(sys.argv),
         "cwd": cwd,
         "pid": pid,
+        "host": socket.gethostname(),  # with pid: whether a "running" run is still alive
         "config": config.to_json(),
         "models": models,
         "started": _iso(started),

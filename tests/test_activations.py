@@ -221,3 +221,40 @@ def test_layers_in_forward_order_not_definition_order(out):
     assert [e["name"] for e in run.meta["layers"] if e["kind"] == "module"] == ["early", "late"]
     assert list(run.wide("grad_norm").columns) == ["early.weight", "early.bias", "late.weight",
                                                    "late.bias"]
+
+
+def test_fractions_of_a_step_with_nan_outputs_are_nan_not_zero(out):
+    """A NaN output is neither dead nor saturated: on the step whose batch holds a NaN the
+    fractions are NaN (the count says why), and the clean steps keep their exact values."""
+    model = nn.Sequential(half_dead_linear(), nn.Tanh())
+    # no optimizer: each backward pass is a step, and the weights stay as built
+    with gradscope.watch(model, out=out, activation_every=1, quiet=True, step_on="backward",
+                         trace_nonfinite="off") as scope:
+        for i in range(3):
+            x = torch.rand(16, 4)
+            if i == 1:
+                x[3, 0] = float("nan")
+            model.zero_grad()
+            model(x).sum().backward()
+    run = scope.load()
+    dead = run.wide("act_dead_fraction")["0.1"]
+    assert dead[0] == 0.5 and dead[2] == 0.5 and dead.isna()[1]
+    sat = run.wide("act_saturation")["1"]
+    assert sat.notna()[0] and sat.isna()[1]
+    assert run.wide("act_nonfinite")["0.1"][1] > 0
+    assert run.meta["host"]  # with the pid: a reader can tell a dead run from a live one
+
+
+def test_a_loop_without_optimizer_records_activations_at_every_sampled_step(out):
+    """Without an optimizer a step is closed by the next backward pass, after the next
+    forward already ran: that forward's statistics belong to the next row, not to nobody."""
+    model = nn.Sequential(half_dead_linear(), nn.Tanh())
+    with gradscope.watch(model, out=out, activation_every=2, quiet=True,
+                         step_on="backward") as scope:
+        for _ in range(7):
+            model.zero_grad()
+            model(torch.rand(16, 4)).sum().backward()
+    run = scope.load()
+    assert list(run.wide("act_dead_fraction").index) == [0, 2, 4, 6]
+    assert (run.wide("act_dead_fraction")["0.1"] == 0.5).all()
+    assert list(run.wide("output_grad_norm").index) == [0, 2, 4, 6]

@@ -457,17 +457,22 @@ class ModuleProbe:
         """Write the pooled raw statistics of the closed windows into the current row."""
         if not self._measured:
             return
-        self._measured = False
         thr = self.config.dead_threshold
+        pending = bool(self._traced)
         for site in self._sites.values():
             site.write(thr)
+            pending = pending or bool(site.calls or site.grads)
+        # A step closed by the next backward pass (no optimizer) already holds the next
+        # step's forward in the open window: it is still measured, for the next row.
+        self._measured = pending
 
     @staticmethod
     def complete(chunk: Chunk) -> None:
         """At flush, on the host: the published metrics from the raw sufficient statistics.
 
         mean = sum / n; std = sqrt((l2^2 - sum^2 / n) / (n - 1)); dead fraction = dead units /
-        units; saturation = saturated / n (softmax: / distributions). Raw columns (named
+        units; saturation = saturated / n (softmax: / distributions); both fractions are NaN on
+        a step whose outputs held NaN/Inf (undefined, not 0). Raw columns (named
         ``_...``) stay in the chunk for the rules; :meth:`LongTable.published` leaves them out
         of what the sinks see.
         """
@@ -496,17 +501,22 @@ class ModuleProbe:
                     "act_std": (np.sqrt(np.maximum(var, 0.0)), rows),
                 }
                 nf_col = col(_NF)
+                # a NaN output is neither dead nor saturated nor alive: where the step's
+                # outputs held NaN/Inf, the fractions are NaN (never a reassuring 0)
+                tainted = np.zeros(len(rows), dtype=bool)
                 if nf_col is not None:
                     derived["act_nonfinite"] = (v[:, nf_col], rows & w[:, nf_col])
+                    tainted = w[:, nf_col] & (v[:, nf_col] != 0)
                 dead_col, units_col = col(_PEAK), col(_UNITS)
                 if dead_col is not None and units_col is not None:
-                    derived["act_dead_fraction"] = (v[:, dead_col] / v[:, units_col],
-                                                    rows & w[:, dead_col] & w[:, units_col])
+                    dead = np.where(tainted, np.nan, v[:, dead_col] / v[:, units_col])
+                    derived["act_dead_fraction"] = (dead, rows & w[:, dead_col] & w[:, units_col])
                 sat_col = col(_SAT)
                 if sat_col is not None:
                     rows_col = col(_ROWS)
                     denom = n if rows_col is None else np.where(w[:, rows_col], v[:, rows_col], n)
-                    derived["act_saturation"] = (v[:, sat_col] / denom, rows & w[:, sat_col])
+                    sat = np.where(tainted, np.nan, v[:, sat_col] / denom)
+                    derived["act_saturation"] = (sat, rows & w[:, sat_col])
                 for metric, (values, ok) in derived.items():
                     target = col(metric)
                     if target is not None:
