@@ -151,8 +151,8 @@ def test_nan_gradients_read_as_nan_never_as_0(nan_run):
 
 
 def test_dead_and_saturated_fractions_of_nan_outputs_are_nan(tmp_path):
-    """The last sample of a tanh whose output was NaN: recorded as a fraction (0), shown as
-    nan (act_nonfinite says the output was garbage)."""
+    """The last sample of a tanh whose output was NaN: recorded as NaN (the probe knows the
+    output was garbage: act_nonfinite), shown as nan."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -166,7 +166,7 @@ def test_dead_and_saturated_fractions_of_nan_outputs_are_nan(tmp_path):
             model(torch.randn(8, 4)).sum().backward()
             opt.step()
     run = gradscope.load_run(scope.run_dir)
-    assert run.wide("act_saturation")["1"].iloc[-1] == 0.0  # as recorded
+    assert math.isnan(run.wide("act_saturation")["1"].iloc[-1])  # as recorded
     (tanh,) = [r for r in layer_rows(run) if r["layer"] == "1"]
     assert math.isnan(tanh["saturated"])
     console, buf = _console(160)
