@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,35 @@ def hook_counts(model: torch.nn.Module) -> dict[str, int]:
             len(m._backward_hooks), len(m._backward_pre_hooks),
         )
     return counts
+
+
+# -- the whole suite ran -------------------------------------------------------------------------
+# ``python -m pytest`` with no paths (the README's test command, CI) collects at least this many
+# tests (659 when this was written). Fewer means tests went missing without an error (a module
+# that no longer defines them, a renamed file, a wrong testpaths): fail instead of passing green.
+MIN_TESTS = 600
+_deselected = 0
+
+
+def pytest_deselected(items):
+    global _deselected
+    _deselected += len(items)  # -k, -m, --deselect: chosen, not missing
+
+
+def pytest_collection_finish(session):
+    config = session.config
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS or config.getoption("lf", False):
+        return  # paths named on the command line, or only the last failures: a part on purpose
+    collected = len(session.items) + _deselected
+    if collected < MIN_TESTS:
+        pytest.exit(f"the suite collected {collected} tests, fewer than its {MIN_TESTS} "
+                    "(tests/conftest.py MIN_TESTS): tests went missing", returncode=1)
+
+
+# -- one torch thread per process ----------------------------------------------------------------
+# The tests' tensors are small: a second thread buys nothing, and on a loaded machine (CI's two
+# cores shared with another job) OpenMP's threads wait on each other: measured, test_grads.py and
+# the 2,000-step memory test with two busy processes beside them: 34 s with 2 threads, 11 s with
+# 1. The subprocesses the tests start inherit the variable (OMP_NUM_THREADS=2 in the environment
+# keeps 2 everywhere).
+torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))

@@ -30,11 +30,21 @@ def _events(run_dir: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
 
 
+def _framework(module: str) -> Any:
+    """``module``, or a skip where it is not installed. The frameworks' import-time warnings
+    (deprecations of their own dependencies: pkg_resources, multipart, ... with older releases)
+    are not gradscope's: they are silenced here, once, before gradscope's integration imports
+    the framework (then already imported) under the suite's warnings-as-errors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pytest.importorskip(module, reason=f"{module} is not installed "
+                                   "(pip install -e '.[test]' installs it)")
+
+
 # -- Lightning -----------------------------------------------------------------------------------
 
 def _lightning() -> Any:
-    return pytest.importorskip("lightning.pytorch", reason="lightning is not installed "
-                               "(pip install -e '.[test]' installs it)")
+    return _framework("lightning.pytorch")
 
 
 def _fit(tmp_path: Any, callbacks: list[Any], ckpt_path: str | None = None,
@@ -85,6 +95,7 @@ def _norm_oracle() -> Any:
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_lightning_steps_and_norms_are_lightnings(tmp_path, accumulate):
+    _lightning()
     from gradscope.integrations.lightning import GradscopeCallback
 
     oracle = _norm_oracle()
@@ -116,6 +127,7 @@ def test_lightning_steps_and_norms_are_lightnings(tmp_path, accumulate):
 
 
 def test_lightning_weights_are_bit_identical_without_a_remedy(tmp_path):
+    _lightning()
     from gradscope.integrations.lightning import GradscopeCallback
 
     with warnings.catch_warnings():
@@ -147,6 +159,7 @@ def test_lightning_exception_closes_the_run_as_failed(tmp_path):
 
 
 def test_lightning_remedy_state_travels_in_its_checkpoint(tmp_path):
+    _lightning()
     from gradscope.integrations.lightning import GradscopeCallback
 
     cb = GradscopeCallback(out=str(tmp_path / "runs"), clip="autoclip", quiet=True,
@@ -195,7 +208,7 @@ def test_lightning_ddp_strategy_writes_one_combined_run(tmp_path):
 
 
 def test_a_bad_option_fails_when_the_callback_is_made():
-    pytest.importorskip("lightning.pytorch")
+    _lightning()
     from gradscope.integrations.lightning import GradscopeCallback
 
     with pytest.raises(ValueError, match="zclp"):
@@ -215,10 +228,13 @@ class _Regressor(nn.Module):
         return {"loss": loss, "logits": out}
 
 
+def _transformers() -> Any:
+    _framework("accelerate")  # the Trainer needs it
+    return _framework("transformers")
+
+
 def _train_hf(tmp_path: Any, callbacks: list[Any], **args: Any) -> tuple[Any, list[dict]]:
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed "
-                                       "(pip install -e '.[test]' installs it)")
-    pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
+    transformers = _transformers()
     x, y = _data()
     dataset = [{"x": x[i], "labels": y[i]} for i in range(len(x))]
     logged: list[dict] = []
@@ -243,7 +259,7 @@ def _train_hf(tmp_path: Any, callbacks: list[Any], **args: Any) -> tuple[Any, li
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_hf_steps_and_norms_are_the_trainers(tmp_path, accumulate):
-    pytest.importorskip("transformers")
+    _transformers()
     from gradscope.integrations.hf import GradscopeCallback
 
     cb = GradscopeCallback(out=str(tmp_path / "runs"), name="hf", activation_every=1,
@@ -265,7 +281,7 @@ def test_hf_steps_and_norms_are_the_trainers(tmp_path, accumulate):
 
 
 def test_hf_a_bad_option_fails_when_the_callback_is_made():
-    pytest.importorskip("transformers")
+    _transformers()
     from gradscope.integrations.hf import GradscopeCallback
 
     with pytest.raises(TypeError, match="activation_evry"):

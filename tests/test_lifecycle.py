@@ -121,6 +121,7 @@ def test_torch_save_and_deepcopy_of_a_watched_model(out):
         assert all(type(h).__name__ == "InertHook" for h in hooks)
 
 
+@pytest.mark.slow  # 2,000 steps: the longest in-process test (~5-10 s each)
 @pytest.mark.parametrize("trace", ["auto", "always"])
 def test_no_tensor_outlives_its_step(out, trace):
     """Memory stays flat: the number of live tensors does not grow over 2,000 steps (also with

@@ -49,11 +49,43 @@ def _shape(words: list[str]) -> list[str]:
     return [_NUMBER.sub("#", w) for w in words]
 
 
-def _same_words(got: list[str], want: list[str], rel: float = 1.5e-2) -> None:
+def _trajectory(words: list[str]) -> dict[int, str]:
+    """The words of ``examples/dying_relu.py``'s transcript whose numbers follow its training
+    trajectory: the losses after step 0 and the dead percentages above 0.
+
+    That example trains with Adam at lr 0.1 on purpose, a chaotic run: its first steps move
+    every weight by ~lr in the direction of its gradient's sign, and last-bit differences in a
+    sum (another CPU's kernels: AVX-512 or AVX2, MKL's code path; another thread count) grow
+    to differences in the printed digits within 3 steps (inputs nudged by 1 ulp: loss 11.8915
+    -> 11.8919 at step 3). Measured over threads 1/2 x ATEN_CPU_CAPABILITY avx512/avx2/default
+    x inputs as they are or 1 ulp up (12 runs): loss at step 25 0.87-1.01, 50 0.67-0.87, 75
+    0.60-0.93, 99 0.59-1.05; dead units of ``3`` 75-82.4%. What stays (the step-0 loss, step
+    numbers, 0% at step 0 and for ``1``, the finding's steps) is compared exactly."""
+    marked = {}
+    for i, w in enumerate(words):
+        if i >= 3 and words[i - 1] == "loss" and words[i - 3] == "step" and words[i - 2] != "0":
+            marked[i] = "loss"
+        elif re.fullmatch(r"\d+(?:\.\d+)?%", w) and float(w[:-1]) > 0:
+            marked[i] = "percent"
+    return marked
+
+
+def _same_words(got: list[str], want: list[str], rel: float = 1.5e-2,
+                trajectory: bool = False) -> None:
     """The same words, wrapped anyhow; numbers equal to their printed digits (CPU kernels may
-    differ in the last bits between machines)."""
+    differ in the last bits between machines). ``trajectory``: the numbers that
+    :func:`_trajectory` marks only within the spread of that chaotic run (losses within 60%,
+    dead percentages within 10 points): the same outcome, not the same digits."""
     assert _shape(got) == _shape(want), f"\n got: {' '.join(got)}\nwant: {' '.join(want)}"
-    assert _numbers(" ".join(got)) == pytest.approx(_numbers(" ".join(want)), rel=rel, abs=1e-9)
+    loose = _trajectory(want) if trajectory else {}
+    for i, (g, w) in enumerate(zip(got, want)):
+        context = f"word {i}: {g!r} where the README shows {w!r}\n got: {' '.join(got)}"
+        if loose.get(i) == "loss":
+            assert abs(float(g) - float(w)) <= 0.6 * float(w), context
+        elif loose.get(i) == "percent":
+            assert abs(float(g[:-1]) - float(w[:-1])) <= 10, context
+        else:
+            assert _numbers(g) == pytest.approx(_numbers(w), rel=rel, abs=1e-9), context
 
 
 def _command_block(marker: str) -> tuple[list[str], list[str]]:
@@ -77,11 +109,45 @@ def _gradscope(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_setup_commands_open_the_readme():
     commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)[:2]
     assert commands[0].startswith("pip install torch==2.13.0 && pip install -e . && gradscope demo")
-    assert commands[1] == ('pip install torch==2.13.0 && pip install -e ".[test]" && '
-                           "python -m pytest -q")
+    assert commands[1] == ('pip install torch==2.13.0 && pip install -c constraints.txt -e '
+                           '".[test]" && python -m pytest -q')
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+    # the constraints pin every package that the test extra installs, and torch as installed
+    pinned = _pins(ROOT / "constraints.txt")
+    assert pinned["torch"] == "2.13.0" and {"pytest", "lightning", "transformers"} <= set(pinned)
 
 
+def _pins(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a constraints file, by normalised name."""
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    pairs = [line.split("==") for line in lines if line]
+    assert all(len(p) == 2 for p in pairs), path
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pairs}
+
+
+def test_oldest_constraints_are_the_floors_of_pyproject():
+    """constraints-oldest.txt pins each requirement of pyproject.toml (dependencies and
+    extras) at its floor, so that .ci/oldest tests the versions gradscope claims to accept (a
+    floor's release series: torch>=2.2 is tested at 2.2.2, its last fix release)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        tomllib = pytest.importorskip("tomli")
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [r for r in project["dependencies"] if "python_version < '3.11'" not in r]
+    reqs += [r for name, extra in project["optional-dependencies"].items() if name != "dev"
+             for r in extra]
+    oldest = _pins(ROOT / "constraints-oldest.txt")
+    for req in reqs:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([\d.]+)", req)
+        assert m, f"not a plain floor: {req}"
+        name, floor = m.groups()
+        pinned = oldest.get(re.sub(r"[-_.]+", "-", name).lower(), "")
+        assert pinned.split(".")[:len(floor.split("."))] == floor.split("."), (req, pinned)
+
+
+@pytest.mark.slow
 def test_quickstart_is_the_example_file_and_prints_what_the_readme_shows(tmp_path):
     code, shown = _blocks_after("<!-- quickstart")[:2]
     assert code == (ROOT / "examples" / "quickstart.py").read_text().split('"""\n\n', 1)[1]
@@ -104,19 +170,20 @@ def test_quickstart_is_the_example_file_and_prints_what_the_readme_shows(tmp_pat
 @pytest.mark.slow
 def test_gradscope_run_transcript_is_what_it_prints(tmp_path):
     """The `gradscope run` transcript: the script's stdout lines in order, and every other line
-    shown is gradscope's stderr, in order."""
+    shown is gradscope's stderr, in order. The numbers of the chaotic training trajectory are
+    compared as an outcome (:func:`_trajectory`), every other word and number exactly."""
     args, shown = _command_block("<!-- transcript")
     proc = _gradscope(args, tmp_path)
     script_lines = [line for line in proc.stdout.splitlines() if line.strip()]
     rest, i = [], 0
     for line in shown:
         if i < len(script_lines) and _shape(_words(line)) == _shape(_words(script_lines[i])):
-            _same_words(_words(script_lines[i]), _words(line))
+            _same_words(_words(script_lines[i]), _words(line), trajectory=True)
             i += 1
         else:
             rest.append(line)
     assert i == len(script_lines), f"script output not shown: {script_lines[i:]}"
-    _same_words(_words(proc.stderr), _words("\n".join(rest)))
+    _same_words(_words(proc.stderr), _words("\n".join(rest)), trajectory=True)
 
 
 @pytest.mark.slow
