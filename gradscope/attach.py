@@ -41,6 +41,7 @@ import torch.optim.optimizer as _optim_mod
 from torch import nn
 
 from . import distributed, rundir
+from .compat import is_compiling
 from .config import Config
 from .guard import DISCOVERY, Guard
 from .hooks import Hook, HookSet
@@ -144,7 +145,7 @@ class Attach:
     # -- hooks ------------------------------------------------------------------------------------
     def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
         # The hot path, once per module call in the process: keep it this short.
-        if torch.compiler.is_compiling() or self._known.get(id(module)) is module:
+        if is_compiling() or self._known.get(id(module)) is module:
             return
         self._consider(module)
 

@@ -356,17 +356,17 @@ def entry(argv: list[str] | None = None) -> int:
     print) happens here, outside click."""
     import sys
 
-    no_args_is_help = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+    given = sys.argv[1:] if argv is None else argv
+    if not given:  # `gradscope` alone: its help on stderr, exit 2 (as click >= 8.2 does)
+        with click.Context(main, info_name="gradscope") as ctx:
+            print(main.get_help(ctx), file=sys.stderr)
+        return 2
     try:
         result = main.main(args=argv, prog_name="gradscope", standalone_mode=False)
-    except no_args_is_help as exc:  # `gradscope` alone: its help, as click prints it
-        print(exc.format_message(), file=sys.stderr)
-        return 2
     except click.UsageError as exc:
         if exc.ctx is not None:
             where = exc.ctx.command_path
         else:  # raised while parsing, before a context existed: name the subcommand anyway
-            given = sys.argv[1:] if argv is None else argv
             sub = given[0] if given and given[0] in main.commands else None
             where = f"gradscope {sub}" if sub else "gradscope"
         print(f"{where}: error: {exc.format_message()}", file=sys.stderr)

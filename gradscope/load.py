@@ -658,8 +658,9 @@ def _is_text(t: pa.DataType) -> bool:
 
     if pa.types.is_dictionary(t):
         t = t.value_type
+    is_view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
     return bool(pa.types.is_string(t) or pa.types.is_large_string(t)
-                or pa.types.is_string_view(t))
+                or (is_view is not None and is_view(t)))
 
 
 def schema_problem(schema: pa.Schema) -> str | None:

@@ -95,3 +95,38 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, make=batch, 
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def cpu_scaler(**kwargs: float):
+    """A GradScaler on the CPU (torch >= 2.3), or the test is skipped with the reason."""
+    import pytest
+
+    scaler_cls = getattr(torch.amp, "GradScaler", None)
+    if scaler_cls is None:
+        pytest.skip("torch.amp.GradScaler needs torch >= 2.3")
+    try:
+        return scaler_cls("cpu", **kwargs)
+    except (RuntimeError, TypeError):
+        pytest.skip("no CPU GradScaler in this torch")
+
+
+def skip_without_cpu_fused() -> None:
+    """Fused optimizers on the CPU need torch >= 2.4."""
+    import pytest
+
+    try:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        pytest.skip("fused optimizers on the CPU need torch >= 2.4")
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
+def compile_keeps_optimizer_hooks() -> bool:
+    """torch 2.2's dynamo, at its first compile, strips the step hooks of every torch.optim
+    class for the rest of the process (gone in 2.3, pytorch#115772): a compile test there
+    would also break every test after it."""
+    return _torch_at_least(2, 3)

@@ -21,7 +21,22 @@ from gradscope import distributed
 from gradscope.cli import _without_nproc
 
 HERE = Path(__file__).parent
-SCENARIOS = ("ddp", "fsdp1_orig", "fsdp1_flat", "fsdp2")
+
+
+def _has_fsdp2() -> bool:
+    """FSDP2 (``fully_shard``): torch >= 2.4."""
+    for where in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
+        try:
+            if hasattr(__import__(where, fromlist=["fully_shard"]), "fully_shard"):
+                return True
+        except ImportError:
+            continue
+    return False
+
+
+HAS_FSDP2 = torch.distributed.is_available() and _has_fsdp2()
+SCENARIOS = ("ddp", "fsdp1_orig", "fsdp1_flat", *(("fsdp2",) if HAS_FSDP2 else ()))
+needs_fsdp2 = pytest.mark.skipif(not HAS_FSDP2, reason="FSDP2 (fully_shard) needs torch >= 2.4")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch built without torch.distributed")
 
@@ -36,8 +51,8 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("dist")
-    which = ",".join([*SCENARIOS, "nonfinite", "fsdp2_remedies", "internal_error",
-                      "destroyed"])
+    which = ",".join([*SCENARIOS, "nonfinite", *(("fsdp2_remedies",) if HAS_FSDP2 else ()),
+                      "internal_error", "destroyed"])
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(HERE / "workers" / "dist_checks.py"), str(out), which],
@@ -106,6 +121,7 @@ def test_a_nonfinite_value_on_rank_1_is_reported_with_its_rank(results):
     assert {e["rank"] for e in res["nonfinite"]["traced"]} <= {0, 1}
 
 
+@needs_fsdp2
 def test_fsdp2_clip_and_guard_act_on_the_global_gradient(results):
     """Clipping by the norm over all shards, and the guard skipping a NaN step that only rank
     1's batch had, on every rank: the weights are the single-process run's (clip_grad_norm_,
@@ -116,6 +132,7 @@ def test_fsdp2_clip_and_guard_act_on_the_global_gradient(results):
     assert r["clipped_total"] == [pytest.approx(0.05, rel=1e-5)] * 5
 
 
+@needs_fsdp2
 def test_remedies_that_cannot_act_alike_on_every_rank_are_refused_in_one_line(results):
     first, second, agc = results[0]["fsdp2_remedies"]["refusals"]
     assert first.startswith("clip='norm:") and "FSDP1" in first and "\n" not in first

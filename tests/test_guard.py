@@ -26,7 +26,8 @@ import every_entry
 SCRIPT = Path(__file__).parent / "scripts" / "every_entry.py"
 
 # entry points this in-process loop passes through; the other three need a process of their own
-IN_PROCESS = [e for e in ENTRY_POINTS if e not in ("atexit", "discover", "signal")]
+IN_PROCESS = [e for e in ENTRY_POINTS if e not in ("atexit", "discover", "signal")
+              and (e != "scaler" or every_entry.HAS_SCALER)]  # a CPU GradScaler: torch >= 2.3
 
 
 # -- the guard on its own --------------------------------------------------------------------------

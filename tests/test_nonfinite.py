@@ -13,6 +13,7 @@ import gradscope
 from gradscope.probes.nonfinite import NonfiniteTracer
 
 from conftest import hook_counts
+from models import cpu_scaler
 
 
 class Log(nn.Module):
@@ -258,7 +259,7 @@ def test_gradscaler_calibrating_its_scale_is_not_a_finding(out):
     finding, and the tracer stays off."""
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    scaler = cpu_scaler(init_scale=2.0 ** 127)
     with gradscope.watch(model, out=out, quiet=True, trace_nonfinite="auto") as scope:
         for _ in range(30):
             opt.zero_grad()
@@ -316,7 +317,7 @@ def test_an_fp16_overflow_names_the_module_whose_output_left_the_range(out):
 
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = cpu_scaler()
     with gradscope.watch(model, out=out, quiet=True, trace_nonfinite="always") as scope:
         for i in range(8):
             if i == 5:

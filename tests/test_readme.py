@@ -41,8 +41,11 @@ _RUN_DIR = re.compile(r"\S*/reports/\d{8}-\d{6}-\w+")  # printed absolute: diffe
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+_TORCH = re.compile(r"torch=\S+")  # the installed torch build: 2.13.0+cpu, 2.2.2+cu121...
+
+
 def _words(text: str) -> list[str]:
-    return _RUN_DIR.sub("RUN_DIR", _ANSI.sub("", text)).split()
+    return _TORCH.sub("torch=TORCH", _RUN_DIR.sub("RUN_DIR", _ANSI.sub("", text))).split()
 
 
 def _shape(words: list[str]) -> list[str]:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..buffer import Chunk, StepBuffer
+from ..compat import is_compiling
 from ..config import Config
 from ..guard import Guard
 from ..hooks import Hook, HookSet
@@ -325,7 +326,7 @@ class ModuleProbe:
 
     # -- hooks (measure only: no host reads except the documented CPU flag) ---------------------
     def _on_forward_pre(self, entry: ModuleEntry, module: nn.Module, args: Any) -> None:
-        if self.sampling and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if self.sampling and torch.is_grad_enabled() and not is_compiling():
             self.table.mark_executed(entry.name)
 
     def _on_forward(self, entry: ModuleEntry, module: nn.Module, args: Any, output: Any) -> None:
@@ -335,7 +336,7 @@ class ModuleProbe:
         self.forward_ever = True  # the hooks run at all (not so when added after a compile)
         if not self.sampling:
             return
-        compiling = torch.compiler.is_compiling()
+        compiling = is_compiling()
         if not compiling:
             if _in_recompute():
                 return
@@ -437,7 +438,7 @@ class ModuleProbe:
         # is a false alarm that the exact count then clears).
         # is_compiling() again, not only the caller's flag: under an in-place model.compile()
         # dynamo may compile this frame on its own, called from a hook that ran eagerly
-        if not self.count_on_host or compiling or torch.compiler.is_compiling() or \
+        if not self.count_on_host or compiling or is_compiling() or \
                 not math.isfinite(l2.item()):
             nonfinite = torch.logical_not(torch.isfinite(o)).sum()
         return _Call(n, s, l2, peak, sat, nonfinite, rows)

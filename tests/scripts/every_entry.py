@@ -20,6 +20,18 @@ import torch.distributed as dist
 from torch import nn
 
 
+def _scaler() -> Any:
+    """A GradScaler on the CPU (torch >= 2.3); None before."""
+    cls = getattr(torch.amp, "GradScaler", None)
+    try:
+        return cls("cpu", init_scale=2.0**8) if cls is not None else None
+    except (RuntimeError, TypeError):
+        return None
+
+
+HAS_SCALER = _scaler() is not None
+
+
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -36,18 +48,24 @@ def train(watch: Callable[[nn.Module], Any] | None = None, steps: int = 6,
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaler = _scaler()
     scope = watch(model) if watch is not None else None
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
         x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         say(f"step {step} loss {loss.item():.8f} norm {norm.item():.8f}")
         if step == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
