@@ -238,3 +238,29 @@ def test_every_metric_matches_a_float64_oracle(case, out):
                key[1] not in run.wide(key[0]).columns and key[0] != "output_grad_norm"}
     assert not missing, f"{case}: not recorded: {sorted(missing)}"
     assert compared >= 20
+
+
+@pytest.mark.slow
+def test_a_float64_lstm_trained_by_lbfgs_runs_unchanged_under_gradscope_run(tmp_path):
+    """pytorch/examples' time_sequence_prediction, in small: same output as python, and a run
+    directory with its float64 statistics."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "double_lstm_lbfgs.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           env=env, timeout=180)
+    got = subprocess.run([sys.executable, "-m", "gradscope", "run", "--out", str(tmp_path),
+                          "--name", "run", str(script)], capture_output=True, text=True,
+                         env=env, timeout=180)
+    assert (got.returncode, got.stdout) == (plain.returncode, plain.stdout) == (0, plain.stdout)
+    assert "internal error" not in got.stderr and "Traceback" not in got.stderr
+    run = gradscope.load_run(tmp_path / "run")
+    assert run.meta["status"] == "completed" and run.meta["steps"] == 2
+    norms = run.wide("grad_norm")
+    assert {"lstm1.weight_ih", "lstm2.weight_hh", "linear.weight"} <= set(norms.columns)
+    assert norms.notna().all().all() and (norms > 0).all().all()
+    assert run.wide("output_grad_norm").notna().any().any()
