@@ -43,8 +43,8 @@ class Row:
     """One buffered step: the tensors written for it (on their device) and host-known values."""
 
     step: int
-    writes: list[tuple[Group, torch.Tensor]] = field(default_factory=list)
-    where: dict[Group, int] = field(default_factory=dict)  # group -> its index in writes
+    # group -> its values, in write order: a group written again moves to the end
+    writes: dict[Group, torch.Tensor] = field(default_factory=dict)
     host: dict[int, float] = field(default_factory=dict)
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # column -> [n] values
 
@@ -108,14 +108,13 @@ class StepBuffer:
         """Record ``values`` (``[len(group.cols)]``, or a scalar for one column) for the current
         row. Nothing runs on the device: the tensor is kept until the flush. Writing a group
         again replaces the earlier values (a step that keeps accumulating, e.g. backward passes
-        that never reach an optimizer step, holds one tensor per group, not one per pass)."""
-        row = self.rows[-1]
-        i = row.where.get(group)
-        if i is None:
-            row.where[group] = len(row.writes)
-            row.writes.append((group, values))
-        else:
-            row.writes[i] = (group, values)
+        that never reach an optimizer step, holds one tensor per group, not one per pass) and
+        takes the place of the latest write: over a column that another group wrote in between,
+        the rewrite wins. (A dict re-insertion: O(1), no allocation per write.)"""
+        writes = self.rows[-1].writes
+        if group in writes:
+            del writes[group]  # re-inserted below, at the end of the write order
+        writes[group] = values
 
     def write_vector(self, col: int, values: torch.Tensor) -> None:
         """Record a 1-D statistic behind one cell (a per-unit mask whose count is the cell's
@@ -172,7 +171,7 @@ class StepBuffer:
         groups: dict[Key, tuple[list[torch.Tensor], list[int], list[int], list[int]]] = {}
         n_written = 0
         for r, row in enumerate(rows):
-            for grp, tensor in row.writes:  # statistics: detached already, never need grad
+            for grp, tensor in row.writes.items():  # statistics: detached already, never need grad
                 flat = tensor if tensor.dim() == 1 else tensor.reshape(-1)
                 if flat.dtype not in _KEPT:
                     flat = flat.float()

@@ -97,30 +97,71 @@ class HookSet:
     @contextlib.contextmanager
     def detached(self) -> Iterator[None]:
         """Take every hook out of its dict for the duration (``torch.save`` of a watched model
-        pickles the module's hook dicts), then put each back where it was: torch keys hooks by
-        ever-increasing handle ids and runs them in dict order, so sorting by id restores the
-        order, the user's hooks included."""
-        taken: list[tuple[dict[int, Any], int, Any]] = []  # (dict, handle id, value)
+        pickles the module's hook dicts), then put each back where it was.
+
+        The order of a hook dict is the order torch runs the hooks in, and it is not the order
+        of the handle ids: ``register_forward_hook(prepend=True)`` (and the other ``prepend``
+        registrations) move a new hook to the front. So each dict we take from has its full key
+        order recorded first (the ``*_with_kwargs`` and ``*_always_called`` dicts that a handle
+        also keys are dicts we take from too), and is rebuilt in that order afterwards. A hook
+        registered while ours were out keeps its place relative to the hooks that stayed: after
+        ours when it was appended, first when it was prepended."""
+        # id(dict) -> (dict, its keys before we took anything, {handle id: value taken})
+        touched: dict[int, tuple[dict[int, Any], list[int], dict[int, Any]]] = {}
         for handle, _ in self._handles:
             dicts = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
             for ref in dicts:
                 hooks = ref()
-                if hooks is not None and handle.id in hooks:
-                    taken.append((hooks, handle.id, hooks.pop(handle.id)))
+                if hooks is None or handle.id not in hooks:
+                    continue
+                entry = touched.get(id(hooks))
+                if entry is None:
+                    entry = touched[id(hooks)] = (hooks, list(hooks), {})
+                entry[2][handle.id] = hooks.pop(handle.id)
         try:
             yield
         finally:
-            touched: dict[int, dict[int, Any]] = {}
-            for hooks, key, value in taken:
-                hooks[key] = value
-                touched[id(hooks)] = hooks
-            for hooks in touched.values():
-                items = sorted(hooks.items(), key=lambda kv: kv[0])
-                hooks.clear()
-                hooks.update(items)
+            for hooks, order, taken in touched.values():
+                _put_back(hooks, order, taken)
 
     def close(self) -> None:
         """Remove every handle, newest first. Safe to call twice."""
         while self._handles:
             handle, _ = self._handles.pop()
             handle.remove()
+
+
+def _put_back(hooks: dict[int, Any], order: list[int], taken: dict[int, Any]) -> None:
+    """Re-insert ``taken`` into ``hooks`` (in place: handles hold weak references to the dict)
+    at the places they had in ``order``, the dict's keys before they were taken.
+
+    Each taken hook goes back right before the first hook that followed it in ``order`` and is
+    still there. A key that is not in ``order`` (registered meanwhile) stays where it is among
+    the hooks that stayed. torch appends a new hook or prepends it, so a new key before every
+    hook that stayed was prepended: it stays first. Any other new key was appended: the taken
+    hooks that were before the next hook that stayed (all of them when none follows) go first.
+    (With no hook of the user's left to compare with, a new key counts as appended.)
+    """
+    pos = {key: i for i, key in enumerate(order)}
+    now = list(hooks.items())
+    # for each key now held: taken hooks from an old position below this go before it
+    bound = [len(order)] * len(now)
+    nxt = len(order)
+    for i in range(len(now) - 1, -1, -1):
+        nxt = pos.get(now[i][0], nxt)
+        bound[i] = nxt
+    for i, (key, _) in enumerate(now):
+        if key in pos:
+            bound[:i] = [0] * i  # new keys ahead of every old one that stayed: prepended
+            break
+    pending = [key for key in order if key in taken]  # in their old order
+    merged: list[tuple[int, Any]] = []
+    j = 0
+    for (key, value), limit in zip(now, bound):
+        while j < len(pending) and pos[pending[j]] < limit:
+            merged.append((pending[j], taken[pending[j]]))
+            j += 1
+        merged.append((key, value))
+    merged.extend((key, taken[key]) for key in pending[j:])
+    hooks.clear()
+    hooks.update(merged)
