@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,6 +257,72 @@ class LayerTable:
                     }
                 )
         return out
+
+    def check_watchable(self, optimizers: Sequence[torch.optim.Optimizer],
+                        config: Config) -> None:
+        """Something to watch, and optimizers that step it (one-line errors).
+
+        Raises:
+            ValueError: Nothing passed the filters, or an optimizer steps none of it.
+        """
+        if not self.params and not self.modules:
+            raise ValueError(
+                "nothing to watch: no trainable parameter or activation module passed the "
+                f"filters (include={list(config.include)}, exclude={list(config.exclude)}, "
+                f"include_types={config.to_json()['include_types']}, "
+                f"exclude_types={config.to_json()['exclude_types']})"
+            )
+        for opt in optimizers:
+            if not self.slots_of(p for g in opt.param_groups for p in g["params"]):
+                raise ValueError(
+                    f"optimizer {type(opt).__name__} steps none of the watched parameters; "
+                    "pass the optimizer of this model, or no optimizer to find it automatically"
+                )
+
+    # -- queries (the remedies') ---------------------------------------------------------------
+    def entry(self, site: str) -> ModuleEntry | None:
+        """The watched module of an activation site (``name`` or ``name#k``)."""
+        name = site.split("#", 1)[0]
+        return next((e for e in self.modules if e.name == name), None)
+
+    def executed_modules(self) -> list[ModuleEntry]:
+        """The watched modules that ran, in forward order."""
+        ran = [e for e in self.modules if e.name in self._order]
+        return sorted(ran, key=lambda e: self._order[e.name])
+
+    def last_layer_params(self) -> set[int]:
+        """Ids of the parameters of the last module (in forward order) that ran and owns
+        watched parameters: the classifier that AGC leaves out. Empty before any forward."""
+        owners = {slot.module_name for slot in self.params}
+        for e in reversed(self.executed_modules()):
+            if e.name in owners:
+                return {id(s.param) for s in self.params if s.module_name == e.name}
+        return set()
+
+    def neighbours(self, name: str, passthrough: tuple[type[nn.Module], ...] = ()
+                   ) -> tuple[nn.Module | None, list[nn.Module], nn.Module | None]:
+        """Around the module ``name``, in forward order: the nearest leaf module before it that
+        owns parameters (skipping over ``passthrough`` types, listed as in between), those in
+        between, and the nearest such leaf after it."""
+        order = self.executed_modules()
+        names = [e.name for e in order]
+        if name not in names:
+            return None, [], None
+        i = names.index(name)
+        producer = consumer = None
+        between: list[nn.Module] = []
+        for e in reversed(order[:i]):
+            if e.owns_params and e.is_leaf:
+                if isinstance(e.module, passthrough):
+                    between.append(e.module)
+                    continue
+                producer = e.module
+                break
+        for e in order[i + 1:]:
+            if e.owns_params and e.is_leaf:
+                consumer = e.module
+                break
+        return producer, between, consumer
 
     def release(self) -> None:
         """Drop every reference to the user's parameters and modules."""

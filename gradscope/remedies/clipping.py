@@ -2,14 +2,15 @@
 
 Everything here runs on the gradients' device with no host read: thresholds and coefficients
 are tensors, and a "no clipping" decision is a coefficient of exactly 1 (``g * 1.0 == g``), the
-way ``clip_grad_norm_`` avoids its ``if`` (notes/remedies.md 1.0). The statistics are taken
-before clipping (``grad_norm`` is the pre-clip norm); the clipper returns the post-clip norms and
-coefficients for the records.
+way ``clip_grad_norm_`` avoids its ``if`` (docs/remedies.md, "Clipping"). The statistics are
+taken before clipping (``grad_norm`` is the pre-clip norm); the clipper returns the post-clip norms
+and coefficients for the records.
 
 A non-finite step (an inf/NaN norm) is never clipped (its gradients are left as they are, so
 the non-finite finding and the tracer see the real values; ``guard=True`` is the remedy for
 it) and never enters a clipper's history: the AutoClip and ZClip packages both let one NaN
-step poison every later threshold (notes/peers.md).
+step poison every later threshold (docs/remedies.md, "Non-finite steps never enter a
+history").
 
 Global clipping treats all the optimizer's gradients as one vector (``clip_grad_norm_``);
 ``per_layer`` treats each parameter tensor on its own, with its own history.
@@ -261,7 +262,7 @@ class ZClip(Clipper):
     (``z > z_thres``) is clipped to ``(mu + z_thres^2 sigma / z) * factor``; the EMAs are updated
     with the clipped value (or ``g``): ``mu <- a mu + (1-a) v``, ``var <- a var + (1-a)(v - mu)^2``
     with the new mu. No fixed cap unless ``max`` is given (the package's hidden default of 1.0
-    capped every step of our measured run, notes/remedies.md 1.3).
+    capped every step of our measured run; docs/remedies.md, "zclip").
     """
 
     def __init__(self, spec: ClipSpec, size: int) -> None:

@@ -5,7 +5,8 @@ filter) are re-drawn from the layer's default initialisation, its bias set to 0,
 weights (the consuming layer's column or input channel) set to 0, and the optimizer state of
 every touched weight (Adam's moments, SGD's momentum) zeroed for those entries. The zero
 outgoing weights mean the network's output is unchanged at the moment of recycling (measured:
-exactly 0.0 difference, notes/remedies.md 2.3); the unit then gets gradients again.
+exactly 0.0 difference; docs/remedies.md, "Dead-unit recycling"); the unit then gets gradients
+again.
 
 The producer and consumer are found from the forward order: the nearest Linear/Conv that ran
 before the activation and the nearest after it, with only per-unit layers (BatchNorm,

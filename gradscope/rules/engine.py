@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from ..events import Finding, RemedyAction
 from ..records import RUN_LAYER, LongTable
 from .base import Episode, LayerInfo, Records
 from .gradients import exploding_gradients, vanishing_gradients
@@ -33,7 +34,7 @@ RULES: tuple[Rule, ...] = (
     nonfinite, exploding_gradients, vanishing_gradients, dead_units, saturation, update_ratio,
     loss_spike,
 )
-KINDS = (
+FINDING_KINDS = (
     "exploding_gradients", "vanishing_gradients", "nonfinite", "dead_units", "saturation",
     "update_ratio_high", "update_ratio_low", "loss_spike",
 )
@@ -52,13 +53,13 @@ _STICKY = ("born_dead", "since_step", "at_first_check", "first_in", "traced")
 _PEAKS = ("peak_ratio", "peak_dead_fraction", "peak_saturated_fraction")
 _AT_PEAK = ("median_norm", "robust_z")
 
-Announce = Callable[[dict[str, Any], bool], None]
+Announce = Callable[[Finding, bool], None]
 
 
-def finding_from(ep: Episode) -> dict[str, Any]:
-    """The JSON shape of a finding (DESIGN.md): kind, severity, layer, steps, evidence,
-    message, suggestion; ``nonfinite`` adds phase, module and class."""
-    out: dict[str, Any] = {
+def finding_from(ep: Episode) -> Finding:
+    """The JSON shape of a finding (docs/run-directory.md, "findings.json"): kind, severity,
+    layer, steps, evidence, message, suggestion; ``nonfinite`` adds phase, module and class."""
+    out: dict[str, Any] = {  # a Finding (typed where it is read)
         "kind": ep.kind,
         "severity": ep.severity,
         "layer": ep.layer,
@@ -69,7 +70,7 @@ def finding_from(ep: Episode) -> dict[str, Any]:
         "suggestion": ep.suggestion,
     }
     out.update(_jsonable(ep.extra))
-    return out
+    return cast("Finding", out)
 
 
 def _jsonable(value: Any) -> Any:
@@ -110,21 +111,21 @@ class Diagnoser:
         self.rules = rules
         self.keep_steps = max(1000, (thresholds.history + 2 * thresholds.patience + 2)
                               * max(sample_every, 1))
-        self.findings: list[dict[str, Any]] = []
+        self.findings: list[Finding] = []
         self.errors: list[str] = []
-        self._open: dict[tuple[str, str], dict[str, Any]] = {}
+        self._open: dict[tuple[str, str], Finding] = {}
         self._columns: list[tuple[str, str, str]] = []
         self._cid: dict[tuple[str, str, str], int] = {}
         self._step = np.zeros(0, dtype=np.int64)
         self._col = np.zeros(0, dtype=np.int64)
         self._value = np.zeros(0)
         self._first: dict[tuple[str, str, str], tuple[int, float]] = {}
-        self._nonfinite: dict[str, Any] | None = None
+        self._nonfinite: Finding | None = None
         self._pending: dict[Rule, int] = {}  # rule -> first step it has not evaluated yet
 
     # -- records ----------------------------------------------------------------------------------
     def update(self, table: LongTable, layers: LayerInfo,
-               rules: tuple[Rule, ...] | None = None) -> list[dict[str, Any]]:
+               rules: tuple[Rule, ...] | None = None) -> list[Finding]:
         """Add a flushed table and run the rules (default: all) on the window; returns new
         findings. A rule left out now sees these steps as new the next time it runs."""
         if not len(table):
@@ -169,10 +170,10 @@ class Diagnoser:
         return c
 
     def evaluate(self, rec: Records, rules: tuple[Rule, ...] | None = None
-                 ) -> list[dict[str, Any]]:
+                 ) -> list[Finding]:
         """Run the rules (default: all) on ``rec`` and merge the episodes into the findings.
         Each rule reports from the first step it has not evaluated yet."""
-        raised: list[dict[str, Any]] = []
+        raised: list[Finding] = []
         default_since = rec.since
         for rule in self.rules:
             if rules is not None and rule not in rules:
@@ -190,7 +191,7 @@ class Diagnoser:
         return raised
 
     # -- findings ----------------------------------------------------------------------------------
-    def merge(self, ep: Episode) -> dict[str, Any] | None:
+    def merge(self, ep: Episode) -> Finding | None:
         """Extend the matching open finding, or raise a new one (returned, and announced)."""
         if ep.kind == "nonfinite":
             return self._merge_nonfinite(ep)
@@ -205,7 +206,7 @@ class Diagnoser:
         self.announce(finding, True)
         return finding
 
-    def _extend(self, finding: dict[str, Any], ep: Episode) -> None:
+    def _extend(self, finding: Finding, ep: Episode) -> None:
         """Move ``last_step``; evidence: what describes the start stays (``_STICKY``), the
         peak group (``peak_*`` with the numbers measured at the peak) follows the larger peak,
         everything else is the latest value."""
@@ -227,7 +228,7 @@ class Diagnoser:
         if ep.severity == "error":
             finding["severity"] = "error"
 
-    def _merge_nonfinite(self, ep: Episode) -> dict[str, Any] | None:
+    def _merge_nonfinite(self, ep: Episode) -> Finding | None:
         """One ``nonfinite`` finding per run: the first occurrence is the one to fix (later
         ones usually follow from it: NaN weights make every later step NaN). Later
         occurrences extend it. A traced attribution (the tracer named the module) wins over
@@ -263,7 +264,12 @@ class Diagnoser:
                 int(f["evidence"].get("nonfinite_steps", 0)), int(ep.evidence["nonfinite_steps"]))
         return None
 
-    def snapshot(self) -> list[dict[str, Any]]:
+    def attach(self, finding: Finding, action: RemedyAction) -> None:
+        """List what a remedy did about ``finding`` (one of :attr:`findings`) under its
+        ``remedies``."""
+        finding.setdefault("remedies", []).append(action)
+
+    def snapshot(self) -> list[Finding]:
         """A deep copy of the findings (safe to hand to users and writers)."""
         return copy.deepcopy(self.findings)
 
