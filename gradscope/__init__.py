@@ -59,7 +59,8 @@ def watch(
         ValueError: A config value is out of range, or the output root is not writable. Nothing
             is written when either error is raised.
     """
-    from .scope import Scope, normalize_models, normalize_optimizers
+    from .naming import normalize_models, normalize_optimizers
+    from .scope import Scope
 
     cfg = resolve_config(**config)
     models, label = normalize_models(model)

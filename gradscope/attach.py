@@ -43,29 +43,18 @@ from torch import nn
 from . import distributed, rundir
 from .compat import is_compiling
 from .config import Config
+from .events import Event
 from .guard import DISCOVERY, Guard
 from .hooks import Hook, HookSet
 from .imports import own_imports
-from .scope import Scope, model_label, run_meta, watched_elsewhere, write_report_safely
+from .meta import run_meta, write_report_safely
+from .naming import model_label, wrapped
+from .scope import Scope, watched_elsewhere
 
 # OptimizedModule.__call__ warns whenever any global module hook exists: ours is expected, and
 # the extra call of the wrapper is handled (it is unwrapped, below).
 _COMPILE_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 PRUNE_AT = 4096  # entries of the not-a-model cache before dead ones are dropped
-
-
-def _wrapped(module: nn.Module) -> nn.Module:
-    """The module a wrapper runs: torch.compile's OptimizedModule, DDP, DataParallel."""
-    for _ in range(4):  # torch.compile(DDP(model)) and the like
-        inner = getattr(module, "_orig_mod", None)
-        if not isinstance(inner, nn.Module) and isinstance(
-            module, (nn.DataParallel, nn.parallel.DistributedDataParallel)
-        ):
-            inner = module.module
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
-    return module
 
 
 class Attach:
@@ -175,15 +164,14 @@ class Attach:
         closing the run at the end or on SIGTERM): say so once. A model already found stays
         watched (its own Scope's guard covers it)."""
         if self.scope is not None:
-            self.scope._record({"event": "internal_error", "where": where, "part": part,
-                                "error": repr(exc)})
+            self.scope.add_event(Event.internal_error(where, exc, part=part))
         what = "stopped looking for models" if part == DISCOVERY else \
             "could not close the run directory"
         print(f"gradscope: internal error in {where}: {exc!r}; {what}; the script continues",
               file=sys.stderr, flush=True)
 
     def _discover(self, module: nn.Module) -> None:
-        root = _wrapped(module)
+        root = wrapped(module)
         if self._known.get(id(root)) is root:
             self._known[id(module)] = module  # a wrapper of a model already watched
             return
@@ -205,15 +193,14 @@ class Attach:
         owner = next((k for k, m in self.models if any(s is root for s in m.modules())), None)
         if self.scope is None:
             try:
-                scope = Scope({"": root}, [], self.config, model_label(root))
+                scope = Scope({"": root}, [], self.config, model_label(root),
+                              launch=(self.command, self.cwd))
             except ValueError as exc:  # nothing passed the filters: not ours to watch
                 print(f"gradscope: not watching {type(root).__name__}: {exc}", file=sys.stderr,
                       flush=True)
                 self._remember(module, root)
                 return
             self.scope = scope
-            scope.command, scope.cwd = self.command, self.cwd
-            scope._write_meta("running")
             key = ""
         elif owner is not None:  # new layers of a watched model
             key = self.scope.add_model(dict(self.models)[owner], owner)
@@ -221,11 +208,10 @@ class Attach:
             key = self.scope.add_model(root)
         if owner is None:
             self.models.append((key, root))
-            self.scope._event({
-                "event": "model_found", "key": key, "type": type(root).__name__,
-                "step": self.scope.steps, "parameters": sum(p.numel() for p in params),
-                "trainable": sum(p.numel() for p in params if p.requires_grad),
-            })
+            self.scope.add_event(Event.model_found(
+                key, type(root).__name__, self.scope.steps,
+                parameters=sum(p.numel() for p in params),
+                trainable=sum(p.numel() for p in params if p.requires_grad)))
         self._remember(module, root)
         self.scope.started(root)
         for opt, args, kwargs in self._stepping:
@@ -248,6 +234,12 @@ class Attach:
         if self._filter in warnings.filters:
             warnings.filters.remove(self._filter)  # type: ignore[attr-defined]
             warnings._filters_mutated()  # type: ignore[attr-defined]
+
+    @property
+    def remembered_modules(self) -> int:
+        """How many parameterless modules are remembered as not being models (the cache that
+        spares the search on every forward call; pruned of dead modules as it grows)."""
+        return len(self._paramless)
 
     def close(self, status: str, exit_code: int | None) -> Path | None:
         """Stop looking for models and close the run: the Scope's ``close()``, or, when no
@@ -283,7 +275,7 @@ class Attach:
             started=self._started, exit_code=exit_code, models={}, steps=0, step_mode=None,
             layers=[], sites=[], note=note))
         rundir.write_json(run_dir / rundir.FINDINGS, [])
-        rundir.append_event(run_dir, {"event": "nothing_watched", "reason": note})
+        rundir.append_event(run_dir, Event.nothing_watched(note))
         if cfg.report:
             write_report_safely(run_dir, cfg.quiet)
         if not cfg.quiet:

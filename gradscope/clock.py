@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .layers import LayerTable, ParamSlot
+
+if TYPE_CHECKING:
+    from .config import StepOn
 
 AUTO, OPTIMIZER, BACKWARD, MANUAL = "auto", "optimizer", "backward", "manual"
 
@@ -76,7 +79,7 @@ class Clock:
         self,
         table: LayerTable,
         recorder: Recorder,
-        step_on: str,
+        step_on: StepOn,
         every: int,
         update_every: int,
         explicit_optimizers: Sequence[torch.optim.Optimizer] = (),
@@ -84,7 +87,7 @@ class Clock:
         self.table = table
         self.rec = recorder
         self.forced = step_on != AUTO
-        self.mode = step_on
+        self.mode: str = step_on  # and "manual" once Scope.step() is called
         self.every = every
         self.update_every = update_every
         self.step = 0  # index of the current (open or next) step

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union, get_args
 
 from .remedies.spec import (
     ClipSpec,
@@ -30,8 +30,12 @@ from .rules.thresholds import Thresholds
 TypeSpec = Union[type, str]
 """A module type given as a class (``nn.ReLU``) or as its class name (``"ReLU"``)."""
 
-STEP_MODES = ("auto", "optimizer", "backward")
-TRACE_MODES = ("auto", "always", "off")
+StepOn = Literal["auto", "optimizer", "backward"]
+"""Where a step ends (``Config.step_on``)."""
+TraceMode = Literal["auto", "always", "off"]
+"""When the NaN/Inf tracer runs (``Config.trace_nonfinite``)."""
+STEP_MODES: tuple[StepOn, ...] = get_args(StepOn)
+TRACE_MODES: tuple[TraceMode, ...] = get_args(TraceMode)
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,9 @@ class Config:
     tensorboard: bool = True
     tb_max_layers: int = 50
     histograms: bool = False
-    step_on: str = "auto"
+    step_on: StepOn = "auto"
     diagnose: bool = True
-    trace_nonfinite: str = "auto"
+    trace_nonfinite: TraceMode = "auto"
     quiet: bool = False
     report: bool = True
     thresholds: Thresholds = field(default_factory=Thresholds)

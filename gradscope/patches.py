@@ -1,4 +1,4 @@
-"""The two process-wide patches gradscope needs, installed while at least one Scope listens.
+"""The process-wide patches gradscope needs, installed while at least one Scope listens.
 
 PyTorch has no hook for "backward() was called on this tensor" and none for "GradScaler skipped
 this optimizer step", and both matter:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from .buffer import Chunk
 
-KINDS = ("param", "module", "run")
+LAYER_KINDS = ("param", "module", "run")
 """``param``: one parameter tensor; ``module``: one module output (activation site);
 ``run``: the whole model (layer name ``(run)``)."""
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from .config import Config
 from .guard import EXIT, Deliberate
+from .meta import RunStatus, status_for
 
 PYC_SUFFIXES = tuple(importlib.machinery.BYTECODE_SUFFIXES)
 SOURCE_SUFFIXES = (".py", ".pyw")
@@ -243,18 +244,19 @@ def finish(outcome: Outcome) -> int:
 
 
 def _classify(exc: BaseException | None) -> tuple[str, int]:
+    """The run's status (:func:`gradscope.meta.status_for`) and the exit code python gives."""
+
+    status = str(status_for(exc))
     if exc is None:
-        return "completed", 0
+        return status, 0
     if isinstance(exc, SystemExit):
         code = exc.code
-        if code is None:
-            return "completed", 0
-        if isinstance(code, int):
-            return ("completed" if code == 0 else "failed"), code
-        return "failed", 1  # sys.exit("message"): printed on stderr, exit status 1
+        if code is None or isinstance(code, int):
+            return status, code or 0
+        return status, 1  # sys.exit("message"): printed on stderr, exit status 1
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", 128 + signal.SIGINT
-    return "failed", 1
+        return status, 128 + signal.SIGINT
+    return status, 1
 
 
 def _prepare(target: Target, args: list[str]) -> types.ModuleType:
@@ -378,7 +380,7 @@ def _on_sigterm(attach: Any, ended: threading.Event) -> Any:
             ended.set()
             with contextlib.suppress(Exception):
                 attach.guard.isolate(EXIT, "signal", attach.guard.call, "signal",
-                                     attach.close, "interrupted", 128 + signal.SIGTERM)
+                                     attach.close, RunStatus.INTERRUPTED, 128 + signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 

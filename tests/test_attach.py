@@ -286,22 +286,23 @@ def test_clipping_records_follow_the_optimizers_parameter_order(out):
 
 
 def test_a_model_that_moves_device_after_it_was_found_switches_host_reads(out, monkeypatch):
-    import gradscope.scope as scope_mod
+    import gradscope.parts as parts_mod  # where the flusher asks which device the model is on
 
     model = _mlp()
     attach = _attach(out)
     x, y = _data()
     nn.functional.cross_entropy(model(x), y).backward()
     scope = attach.scope
-    assert scope is not None and scope._grads.count_policy == "host"
+    rec = scope.parts.recorder if scope is not None else None
+    assert rec is not None and rec.grads.count_policy == "host"
     # what model.to("cuda") would change: the device its first parameter reports
-    monkeypatch.setattr(scope_mod, "_first_device", lambda models: torch.device("cuda", 0))
+    monkeypatch.setattr(parts_mod, "first_device", lambda models: torch.device("cuda", 0))
     scope.flush()
-    assert scope._grads.count_policy == "flagged-only"
-    assert not scope._modules.count_on_host and not scope._tracer.immediate
+    assert rec.grads.count_policy == "flagged-only"
+    assert not rec.modules.count_on_host and not scope.parts.tracer.immediate
     monkeypatch.undo()
     scope.flush()
-    assert scope._grads.count_policy == "host" and scope._modules.count_on_host
+    assert rec.grads.count_policy == "host" and rec.modules.count_on_host
     attach.close("completed", 0)
 
 
@@ -340,5 +341,5 @@ def test_modules_made_per_call_do_not_grow_the_cache_without_bound(out, monkeypa
     attach = _attach(out)
     for _ in range(50):
         model(torch.randn(2, 6)).sum().backward()
-    assert len(attach._paramless) <= 9
+    assert attach.remembered_modules <= 9
     attach.close("completed", 0)

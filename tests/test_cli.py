@@ -406,15 +406,15 @@ def test_view_serves_runs_whose_names_have_commas_and_colons(tmp_path):
 
 
 def test_view_links_are_removed_without_touching_the_runs(tmp_path):
-    from gradscope.cli import _link_runs, _unlink_runs
+    from gradscope.cli import link_runs, unlink_runs
 
     tb = tmp_path / "run" / "tb"
     tb.mkdir(parents=True)
     (tb / "events").write_text("x")
-    logdir, links = _link_runs({"a,b:c": tb})
+    logdir, links = link_runs({"a,b:c": tb})
     assert logdir is not None and [p.name for p in logdir.iterdir()] == ["a,b:c"]
     assert (logdir / "a,b:c" / "events").read_text() == "x"
-    _unlink_runs(logdir, links)
+    unlink_runs(logdir, links)
     assert not logdir.exists() and (tb / "events").read_text() == "x"
 
 
@@ -423,13 +423,13 @@ def test_view_without_symlinks_falls_back_to_safe_spec_names(tmp_path, monkeypat
     import tempfile
     from pathlib import Path
 
-    from gradscope.cli import _link_runs, _spec_safe
+    from gradscope.cli import link_runs, spec_safe
 
     def refuse(self, target, target_is_directory=False):
         raise OSError("symbolic links are not allowed here")
 
     monkeypatch.setattr(Path, "symlink_to", refuse)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    assert _link_runs({"a": tmp_path}) == (None, [])
+    assert link_runs({"a": tmp_path}) == (None, [])
     assert os.listdir(tmp_path) == []  # the empty folder is gone too
-    assert _spec_safe("lr=0.1,bs=32:x") == "lr=0.1_bs=32_x"
+    assert spec_safe("lr=0.1,bs=32:x") == "lr=0.1_bs=32_x"

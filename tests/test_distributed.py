@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gradscope import distributed
-from gradscope.cli import _without_nproc
+from gradscope.cli import without_nproc
 
 HERE = Path(__file__).parent
 
@@ -194,9 +194,9 @@ def test_nproc_per_node_bad_value_is_one_line(tmp_path):
 
 
 def test_worker_arguments_drop_only_nproc():
-    assert _without_nproc(["--nproc-per-node", "2", "--clip", "zclip", "t.py", "--nproc-per-node",
+    assert without_nproc(["--nproc-per-node", "2", "--clip", "zclip", "t.py", "--nproc-per-node",
                            "9"]) == ["--clip", "zclip", "t.py", "--nproc-per-node", "9"]
-    assert _without_nproc(["--nproc-per-node=4", "-m", "pkg.train"]) == ["-m", "pkg.train"]
+    assert without_nproc(["--nproc-per-node=4", "-m", "pkg.train"]) == ["-m", "pkg.train"]
 
 
 @pytest.mark.parametrize(("raw", "clean"), [

@@ -15,15 +15,7 @@ from torch import nn
 import gradscope
 
 from conftest import hook_counts
-from models import batch, mlp
-
-
-def _train(model, opt, steps=3):
-    for i in range(steps):
-        x, y = batch(seed=i)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+from models import batch, mlp, train
 
 
 def test_hooks_before_inside_after(out):
@@ -33,10 +25,10 @@ def test_hooks_before_inside_after(out):
     with gradscope.watch(model, out=out) as scope:
         inside = hook_counts(model)
         assert inside != before
-        assert len(scope._hooks) > 0
-        _train(model, opt)
+        assert len(scope.parts.hooks) > 0
+        train(model, opt, 3)
     assert hook_counts(model) == before
-    assert len(scope._hooks) == 0
+    assert len(scope.parts.hooks) == 0
 
 
 def test_nested_scopes_remove_only_their_own(out):
@@ -46,9 +38,9 @@ def test_nested_scopes_remove_only_their_own(out):
     with gradscope.watch(model, out=out, name="outer") as outer:
         one = hook_counts(model)
         with gradscope.watch(model, opt, out=out, name="inner") as inner:
-            _train(model, opt, 2)
+            train(model, opt, 2)
         assert hook_counts(model) == one
-        _train(model, opt, 1)
+        train(model, opt, 1)
     assert hook_counts(model) == before
     assert inner.steps == 2 and outer.steps == 3
 
@@ -58,7 +50,7 @@ def test_exception_inside_loop_removes_hooks_and_marks_failed(out):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = hook_counts(model)
     with pytest.raises(RuntimeError, match="boom"), gradscope.watch(model, out=out) as scope:
-        _train(model, opt, 2)
+        train(model, opt, 2)
         raise RuntimeError("boom")
     assert hook_counts(model) == before
     run = gradscope.load_run(scope.run_dir)
@@ -77,7 +69,7 @@ def test_close_is_idempotent_and_handle_style_works(out):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scope = gradscope.watch(model, out=out)
-    _train(model, opt, 2)
+    train(model, opt, 2)
     scope.close()
     scope.close()
     assert scope.closed and scope.steps == 2
@@ -96,9 +88,9 @@ def test_users_hooks_still_fire_and_see_the_same_values(out):
         opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
         if watched:
             with gradscope.watch(model, out=out):
-                _train(model, opt)
+                train(model, opt, 3)
         else:
-            _train(model, opt)
+            train(model, opt, 3)
         return seen
 
     assert run(True) == run(False)
@@ -108,7 +100,7 @@ def test_torch_save_and_deepcopy_of_a_watched_model(out):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, out=out):
-        _train(model, opt, 1)
+        train(model, opt, 1)
         buf = io.BytesIO()
         torch.save(model, buf)
         twin = copy.deepcopy(model)
@@ -206,9 +198,9 @@ def test_an_internal_error_never_stops_training(out, monkeypatch, capsys):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, out=out) as scope:
-        _train(model, opt, 2)
+        train(model, opt, 2)
         monkeypatch.setattr(GradProbe, "record", broken)
-        _train(model, opt, 3)  # training goes on
+        train(model, opt, 3)  # training goes on
     run = scope.load()
     assert run.meta["steps"] == 2 and run.meta["status"] == "completed"
     assert [e["event"] for e in run.events] == ["internal_error"]
@@ -223,7 +215,7 @@ def test_flush_in_the_middle_of_a_step_keeps_the_step(out):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, out=out) as scope:
-        _train(model, opt, 2)
+        train(model, opt, 2)
         x, y = batch(seed=9)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()

@@ -69,8 +69,9 @@ def _x_with_zero_row(step_bad):
 @pytest.mark.parametrize("immediate", [True, False])
 def test_forward_nan_is_blamed_on_the_module_that_made_it(out, immediate, monkeypatch):
     """log(0) in a custom module: the culprit is that module (anomaly mode blames the Linear
-    after it, notes/trackers.md), with finite inputs, at the right step. ``immediate=False``
-    is the accelerator path (flags kept on the device, read once per step)."""
+    after it: docs/comparison.md, "Where a NaN/Inf was made"), with finite inputs, at the right
+    step. ``immediate=False`` is the accelerator path (flags kept on the device, read once per
+    step)."""
     if not immediate:
         monkeypatch.setattr(NonfiniteTracer, "__init__", _deferred_init)
     model = nn.Sequential(nn.Linear(4, 8), nn.Identity(), Log(), nn.Linear(8, 1))
@@ -237,7 +238,7 @@ def test_tracer_hooks_come_off_when_done_and_at_close(out):
         for i in range(4):
             opt.zero_grad()
             model(make(i)).pow(2).mean().backward()
-        assert scope._tracer.done and not scope._tracer.armed
+        assert scope.parts.tracer.done and not scope.parts.tracer.armed
         assert hook_counts(model)["1"] == before["1"]  # Identity: only the tracer hooked it
     assert hook_counts(model) == before
 
@@ -266,7 +267,7 @@ def test_gradscaler_calibrating_its_scale_is_not_a_finding(out):
             scaler.scale(model(torch.rand(16, 4) * 100).pow(2).mean()).backward()
             scaler.step(opt)
             scaler.update()
-        assert not scope._tracer.armed
+        assert not scope.parts.tracer.armed
     run = scope.load()
     skipped = run.wide("skipped_step", "run")
     assert skipped.to_numpy().sum() >= 1  # the scaler did skip
@@ -297,7 +298,7 @@ def test_auto_tracer_gives_up_when_the_problem_does_not_recur(out, monkeypatch):
             loss.backward()
             if torch.isfinite(loss):
                 opt.step()
-        assert not scope._tracer.armed and not scope._tracer.done
+        assert not scope.parts.tracer.armed and not scope.parts.tracer.done
         assert hook_counts(model)["1"] == before["1"]  # the tracer's hooks came off
     assert _nonfinite(scope)["first_step"] == 3
 

@@ -448,7 +448,8 @@ def test_watch_swaps_on_a_dead_units_finding_and_keeps_measuring(out):
         assert isinstance(model[3], nn.LeakyReLU) and model[3].negative_slope == 0.1
         assert isinstance(model[1], nn.ReLU)  # the healthy one is left alone
         assert not old._forward_hooks and model[3]._forward_hooks  # hooks moved
-        traced = [m for _, m in scope._tracer._named]  # the NaN tracer follows the swap too
+        # the NaN tracer follows the swap too
+        traced = [m for _, m in scope.parts.tracer.traced_modules()]
         assert any(m is model[3] for m in traced) and not any(m is old for m in traced)
     assert not model[3]._forward_hooks  # and removed at close
     swaps = [e for e in _events(scope) if e.get("remedy") == "swap"]

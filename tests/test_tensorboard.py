@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.probes.grads import _fixed_range_counts, grad_histograms
+from gradscope.probes.grads import fixed_range_counts, grad_histograms
 from gradscope.records import RUN_LAYER, LongTable
 from gradscope.sinks.tensorboard import AGGREGATES, LAYOUT_TAG, TensorBoardSink, tag
 
@@ -406,7 +406,7 @@ def test_off_cpu_binning_counts_like_histc(deterministic):
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        counts = _fixed_range_counts(mapped, 30)
+        counts = fixed_range_counts(mapped, 30)
     finally:
         torch.use_deterministic_algorithms(before)
     ref = grad_histograms([g])[0, 2:]
@@ -430,7 +430,7 @@ def test_no_tensorboard_writes_no_tb_directory(out):
             model(torch.randn(4, 8)).sum().backward()
             opt.step()
     assert not (scope.run_dir / "tb").exists()
-    assert scope._grads.histograms is False  # nothing computed for nobody
+    assert scope.parts.recorder.grads.histograms is False  # nothing computed for nobody
     assert len(scope.load().metrics)
 
 

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..events import Event
+from ..meta import RunStatus, status_for
+
 
 class Session:
     """One watched training run of a framework: made when training begins, closed when it ends
@@ -56,8 +59,7 @@ class Session:
             print(f"gradscope: not watching this {self.framework} run: {exc}", file=sys.stderr,
                   flush=True)
             return
-        self.scope._event({"event": "framework", "name": self.framework, "note": note,
-                           **detail})
+        self.scope.add_event(Event.framework(self.framework, note, **detail))
         if self._state is not None:
             state, self._state = self._state, None
             try:
@@ -66,7 +68,7 @@ class Session:
                 print(f"gradscope: the remedies start afresh: {exc}", file=sys.stderr,
                       flush=True)
 
-    def stop(self, status: str = "completed") -> None:
+    def stop(self, status: str = RunStatus.COMPLETED) -> None:
         if self.open:
             self._state = None
             try:  # kept: a framework may checkpoint after training ends
@@ -91,9 +93,9 @@ class Session:
 
 
 def status_of(exc: BaseException | None) -> str:
-    if exc is None:
-        return "completed"
-    return "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    """The run's status when the framework ended with ``exc`` (:func:`gradscope.meta.status_for`,
+    the one mapping every entry point uses)."""
+    return str(status_for(exc))
 
 
 __all__ = ["Session", "status_of"]

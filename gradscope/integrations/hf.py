@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..meta import RunStatus
 from . import Session
 
 
@@ -62,4 +63,4 @@ class GradscopeCallback(_callback_base()):  # type: ignore[misc]
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._session.stop("completed")
+        self._session.stop(RunStatus.COMPLETED)

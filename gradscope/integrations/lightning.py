@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..meta import RunStatus
 from . import Session, status_of
 
 
@@ -69,14 +70,14 @@ class GradscopeCallback(_callback_base()):  # type: ignore[misc]
         )
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self._session.stop("completed")
+        self._session.stop(RunStatus.COMPLETED)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._session.stop(status_of(exception))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            self._session.stop("completed")
+            self._session.stop(RunStatus.COMPLETED)
 
     def state_dict(self) -> dict[str, Any]:
         return self._session.state_dict()

@@ -5,12 +5,13 @@ accumulated over micro-batches, all-reduced by DDP, and unscaled by a (non-fused
 Fused optimizers under a GradScaler still hold scaled gradients at that point; the caller passes
 the optimizer's ``grad_scale`` and the norms are divided by it on the device.
 
-Cost model (notes/mechanics.md §4, re-measured in benchmarks/): one ``torch._foreach_norm`` over
-all gradients is at the memory-bandwidth floor. Maximum absolute values cost about twice a norm on
-CPU (``aminmax`` per tensor, the cheapest kernel measured), so they are taken on sampled steps
-only. Exact non-finite counts cost 10-20 norms, so they are taken only on steps whose norms are
-non-finite: a finite sum of squares proves every element finite, so every other step's count is
-exactly 0 and is filled in on the host at flush time (:meth:`GradProbe.complete`).
+Cost model (docs/costs.md, "Gradient statistics"; re-measured in benchmarks/): one
+``torch._foreach_norm`` over all gradients is at the memory-bandwidth floor. Maximum absolute
+values cost about twice a norm on CPU (``aminmax`` per tensor, the cheapest kernel measured), so
+they are taken on sampled steps only. Exact non-finite counts cost 10-20 norms, so they are taken
+only on steps whose norms are non-finite: a finite sum of squares proves every element finite, so
+every other step's count is exactly 0 and is filled in on the host at flush time
+(:meth:`GradProbe.complete`).
 Histograms (``Config.histograms``, off by default) are taken on sampled steps only, one
 ``histc`` pass per gradient (see :func:`grad_histograms`).
 """
@@ -70,12 +71,12 @@ def grad_histograms(tensors: Sequence[torch.Tensor], bins: int = HIST_BINS) -> t
             scale = bins / (hi - lo).clamp_min(torch.finfo(flat.dtype).tiny)
             counts = torch.zeros(bins, dtype=flat.dtype, device=flat.device)
             for part in torch.split(flat, _HIST_CHUNK):
-                counts += _fixed_range_counts((part - lo).mul_(scale).clamp_(0, bins), bins)
+                counts += fixed_range_counts((part - lo).mul_(scale).clamp_(0, bins), bins)
         rows.append(torch.cat([lo.reshape(1), hi.reshape(1), counts]).float())
     return torch.stack(rows)
 
 
-def _fixed_range_counts(v: torch.Tensor, bins: int) -> torch.Tensor:
+def fixed_range_counts(v: torch.Tensor, bins: int) -> torch.Tensor:
     """Counts of ``v`` (values in ``[0, bins]``, NaN ignored) in the unit bins ``[i, i + 1)``.
     CUDA's ``histc`` has no deterministic kernel: under ``torch.use_deterministic_algorithms``
     the counts come from an accumulating ``index_put_`` (deterministic, slower)."""
@@ -146,13 +147,13 @@ class GradProbe:
         self.count_policy = count_policy
         self.histograms = histograms  # gradient histograms on sampled steps (TensorBoard)
         self.on_nonfinite: Callable[[], None] | None = None  # a step had NaN/Inf gradients
-        self._param_groups = ParamGroups(buffer)
+        self.param_groups = ParamGroups(buffer)
         buffer.column(RUN_LAYER, "run", "grad_norm_total")  # filled in at flush, see complete()
 
     def _group(self, slots: Sequence[ParamSlot], metric: str) -> Group:
         if metric == "grad_norm":  # counts are derived from norms at flush: need the columns
-            self._param_groups(slots, "grad_nonfinite")
-        return self._param_groups(slots, metric)
+            self.param_groups(slots, "grad_nonfinite")
+        return self.param_groups(slots, metric)
 
     def record(
         self,
@@ -182,7 +183,7 @@ class GradProbe:
                 hist = grad_histograms(grads)  # [k, 2 + bins]: min, max, counts
                 if grad_scale is not None:
                     hist[:, :2] /= grad_scale
-                self.buffer.write(self._param_groups(present, HIST_METRICS), hist)
+                self.buffer.write(self.param_groups(present, HIST_METRICS), hist)
                 peaks = torch.maximum(hist[:, 1], -hist[:, 0])
             else:
                 peaks = numerics.max_abs(grads)
@@ -220,7 +221,7 @@ class GradProbe:
         norms = numerics.norms(grads)
         if grad_scale is not None:
             norms = norms / grad_scale
-        self.buffer.write(self._param_groups(present, "grad_norm_clipped"), norms)
+        self.buffer.write(self.param_groups(present, "grad_norm_clipped"), norms)
         return present, grads, norms
 
     def complete(self, chunk: Chunk) -> None:

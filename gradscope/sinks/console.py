@@ -9,6 +9,7 @@ width. Text from the run (layer names, messages) is printed as text, never as ri
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..load import finding_steps
@@ -385,7 +386,7 @@ class FindingPrinter:
         self._times: list[float] = []
         self.suppressed = 0
 
-    def announce(self, finding: dict[str, Any], new: bool) -> None:
+    def announce(self, finding: Mapping[str, Any], new: bool) -> None:
         import sys
         import time
 

@@ -12,10 +12,13 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import rundir
 from ..records import LongTable
+
+if TYPE_CHECKING:
+    from ..events import Finding
 
 
 class Store:
@@ -61,7 +64,7 @@ class Store:
         self._events.write(json.dumps(record, allow_nan=True, default=str) + "\n")
         self._events.flush()
 
-    def write_findings(self, findings: list[dict[str, Any]]) -> None:
+    def write_findings(self, findings: list[Finding]) -> None:
         rundir.write_json(self.run_dir / rundir.FINDINGS, findings)
 
     def close(self) -> None:

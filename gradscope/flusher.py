@@ -1,0 +1,225 @@
+"""The flush: buffered steps → one host transfer → a record table → the rules → every sink.
+
+Every ``flush_every`` steps (or ``flush_secs`` seconds, in a single process) the step buffer's
+rows are copied to the host in one transfer, their derived metrics completed (``grad_norm_total``
+and the exact non-finite counts, update ratios, activation means, stds and fractions), combined
+with the other ranks' where there are several, diagnosed, and written.
+
+No record is lost on the way: rows stay in the buffer until their table is pending, and a
+pending table stays until every sink has written it, so a signal (or a failure) in the middle of
+a flush costs nothing: the next flush, or the one at ``close()``, writes what this one did not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .events import Event, Finding
+from .guard import REMEDIES, Guard
+from .imports import own_imports
+from .outputs import Outputs
+from .probes.activations import ModuleProbe
+from .probes.weights import WeightProbe
+from .records import RUN_LAYER, LongTable
+from .rules.engine import FINDING_REMEDY_RULES, Diagnoser, layer_info
+from .rules.nonfinite import traced_episode
+
+if TYPE_CHECKING:
+    from .ranks import RankCoordinator
+    from .recorder import StepRecorder
+    from .remedies.units import UnitRemedies
+    from .sinks.console import FindingPrinter
+
+
+class Flusher:
+    """Moves the recorder's buffered steps to the rules and the sinks.
+
+    Args:
+        recorder: Owns the step buffer and the probes.
+        outputs: The sinks.
+        console: Prints each finding as it is raised, and the summary at the end.
+        ranks: Several processes: the flush exchange (None in a single process).
+        guard: The Scope's guard.
+        on_device: Returns whether the watched model is on the CPU now (it may move).
+        after_write: Called after every written flush (run.json's cadence).
+        warn: Tells the user once.
+        hint: Rewrites a finding's suggestion for where the run was started (``gradscope
+            run``: command-line flags instead of ``watch()`` keywords).
+
+    The rules (:class:`~gradscope.rules.engine.Diagnoser`, None with ``diagnose=False``) are
+    the flusher's: it feeds them every flushed table and announces what they raise.
+    """
+
+    def __init__(self, recorder: StepRecorder, outputs: Outputs, console: FindingPrinter,
+                 ranks: RankCoordinator | None, guard: Guard, on_cpu: Callable[[], bool],
+                 after_write: Callable[[], None], warn: Callable[[str], None],
+                 hint: Callable[[str], str] | None = None) -> None:
+        self._rec = recorder
+        self._out = outputs
+        self.console = console
+        self.hint = hint
+        config = recorder.config
+        self.diagnoser = Diagnoser(config.thresholds, self.announce,
+                                   sample_every=config.activation_every) \
+            if config.diagnose else None
+        self._ranks = ranks
+        self._guard = guard
+        self._on_cpu = on_cpu
+        self._after_write = after_write
+        self._warn = warn
+        self.last = time.monotonic()
+        # flushed from the buffer, not yet written by every sink: (table, sinks done, rows)
+        self._pending: list[tuple[LongTable, set[int], int]] = []
+        self._pending_rows = 0
+        self.remedies: UnitRemedies | None = None  # wired by the Scope: swap, recycle
+
+    def due(self) -> bool:
+        """The buffer (with what waits for a sink) holds ``flush_every`` steps."""
+        return len(self._rec.buffer.rows) + self._pending_rows >= self._rec.config.flush_every
+
+    def overdue(self) -> bool:
+        """``flush_secs`` passed since the last flush (a single process only: with several
+        ranks the flushes are collectives, so they go by steps)."""
+        return self._ranks is None and \
+            time.monotonic() - self.last >= self._rec.config.flush_secs
+
+    def flush(self, write: bool = True) -> None:
+        """Copy the buffered steps to the host and diagnose them; ``write``: also write them
+        (and everything diagnosed early) to the sinks. Early diagnosis (``write=False``)
+        serves the remedies that act on findings, without a Parquet file per sample."""
+        with own_imports():  # the first flush imports pyarrow: never the script's modules
+            self._flush(write)
+
+    def _flush(self, write: bool) -> None:
+        rec = self._rec
+        if write:
+            self.last = time.monotonic()
+            rec.follow_device(self._on_cpu())
+        # a step in progress (a flush() called mid-step) stays on the device
+        taken = rec.buffer.take(keep_current=rec.clock.row_open)
+        chunk = taken
+        if self._ranks is not None and self._ranks.active:
+            chunk = self._ranks.exchange(chunk, self._warn)
+        if chunk is not None:
+            rec.grads.complete(chunk)
+            WeightProbe.complete(chunk)
+            ModuleProbe.complete(chunk)
+            table = LongTable.from_chunk(chunk)
+            self._pending.append((table if rec.grads.histograms else table.published(),
+                                  set(), len(chunk.steps)))
+            if taken is not None:
+                rec.buffer.forget(taken)
+            self._pending_rows += len(chunk.steps)
+            if self.diagnoser is not None:
+                self._diagnose(table, early=not write)
+        elif taken is not None:
+            rec.buffer.forget(taken)
+        if not write:
+            return
+        if self._pending:
+            self._write_pending()
+        self._after_write()
+
+    def _write_pending(self) -> None:
+        """Every pending table to every sink that has not written it yet; a table leaves the
+        queue once all have (a sink switched off counts as done: it writes no more)."""
+        out = self._out
+        histograms = self._rec.grads.histograms
+        stored: list[LongTable] = []
+        for sink in out.sinks:
+            key = id(sink)
+            todo = [t for t, done, _ in self._pending if key not in done]
+            if not todo:
+                continue
+            raw = LongTable.concat(todo)
+            # only TensorBoard reads the raw histogram columns
+            table = raw if sink is out.tensorboard or not histograms else raw.published()
+            if out.write(sink, table):
+                for _, done, _ in self._pending:
+                    done.add(key)
+                if sink is out.store:
+                    stored.append(table)
+        live = {id(s) for s in out.sinks if out.live(s)}
+        self._pending = [p for p in self._pending if not live <= p[1]]
+        self._pending_rows = sum(p[2] for p in self._pending)
+        for table in stored:
+            self._summarize_clipping(table)
+
+    def _diagnose(self, table: LongTable, early: bool = False) -> None:
+        """Run the rules on newly flushed records. ``early`` (a sample between flushes, for the
+        remedies that act on findings): only the rules those remedies read."""
+        diagnoser = self.diagnoser
+        assert diagnoser is not None
+        rec = self._rec
+        info = layer_info(rec.table.describe(), rec.modules.site_names())
+        diagnoser.update(table, info, FINDING_REMEDY_RULES if early else None)
+        for error in diagnoser.errors:
+            self._out.record(Event.internal_error("rules", error))
+        diagnoser.errors.clear()
+        rem = self.remedies
+        if rem is not None:
+            # a remedy bug must not take training down: the remedies switch off
+            actions = self._guard.isolate(REMEDIES, "remedies", rem.on_findings,
+                                          diagnoser.findings, rec.clock.step,
+                                          rec.clock.optimizers())
+            for action in actions or ():
+                diagnoser.attach(action.finding, action.record)
+
+    def _summarize_clipping(self, table: LongTable) -> None:
+        """One ``clipped`` event per flush: how many steps clipping changed, and by how much
+        (per-step coefficients are in the records)."""
+        import numpy as np
+
+        rem = self._rec.remedies
+        if rem is None or rem.clip is None:
+            return
+        try:
+            col = table.columns.index((RUN_LAYER, "run", "clip_coef"))
+        except ValueError:
+            return
+        rows = table.col == col
+        if not rows.any():
+            return
+        coef = table.value[rows]
+        steps = table.step[rows]
+        clipped = coef < 1.0 - 1e-6
+        if clipped.any():
+            self._out.event(Event.remedy(
+                "clip", "clipped",
+                method=str(rem.clip), steps=[int(steps[0]), int(steps[-1])],
+                clipped_steps=int(clipped.sum()), of_steps=int(rows.sum()),
+                min_coef=float(coef[clipped].min()),
+                median_coef=float(np.median(coef[clipped])),
+            ))
+
+    def traced(self, info: dict[str, Any]) -> None:
+        """The tracer named where the first non-finite value came from: an event, and the
+        ``nonfinite`` finding's attribution. With several ranks, every rank hears of it at the
+        next flush (the rank is part of the finding)."""
+        if self._ranks is not None:
+            self._ranks.traced(info)
+            return
+        self._out.record(Event.nonfinite_traced(info))
+        if self.diagnoser is not None:
+            self.diagnoser.merge(traced_episode(info))
+
+    def announce(self, finding: Finding, new: bool) -> None:
+        """A finding raised (``new``) or told again with better information: an event for
+        every sink, and a line on stderr."""
+        if self.hint is not None:
+            finding = {**finding, "suggestion": self.hint(finding["suggestion"])}
+        self._out.event(Event.finding(finding, new))
+        self.console.announce(finding, new)
+
+    def findings(self, final: bool = False) -> list[Finding]:
+        """The findings so far (copies), with which rank went first where there are several;
+        ``final``: as findings.json holds them (the suggestion rewritten by :attr:`hint`)."""
+        findings = self.diagnoser.snapshot() if self.diagnoser is not None else []
+        if self._ranks is not None:
+            findings = self._ranks.evidence(findings)
+        if final and self.hint is not None:
+            for f in findings:
+                f["suggestion"] = self.hint(f["suggestion"])
+        return findings
