@@ -26,266 +26,66 @@ The schema:
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import math
 import os
-import socket
 import stat
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import rundir
+from .chunks import chunk_files, clean_chunk, read_chunk, schema_problem
+from .runstate import CLOSED, STALE_SECS, Progress, progress
+from .schema import (
+    COLUMNS,
+    FINDING_FIELDS,
+    FINDING_OPTIONAL,
+    MAX_STEP,
+    META_FIELDS,
+    PER_FILE,
+    SEVERITIES,
+    STATUSES,
+    _is_int,
+    _one_line,
+    _Tally,
+    _type_name,
+    validate_finding,
+    validate_meta,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
-    import pyarrow as pa
 
-COLUMNS = ("step", "layer", "kind", "metric", "value")
-KINDS = ("param", "module", "run")
-STATUSES = ("running", "completed", "failed", "interrupted")
-CLOSED = ("completed", "failed", "interrupted")
-SEVERITIES = ("error", "warning", "info")
-MAX_STEP = 2**53  # steps are exact integers in float64 (and no run gets near)
-STALE_SECS = 15 * 60.0
-"""A ``running`` run whose process cannot be checked (another machine) and whose files have
-not changed for this long is taken to have ended without closing."""
-PER_FILE = 10  # problems listed per file; the rest are counted in one more line
-
-
-def _is_int(v: Any, lo: int = 0, hi: int = MAX_STEP) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _or_null(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or check(v)
-
-
-def _str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-META_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "gradscope": (_is_str, "a string"),
-    "torch": (_is_str, "a string"),
-    "python": (_is_str, "a string"),
-    "platform": (_is_str, "a string"),
-    "host": (_is_str, "a string"),
-    "command": (_is_str, "a string"),
-    "argv": (_str_list, "a list of strings"),
-    "cwd": (_is_str, "a string"),
-    "pid": (lambda v: _is_int(v, 1, 2**31 - 1), "a process id"),
-    "config": (lambda v: isinstance(v, dict), "an object"),
-    "models": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-               "an object of strings"),
-    "started": (_or_null(_is_str), "a time"),
-    "ended": (_or_null(_is_str), "a time"),
-    "status": (lambda v: v in STATUSES, "one of " + ", ".join(STATUSES)),
-    "exit_code": (_or_null(lambda v: _is_int(v, -(2**31), 2**31)), "an exit code"),
-    "world_size": (lambda v: _is_int(v, 1, 2**31), "a number of processes"),
-    "steps": (_is_int, "a step count"),
-    "step_mode": (_or_null(_is_str), "a string"),
-    "layers": (lambda v: isinstance(v, list), "a list"),
-    "sites": (lambda v: isinstance(v, list), "a list"),
-    "distributed": (lambda v: isinstance(v, dict), "an object"),
-    "note": (_is_str, "a string"),
-}
-"""run.json's fields: a check of the value and what it should be."""
-
-FINDING_FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
-    "severity": (lambda v: v in SEVERITIES, "one of " + ", ".join(SEVERITIES), "unknown"),
-    "layer": (_is_str, "a string", "?"),
-    "first_step": (_or_null(_is_int), "a step", None),
-    "last_step": (_or_null(_is_int), "a step", None),
-    "evidence": (lambda v: isinstance(v, dict), "an object", {}),
-    "message": (_is_str, "a string", ""),
-    "suggestion": (_is_str, "a string", ""),
-}
-"""A finding's fields besides ``kind`` (a string, or the finding is dropped): a check, what it
-should be, and the value a missing or bad one is replaced by."""
-FINDING_OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "remedies": (lambda v: isinstance(v, list), "a list"),
-    "module": (_or_null(_is_str), "a string"),
-}
-"""Fields a finding may have; a bad one is dropped."""
-
-
-def _one_line(text: object, limit: int = 200) -> str:
-    out = " ".join(str(text).split())
-    return out if len(out) <= limit else out[: limit - 3] + "..."
-
-
-def _type_name(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return repr(v) if len(repr(v)) <= 24 else f"a {len(repr(v))}-digit number"
-    if isinstance(v, str):
-        return repr(v) if len(v) <= 24 else "a string"
-    if isinstance(v, dict):
-        return "an object"
-    return "a list" if isinstance(v, list) else type(v).__name__
-
-
-class _Tally:
-    """The problems of one file: the first :data:`PER_FILE` as they are, then a count."""
-
-    def __init__(self, problems: list[str], source: str, sep: str = ": ") -> None:
-        self.problems = problems
-        self.prefix = source + sep
-        self.source = source
-        self.count = 0
-
-    def add(self, text: str) -> None:
-        self.count += 1
-        if self.count <= PER_FILE:
-            self.problems.append(_one_line(self.prefix + text, 300))
-
-    def close(self) -> None:
-        if self.count > PER_FILE:
-            self.problems.append(f"{self.source}: {self.count - PER_FILE} more problem(s) "
-                                 "like these")
-        self.count = 0
-
-
-@dataclass(frozen=True)
-class Progress:
-    """How far a run got, from what is on disk (run.json is rewritten only now and then, and
-    never again after a ``kill -9``).
-
-    Attributes:
-        state: ``completed``, ``failed``, ``interrupted`` (the run closed), ``running`` (its
-            process is alive, or it wrote recently), ``did not close`` (run.json says running,
-            but its process is gone, or nothing changed for :data:`STALE_SECS`), ``unknown``
-            (no status recorded).
-        why: Why ``did not close`` was concluded (empty otherwise).
-        steps: The steps the run got through: the larger of run.json's count and the last
-            recorded step + 1.
-        recorded: How many distinct steps have records.
-        meta_steps: run.json's step count (None when it has none).
-    """
-
-    state: str
-    why: str
-    steps: int
-    recorded: int
-    meta_steps: int | None
-
-    @property
-    def closed(self) -> bool:
-        """The run ended and said how (completed, failed or interrupted)."""
-        return self.state in CLOSED
-
-    @property
-    def status_text(self) -> str:
-        """What a header shows as the status."""
-        if self.state == "did not close":
-            return "ended without closing (killed?)"
-        return self.state
-
-    @property
-    def steps_text(self) -> str:
-        """What a header shows as the steps: ``25``, ``25 (20 with records)``, ``25 (run.json
-        said 4 when last written)``."""
-        notes = []
-        if self.recorded != self.steps:
-            notes.append(f"{self.recorded} with records")
-        if self.meta_steps is not None and self.meta_steps != self.steps:
-            notes.append(f"run.json said {self.meta_steps} when last written")
-        return f"{self.steps} ({'; '.join(notes)})" if notes else str(self.steps)
-
-
-def progress(meta: dict[str, Any], path: Path, last_step: int, recorded: int,
-             now: float | None = None) -> Progress:
-    """The run's :class:`Progress` from its (validated) metadata, the last step recorded
-    (-1: none) and the number of distinct steps recorded."""
-    meta_steps = meta.get("steps")
-    steps = max(meta_steps if isinstance(meta_steps, int) else 0, last_step + 1)
-    status = meta.get("status")
-    why = ""
-    if status in CLOSED:
-        state = str(status)
-    elif status != "running":
-        state = "unknown"
-    else:
-        state, why = _liveness(meta, path, time.time() if now is None else now)
-    return Progress(state, why, steps, recorded,
-                    meta_steps if isinstance(meta_steps, int) else None)
-
-
-def _liveness(meta: dict[str, Any], path: Path, now: float) -> tuple[str, str]:
-    """``running`` or ``did not close``, and why, for a run whose run.json says running."""
-    pid, host = meta.get("pid"), meta.get("host")
-    # a run.json that names no host is taken to be from this machine
-    if isinstance(pid, int) and (host is None or host == socket.gethostname()):
-        alive = _pid_alive(pid, meta.get("started"))
-        if alive is False:
-            return "did not close", (f"run.json says running, but its process (pid {pid}) is "
-                                     "gone: the run ended without closing (killed?)")
-        if alive:
-            return "running", ""
-    newest = _newest_mtime(path)
-    if newest is not None and now - newest > STALE_SECS:
-        return "did not close", (f"run.json says running, but nothing in the run directory "
-                                 f"changed for {_ago(now - newest)}: the run ended without "
-                                 "closing (killed?), or it hangs")
-    return "running", ""
-
-
-def _pid_alive(pid: int, started: Any) -> bool | None:
-    """Whether process ``pid`` is alive and is the run's (not a later process that got its
-    id); None where that cannot be told."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    except (OSError, OverflowError, ValueError):
-        return None
-    try:  # Linux: a zombie is dead; a process younger than the run is another one
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        if fields[0] in ("Z", "X"):
-            return False
-        btime = next(float(line.split()[1]) for line in
-                     Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
-        born = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        begun = datetime.strptime(str(started), "%Y-%m-%dT%H:%M:%S%z").timestamp()
-        if born > begun + 2.0:
-            return False
-    except (OSError, ValueError, IndexError, StopIteration, OverflowError):
-        pass
-    return True
-
-
-def _newest_mtime(path: Path) -> float | None:
-    times = []
-    for p in (path / rundir.RUN_JSON, path / rundir.EVENTS, path / rundir.METRICS):
-        try:
-            times.append(p.stat().st_mtime)
-        except OSError:
-            continue
-    try:
-        for chunk in (path / rundir.METRICS).glob("part-*.parquet"):
-            times.append(chunk.stat().st_mtime)
-    except OSError:
-        pass
-    return max(times) if times else None
-
-
-def _ago(secs: float) -> str:
-    h, rem = divmod(int(secs), 3600)
-    return f"{h}h {rem // 60:02d}m" if h else f"{rem // 60}m {rem % 60:02d}s"
+# the checks live in schema.py, runstate.py and chunks.py; their names stay importable from here
+__all__ = [
+    "CLOSED",
+    "COLUMNS",
+    "FINDING_FIELDS",
+    "FINDING_OPTIONAL",
+    "MAX_STEP",
+    "META_FIELDS",
+    "PER_FILE",
+    "SEVERITIES",
+    "STALE_SECS",
+    "STATUSES",
+    "Progress",
+    "Run",
+    "check_run_dir",
+    "chunk_files",
+    "clean_chunk",
+    "finding_steps",
+    "findings_from_events",
+    "layer_order",
+    "load_run",
+    "progress",
+    "read_chunk",
+    "read_events",
+    "read_findings",
+    "read_meta",
+    "schema_problem",
+    "validate_finding",
+    "validate_meta",
+]
 
 
 @dataclass
@@ -447,52 +247,6 @@ def read_meta(path: Path, problems: list[str]) -> dict[str, Any]:
     return validate_meta(loaded, problems)
 
 
-def validate_meta(obj: Any, problems: list[str]) -> dict[str, Any]:
-    """run.json's valid part: wrong-typed fields dropped, bad layer entries dropped."""
-    if not isinstance(obj, dict):
-        problems.append(f"run.json is {_type_name(obj)}, not a JSON object: no run header, "
-                        "layer order unknown")
-        return {}
-    tally = _Tally(problems, "run.json")
-    meta: dict[str, Any] = {}
-    for key, value in obj.items():
-        check = META_FIELDS.get(key)
-        if check is not None and not check[0](value):
-            tally.add(f"{key} is {_type_name(value)}, expected {check[1]}: ignored")
-            continue
-        meta[key] = value
-    if "layers" in meta:
-        meta["layers"] = _valid_layers(meta["layers"], tally)
-    if "sites" in meta:
-        sites = [s for s in meta["sites"] if isinstance(s, str)]
-        if len(sites) < len(meta["sites"]):
-            tally.add(f"{len(meta['sites']) - len(sites)} of the sites are not names: ignored")
-        meta["sites"] = sites
-    tally.close()
-    return meta
-
-
-def _valid_layers(entries: list[Any], tally: _Tally) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for i, e in enumerate(entries):
-        bad = None
-        if not isinstance(e, dict):
-            bad = f"is {_type_name(e)}, not an object"
-        elif not isinstance(e.get("name"), str):
-            bad = f"has name {_type_name(e.get('name'))}, expected a string"
-        elif e.get("kind") not in ("param", "module"):
-            bad = f"has kind {_type_name(e.get('kind'))}, expected 'param' or 'module'"
-        elif not isinstance(e.get("type"), str):
-            bad = f"has type {_type_name(e.get('type'))}, expected a string"
-        elif e["kind"] == "param" and not isinstance(e.get("module"), str):
-            bad = f"has module {_type_name(e.get('module'))}, expected a string"
-        if bad is None:
-            out.append(e)
-        else:
-            tally.add(f"layers entry {i} {bad}: ignored")
-    return out
-
-
 def read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
     """events.jsonl of the run directory ``path``: its valid lines (JSON objects with an
     ``event`` name; a ``step`` that is not a step number is dropped from its line)."""
@@ -555,38 +309,6 @@ def read_findings(path: Path, events: list[dict[str, Any]],
     return found
 
 
-def validate_finding(item: Any, where: str, tally: _Tally) -> dict[str, Any] | None:
-    """A valid finding from ``item`` (bad fields repaired), or None when it has no kind."""
-    if not isinstance(item, dict):
-        tally.add(f"{where} is {_type_name(item)}, not an object: ignored")
-        return None
-    if not isinstance(item.get("kind"), str) or not item["kind"]:
-        tally.add(f"{where} has kind {_type_name(item.get('kind'))}, expected a name: ignored")
-        return None
-    out = dict(item)
-    issues, missing = [], []
-    for key, (check, what, default) in FINDING_FIELDS.items():
-        if key not in item:
-            missing.append(key)
-            out[key] = default
-        elif not check(item[key]):
-            issues.append(f"{key} is {_type_name(item[key])}, expected {what}")
-            out[key] = default
-    for key, (check, what) in FINDING_OPTIONAL.items():
-        if key in item and not check(item[key]):
-            issues.append(f"{key} is {_type_name(item[key])}, expected {what}")
-            del out[key]
-    first, last = out["first_step"], out["last_step"]
-    if first is not None and last is not None and last < first:
-        issues.append(f"last_step {last} is before first_step {first}")
-        out["last_step"] = first
-    if missing:
-        issues.append(f"no {', '.join(missing)}")
-    if issues:
-        tally.add(f"{where} ({item['kind']}): {'; '.join(issues)}: repaired")
-    return out
-
-
 def finding_steps(f: dict[str, Any]) -> str:
     """A finding's steps as the summary and the report show them: ``12`` or ``12-40`` (``?``
     for a step it does not know)."""
@@ -614,138 +336,6 @@ def findings_from_events(events: list[dict[str, Any]],
         latest[key] = finding
     tally.close()
     return list(latest.values())
-
-
-# -- metrics ------------------------------------------------------------------------------------
-def chunk_files(path: Path, problems: list[str]) -> list[Path]:
-    """The run's Parquet chunks, in order (regular files only; temporary ones left out)."""
-    metrics = path / rundir.METRICS
-    try:
-        st = metrics.stat()
-    except FileNotFoundError:
-        problems.append("metrics/ missing: no metrics recorded")
-        return []
-    except OSError as exc:
-        problems.append(f"metrics/ unreadable ({exc.strerror or exc}): no metrics")
-        return []
-    if not stat.S_ISDIR(st.st_mode):
-        problems.append("metrics is not a folder: no metrics")
-        return []
-    try:
-        candidates = sorted(metrics / n for n in os.listdir(metrics)
-                            if fnmatch.fnmatchcase(n, "part-*.parquet"))
-    except OSError as exc:
-        problems.append(f"metrics/ unreadable ({exc.strerror or exc}): no metrics")
-        return []
-    files = []
-    tally = _Tally(problems, "metrics/")
-    for f in candidates:
-        try:
-            regular = stat.S_ISREG(f.stat().st_mode)
-        except OSError as exc:
-            tally.add(f"{f.name} unreadable ({exc.strerror or exc}): its steps are missing")
-            continue
-        if regular:
-            files.append(f)
-        else:
-            tally.add(f"{f.name} is not a regular file: ignored")
-    tally.close()
-    return files
-
-
-def _is_text(t: pa.DataType) -> bool:
-    import pyarrow as pa
-
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    is_view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
-    return bool(pa.types.is_string(t) or pa.types.is_large_string(t)
-                or (is_view is not None and is_view(t)))
-
-
-def schema_problem(schema: pa.Schema) -> str | None:
-    """Why a chunk with this Arrow schema cannot be read as metrics (None: it can)."""
-    import pyarrow as pa
-
-    names = schema.names
-    missing = [c for c in COLUMNS if c not in names]
-    if missing:
-        return (f"no {', '.join(missing)} column (it has: {', '.join(map(str, names[:8]))})")
-    twice = [c for c in COLUMNS if names.count(c) > 1]
-    if twice:
-        return f"column {twice[0]} appears twice"
-    for col in ("step", "value"):
-        t = schema.field(col).type
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-            return f"column {col} holds {t}, expected numbers"
-    for col in ("layer", "kind", "metric"):
-        t = schema.field(col).type
-        if not _is_text(t):
-            return f"column {col} holds {t}, expected strings"
-    return None
-
-
-def clean_chunk(table: pa.Table, name: str, problems: list[str]) -> pa.Table | None:
-    """The valid rows of a metrics chunk as (step int64, layer, kind, metric, value float64);
-    None when its columns are wrong. Rows with a bad step (missing, negative, fractional,
-    non-finite, beyond :data:`MAX_STEP`), a missing name or value, or an unknown kind are
-    dropped, and counted in one problem line."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    why = schema_problem(table.schema)
-    if why is not None:
-        problems.append(f"{name} unreadable ({why}): its steps are missing")
-        return None
-    extra = [c for c in table.column_names if c not in COLUMNS]
-    table = table.select(list(COLUMNS))
-    n = table.num_rows
-    step = table.column("step")
-    if pa.types.is_integer(step.type):
-        raw = step.fill_null(-1).to_numpy() if step.null_count else step.to_numpy()
-        ok = (raw >= 0) & (raw <= MAX_STEP)
-    else:
-        raw = pc.fill_null(step.cast(pa.float64()), math.nan).to_numpy()
-        with np.errstate(invalid="ignore"):
-            ok = np.isfinite(raw) & (raw >= 0) & (raw <= MAX_STEP) & (np.floor(raw) == raw)
-    bad_steps = n - int(ok.sum())
-    kind_ok = pc.fill_null(pc.is_in(table.column("kind"), value_set=pa.array(KINDS)), False)
-    ok &= np.asarray(kind_ok.to_numpy(zero_copy_only=False), dtype=bool)
-    for col in ("layer", "metric", "value"):
-        if table.column(col).null_count:
-            ok &= np.asarray(table.column(col).is_valid().to_numpy(zero_copy_only=False),
-                             dtype=bool)
-    dropped = n - int(ok.sum())
-    if dropped:
-        kinds = dropped - bad_steps
-        detail = ", ".join(x for x in (f"{bad_steps} with a step that is not a step number"
-                                       if bad_steps else "",
-                                       f"{kinds} with an unknown kind or a missing name or "
-                                       "value" if kinds else "") if x)
-        problems.append(f"{name}: {dropped} of {n} rows dropped ({detail})")
-        table = table.filter(pa.array(ok))
-        raw = raw[ok]
-    if extra:
-        problems.append(f"{name}: extra column(s) ignored: {', '.join(map(str, extra[:8]))}")
-    steps = pa.array(np.asarray(raw, dtype=np.int64), pa.int64())
-    table = table.set_column(0, "step", steps)
-    if table.column("value").type != pa.float64():
-        table = table.set_column(4, "value", table.column("value").cast(pa.float64()))
-    return table
-
-
-def read_chunk(path: Path, problems: list[str]) -> pa.Table | None:
-    """One Parquet chunk, read and cleaned (:func:`clean_chunk`); None when unreadable."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises many kinds for a damaged file
-        problems.append(f"{path.name} unreadable ({type(exc).__name__}: {_one_line(exc, 120)})"
-                        ": its steps are missing")
-        return None
-    return clean_chunk(table, path.name, problems)
 
 
 def _empty_metrics() -> pd.DataFrame:

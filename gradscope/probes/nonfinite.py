@@ -13,7 +13,8 @@ flush time). The loss is checked too where reading it is free (CPU). On the firs
   them; the culprit is the module whose input gradient is non-finite while the gradients
   arriving at its outputs were finite. A non-finite gradient arriving at a module's *output* came
   from code outside any module (the loss, a functional op). Inf counts as much as NaN (anomaly
-  mode checks backward outputs for NaN only and misses an Inf from sqrt at 0; notes/trackers.md).
+  mode checks backward outputs for NaN only and misses an Inf from sqrt at 0; docs/comparison.md,
+  "Where a NaN/Inf was made").
 
 Checks are ``isfinite(t.sum())`` (one reduction; a sum of huge finite values that overflows is
 re-checked element-wise). Where tensors live on the CPU the verdicts are read at once, and the
@@ -29,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +39,19 @@ from ..guard import Guard
 from ..hooks import Hook, HookSet
 from ..layers import ROOT
 from . import numerics
+from .culprit import (
+    _dtype,
+    _FwdCall,
+    _GradEvent,
+    backward_verdict,
+    bad_data_info,
+    bad_loss_info,
+    deferred_forward_info,
+    forward_info,
+)
+
+if TYPE_CHECKING:
+    pass
 
 Report = Callable[[dict[str, Any]], None]
 ARMED_STEPS = 100
@@ -72,47 +86,6 @@ def _is_bad(t: torch.Tensor) -> bool:
     if bool(torch.isfinite(numerics.total(t))):
         return False
     return not bool(torch.isfinite(t).all())
-
-
-def _max_abs_finite(ts: list[torch.Tensor]) -> float | None:
-    best: float | None = None
-    for t in ts:
-        t = t.detach()
-        finite = t[torch.isfinite(t)]
-        if finite.numel():
-            m = float(finite.abs().max())
-            best = m if best is None else max(best, m)
-    return best
-
-
-def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
-
-
-def _summary(ts: list[torch.Tensor]) -> dict[str, int]:
-    nan = sum(int(torch.isnan(t.detach()).sum()) for t in ts)
-    inf = sum(int(torch.isinf(t.detach()).sum()) for t in ts)
-    return {"nan": nan, "inf": inf, "elements": sum(t.numel() for t in ts)}
-
-
-@dataclass
-class _GradEvent:
-    tensor: int  # id() of the tensor the hook sat on (alive during its backward pass)
-    module: str
-    cls: str
-    which: str  # "in" / "out"
-    bad: Any  # bool (CPU) or 0-d device bool tensor
-    values: torch.Tensor | None = None  # the gradient, kept only when bad (CPU), for evidence
-
-
-@dataclass
-class _FwdCall:
-    module: str
-    cls: str
-    out_bad: Any
-    in_bad: Any
-    mod: nn.Module | None = None
-    dtype: str = ""  # of the first output: float16 non-finite from finite inputs = an overflow
 
 
 @dataclass
@@ -174,6 +147,10 @@ class NonfiniteTracer:
             added.append((name or ROOT, module))
         self._named.extend(added)
         return added
+
+    def traced_modules(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every module the tracer checks when armed."""
+        return list(self._named)
 
     def add_model(self, prefix: str, model: nn.Module) -> None:
         """Trace the modules of a model found later in the run (hooked now if armed)."""
@@ -258,25 +235,7 @@ class NonfiniteTracer:
     def _forward_culprit(
         self, name: str, module: nn.Module, ins: list[torch.Tensor], outs: list[torch.Tensor]
     ) -> None:
-        step = self._step()
-        bad_params = [
-            pname for pname, p in module.named_parameters()
-            if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())
-        ]
-        summary = _summary(outs)
-        info: dict[str, Any] = {
-            "step": step, "phase": "forward", "module": name, "class": type(module).__name__,
-            "inputs_finite": True, "input_max_abs": _max_abs_finite(ins),
-            "output": summary, "output_dtype": _dtype(outs[0]),
-        }
-        if info["output_dtype"] == "float16" and summary["inf"] > 0:
-            info["fp16_overflow"] = True  # finite inputs, infinite float16 outputs
-        if bad_params:
-            info["nonfinite_params"] = bad_params[:10]
-            earlier = self.first_flag_step is not None and self.first_flag_step < step
-            info["phase"] = "optimizer"
-            info["poisoned"] = earlier  # the weights came from an update of bad gradients
-        self._finish(info)
+        self._finish(forward_info(self._step(), name, module, ins, outs, self.first_flag_step))
 
     # -- backward ---------------------------------------------------------------------------------
     def _on_grad(self, key: int, name: str, cls: str, which: str, grad: torch.Tensor) -> None:
@@ -313,20 +272,10 @@ class NonfiniteTracer:
             self._resolve_backward(st.grads)
 
     def _bad_loss(self, loss: torch.Tensor) -> None:
-        self._finish({
-            "step": self._step(), "phase": "forward", "module": None, "class": None,
-            "loss": float(loss.detach().float().reshape(-1)[0]),
-            "note": ("every module's output was finite: the loss computation (or code between "
-                     "the model and the loss) produced the non-finite value"),
-        })
+        self._finish(bad_loss_info(self._step(), loss))
 
     def _bad_data(self, module: str) -> None:
-        self._finish({
-            "step": self._step(), "phase": "forward", "module": None, "class": None,
-            "before_module": module,
-            "note": (f"the inputs of {module} were already non-finite when it ran: they came "
-                     "from the data or from code outside the watched modules"),
-        })
+        self._finish(bad_data_info(self._step(), module))
 
     def end_step(self) -> None:
         """A step ended without a backward pass seen by the tracer (nothing to resolve)."""
@@ -357,21 +306,7 @@ class NonfiniteTracer:
                 self._bad_data(call.module)
                 return
             if host[2 * i] and not host[2 * i + 1]:
-                step = self._step()
-                info: dict[str, Any] = {"step": step, "phase": "forward", "module": call.module,
-                                        "class": call.cls, "inputs_finite": True,
-                                        "output_dtype": call.dtype}
-                if call.dtype == "float16":  # only flags were read: inf or NaN is not known
-                    info["fp16_overflow"] = "likely"
-                if call.mod is not None:
-                    bad_params = [p for p, t in call.mod.named_parameters()
-                                  if not bool(torch.isfinite(t.detach()).all())]
-                    if bad_params:
-                        info["phase"] = "optimizer"
-                        info["nonfinite_params"] = bad_params[:10]
-                        info["poisoned"] = (self.first_flag_step is not None
-                                            and self.first_flag_step < step)
-                self._finish(info)
+                self._finish(deferred_forward_info(self._step(), call, self.first_flag_step))
                 return
         if check_loss and host[-1]:
             assert loss is not None
@@ -400,44 +335,7 @@ class NonfiniteTracer:
             # e.g. sqrt'(0) = inf behind a ReLU that was off: threshold_backward writes 0 there,
             # so no parameter gradient is affected. Not a pathology; keep tracing.
             return
-        step = self._step()
-        bad_out: set[str] = {ev.module for ev in events[:first_bad] if ev.which == "out"
-                             and ev.bad}
-        # every hook on the first bad tensor: is it the input of a module whose outputs
-        # received finite gradients? That module turned a finite gradient non-finite.
-        key = events[first_bad].tensor
-        same = [ev for ev in events[first_bad:] if ev.tensor == key and ev.bad]
-        for ev in same:
-            if ev.which != "in" or ev.module in bad_out:
-                continue
-            got_out = [o for o in events[:first_bad] if o.module == ev.module
-                       and o.which == "out"]
-            if got_out:
-                self._finish(self._backward_info(step, ev, got_out))
-                return
-        ev = events[first_bad]
-        outs = [e for e in same if e.which == "out"]
-        producer = outs[0] if outs else ev  # the innermost module whose output this is
-        info: dict[str, Any] = {
-            "step": step, "phase": "backward", "module": None, "class": None,
-            "after_module": producer.module,
-            "note": (f"the gradient arriving at the output of {producer.module} was already "
-                     "non-finite: it was produced outside any module (the loss function or a "
-                     "functional operation applied after it)"),
-        }
-        if ev.values is not None:
-            info["gradient"] = _summary([ev.values])
-        self._finish(info)
-
-    @staticmethod
-    def _backward_info(step: int, ev: _GradEvent, outs: list[_GradEvent]) -> dict[str, Any]:
-        info: dict[str, Any] = {
-            "step": step, "phase": "backward", "module": ev.module, "class": ev.cls,
-            "output_grads_finite": True,
-        }
-        if ev.values is not None:
-            info["input_grad"] = _summary([ev.values])
-        return info
+        self._finish(backward_verdict(events, first_bad, self._step()))
 
     def _finish(self, info: dict[str, Any]) -> None:
         self.done = True

@@ -25,73 +25,32 @@ The bytes themselves are written by :mod:`gradscope.sinks.tfevents`.
 
 from __future__ import annotations
 
-import json
-import re
 import time
-from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from ..records import RUN_LAYER, LongTable
+from .tb_layout import (
+    AGGREGATES,
+    _Metric,
+    finding_text,
+    is_named,
+    layout,
+    layout_summary,
+    remedy_text,
+    tag,
+    text_summary,
+    worst,
+)
+from .tb_layout import CATEGORIES as CATEGORIES
+from .tb_layout import CATEGORY as CATEGORY
+from .tb_layout import LAYOUT_TAG as LAYOUT_TAG
+from .tb_layout import WORST as WORST
 from .tfevents import EventFile, histogram_value, scalar_event, value_prefix
 
-AGGREGATES = ("_min", "_median", "_max")
-LAYOUT_TAG = "custom_scalars__config__"
 HIST_TAG = "grad_hist"
 _HIST = "_hist_"  # raw histogram columns (gradscope.probes.grads.HIST_METRICS)
-
-WORST: dict[str, str] = {
-    "grad_norm": "both", "output_grad_norm": "both", "grad_norm_clipped": "both",
-    "clip_threshold": "both", "weight_norm": "both", "update_ratio": "both", "act_std": "both",
-    "grad_max_abs": "high", "grad_nonfinite": "high", "act_dead_fraction": "high",
-    "act_saturation": "high", "act_nonfinite": "high",
-    "act_mean": "abs",
-    "clip_coef": "low",
-}
-"""Which layers of a capped metric get tags, ranked by the median of their finite values in
-the first flush that has them: ``both`` the largest and the smallest, half each (too large
-and too small are both pathologies); ``high`` the largest; ``abs`` the largest magnitude;
-``low`` the smallest (the most clipped). Layers with non-finite values come first, ties go to
-the earlier layer. Other metrics: ``both``."""
-
-CATEGORY: dict[str, str] = {
-    "grad_norm_total": "gradients", "grad_norm_total_clipped": "gradients",
-    "grad_norm": "gradients", "grad_max_abs": "gradients", "grad_nonfinite": "gradients",
-    "output_grad_norm": "gradients", "grad_norm_clipped": "gradients",
-    "clip_coef": "gradients", "clip_threshold": "gradients",
-    "update_ratio": "updates", "weight_norm": "updates",
-    "act_dead_fraction": "activations", "act_saturation": "activations",
-    "act_mean": "activations", "act_std": "activations", "act_nonfinite": "activations",
-}
-"""The Custom Scalars category of a metric's charts, in chart order (per-layer metrics; run
-level: ``run`` unless named here). Unknown per-layer metrics: ``other``, last."""
-_ORDER = {metric: i for i, metric in enumerate(CATEGORY)}
-CATEGORIES = ("gradients", "updates", "activations", "run", "other")
-_RUN_CHART = {"grad_norm_total_clipped": "grad_norm_total"}  # drawn in the same chart
-
-
-def tag(layer: str, metric: str) -> str:
-    """The TensorBoard tag of a record: ``grad_norm/fc1.weight``; run level: ``loss``."""
-    return metric if layer == RUN_LAYER else f"{metric}/{layer}"
-
-
-@dataclass
-class _Metric:
-    """The per-layer tags of one metric.
-
-    A column (layer) is *undecided* until a flush has its data; then it is shown while the
-    metric has room (``cap`` layers). A flush whose new layers do not fit *caps* the metric:
-    the worst of them (:data:`WORST`) fill the room, the others never get a tag, nor do layers
-    that appear later, except the layers findings name (any time). Tags once written stay:
-    a chart whose lines come and go is no chart.
-    """
-
-    name: str
-    cols: list[int] = field(default_factory=list)  # every column of this metric
-    shown: list[int] = field(default_factory=list)
-    undecided: list[int] = field(default_factory=list)
-    capped: bool = False
 
 
 class TensorBoardSink:
@@ -222,7 +181,7 @@ class TensorBoardSink:
                 m.cols.append(c)
                 if not m.capped:
                     m.undecided.append(c)
-                elif self._is_named(layer):
+                elif is_named(self._named, layer):
                     self._show_column(c)
         self._update_filtered()
 
@@ -259,47 +218,13 @@ class TensorBoardSink:
             if len(ready) > room:
                 m.capped = True
                 self._agg_prefixes[m.name] = [value_prefix(f"{m.name}/{a}") for a in AGGREGATES]
-                named = [c for c in ready if self._is_named(self._columns[c][0])]
+                named = [c for c in ready if is_named(self._named, self._columns[c][0])]
                 rest = [c for c in ready if c not in named]
-                ready = named + self._worst(m.name, rest, max(room - len(named), 0), table)
+                ready = named + worst(m.name, rest, max(room - len(named), 0), table,
+                                      len(self._columns))
             for c in sorted(ready):
                 self._show_column(c)
         self._update_filtered()
-
-    def _worst(self, metric: str, cols: list[int], k: int, table: LongTable) -> list[int]:
-        """The ``k`` worst of ``cols`` by this table's records (:data:`WORST`)."""
-        import numpy as np
-
-        if k <= 0:
-            return []
-        index = np.full(len(self._columns), -1, dtype=np.int64)
-        index[cols] = np.arange(len(cols))
-        i = index[table.col]
-        sel = i >= 0
-        _, row = np.unique(table.step[sel], return_inverse=True)
-        mat = np.full((int(row.max()) + 1, len(cols)), np.nan)  # [steps, cols]; NaN: no value
-        mat[row, i[sel]] = table.value[sel]
-        finite = np.isfinite(mat)
-        n = finite.sum(axis=0)
-        n_bad = np.bincount(i[sel], weights=~np.isfinite(table.value[sel]), minlength=len(cols))
-        mat = np.sort(np.where(finite, mat, np.inf), axis=0)
-        j = np.arange(len(cols))
-        median = np.where(n > 0, (mat[(n - 1) // 2, j] + mat[n // 2, j]) / 2, 0.0)
-        rows = list(zip(cols, n_bad.astype(int).tolist(), median.tolist()))
-        bad = sorted((r for r in rows if r[1]), key=lambda r: (-r[1], r[0]))
-        good = [r for r in rows if not r[1]]
-        chosen = [r[0] for r in bad[:k]]
-        room = k - len(chosen)
-        how = WORST.get(metric, "both")
-        if how == "abs":
-            good = [(c, bad_n, abs(v)) for c, bad_n, v in good]
-        high = sorted(good, key=lambda r: (-r[2], r[0]))
-        low = sorted(good, key=lambda r: (r[2], r[0]))
-        n_high = room if how in ("high", "abs") else 0 if how == "low" else (room + 1) // 2
-        chosen += [r[0] for r in high[:n_high]]
-        taken = set(chosen)
-        chosen += [r[0] for r in low if r[0] not in taken][: room - n_high]
-        return chosen
 
     def _aggregates(self, table: LongTable, extra: dict[int, list[bytes]]) -> None:
         """``<metric>/_min``, ``_median``, ``_max`` over every layer of each capped metric, per
@@ -356,20 +281,6 @@ class TensorBoardSink:
                 histogram_value(f"{HIST_TAG}/{layer}", float(d[0]), float(d[1]), d[2:]))
 
     # -- findings ---------------------------------------------------------------------------------
-    def _is_named(self, layer: str) -> bool:
-        """Whether a finding named this layer, its module (``net.0`` for ``net.0.weight``) or
-        its base site (``act`` for ``act#1``)."""
-        if not self._named:
-            return False
-        name = layer.partition("#")[0]
-        if layer in self._named or name in self._named:
-            return True
-        while "." in name:
-            name = name.rpartition(".")[0]
-            if name in self._named:
-                return True
-        return False
-
     def _show_named(self) -> None:
         self._named_new = False
         for m in self._metrics:
@@ -377,58 +288,19 @@ class TensorBoardSink:
                 continue
             for c in m.cols:
                 if not self._show[c] and c not in m.undecided and \
-                        self._is_named(self._columns[c][0]):
+                        is_named(self._named, self._columns[c][0]):
                     self._show_column(c)
         self._update_filtered()
 
     # -- layout -----------------------------------------------------------------------------------
     def layout(self) -> Any:
         """The Custom Scalars layout of the tags written so far (a ``layout_pb2.Layout``)."""
-        from tensorboard.plugins.custom_scalar import layout_pb2
-
-        charts: dict[str, list[tuple[int, Any]]] = {c: [] for c in CATEGORIES}
-
-        def chart(category: str, title: str, tags: list[str], metric: str) -> None:
-            pattern = "^(?:" + "|".join(re.escape(t) for t in tags) + ")$"
-            content = layout_pb2.MultilineChartContent(tag=[pattern])
-            charts[category].append((_ORDER.get(metric, len(_ORDER)),
-                                     layout_pb2.Chart(title=title, multiline=content)))
-
-        for m in self._metrics:
-            if not m.shown:
-                continue
-            category = CATEGORY.get(m.name, "other")
-            tags = [tag(self._columns[c][0], m.name) for c in sorted(m.shown)]
-            if m.capped:
-                chart(category, f"{m.name} (worst layers)", tags, m.name)
-                chart(category, f"{m.name} (min, median, max over layers)",
-                      [f"{m.name}/{a}" for a in AGGREGATES], m.name)
-            else:
-                chart(category, m.name, tags, m.name)
-        together: dict[str, list[str]] = {}
-        for metric in self._run_metrics:
-            together.setdefault(_RUN_CHART.get(metric, metric), []).append(metric)
-        for title, metrics in together.items():
-            chart(CATEGORY.get(title, "run"), title, metrics, title)
-        return layout_pb2.Layout(category=[  # charts of a category in CATEGORY's order (stable)
-            layout_pb2.Category(title=title, chart=[c for _, c in sorted(
-                charts[title], key=lambda item: item[0])])
-            for title in CATEGORIES if charts[title]
-        ])
+        return layout(self._metrics, self._columns, self._run_metrics)
 
     def _write_layout(self, file: EventFile) -> None:
         """As ``SummaryWriter.add_custom_scalars`` writes it (at step 0, every time)."""
-        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-        from tensorboard.compat.proto.tensor_pb2 import TensorProto
-        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
-
         self._layout_dirty = False
-        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
-            plugin_name="custom_scalars"))
-        tensor = TensorProto(dtype=7, string_val=[self.layout().SerializeToString()],  # DT_STRING
-                             tensor_shape=TensorShapeProto())
-        value = Summary.Value(tag=LAYOUT_TAG, tensor=tensor, metadata=meta)
-        file.write(scalar_event(0, time.time(), Summary(value=[value]).SerializeToString()))
+        file.write(scalar_event(0, time.time(), layout_summary(self.layout())))
 
     # -- events -----------------------------------------------------------------------------------
     def event(self, record: dict[str, Any]) -> None:
@@ -438,13 +310,7 @@ class TensorBoardSink:
         if kind in ("finding", "finding_updated"):
             self._finding(record)
         elif kind in ("remedy", "remedies"):
-            md = self._markdown
-            text = "; ".join(f"{md(k)}: {md(json.dumps(v, default=str))}"
-                             for k, v in record.items() if k != "event")
-            step = record.get("step")
-            if not isinstance(step, int) and isinstance(record.get("steps"), list):
-                step = record["steps"][-1]  # a summary of several steps: at the last one
-            self._text("remedies", text, step)
+            self._text("remedies", *remedy_text(record))
 
     def _finding(self, f: dict[str, Any]) -> None:
         layer = f.get("layer")
@@ -452,35 +318,12 @@ class TensorBoardSink:
             if isinstance(name, str) and name != RUN_LAYER and name not in self._named:
                 self._named.add(name)
                 self._named_new = True
-        name = f"findings/{f.get('kind')}"
-        if isinstance(layer, str) and layer != RUN_LAYER and f.get("kind") != "nonfinite":
-            name += f"/{layer}"
-        md = self._markdown
-        text = (f"**{md(f.get('severity'))}**: {md(f.get('message'))}\n\n"
-                f"layer {md(layer)}, from step {md(f.get('first_step'))}\n\n"
-                f"{md(f.get('suggestion'))}")
-        self._text(name, text, f.get("first_step"))
-
-    @staticmethod
-    def _markdown(value: Any) -> str:
-        """``value`` as Markdown that TensorBoard's text plugin (Python-Markdown, then an HTML
-        sanitiser) shows literally: its special characters backslash-escaped, ``&``, ``<``
-        and ``>`` as HTML entities (a layer ``w*[x]<b>`` is not emphasis, a link, or a tag)."""
-        entities = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
-        special = "\\`*_{}[]()#+-.!|"  # the characters Python-Markdown lets one escape
-        return "".join(entities.get(ch) or ("\\" + ch if ch in special else ch)
-                       for ch in str(value))
+        self._text(*finding_text(f), f.get("first_step"))
 
     def _text(self, name: str, text: str, step: Any) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-        from tensorboard.compat.proto.tensor_pb2 import TensorProto
-
-        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
-        tensor = TensorProto(dtype=7, string_val=[text.encode("utf-8")])  # DT_STRING
-        summary = Summary(value=[Summary.Value(tag=name, metadata=meta, tensor=tensor)])
+        summary = text_summary(name, text)
         file = self._open()
-        file.write(scalar_event(step if isinstance(step, int) else 0, time.time(),
-                                summary.SerializeToString()))
+        file.write(scalar_event(step if isinstance(step, int) else 0, time.time(), summary))
         file.flush()
 
     def close(self) -> None:
