@@ -1,4 +1,8 @@
-"""The package type-checks (mypy strict) and lints clean (ruff), as the style guide asks."""
+"""The package type-checks (mypy strict) and lints clean (ruff), as the style guide asks; its
+version is written once; it cites only what the repository holds.
+
+.ci/run runs ruff and mypy itself before the suite; both keep a cache in the checkout
+(.ruff_cache, .mypy_cache), so the tests below then cost seconds, not a second full check."""
 
 from __future__ import annotations
 
@@ -56,3 +60,50 @@ def test_tool_passes(tool, args):
     proc = subprocess.run([sys.executable, "-m", tool, *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_one_version_source():
+    """The version is written once, in gradscope/__init__.py: pyproject.toml reads it
+    (``dynamic``), and the installed metadata says the same."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        tomllib = pytest.importorskip("tomli")
+
+    import gradscope
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"]
+    assert "version" in pyproject["project"]["dynamic"]
+    attr = pyproject["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    assert attr == "gradscope.__version__"
+    # setuptools reads the attribute without importing gradscope (and torch): only a literal
+    # assignment can be read that way
+    assert re.search(r'^__version__ = "[^"]+"$', (ROOT / "gradscope" / "__init__.py").read_text(),
+                     flags=re.M)
+    try:
+        installed = metadata.version("gradscope")
+    except metadata.PackageNotFoundError:
+        pytest.skip("gradscope is not installed (pip install -e .)")
+    assert installed == gradscope.__version__
+
+
+_OUTSIDE = re.compile(r"notes/|DESIGN\.md|\.\./shared|\bshared/")
+
+
+def test_the_package_and_docs_point_only_inside_the_repository():
+    """Comments and docs cite what the repository holds (docs/, benchmarks/...), never notes
+    kept elsewhere; every ``docs/NAME.md`` the package names exists."""
+    files = [*sorted((ROOT / "gradscope").rglob("*.py")), *sorted((ROOT / "docs").glob("*.md")),
+             ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md"]
+    outside, missing = [], []
+    for path in files:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{n}"
+            if _OUTSIDE.search(line):
+                outside.append(f"{where}: {line.strip()}")
+            if path.suffix == ".py":
+                missing += [f"{where}: {doc}" for doc in re.findall(r"docs/[\w.-]+\.md", line)
+                            if not (ROOT / doc).exists()]
+    assert not outside, "\n".join(outside)
+    assert not missing, "\n".join(missing)

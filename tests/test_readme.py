@@ -15,7 +15,7 @@ import pytest
 
 import gradscope
 from gradscope.cli import main as cli_main
-from gradscope.rules.engine import KINDS
+from gradscope.rules.engine import FINDING_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -204,7 +204,7 @@ def test_findings_table_lists_every_kind_and_real_options():
     rows = [line for line in _section("What it finds").splitlines()
             if line.startswith("| ") and not line.startswith("| pathology")]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    assert sorted(re.fullmatch(r"`(\w+)`", c[1]).group(1) for c in cells) == sorted(KINDS)
+    assert sorted(re.fullmatch(r"`(\w+)`", c[1]).group(1) for c in cells) == sorted(FINDING_KINDS)
     fields = {f.name for f in dataclasses.fields(gradscope.Config)}
     remedies = " ".join(c[3] for c in cells)
     assert set(re.findall(r"`(\w+)=", remedies)) <= fields
@@ -221,22 +221,82 @@ def test_gradscope_run_flags_named_in_the_readme_exist():
     assert named and named <= flags, named - flags
 
 
-def test_relative_links_and_anchors_resolve():
-    def anchor(heading: str) -> str:  # GitHub's heading ids
-        return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+_FENCED = re.compile(r"^```.*?^```", flags=re.S | re.M)
 
-    anchors = {anchor(h) for h in re.findall(r"^#+ (.+)$", README, flags=re.M)}
-    for target in re.findall(r"\]\(([^)\s]+)\)", README):
-        if target.startswith(("http://", "https://")):
+
+def _anchors(markdown: str) -> set[str]:
+    """The ids GitHub gives a page's headings (a repeated heading gets ``-1``, ``-2``...)."""
+    out: set[str] = set()
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#+ (.+)$", _FENCED.sub("", markdown), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+DOCS = ["README.md", "CONTRIBUTING.md", "CHANGELOG.md",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", DOCS)
+def test_relative_links_and_anchors_resolve(page):
+    """Every relative link of the README, docs/, CONTRIBUTING.md and CHANGELOG.md names a file
+    of the repository, and its #anchor a heading of that page."""
+    source = ROOT / page
+    text = _FENCED.sub("", source.read_text(encoding="utf-8"))
+    broken = []
+    for target in re.findall(r"\]\(\s*([^)\s]+)\s*\)", text):
+        if target.startswith(("http://", "https://", "mailto:")):
             continue
         path, _, frag = target.partition("#")
-        if path:
-            assert (ROOT / path).exists(), target
-        elif frag:
-            assert frag in anchors, target
+        dest = (source.parent / path).resolve() if path else source
+        if ROOT.resolve() not in (dest, *dest.parents) or not dest.exists():
+            broken.append(f"{target}: no such file in the repository")
+        elif frag and dest.suffix == ".md" and frag not in _anchors(dest.read_text("utf-8")):
+            broken.append(f"{target}: no such heading")
+    assert not broken, f"{page}: " + "; ".join(broken)
 
 
 def test_every_config_option_is_documented():
     section = README[README.index("## Configuration"):README.index("## Status")]
     for field in dataclasses.fields(gradscope.Config):
         assert f"`{field.name}`" in section, f"README's configuration table misses {field.name}"
+
+
+def _doc(name: str) -> str:
+    return (ROOT / "docs" / name).read_text(encoding="utf-8")
+
+
+def test_thresholds_page_lists_every_threshold_with_its_default():
+    from gradscope.rules.thresholds import Thresholds
+
+    rows = dict(re.findall(r"^\| \[`(\w+)`\]\(#\w+\) \| ([^|]+) \|", _doc("thresholds.md"),
+                           flags=re.M))
+    defaults = {f.name: f.default for f in dataclasses.fields(Thresholds)}
+    assert set(rows) == set(defaults)
+    for name, shown in rows.items():
+        assert float(shown) == pytest.approx(defaults[name]), name
+
+
+def test_docs_name_every_option_metric_and_finding():
+    from gradscope.records import METRICS
+
+    usage, run_dir, findings = _doc("usage.md"), _doc("run-directory.md"), _doc("findings.md")
+    assert [f.name for f in dataclasses.fields(gradscope.Config)
+            if f"`{f.name}`" not in usage] == []
+    assert [m for m in METRICS if f"`{m}`" not in run_dir] == []
+    headings = " ".join(re.findall(r"^#+ (.+)$", findings, flags=re.M))
+    assert [k for k in FINDING_KINDS if f"`{k}`" not in headings] == []
+
+
+def test_design_page_names_every_module():
+    """docs/design.md's table of parts names each module of the package and each subpackage."""
+    design = _doc("design.md")
+    parts = design[design.index("## The parts"):design.index("## Hook decisions")]
+    package = ROOT / "gradscope"
+    names = [p.name for p in package.glob("*.py") if p.name != "__main__.py"]
+    names += [f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").exists()]
+    missing = [n for n in names if f"`{n}" not in parts and f"`{n.rstrip('/')}/" not in parts]
+    assert missing == [], f"docs/design.md, The parts and what each owns, misses {missing}"

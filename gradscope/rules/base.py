@@ -170,7 +170,8 @@ def trailing_stats(
     ``window`` finite observations before i (i excluded): median, MAD and max.
 
     A non-finite value never enters anyone's history, so one NaN step cannot poison later
-    verdicts (torch-surgeon's EMA turns one NaN into permanent false alarms; notes/peers.md).
+    verdicts (torch-surgeon's EMA turns one NaN into permanent false alarms; docs/comparison.md,
+    "Other monitors").
     Missing observations (NaN) are skipped, not counted. Rows with fewer than ``min_obs``
     finite predecessors, and rows not in ``need`` (a boolean row mask; default all), get NaN.
     """

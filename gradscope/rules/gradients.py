@@ -1,6 +1,7 @@
 """Exploding and vanishing gradients.
 
-Two views, because each is blind where the other sees (notes/remedies.md §3.4):
+Two views, because each is blind where the other sees (docs/findings.md,
+"exploding_gradients"):
 
 * **over time**: a parameter's gradient norm against its own trailing history (median and MAD of
   log-norms, so one spike or one NaN step does not move the baseline);
@@ -12,7 +13,7 @@ Two views, because each is blind where the other sees (notes/remedies.md §3.4):
   weights are the fallback where the backward signal is missing (torch.compile).
 
 Units that are dead also stop gradients; that is reported as ``dead_units``, not as vanishing
-(torch-surgeon calls dead ReLUs "vanishing"; notes/peers.md).
+(torch-surgeon calls dead ReLUs "vanishing"; docs/comparison.md, "Other monitors").
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ def _clusters(
 
 
 def _overflow(rec: Records) -> list[Episode]:
-    """An infinite norm of finite elements: the fp32 sum of squares overflowed (entries around
-    1e19 and up; notes/trackers.md §6)."""
+    """An infinite norm of finite elements: the fp32 sum of squares overflowed (a norm above
+    about 1.8e19; docs/findings.md, "exploding_gradients", Overflow)."""
     steps, names, norms = rec.wide("grad_norm", "param")
     if not steps.size:
         return []
