@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gradscope
 
-from models import CNN, batch, half_dead_linear, mlp
+from models import CNN, batch, half_dead_linear, mlp, train
 
 
 def _step(model, opt, x, y, loss_fn=nn.functional.cross_entropy):
@@ -196,8 +196,7 @@ def test_sampling_every_k_steps(out):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, out=out, activation_every=4) as scope:
-        for i in range(10):
-            _step(model, opt, *batch(seed=i))
+        train(model, opt, 10)
     run = scope.load()
     assert list(run.wide("act_dead_fraction").index) == [0, 4, 8]
     assert list(run.wide("output_grad_norm").index) == [0, 4, 8]

@@ -8,7 +8,7 @@ from torch import nn
 
 import gradscope
 
-from models import batch, compile_keeps_optimizer_hooks, mlp
+from models import batch, compile_keeps_optimizer_hooks, mlp, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not compile_keeps_optimizer_hooks(),
@@ -28,11 +28,7 @@ def _run(out, compile_when, steps=4):
             run_model = torch.compile(model, backend="eager")
         if compile_when == "inplace":  # Module.compile(): the same module, compiled in place
             model.compile(backend="eager")
-        for i in range(steps):
-            x, y = batch(seed=i)
-            opt.zero_grad()
-            nn.functional.cross_entropy(run_model(x), y).backward()
-            opt.step()
+        train(run_model, opt, steps)
     return scope.load()
 
 

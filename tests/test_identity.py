@@ -8,7 +8,7 @@ from torch import nn
 
 import gradscope
 
-from models import CNN, LSTMNet, TinyTransformer, mlp
+from models import CNN, LSTMNet, TinyTransformer, mlp, train
 
 
 def _data(kind, i):
@@ -26,19 +26,17 @@ def _data(kind, i):
 MODELS = {"mlp": mlp, "cnn": CNN, "lstm": LSTMNet, "transformer": TinyTransformer}
 
 
+def _loss(logits, y):  # per token for the transformer
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
 def _train(kind, watch, out, steps=8, **options):
     torch.manual_seed(1234)
     model = MODELS[kind]()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scope = gradscope.watch(model, out=out, activation_every=1, **options) if watch else None
     try:
-        for i in range(steps):
-            x, y = _data(kind, i)
-            opt.zero_grad()
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            loss.backward()
-            opt.step()
+        train(model, opt, steps, make=lambda seed: _data(kind, seed), loss_fn=_loss)
     finally:
         if scope is not None:
             scope.close()

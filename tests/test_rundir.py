@@ -18,15 +18,7 @@ from torch import nn
 
 import gradscope
 
-from models import batch, mlp
-
-
-def _train(model, opt, steps):
-    for i in range(steps):
-        x, y = batch(seed=i)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+from models import mlp, train
 
 
 @pytest.fixture
@@ -34,7 +26,7 @@ def finished_run(out):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, out=out, name="r", flush_every=4) as scope:
-        _train(model, opt, 10)
+        train(model, opt, 10)
     return scope.run_dir
 
 
@@ -176,7 +168,7 @@ def test_flush_secs_flushes_slow_runs(out):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, out=out, flush_every=1000, flush_secs=1e-9) as scope:
-        _train(model, opt, 3)
+        train(model, opt, 3)
         assert len(list((scope.run_dir / "metrics").glob("*.parquet"))) == 3
 
 

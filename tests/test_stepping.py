@@ -10,7 +10,7 @@ from torch import nn
 
 import gradscope
 
-from models import batch, cpu_scaler, mlp, skip_without_cpu_fused
+from models import batch, cpu_scaler, mlp, skip_without_cpu_fused, train
 
 
 def _loss(model, seed):
@@ -208,10 +208,7 @@ def test_forced_backward_mode_ignores_the_optimizer(out):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, out=out, step_on="backward") as scope:
-        for i in range(3):
-            opt.zero_grad()
-            _loss(model, i).backward()
-            opt.step()
+        train(model, opt, 3)
     assert scope.load().meta["step_mode"] == "backward" and scope.steps == 3
 
 
