@@ -29,8 +29,9 @@ from torch import nn
 
 def _model(mode: str) -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                        nn.Linear(1024, 10))
+    net = nn.Sequential(
+        nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(net)
     from torch.distributed.device_mesh import init_device_mesh
@@ -53,8 +54,11 @@ def _round(mode: str, steps: int, watched: bool, out: str, exchange: list[float]
     g = torch.Generator().manual_seed(dist.get_rank())
     x = torch.randn(64, 512, generator=g)
     y = torch.randint(0, 10, (64,), generator=g)
-    scope = gradscope.watch(model, out=out, flush_every=50, quiet=True, report=False,
-                            tensorboard=False) if watched else None
+    scope = (
+        gradscope.watch(model, out=out, flush_every=50, quiet=True, report=False, tensorboard=False)
+        if watched
+        else None
+    )
     original = distributed.Reducer.exchange
 
     def timed(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -92,9 +96,13 @@ def worker(args: argparse.Namespace) -> None:
                 plain.append(_round(mode, args.steps, False, out, []))
                 watched.append(_round(mode, args.steps, True, out, exchange))
             p, w = statistics.median(plain), statistics.median(watched)
-            results[mode] = {"plain_ms": p * 1e3, "watched_ms": w * 1e3, "ratio": w / p,
-                             "exchange_ms": statistics.median(exchange) * 1e3,
-                             "exchanges": len(exchange)}
+            results[mode] = {
+                "plain_ms": p * 1e3,
+                "watched_ms": w * 1e3,
+                "ratio": w / p,
+                "exchange_ms": statistics.median(exchange) * 1e3,
+                "exchanges": len(exchange),
+            }
     if dist.get_rank() == 0:
         print(json.dumps(results))
     dist.destroy_process_group()
@@ -108,24 +116,44 @@ def main() -> None:
     if "RANK" in os.environ:
         worker(args)
         return
-    env = {**os.environ, "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                          os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         __file__, "--rounds", str(args.rounds), "--steps", str(args.steps)],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            __file__,
+            "--rounds",
+            str(args.rounds),
+            "--steps",
+            str(args.steps),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
     results = json.loads(line)
-    print("| setup | plain CPU ms/step | watched CPU ms/step | ratio | one flush exchange "
-          "(wall ms) |")
+    print(
+        "| setup | plain CPU ms/step | watched CPU ms/step | ratio | one flush exchange (wall ms) |"
+    )
     print("|---|---|---|---|---|")
     for mode, r in results.items():
-        print(f"| {mode}, 2 ranks, gloo | {r['plain_ms']:.1f} | {r['watched_ms']:.1f} | "
-              f"{r['ratio']:.3f} | {r['exchange_ms']:.1f} (median of {r['exchanges']}) |")
+        print(
+            f"| {mode}, 2 ranks, gloo | {r['plain_ms']:.1f} | {r['watched_ms']:.1f} | "
+            f"{r['ratio']:.3f} | {r['exchange_ms']:.1f} (median of {r['exchanges']}) |"
+        )
 
 
 if __name__ == "__main__":

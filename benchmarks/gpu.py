@@ -47,19 +47,31 @@ def workloads(device: str) -> dict[str, tuple[nn.Module, Any, Any]]:
     toks = torch.randint(0, 256, (16, 65), generator=gen).to(device)
     return {
         "mlp": (overhead.mlp, lambda m: nn.functional.cross_entropy(m(x), y), "sgd"),
-        "transformer": (overhead.TinyGPT,
-                        lambda m: overhead.lm_loss(m(toks[:, :-1]), toks[:, 1:]), "adamw"),
+        "transformer": (
+            overhead.TinyGPT,
+            lambda m: overhead.lm_loss(m(toks[:, :-1]), toks[:, 1:]),
+            "adamw",
+        ),
     }
 
 
-def block(name: str, spec: dict[str, Any] | None, build: Any, loss_fn: Any, opt_kind: str,
-          steps: int, out: str) -> float:
+def block(
+    name: str,
+    spec: dict[str, Any] | None,
+    build: Any,
+    loss_fn: Any,
+    opt_kind: str,
+    steps: int,
+    out: str,
+) -> float:
     torch.manual_seed(0)
     model = build().cuda()
-    opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if opt_kind == "sgd"
-           else torch.optim.AdamW(model.parameters(), lr=3e-4))
-    scope = gradscope.watch(model, opt, out=out, quiet=True, **spec) if spec is not None \
-        else None
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if opt_kind == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=3e-4)
+    )
+    scope = gradscope.watch(model, opt, out=out, quiet=True, **spec) if spec is not None else None
     try:
         for _ in range(5):  # warm-up: allocations, cuBLAS handles
             opt.zero_grad()
@@ -87,16 +99,22 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     out = tempfile.mkdtemp()
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                               "rounds": args.rounds, "steps": args.steps, "workloads": {}}
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "workloads": {},
+    }
     for wl, (build, loss_fn, opt_kind) in workloads("cuda").items():
         times: dict[str, list[float]] = {k: [] for k in VARIANTS}
         for r in range(args.rounds):
             order = list(VARIANTS)
             random.Random(r).shuffle(order)
             for name in order:
-                times[name].append(block(name, VARIANTS[name], build, loss_fn, opt_kind,
-                                         args.steps, out))
+                times[name].append(
+                    block(name, VARIANTS[name], build, loss_fn, opt_kind, args.steps, out)
+                )
         med = {k: statistics.median(v) for k, v in times.items()}
         results["workloads"][wl] = {
             k: {"ms_per_step": med[k] * 1e3, "x_plain": med[k] / med["plain"]} for k in med

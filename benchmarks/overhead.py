@@ -86,7 +86,9 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
+            nn.Linear(d_model, 4 * d_model),
+            nn.GELU(),
+            nn.Linear(4 * d_model, d_model),
             nn.Dropout(dropout),
         )
 
@@ -98,8 +100,15 @@ class Block(nn.Module):
 class TinyGPT(nn.Module):
     """Decoder-only transformer: token + position embeddings, pre-LN blocks, linear head."""
 
-    def __init__(self, vocab: int = 256, d_model: int = 128, n_heads: int = 4, n_blocks: int = 2,
-                 seq_len: int = 64, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        vocab: int = 256,
+        d_model: int = 128,
+        n_heads: int = 4,
+        n_blocks: int = 2,
+        seq_len: int = 64,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(seq_len, d_model)
         self.drop = nn.Dropout(dropout)
@@ -113,21 +122,37 @@ class TinyGPT(nn.Module):
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                         nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    return nn.Sequential(
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
 
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3136, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
 def image_batches(shape: tuple[int, ...], n: int, gen: torch.Generator) -> list[Batch]:
-    return [(torch.randn(shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def token_batches(n: int, gen: torch.Generator) -> list[Batch]:
@@ -156,12 +181,20 @@ def sgd(params: Any) -> torch.optim.Optimizer:
 
 
 WORKLOADS = {
-    "mlp": Workload("mlp", mlp, sgd, lambda g: image_batches((128, 784), 8, g),
-                    F.cross_entropy, rounds=30),
-    "cnn": Workload("cnn", cnn, sgd, lambda g: image_batches((128, 1, 28, 28), 8, g),
-                    F.cross_entropy, rounds=10),  # ~10x slower per step than the MLP
-    "transformer": Workload("transformer", TinyGPT, lambda ps: torch.optim.AdamW(ps, lr=3e-4),
-                            lambda g: token_batches(8, g), lm_loss, rounds=20),
+    "mlp": Workload(
+        "mlp", mlp, sgd, lambda g: image_batches((128, 784), 8, g), F.cross_entropy, rounds=30
+    ),
+    "cnn": Workload(
+        "cnn", cnn, sgd, lambda g: image_batches((128, 1, 28, 28), 8, g), F.cross_entropy, rounds=10
+    ),  # ~10x slower per step than the MLP
+    "transformer": Workload(
+        "transformer",
+        TinyGPT,
+        lambda ps: torch.optim.AdamW(ps, lr=3e-4),
+        lambda g: token_batches(8, g),
+        lm_loss,
+        rounds=20,
+    ),
 }
 
 
@@ -169,8 +202,15 @@ WORKLOADS = {
 class Variant:
     """One model copy + optimizer (+ scope); ``block(n)`` trains n steps, returns CPU seconds."""
 
-    def __init__(self, kind: str, options: dict[str, Any] | None, wl: Workload,
-                 state: dict[str, torch.Tensor], batches: list[Batch], run_root: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        options: dict[str, Any] | None,
+        wl: Workload,
+        state: dict[str, torch.Tensor],
+        batches: list[Batch],
+        run_root: str,
+    ) -> None:
         self.kind, self.wl, self.batches, self.i = kind, wl, batches, 0
         self.model = wl.build()
         self.model.load_state_dict(state)
@@ -180,8 +220,9 @@ class Variant:
         self.scope: gradscope.Scope | None = None
         if options is not None:
             safe = re.sub(r"[^\w.-]+", "_", kind)
-            self.scope = gradscope.watch(self.model, self.opt, out=run_root,
-                                         name=f"{wl.name}-{safe}", **options)
+            self.scope = gradscope.watch(
+                self.model, self.opt, out=run_root, name=f"{wl.name}-{safe}", **options
+            )
 
     def step(self) -> None:
         x, y = self.batches[self.i % len(self.batches)]
@@ -209,8 +250,9 @@ class Variant:
             self.scope.close()
 
 
-def run_workload(wl: Workload, specs: dict[str, dict[str, Any] | None], rounds: int, block: int,
-                 seed: int) -> dict[str, Any]:
+def run_workload(
+    wl: Workload, specs: dict[str, dict[str, Any] | None], rounds: int, block: int, seed: int
+) -> dict[str, Any]:
     """Warm up, then time ``rounds`` shuffled rounds; returns raw block times and a summary."""
     torch.manual_seed(seed)
     state = wl.build().state_dict()
@@ -236,8 +278,12 @@ def run_workload(wl: Workload, specs: dict[str, dict[str, Any] | None], rounds: 
         for v in variants.values():
             v.close()
         shutil.rmtree(run_root, ignore_errors=True)
-    return {"block_seconds": times, "summary": summarize(times, block),
-            "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+    return {
+        "block_seconds": times,
+        "summary": summarize(times, block),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+    }
 
 
 def summarize(times: dict[str, list[float]], block: int) -> dict[str, dict[str, Any]]:
@@ -247,9 +293,14 @@ def summarize(times: dict[str, list[float]], block: int) -> dict[str, dict[str, 
         ratios = [t / p for t, p in zip(ts, times["plain"])]
         p25, med, p75 = (float(q) for q in np.percentile(ratios, [25, 50, 75]))
         target = TARGETS.get(kind)
-        out[kind] = {"ms_per_step": 1000 * statistics.median(ts) / block, "ratio": med,
-                     "ratio_p25": p25, "ratio_p75": p75, "target": target,
-                     "pass": None if target is None else med <= target}
+        out[kind] = {
+            "ms_per_step": 1000 * statistics.median(ts) / block,
+            "ratio": med,
+            "ratio_p25": p25,
+            "ratio_p75": p75,
+            "target": target,
+            "pass": None if target is None else med <= target,
+        }
     return out
 
 
@@ -280,8 +331,9 @@ BREAKDOWN_INTRO = (
 )
 
 
-def provenance(meta: dict[str, Any], results: dict[str, Any], quick_note: str,
-               ratio_line: str) -> list[str]:
+def provenance(
+    meta: dict[str, Any], results: dict[str, Any], quick_note: str, ratio_line: str
+) -> list[str]:
     """The lines under a section title that say how, where and when it was measured."""
 
     def la(t: tuple[float, ...]) -> str:
@@ -289,7 +341,8 @@ def provenance(meta: dict[str, Any], results: dict[str, Any], quick_note: str,
 
     return [
         f"Generated by `{meta['command']}` on {meta['date']}"
-        + (f" — **{quick_note}, not a measurement**." if meta["quick"] else "."), "",
+        + (f" — **{quick_note}, not a measurement**." if meta["quick"] else "."),
+        "",
         f"- torch {meta['torch']}, gradscope {meta['gradscope']}, Python {meta['python']}, "
         f"{meta['torch_threads']} torch thread(s)",
         f"- CPU: {meta['cpu']} ({meta['cpu_count']} logical CPUs)",
@@ -297,19 +350,27 @@ def provenance(meta: dict[str, Any], results: dict[str, Any], quick_note: str,
         f"end {la(meta['loadavg_end'])}",
         f"- block = {meta['block']} steps of process CPU time; rounds: "
         + ", ".join(f"{k} {v['rounds']}" for k, v in results.items()),
-        f"- {ratio_line}", "",
+        f"- {ratio_line}",
+        "",
     ]
 
 
-def render(meta: dict[str, Any], results: dict[str, Any], section: str = SECTION,
-           intro: str = INTRO) -> str:
+def render(
+    meta: dict[str, Any], results: dict[str, Any], section: str = SECTION, intro: str = INTRO
+) -> str:
     """A RESULTS.md section: provenance, then one row per workload x variant."""
     lines = [
-        section, "",
-        *provenance(meta, results, "quick smoke run (blocks shorter than flush_every)",
-                    "ratio = median over rounds of (variant block / `plain` block in the same "
-                    "round); spread = p25–p75 of those paired ratios"),
-        intro, "",
+        section,
+        "",
+        *provenance(
+            meta,
+            results,
+            "quick smoke run (blocks shorter than flush_every)",
+            "ratio = median over rounds of (variant block / `plain` block in the same "
+            "round); spread = p25–p75 of those paired ratios",
+        ),
+        intro,
+        "",
         "| workload | variant | ms/step (median) | × plain (median) | p25–p75 | target | result |",
         "|---|---|--:|--:|--:|--:|---|",
     ]
@@ -317,8 +378,10 @@ def render(meta: dict[str, Any], results: dict[str, Any], section: str = SECTION
         for kind, s in res["summary"].items():
             target = "—" if s["target"] is None else f"≤ {s['target']:.2f}×"
             verdict = "—" if s["pass"] is None else ("pass" if s["pass"] else "**FAIL**")
-            lines.append(f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {s['ratio']:.3f}× | "
-                         f"{s['ratio_p25']:.3f}–{s['ratio_p75']:.3f} | {target} | {verdict} |")
+            lines.append(
+                f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {s['ratio']:.3f}× | "
+                f"{s['ratio_p25']:.3f}–{s['ratio_p75']:.3f} | {target} | {verdict} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -332,8 +395,9 @@ def replace_section(path: Path, section: str) -> None:
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -360,12 +424,20 @@ def paired(num: list[float], den: list[float]) -> dict[str, float]:
     return {"ratio": med, "ratio_p25": p25, "ratio_p75": p75}
 
 
-def add_common_args(parser: argparse.ArgumentParser, rounds_help: str, quick_help: str,
-                    json_default: Path | None, json_help: str = "raw results") -> None:
+def add_common_args(
+    parser: argparse.ArgumentParser,
+    rounds_help: str,
+    quick_help: str,
+    json_default: Path | None,
+    json_help: str = "raw results",
+) -> None:
     """``--workloads``, ``--rounds``, ``--quick``, ``--out`` and ``--json``, shared by every
     benchmark script here."""
-    parser.add_argument("--workloads", default="mlp,cnn,transformer",
-                        help="comma-separated subset of: " + ", ".join(WORKLOADS))
+    parser.add_argument(
+        "--workloads",
+        default="mlp,cnn,transformer",
+        help="comma-separated subset of: " + ", ".join(WORKLOADS),
+    )
     parser.add_argument("--rounds", type=int, help=rounds_help)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
@@ -383,30 +455,46 @@ def checked_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace)
     return names
 
 
-def run_meta(script: str, argv: list[str] | None, quick: bool, block: int,
-             **extra: Any) -> dict[str, Any]:
+def run_meta(
+    script: str, argv: list[str] | None, quick: bool, block: int, **extra: Any
+) -> dict[str, Any]:
     """What a results section says about the machine and the run (call after setting the
     thread count)."""
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": quick,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "quick": quick,
         "command": " ".join(["python", f"benchmarks/{script}", *(argv or sys.argv[1:])]),
-        "torch": torch.__version__, "gradscope": gradscope.__version__,
-        "python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "block": block, "seed": SEED, **extra,
+        "torch": torch.__version__,
+        "gradscope": gradscope.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "block": block,
+        "seed": SEED,
+        **extra,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser, "rounds per workload (default: per workload)",
-                    "smoke run: 3 rounds of 10 steps", None,
-                    "raw results (default: results/<mode>.json)")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="build the default configuration up piece by piece instead")
+    add_common_args(
+        parser,
+        "rounds per workload (default: per workload)",
+        "smoke run: 3 rounds of 10 steps",
+        None,
+        "raw results (default: results/<mode>.json)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="build the default configuration up piece by piece instead",
+    )
     args = parser.parse_args(argv)
     specs = BREAKDOWN if args.breakdown else VARIANTS
-    json_path = args.json or HERE / "results" / ("breakdown.json" if args.breakdown
-                                                 else "overhead.json")
+    json_path = args.json or HERE / "results" / (
+        "breakdown.json" if args.breakdown else "overhead.json"
+    )
     names = checked_workloads(parser, args)
 
     torch.set_num_threads(1)

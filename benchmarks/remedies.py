@@ -68,8 +68,12 @@ REMEDIES = [k for k in VARIANTS if k.startswith(("clip_", "guard", "swap"))]
 ROUNDS = {"mlp": 20, "cnn": 4, "transformer": 5}
 QUICK_ROUNDS, QUICK_BLOCK = 3, 5
 # training changes no weight without dropout: these pairs must end with identical weights
-SAME_AS = {"default": "plain", "guard": "plain", "swap_recycle": "plain",
-           "clip_norm": "plain_clip_grad_norm"}
+SAME_AS = {
+    "default": "plain",
+    "guard": "plain",
+    "swap_recycle": "plain",
+    "clip_norm": "plain_clip_grad_norm",
+}
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -82,8 +86,15 @@ class RemedyVariant(overhead.Variant):
     report: ClassVar[dict[str, dict[str, Any]]] = {}
     weights: ClassVar[dict[str, list[torch.Tensor]]] = {}
 
-    def __init__(self, kind: str, options: dict[str, Any] | None, wl: Workload,
-                 state: dict[str, torch.Tensor], batches: list[Batch], run_root: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        options: dict[str, Any] | None,
+        wl: Workload,
+        state: dict[str, torch.Tensor],
+        batches: list[Batch],
+        run_root: str,
+    ) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             super().__init__(kind, options, wl, state, batches, run_root)
@@ -107,14 +118,19 @@ class RemedyVariant(overhead.Variant):
             disabled = bool(getattr(self.scope, "_disabled", False))
             self.scope.close()
             events = read_events(self.scope.run_dir / rundir.EVENTS)
-            actions = Counter(":".join(str(e[k]) for k in ("remedy", "action") if k in e)
-                              for e in events if e.get("event") == "remedy")
-            clipped = [e for e in events
-                       if e.get("event") == "remedy" and e.get("action") == "clipped"]
+            actions = Counter(
+                ":".join(str(e[k]) for k in ("remedy", "action") if k in e)
+                for e in events
+                if e.get("event") == "remedy"
+            )
+            clipped = [
+                e for e in events if e.get("event") == "remedy" and e.get("action") == "clipped"
+            ]
             info.update(
                 disabled=disabled,
-                internal_errors=[e.get("error") for e in events
-                                 if e.get("event") == "internal_error"],
+                internal_errors=[
+                    e.get("error") for e in events if e.get("event") == "internal_error"
+                ],
                 remedy_actions=dict(actions),
                 clipped_steps=sum(int(e["clipped_steps"]) for e in clipped),
                 findings=sorted(f"{f['kind']}@{f.get('layer')}" for f in self.scope.findings),
@@ -154,8 +170,11 @@ def measure(wl: Workload, rounds: int, block: int) -> dict[str, Any]:
     # with dropout (the transformer) each variant draws from the shared global RNG in a
     # different order, so its weights differ whatever gradscope does: no comparison there
     has_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in wl.build().modules())
-    res["same_weights"] = None if has_dropout else {
-        f"{k}={ref}": max_diff(w[k], w[ref]) for k, ref in SAME_AS.items()}
+    res["same_weights"] = (
+        None
+        if has_dropout
+        else {f"{k}={ref}": max_diff(w[k], w[ref]) for k, ref in SAME_AS.items()}
+    )
     RemedyVariant.weights.clear()
     return res
 
@@ -169,26 +188,31 @@ INTRO = (
     "Every gradscope variant is `gradscope.watch(model, opt, quiet=True)` with its defaults "
     "(gradient norms every step, activation statistics and update ratios every 10th step, "
     "TensorBoard on) plus at most one remedy: `default` has none; `clip_norm` is "
-    "`clip=\"norm:1.0\"`; `clip_autoclip` `clip=\"autoclip\"` (10th percentile of every norm "
-    "seen, kept sorted on the device); `clip_autoclip_1000` `clip=\"autoclip:history=1000\"`; "
-    "`clip_agc` `clip=\"agc:0.01\"` (unit-wise, last layer left out); `clip_zclip` "
-    "`clip=\"zclip\"`; `clip_zclip_per_layer` `clip=\"zclip:per_layer\"`; `guard` `guard=True`; "
-    "`swap_recycle` `swap=\"relu->leaky_relu:0.01\", recycle=True`. `plain_clip_grad_norm` is "
+    '`clip="norm:1.0"`; `clip_autoclip` `clip="autoclip"` (10th percentile of every norm '
+    'seen, kept sorted on the device); `clip_autoclip_1000` `clip="autoclip:history=1000"`; '
+    '`clip_agc` `clip="agc:0.01"` (unit-wise, last layer left out); `clip_zclip` '
+    '`clip="zclip"`; `clip_zclip_per_layer` `clip="zclip:per_layer"`; `guard` `guard=True`; '
+    '`swap_recycle` `swap="relu->leaky_relu:0.01", recycle=True`. `plain_clip_grad_norm` is '
     f"no gradscope and `torch.nn.utils.clip_grad_norm_(model.parameters(), {MAX_NORM})` before "
     "each `optimizer.step()`: the clipping a user writes today. A remedy's own cost is its "
     "ratio to `default` (same recording, no remedy); `clip_grad_norm_`'s is its ratio to "
     "`plain`."
 )
 
-SHORT = {"clip_norm": "norm:1.0", "clip_autoclip": "autoclip",
-         "clip_autoclip_1000": "autoclip:history=1000", "clip_agc": "agc:0.01",
-         "clip_zclip": "zclip", "clip_zclip_per_layer": "zclip:per_layer", "guard": "guard",
-         "swap_recycle": "swap+recycle"}
+SHORT = {
+    "clip_norm": "norm:1.0",
+    "clip_autoclip": "autoclip",
+    "clip_autoclip_1000": "autoclip:history=1000",
+    "clip_agc": "agc:0.01",
+    "clip_zclip": "zclip",
+    "clip_zclip_per_layer": "zclip:per_layer",
+    "guard": "guard",
+    "swap_recycle": "swap+recycle",
+}
 
 
 def reading(results: dict[str, Any], block: int) -> str:
-    steps = {wl: res["scopes"].get("clip_autoclip", {}).get("steps") for wl, res in
-             results.items()}
+    steps = {wl: res["scopes"].get("clip_autoclip", {}).get("steps") for wl, res in results.items()}
     held = ", ".join(f"{wl} {n}" for wl, n in steps.items() if n)
     return (
         "**Reading these numbers.** The runs are healthy: no gradient is non-finite, so "
@@ -211,8 +235,12 @@ def reading(results: dict[str, Any], block: int) -> str:
         "same time on this 2-core VM) hits both blocks of a pair; process CPU time excludes time "
         "spent waiting, but not the slowdown of shared caches. If a p25–p75 spread is wider "
         "than a difference, that difference is not settled by this run."
-        + (" Blocks are shorter than `flush_every` in a quick run, so nothing here is a "
-           "measurement." if block < BLOCK else "")
+        + (
+            " Blocks are shorter than `flush_every` in a quick run, so nothing here is a "
+            "measurement."
+            if block < BLOCK
+            else ""
+        )
     )
 
 
@@ -225,8 +253,10 @@ def scope_line(wl: str, kind: str, info: dict[str, Any]) -> str:
     errs = "; ".join(str(e) for e in info.get("internal_errors", []))
     bad = ("**disabled** " if info.get("disabled") else "") + (f"**{errs}**" if errs else "")
     warned = "; ".join(w.split(";")[0] for w in info.get("warnings", [])) or "—"
-    return (f"| {wl} | {kind} | {clip_txt} | {acts or '—'} | {finds} | "
-            f"{info.get('acted_on', 0)} | {warned} | {bad or 'none'} |")
+    return (
+        f"| {wl} | {kind} | {clip_txt} | {acts or '—'} | {finds} | "
+        f"{info.get('acted_on', 0)} | {warned} | {bad or 'none'} |"
+    )
 
 
 def source_state() -> str:
@@ -235,8 +265,9 @@ def source_state() -> str:
     root = HERE.parent
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
@@ -248,38 +279,59 @@ def source_state() -> str:
 
 def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
     head = overhead.provenance(
-        meta, results, "quick smoke run (a few short blocks)",
+        meta,
+        results,
+        "quick smoke run (a few short blocks)",
         "ratio = median over rounds of (variant block / reference block in the same round), "
-        "in brackets the p25–p75 of those paired ratios")
+        "in brackets the p25–p75 of those paired ratios",
+    )
     source = f"- gradscope source: {meta['source_start']}"
     if meta["source_end"] != meta["source_start"]:
-        source += (f" at the start, **{meta['source_end']} at the end** (the source changed "
-                   "during the run; modules were imported at the start)")
+        source += (
+            f" at the start, **{meta['source_end']} at the end** (the source changed "
+            "during the run; modules were imported at the start)"
+        )
     head.insert(len(head) - 1, source)
     lines = [
-        SECTION, "", *head,
-        INTRO, "",
-        "Each remedy × `default` (its own cost), and `clip_grad_norm_` × `plain`:", "",
-        "| workload | `clip_grad_norm_` × plain | " + " | ".join(
-            f"`{SHORT[k]}`" for k in REMEDIES) + " |",
+        SECTION,
+        "",
+        *head,
+        INTRO,
+        "",
+        "Each remedy × `default` (its own cost), and `clip_grad_norm_` × `plain`:",
+        "",
+        "| workload | `clip_grad_norm_` × plain | "
+        + " | ".join(f"`{SHORT[k]}`" for k in REMEDIES)
+        + " |",
         "|---|" + "--:|" * (len(REMEDIES) + 1),
     ]
     for wl, res in results.items():
         v = res["vs_default"]
-        lines.append(f"| {wl} | {fmt(res['clip_grad_norm_vs_plain'])} | "
-                     + " | ".join(fmt(v[k]) for k in REMEDIES) + " |")
-    lines += ["", "All variants:", "",
-              "| workload | variant | ms/step (median) | × plain | × `default` |",
-              "|---|---|--:|--:|--:|"]
+        lines.append(
+            f"| {wl} | {fmt(res['clip_grad_norm_vs_plain'])} | "
+            + " | ".join(fmt(v[k]) for k in REMEDIES)
+            + " |"
+        )
+    lines += [
+        "",
+        "All variants:",
+        "",
+        "| workload | variant | ms/step (median) | × plain | × `default` |",
+        "|---|---|--:|--:|--:|",
+    ]
     for wl, res in results.items():
         for kind, s in res["summary"].items():
-            lines.append(f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {fmt(s)} | "
-                         f"{fmt(res['vs_default'][kind])} |")
+            lines.append(
+                f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {fmt(s)} | "
+                f"{fmt(res['vs_default'][kind])} |"
+            )
     lines += [
-        "", "What each scope did over its whole run (warm-up included): steps a clipper "
+        "",
+        "What each scope did over its whole run (warm-up included): steps a clipper "
         "changed (its `clipped` events; steps with a clip coefficient below 1), remedy "
         "events, findings, findings a remedy acted on, warnings at `watch()`, internal "
-        "errors:", "",
+        "errors:",
+        "",
         "| workload | variant | steps clipped | remedy events | findings | acted on | "
         "warnings | internal errors |",
         "|---|---|--:|---|---|--:|---|---|",
@@ -290,15 +342,22 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
             if VARIANTS[kind] is not None:
                 lines.append(scope_line(wl, kind, info))
     same = {wl: res["same_weights"] for wl, res in results.items()}
-    lines += ["", "Same training? Largest absolute difference between the final weights of "
-              "two variants (each fed the same batches from the same initial weights; "
-              "0 = bit-identical). The transformer has dropout, which draws from the global RNG "
-              "in each variant's turn, so its variants are not comparable.", "",
-              "| workload | " + " | ".join(f"`{k}` vs `{r}`" for k, r in SAME_AS.items())
-              + " |", "|---|" + "--:|" * len(SAME_AS)]
+    lines += [
+        "",
+        "Same training? Largest absolute difference between the final weights of "
+        "two variants (each fed the same batches from the same initial weights; "
+        "0 = bit-identical). The transformer has dropout, which draws from the global RNG "
+        "in each variant's turn, so its variants are not comparable.",
+        "",
+        "| workload | " + " | ".join(f"`{k}` vs `{r}`" for k, r in SAME_AS.items()) + " |",
+        "|---|" + "--:|" * len(SAME_AS),
+    ]
     for wl, d in same.items():
-        cells = (["—"] * len(SAME_AS) if d is None
-                 else [f"{d[f'{k}={r}']:.3g}" for k, r in SAME_AS.items()])
+        cells = (
+            ["—"] * len(SAME_AS)
+            if d is None
+            else [f"{d[f'{k}={r}']:.3g}" for k, r in SAME_AS.items()]
+        )
         lines.append(f"| {wl} | " + " | ".join(cells) + " |")
     lines += ["", reading(results, meta["block"])]
     return "\n".join(lines) + "\n"
@@ -307,17 +366,25 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     overhead.add_common_args(
-        parser, "rounds per workload (default: " + ", ".join(
-            f"{k} {v}" for k, v in ROUNDS.items()) + ")",
+        parser,
+        "rounds per workload (default: " + ", ".join(f"{k} {v}" for k, v in ROUNDS.items()) + ")",
         f"smoke run: {QUICK_ROUNDS} rounds of {QUICK_BLOCK} steps",
-        HERE / "results" / "remedies.json")
+        HERE / "results" / "remedies.json",
+    )
     args = parser.parse_args(argv)
     names = overhead.checked_workloads(parser, args)
 
     torch.set_num_threads(1)
     block = QUICK_BLOCK if args.quick else BLOCK
-    meta = overhead.run_meta("remedies.py", argv, args.quick, block, variants=VARIANTS,
-                             loadavg_start=os.getloadavg(), source_start=source_state())
+    meta = overhead.run_meta(
+        "remedies.py",
+        argv,
+        args.quick,
+        block,
+        variants=VARIANTS,
+        loadavg_start=os.getloadavg(),
+        source_start=source_state(),
+    )
     started = time.monotonic()
     results: dict[str, Any] = {}
     for name in names:
@@ -334,8 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + section)
     replace_section(args.out, section)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "workloads": results}, indent=2,
-                                    default=str) + "\n")
+    args.json.write_text(
+        json.dumps({"meta": meta, "workloads": results}, indent=2, default=str) + "\n"
+    )
     print(f"wrote {args.out} and {args.json} ({meta['seconds']:.0f} s)")
 
 

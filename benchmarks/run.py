@@ -55,8 +55,9 @@ def command(variant: str, workload: str, steps: int, out: str) -> list[str]:
 
 def once(variant: str, workload: str, steps: int, out: str) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command(variant, workload, steps, out), capture_output=True,
-                          text=True, env=env, check=False)
+    proc = subprocess.run(
+        command(variant, workload, steps, out), capture_output=True, text=True, env=env, check=False
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{variant}/{workload} failed:\n{proc.stderr[-2000:]}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -76,7 +77,9 @@ def measure(workload: str, rounds: int, steps: int, seed: int) -> dict[str, Any]
                 checksums[variant].add(res["checksum"])
             print(f"  {workload} round {r + 1}/{rounds}", flush=True)
     return {
-        "steps": steps, "rounds": rounds, "block_seconds": cpu,
+        "steps": steps,
+        "rounds": rounds,
+        "block_seconds": cpu,
         "ms_per_step": {v: 1000 * statistics.median(t) / steps for v, t in cpu.items()},
         "watch_vs_plain": overhead.paired(cpu["watch"], cpu["plain"]),
         "run_vs_plain": overhead.paired(cpu["run"], cpu["plain"]),
@@ -91,18 +94,21 @@ def fmt(s: dict[str, float]) -> str:
 
 def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"{meta['date']}, `{meta['command']}`; torch {meta['torch']}, Python {meta['python']}, "
         f"{meta['cpu']} ({meta['cpu_count']} cores), one torch thread, load average "
         f"{meta['loadavg_start'][0]:.2f} → {meta['loadavg_end'][0]:.2f}."
-        + (" **Quick smoke run: not a measurement.**" if meta["quick"] else ""), "",
+        + (" **Quick smoke run: not a measurement.**" if meta["quick"] else ""),
+        "",
         "Each variant runs in its own process (benchmarks/run_target.py); the CPU time of the "
         "timed steps only (after 110 warm-up steps, past the first flush and its one-time "
         "imports), medians over rounds, ratios paired per round (p25–p75). `plain`: "
         "`python run_target.py`; `watch`: the script calls `gradscope.watch(model)` (defaults, "
         "TensorBoard on); `run`: `gradscope run --quiet run_target.py`, the unchanged script. "
         "`lstmcell` calls an `nn.LSTMCell` 64 times per step (~130 module calls per step), "
-        "the per-call worst case; `mlp` is benchmarks/overhead.py's MLP.", "",
+        "the per-call worst case; `mlp` is benchmarks/overhead.py's MLP.",
+        "",
         "| workload | steps × rounds | plain ms/step | watch ms/step | run ms/step | watch × plain "
         "| run × plain | run × watch | same weights |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -113,7 +119,8 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
             f"| {name} | {res['steps']} × {res['rounds']} | {ms['plain']:.2f} | "
             f"{ms['watch']:.2f} | {ms['run']:.2f} | {fmt(res['watch_vs_plain'])} | "
             f"{fmt(res['run_vs_plain'])} | {fmt(res['run_vs_watch'])} | "
-            f"{'yes' if res['same_weights'] else '**no**'} |")
+            f"{'yes' if res['same_weights'] else '**no**'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -121,8 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--quick", action="store_true",
-                        help="2 rounds of 10 steps (and 10 warm-up steps)")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 rounds of 10 steps (and 10 warm-up steps)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "run.json")
     args = parser.parse_args(argv)
@@ -131,10 +139,15 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or not names or args.rounds < 1:
         parser.error(f"--workloads: choose from {', '.join(WORKLOADS)}; --rounds >= 1")
     rounds = 2 if args.quick else args.rounds
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": args.quick,
-            "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
-            "cpu": overhead.cpu_model(), "cpu_count": os.cpu_count(),
-            "loadavg_start": os.getloadavg(), **_versions()}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "quick": args.quick,
+        "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+        "cpu": overhead.cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        **_versions(),
+    }
     results = {n: measure(n, rounds, 10 if args.quick else WORKLOADS[n], 0) for n in names}
     meta["loadavg_end"] = os.getloadavg()
     section = render(meta, results)
@@ -152,8 +165,11 @@ def _versions() -> dict[str, str]:
 
     import gradscope
 
-    return {"torch": torch.__version__, "gradscope": gradscope.__version__,
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "gradscope": gradscope.__version__,
+        "python": platform.python_version(),
+    }
 
 
 if __name__ == "__main__":

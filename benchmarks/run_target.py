@@ -39,10 +39,19 @@ class CellRNN(nn.Module):
 def build(workload: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     if workload == "lstmcell":
-        return CellRNN(), torch.randn(16, 64, 16, generator=g), torch.randint(0, 4, (16,),
-                                                                            generator=g)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256),
-                          nn.ReLU(), nn.Linear(256, 10))
+        return (
+            CellRNN(),
+            torch.randn(16, 64, 16, generator=g),
+            torch.randint(0, 4, (16,), generator=g),
+        )
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Linear(512, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
     return model, torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
 
 

@@ -52,8 +52,12 @@ from overhead import (  # noqa: E402
 SECTION = "## Non-finite tracing vs detect_anomaly (CPU)"
 # gradscope's cheapest recording (overhead.py --breakdown's `grad_norms`): gradient norms, the
 # loss and flushes every step; activation statistics and update ratios never after step 0.
-FLOOR: dict[str, Any] = {"activation_every": NEVER, "update_every": NEVER, "tensorboard": False,
-                         "quiet": True}
+FLOOR: dict[str, Any] = {
+    "activation_every": NEVER,
+    "update_every": NEVER,
+    "tensorboard": False,
+    "quiet": True,
+}
 # variant -> gradscope.watch options (None: not watched; the anomaly variants are not watched)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain": None,
@@ -80,8 +84,15 @@ class TracingVariant(overhead.Variant):
     # variant -> `nonfinite` findings of its scope at close (healthy runs: expected 0)
     nonfinite: ClassVar[dict[str, int]] = {}
 
-    def __init__(self, kind: str, options: dict[str, Any] | None, wl: Workload,
-                 state: dict[str, torch.Tensor], batches: list[Batch], run_root: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        options: dict[str, Any] | None,
+        wl: Workload,
+        state: dict[str, torch.Tensor],
+        batches: list[Batch],
+        run_root: str,
+    ) -> None:
         self.anomaly: torch.autograd.detect_anomaly | None = None
         if kind in ANOMALY:
             with warnings.catch_warnings():  # "Anomaly Detection has been enabled. ..."
@@ -96,7 +107,8 @@ class TracingVariant(overhead.Variant):
             # a healthy run: a `nonfinite` finding here would mean the tracer named a culprit
             # and disarmed, so `trace_always` would not have been tracing every step
             TracingVariant.nonfinite[self.kind] = sum(
-                f["kind"] == "nonfinite" for f in self.scope.findings)
+                f["kind"] == "nonfinite" for f in self.scope.findings
+            )
         super().close()
 
     def step(self) -> None:
@@ -213,20 +225,39 @@ def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 FAULTS = [
-    Fault("forward_log0", "log(0): a custom `Log` after a ReLU that outputs 0, in the middle "
-          "of an MLP classifier (cross-entropy)", "forward, `2` (Log): -inf from finite inputs",
-          classifier, lambda s: class_batch(s, "log0"), F.cross_entropy),
-    Fault("backward_inf", "sqrt at exactly 0 (`Linear -> Sqrt -> Linear`, MSE): a unit with "
-          "all-zero weights and bias", "backward, `1` (Sqrt): sqrt'(0) = +inf",
-          sqrt_regressor, regression_batch, mse, zero_unit),
-    Fault("data_nan", "one NaN in the input batch (same classifier)",
-          "the data (inputs of `0`)", classifier, lambda s: class_batch(s, "data"),
-          F.cross_entropy),
+    Fault(
+        "forward_log0",
+        "log(0): a custom `Log` after a ReLU that outputs 0, in the middle "
+        "of an MLP classifier (cross-entropy)",
+        "forward, `2` (Log): -inf from finite inputs",
+        classifier,
+        lambda s: class_batch(s, "log0"),
+        F.cross_entropy,
+    ),
+    Fault(
+        "backward_inf",
+        "sqrt at exactly 0 (`Linear -> Sqrt -> Linear`, MSE): a unit with "
+        "all-zero weights and bias",
+        "backward, `1` (Sqrt): sqrt'(0) = +inf",
+        sqrt_regressor,
+        regression_batch,
+        mse,
+        zero_unit,
+    ),
+    Fault(
+        "data_nan",
+        "one NaN in the input batch (same classifier)",
+        "the data (inputs of `0`)",
+        classifier,
+        lambda s: class_batch(s, "data"),
+        F.cross_entropy,
+    ),
 ]
 
 
-def train(fault: Fault, model: nn.Sequential, steps: int,
-          log: dict[str, Any] | None = None) -> None:
+def train(
+    fault: Fault, model: nn.Sequential, steps: int, log: dict[str, Any] | None = None
+) -> None:
     """A plain SGD loop: the optimizer steps every time, so from FAULT_STEP + 1 on the weights
     may hold what the fault step's gradients put there. ``log`` gets the current step and the
     Inf/NaN counts of the gradients at FAULT_STEP."""
@@ -258,8 +289,11 @@ def anomaly_report(fault: Fault) -> dict[str, Any]:
                 train(fault, fault.build(), DEMO_STEPS, log)
         except RuntimeError as e:
             m = re.search(r"Function '(\w+)' returned nan values in its (\d+)th output", str(e))
-            out.update(raised=True, step=log.get("step"),
-                       function=f"{m.group(1)} (output {m.group(2)})" if m else str(e)[:80])
+            out.update(
+                raised=True,
+                step=log.get("step"),
+                function=f"{m.group(1)} (output {m.group(2)})" if m else str(e)[:80],
+            )
     for w in caught:
         msg = str(w.message)
         if msg.startswith("Error detected in"):
@@ -273,18 +307,30 @@ def anomaly_report(fault: Fault) -> dict[str, Any]:
 
 def gradscope_report(fault: Fault, mode: str, root: str) -> dict[str, Any]:
     model = fault.build()
-    with gradscope.watch(model, out=root, name=f"demo-{fault.name}-{mode}", quiet=True,
-                         tensorboard=False, trace_nonfinite=mode) as scope:
+    with gradscope.watch(
+        model,
+        out=root,
+        name=f"demo-{fault.name}-{mode}",
+        quiet=True,
+        tensorboard=False,
+        trace_nonfinite=mode,
+    ) as scope:
         train(fault, model, DEMO_STEPS)
     found = [f for f in scope.findings if f["kind"] == "nonfinite"]
     if not found:
         return {"found": False}
     f = found[0]
     ev = f.get("evidence", {})
-    return {"found": True, "phase": f["phase"], "module": f["module"], "class": f["class"],
-            "layer": f["layer"], "first_step": f["first_step"],
-            "traced_at_step": ev.get("traced_at_step") if ev.get("traced") else None,
-            "note": ev.get("note")}
+    return {
+        "found": True,
+        "phase": f["phase"],
+        "module": f["module"],
+        "class": f["class"],
+        "layer": f["layer"],
+        "first_step": f["first_step"],
+        "traced_at_step": ev.get("traced_at_step") if ev.get("traced") else None,
+        "note": ev.get("note"),
+    }
 
 
 def run_demo() -> list[dict[str, Any]]:
@@ -292,11 +338,18 @@ def run_demo() -> list[dict[str, Any]]:
     root = tempfile.mkdtemp(prefix="gradscope-bench-tracing-demo-")
     try:
         for fault in FAULTS:
-            rows.append({"fault": fault.name, "what": fault.what, "truth": fault.truth,
-                         "fault_step": FAULT_STEP, "steps": DEMO_STEPS,
-                         "anomaly": anomaly_report(fault),
-                         "always": gradscope_report(fault, "always", root),
-                         "auto": gradscope_report(fault, "auto", root)})
+            rows.append(
+                {
+                    "fault": fault.name,
+                    "what": fault.what,
+                    "truth": fault.truth,
+                    "fault_step": FAULT_STEP,
+                    "steps": DEMO_STEPS,
+                    "anomaly": anomaly_report(fault),
+                    "always": gradscope_report(fault, "always", root),
+                    "auto": gradscope_report(fault, "auto", root),
+                }
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return rows
@@ -309,8 +362,9 @@ def fmt(s: dict[str, Any]) -> str:
 
 def fmt_anomaly(a: dict[str, Any]) -> str:
     g = a.get("grads_at_fault_step") or {}
-    missed = (f"nothing at step {FAULT_STEP} (its gradients: {g['inf']} Inf, {g['nan']} NaN)"
-              if g else "")
+    missed = (
+        f"nothing at step {FAULT_STEP} (its gradients: {g['inf']} Inf, {g['nan']} NaN)" if g else ""
+    )
     if not a["raised"]:
         return missed or f"nothing raised in {DEMO_STEPS} steps"
     frame = f", forward traceback ends in `{a['forward_frame']}`" if a["forward_frame"] else ""
@@ -335,7 +389,7 @@ def fmt_scope(g: dict[str, Any]) -> str:
 
 
 INTRO = (
-    "Goals (issue): with `trace_nonfinite=\"auto\"` the tracer costs ≤ 1.05×, with `\"always\"` "
+    'Goals (issue): with `trace_nonfinite="auto"` the tracer costs ≤ 1.05×, with `"always"` '
     "≤ 1.30×, measured as the paired ratio to `trace_off` (the same recording with no tracer); "
     "the issue measured `detect_anomaly` at 1.4–1.7× of plain training. `trace_*` record only "
     "what every step needs (gradient norms, the loss, a Parquet flush per 100 steps; "
@@ -365,49 +419,73 @@ READING = (
 
 def render(meta: dict[str, Any], results: dict[str, Any], demo: list[dict[str, Any]]) -> str:
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         *overhead.provenance(
-            meta, results, "quick smoke run (a few short blocks)",
+            meta,
+            results,
+            "quick smoke run (a few short blocks)",
             "ratio = median over rounds of (variant block / reference block in the same round), "
-            "in brackets the p25–p75 of those paired ratios"),
-        INTRO, "",
+            "in brackets the p25–p75 of those paired ratios",
+        ),
+        INTRO,
+        "",
         "| workload | `anomaly` × plain | `trace_auto` × plain | `trace_always` × plain "
         "| auto tracer × `trace_off` | always tracer × `trace_off` | goals (≤ 1.05× / ≤ 1.30×) |",
         "|---|--:|--:|--:|--:|--:|---|",
     ]
     for wl, res in results.items():
         s, t = res["summary"], res["tracer"]
-        verdict = " / ".join("pass" if t[k]["pass"] else "**FAIL**"
-                             for k in ("trace_auto", "trace_always"))
-        lines.append(f"| {wl} | {fmt(s['anomaly'])} | {fmt(s['trace_auto'])} | "
-                     f"{fmt(s['trace_always'])} | {fmt(t['trace_auto'])} | "
-                     f"{fmt(t['trace_always'])} | {verdict} |")
-    lines += ["", "All variants:", "",
-              "| workload | variant | ms/step (median) | × plain | × `trace_off` |",
-              "|---|---|--:|--:|--:|"]
+        verdict = " / ".join(
+            "pass" if t[k]["pass"] else "**FAIL**" for k in ("trace_auto", "trace_always")
+        )
+        lines.append(
+            f"| {wl} | {fmt(s['anomaly'])} | {fmt(s['trace_auto'])} | "
+            f"{fmt(s['trace_always'])} | {fmt(t['trace_auto'])} | "
+            f"{fmt(t['trace_always'])} | {verdict} |"
+        )
+    lines += [
+        "",
+        "All variants:",
+        "",
+        "| workload | variant | ms/step (median) | × plain | × `trace_off` |",
+        "|---|---|--:|--:|--:|",
+    ]
     for wl, res in results.items():
         times = res["block_seconds"]
         for kind, s in res["summary"].items():
             off = fmt(overhead.paired(times[kind], times[BASE]))
             lines.append(f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {fmt(s)} | {off} |")
     lines += [
-        "", "### Who is named: three planted faults", "",
+        "",
+        "### Who is named: three planted faults",
+        "",
         f"A plain SGD loop of {DEMO_STEPS} steps per fault (steps count from 0), the fault "
         f"planted from step {FAULT_STEP} on. `detect_anomaly()`: the step and backward function "
         "of the RuntimeError, and the last frame of the forward traceback it warns with. "
         "gradscope (`quiet=True`): the first `nonfinite` finding of `scope.findings`; modules "
-        "by their `named_modules()` path.", "",
+        "by their `named_modules()` path.",
+        "",
         "| fault | truth | `detect_anomaly()` | gradscope `always` | gradscope `auto` |",
         "|---|---|---|---|---|",
     ]
     for row in demo:
-        lines.append(f"| {row['what']} | {row['truth']} | {fmt_anomaly(row['anomaly'])} | "
-                     f"{fmt_scope(row['always'])} | {fmt_scope(row['auto'])} |")
-    bad = {f"{wl}/{k}": n for wl, res in results.items()
-           for k, n in res["nonfinite_findings"].items() if n}
+        lines.append(
+            f"| {row['what']} | {row['truth']} | {fmt_anomaly(row['anomaly'])} | "
+            f"{fmt_scope(row['always'])} | {fmt_scope(row['auto'])} |"
+        )
+    bad = {
+        f"{wl}/{k}": n
+        for wl, res in results.items()
+        for k, n in res["nonfinite_findings"].items()
+        if n
+    }
     if bad:
-        lines += ["", f"**Warning:** non-finite findings on the healthy timing runs: {bad}; "
-                  "a tracer that named a culprit stopped tracing, so its cost is understated."]
+        lines += [
+            "",
+            f"**Warning:** non-finite findings on the healthy timing runs: {bad}; "
+            "a tracer that named a culprit stopped tracing, so its cost is understated.",
+        ]
     lines += ["", READING]
     return "\n".join(lines) + "\n"
 
@@ -415,17 +493,25 @@ def render(meta: dict[str, Any], results: dict[str, Any], demo: list[dict[str, A
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     overhead.add_common_args(
-        parser, "rounds per workload (default: " + ", ".join(
-            f"{k} {v}" for k, v in ROUNDS.items()) + ")",
+        parser,
+        "rounds per workload (default: " + ", ".join(f"{k} {v}" for k, v in ROUNDS.items()) + ")",
         f"smoke run: {QUICK_ROUNDS} rounds of {QUICK_BLOCK} steps",
-        HERE / "results" / "tracing.json")
+        HERE / "results" / "tracing.json",
+    )
     args = parser.parse_args(argv)
     names = overhead.checked_workloads(parser, args)
 
     torch.set_num_threads(1)
     block = QUICK_BLOCK if args.quick else BLOCK
-    meta = overhead.run_meta("tracing.py", argv, args.quick, block, variants=VARIANTS,
-                             goals=GOALS, loadavg_start=os.getloadavg())
+    meta = overhead.run_meta(
+        "tracing.py",
+        argv,
+        args.quick,
+        block,
+        variants=VARIANTS,
+        goals=GOALS,
+        loadavg_start=os.getloadavg(),
+    )
     started = time.monotonic()
     results: dict[str, Any] = {}
     for name in names:
@@ -441,8 +527,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + section)
     replace_section(args.out, section)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "workloads": results, "demo": demo},
-                                    indent=2) + "\n")
+    args.json.write_text(
+        json.dumps({"meta": meta, "workloads": results, "demo": demo}, indent=2) + "\n"
+    )
     print(f"wrote {args.out} and {args.json} ({meta['seconds']:.0f} s)")
 
 

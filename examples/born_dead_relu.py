@@ -77,7 +77,7 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
     torch.manual_seed(seed)
     model = build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    x = torch.linspace(-3**0.5, 3**0.5, 256).unsqueeze(1)
+    x = torch.linspace(-(3**0.5), 3**0.5, 256).unsqueeze(1)
     y = x.abs()
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -109,16 +109,19 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
         "pred_mean_end": pred_end.mean().item(),
         "target_mean": y.mean().item(),
     }
-    print("dead fraction per ReLU at step 0: "
-          + " ".join(f"{n}:{f:.0%}" for n, f in dead0.items()))
+    print("dead fraction per ReLU at step 0: " + " ".join(f"{n}:{f:.0%}" for n, f in dead0.items()))
     print(f"first ReLU dead for all inputs at step 0: {first_dead}")
     nonzero = [n for n, z in zero_grad0.items() if not z]
-    print(f"parameters with all-zero gradient at step 0: {sum(zero_grad0.values())}/"
-          f"{len(zero_grad0)} tensors ({truth['zero_grad_tensor_fraction']:.1%}), "
-          f"{n_scalars0}/{n_params} scalars; non-zero: {nonzero}")
-    print(f"after {steps} steps: predictions max - min {truth['pred_range_end']:.1e}, mean "
-          f"{truth['pred_mean_end']:.4f} vs mean of y {truth['target_mean']:.4f} "
-          "(collapsed to the mean)")
+    print(
+        f"parameters with all-zero gradient at step 0: {sum(zero_grad0.values())}/"
+        f"{len(zero_grad0)} tensors ({truth['zero_grad_tensor_fraction']:.1%}), "
+        f"{n_scalars0}/{n_params} scalars; non-zero: {nonzero}"
+    )
+    print(
+        f"after {steps} steps: predictions max - min {truth['pred_range_end']:.1e}, mean "
+        f"{truth['pred_mean_end']:.4f} vs mean of y {truth['target_mean']:.4f} "
+        "(collapsed to the mean)"
+    )
     return truth
 
 

@@ -126,15 +126,23 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
         "weight_grad_ratio_g1": wgrad1[first] / wgrad1[output],
         "gain_power": GAIN ** (len(linears) - 2),
     }
-    print("step 0 ||dL/d(output of Linear)||, input -> output: "
-          + " ".join(f"{n}:{sig[n]:.1e}" for n in linears))
-    print(f"backward-signal ratio {first}/{last_hidden} at step 0: {truth['signal_ratio']:.3g} "
-          f"(g = {GAIN}; {GAIN}^{len(linears) - 2} = {truth['gain_power']:.3g}); same network "
-          f"at g = 1 (He): {truth['signal_ratio_g1']:.3g}")
-    print(f"backward-signal ratio {first}/{output} (first/output layer) at step 0: "
-          f"{truth['signal_first_over_output']:.3g}")
-    print(f"weight-grad ratio {first}/{output} at step 0: {truth['weight_grad_ratio']:.3g} at "
-          f"g = {GAIN}, {truth['weight_grad_ratio_g1']:.3g} at g = 1 (same order: Glorot eq. 14)")
+    print(
+        "step 0 ||dL/d(output of Linear)||, input -> output: "
+        + " ".join(f"{n}:{sig[n]:.1e}" for n in linears)
+    )
+    print(
+        f"backward-signal ratio {first}/{last_hidden} at step 0: {truth['signal_ratio']:.3g} "
+        f"(g = {GAIN}; {GAIN}^{len(linears) - 2} = {truth['gain_power']:.3g}); same network "
+        f"at g = 1 (He): {truth['signal_ratio_g1']:.3g}"
+    )
+    print(
+        f"backward-signal ratio {first}/{output} (first/output layer) at step 0: "
+        f"{truth['signal_first_over_output']:.3g}"
+    )
+    print(
+        f"weight-grad ratio {first}/{output} at step 0: {truth['weight_grad_ratio']:.3g} at "
+        f"g = {GAIN}, {truth['weight_grad_ratio_g1']:.3g} at g = 1 (same order: Glorot eq. 14)"
+    )
     return truth
 
 

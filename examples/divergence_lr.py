@@ -100,13 +100,17 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
     }
     shown = losses if first_nan < 0 else losses[: first_nan + 1]
     print("loss per step: " + " ".join(f"{i}:{v:.2g}" for i, v in enumerate(shown)))
-    print("|grad linear.weight| per step: "
-          + " ".join(f"{i}:{v:.2g}" for i, v in enumerate(grad_norms[: len(shown)])))
+    print(
+        "|grad linear.weight| per step: "
+        + " ".join(f"{i}:{v:.2g}" for i, v in enumerate(grad_norms[: len(shown)]))
+    )
     print(f"first inf loss at step {first_inf}, first NaN loss at step {first_nan}")
-    print(f"float32 grad norm of linear.weight overflows to inf at step "
-          f"{truth['first_inf_grad_norm_step']}; first gradient with non-finite elements at step "
-          f"{truth['first_nonfinite_grad_step']}; first non-finite model output at step "
-          f"{truth['first_nonfinite_output_step']}")
+    print(
+        f"float32 grad norm of linear.weight overflows to inf at step "
+        f"{truth['first_inf_grad_norm_step']}; first gradient with non-finite elements at step "
+        f"{truth['first_nonfinite_grad_step']}; first non-finite model output at step "
+        f"{truth['first_nonfinite_output_step']}"
+    )
     return truth
 
 

@@ -96,8 +96,10 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
     for name in start:
         truth[f"dead_{name}_start"] = start[name]
         truth[f"dead_{name}_end"] = end[name]
-        print(f"ReLU {name}: dead fraction {start[name]:.1%} at step 0 -> "
-              f"{end[name]:.1%} after {steps} steps")
+        print(
+            f"ReLU {name}: dead fraction {start[name]:.1%} at step 0 -> "
+            f"{end[name]:.1%} after {steps} steps"
+        )
     return truth
 
 

@@ -111,13 +111,17 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
         "rho_step0": spectral_radius(weights[0]),
         "rho_first_spike": spectral_radius(weights[first_spike]) if spikes else float("nan"),
     }
-    print(f"|grad rnn.weight_hh_l0|: early median (steps 0-19) {early:.3g}, "
-          f"run median {truth['median']:.3g}, max {truth['max']:.3g} at step {truth['max_step']} "
-          f"({truth['max_over_early']:.0f}x early median)")
+    print(
+        f"|grad rnn.weight_hh_l0|: early median (steps 0-19) {early:.3g}, "
+        f"run median {truth['median']:.3g}, max {truth['max']:.3g} at step {truth['max_step']} "
+        f"({truth['max_over_early']:.0f}x early median)"
+    )
     print(f"steps above {SPIKE_FACTOR:.0f}x early median: {spikes} (first: {first_spike})")
-    print(f"spectral radius of weight_hh: {truth['rho_step0']:.3f} at step 0, "
-          f"{truth['rho_first_spike']:.3f} at the first spike; all grad norms finite: "
-          f"{bool(truth['all_finite'])}")
+    print(
+        f"spectral radius of weight_hh: {truth['rho_step0']:.3f} at step 0, "
+        f"{truth['rho_first_spike']:.3f} at the first spike; all grad norms finite: "
+        f"{bool(truth['all_finite'])}"
+    )
     return truth
 
 

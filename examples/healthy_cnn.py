@@ -33,8 +33,14 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.head = nn.Linear(32 * (SIZE // 4) ** 2, CLASSES)
 
@@ -102,11 +108,15 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
         "max_over_median_grad_norm": (g.max() / g.median()).item(),
         "all_finite": int(finite),
     }
-    print(f"loss {truth['loss_first10']:.3f} -> {truth['loss_last10']:.3f}, training-batch "
-          f"accuracy {truth['train_accuracy_first10']:.1%} -> {truth['train_accuracy_last10']:.1%}"
-          f" (means of the first/last {n} steps)")
-    print(f"max/median total grad norm: {truth['max_over_median_grad_norm']:.2f}; all finite: "
-          f"{finite}")
+    print(
+        f"loss {truth['loss_first10']:.3f} -> {truth['loss_last10']:.3f}, training-batch "
+        f"accuracy {truth['train_accuracy_first10']:.1%} -> {truth['train_accuracy_last10']:.1%}"
+        f" (means of the first/last {n} steps)"
+    )
+    print(
+        f"max/median total grad norm: {truth['max_over_median_grad_norm']:.2f}; all finite: "
+        f"{finite}"
+    )
     return truth
 
 

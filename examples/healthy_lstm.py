@@ -81,11 +81,15 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
         "max_over_median_weight_hh_grad_norm": (hh.max() / hh.median()).item(),
         "all_finite": int(finite),
     }
-    print(f"loss {truth['loss_first10']:.3f} -> {truth['loss_last10']:.3f} (means of the "
-          f"first/last {n} steps)")
-    print(f"max/median grad norm: total {truth['max_over_median_grad_norm']:.2f}, "
-          f"lstm.weight_hh_l0 {truth['max_over_median_weight_hh_grad_norm']:.2f}; all finite: "
-          f"{finite}")
+    print(
+        f"loss {truth['loss_first10']:.3f} -> {truth['loss_last10']:.3f} (means of the "
+        f"first/last {n} steps)"
+    )
+    print(
+        f"max/median grad norm: total {truth['max_over_median_grad_norm']:.2f}, "
+        f"lstm.weight_hh_l0 {truth['max_over_median_weight_hh_grad_norm']:.2f}; all finite: "
+        f"{finite}"
+    )
     return truth
 
 

@@ -34,8 +34,10 @@ CLASSES = 8
 
 def build_model() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(IN_FEATURES, 128), nn.ReLU(),
-        nn.Linear(128, 128), nn.ReLU(),
+        nn.Linear(IN_FEATURES, 128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.ReLU(),
         nn.Linear(128, CLASSES),
     )
 
@@ -112,12 +114,18 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
         "max_over_median_grad_norm": (g.max() / g.median()).item(),
         "all_finite": int(finite),
     }
-    print(f"loss {truth['loss_first']:.3f} at step 0 -> {truth['loss_last10']:.3f} (mean of the "
-          f"last 10 steps); accuracy {accuracy['start']:.1%} -> {accuracy['end']:.1%}")
-    print("dead fraction per ReLU on the training batch (step 0 / last step): "
-          + " ".join(f"{k}:{v:.1%}" for k, v in dead.items()))
-    print(f"max/median total grad norm: {truth['max_over_median_grad_norm']:.2f}; all finite: "
-          f"{finite}")
+    print(
+        f"loss {truth['loss_first']:.3f} at step 0 -> {truth['loss_last10']:.3f} (mean of the "
+        f"last 10 steps); accuracy {accuracy['start']:.1%} -> {accuracy['end']:.1%}"
+    )
+    print(
+        "dead fraction per ReLU on the training batch (step 0 / last step): "
+        + " ".join(f"{k}:{v:.1%}" for k, v in dead.items())
+    )
+    print(
+        f"max/median total grad norm: {truth['max_over_median_grad_norm']:.2f}; all finite: "
+        f"{finite}"
+    )
     return truth
 
 

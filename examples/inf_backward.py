@@ -152,18 +152,27 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
     truth["nonfinite_param_grads"] = len(bad_params)
     truth["nonfinite_embed_weight_grad_elements"] = bad_params.get("embed.weight", 0)
     truth["inf_grads_inside_norm"] = int(torch.isinf(g_u).sum())
-    print(f"step {first_bad}: loss {replay_loss:.4g} (finite), non-finite gradient elements: "
-          f"{bad_params}")
+    print(
+        f"step {first_bad}: loss {replay_loss:.4g} (finite), non-finite gradient elements: "
+        f"{bad_params}"
+    )
     for name, g_out, g_in in modules:
+
         def describe(g: torch.Tensor) -> str:
             if g.numel() == 0:
                 return "-"
-            return (f"{int(torch.isinf(g).sum())} inf, {int(torch.isnan(g).sum())} NaN "
-                    f"of {g.numel()}")
-        print(f"  {name:7s} grad w.r.t. output: {describe(g_out):22s} "
-              f"grad w.r.t. input: {describe(g_in)}")
-    print(f"inside norm: dL/d(sum of squares) has {truth['inf_grads_inside_norm']} inf "
-          "(sqrt'(0) = inf), times d(h*h)/dh = 0 -> NaN")
+            return (
+                f"{int(torch.isinf(g).sum())} inf, {int(torch.isnan(g).sum())} NaN of {g.numel()}"
+            )
+
+        print(
+            f"  {name:7s} grad w.r.t. output: {describe(g_out):22s} "
+            f"grad w.r.t. input: {describe(g_in)}"
+        )
+    print(
+        f"inside norm: dL/d(sum of squares) has {truth['inf_grads_inside_norm']} inf "
+        "(sqrt'(0) = inf), times d(h*h)/dh = 0 -> NaN"
+    )
     print(f"first module (backward order) whose input gradient is non-finite: {culprit}")
     return truth
 

@@ -131,7 +131,7 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
 def corrupt(X: torch.Tensor) -> torch.Tensor:
     """Part 3's training inputs: every 32nd record (31, 63, 95, ...) 20x too large."""
     X = X.clone()
-    X[OUTLIER_EVERY - 1::OUTLIER_EVERY] *= OUTLIER_SCALE
+    X[OUTLIER_EVERY - 1 :: OUTLIER_EVERY] *= OUTLIER_SCALE
     return X
 
 
@@ -142,8 +142,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def build_model(hidden: str = "sigmoid", output: str = "sigmoid",
-                hidden_bias: dict[int, float] | None = None) -> nn.Sequential:
+def build_model(
+    hidden: str = "sigmoid", output: str = "sigmoid", hidden_bias: dict[int, float] | None = None
+) -> nn.Sequential:
     """The 4-3-3-1 network: PyTorch's default init (seeded), then ``hidden_bias`` ({index of
     the Linear: value}) if given. ``output="linear"`` leaves out the output sigmoid."""
     torch.manual_seed(SEED)
@@ -165,9 +166,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor, name: str, out: Path,
-          quiet: bool, clean_X: torch.Tensor | None = None, epochs: int = EPOCHS,
-          **options: Any) -> dict[str, Any]:
+def train(
+    model: nn.Sequential,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    name: str,
+    out: Path,
+    quiet: bool,
+    clean_X: torch.Tensor | None = None,
+    epochs: int = EPOCHS,
+    **options: Any,
+) -> dict[str, Any]:
     """The lecture's per-example loop under ``gradscope.watch(model, **options)``; returns
     the run directory, findings, remedy events, and the final loss on ``clean_X`` (default
     ``X``)."""
@@ -176,8 +185,7 @@ def train(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor, name: str, out
     first_layer = model[0]
     assert isinstance(first_layer, nn.Linear)
     first = first_layer.weight.detach().clone()
-    with gradscope.watch(model, optimizer, out=out, name=name, quiet=quiet,
-                         **options) as scope:
+    with gradscope.watch(model, optimizer, out=out, name=name, quiet=quiet, **options) as scope:
         for _epoch in range(epochs):
             for i in range(len(X)):
                 optimizer.zero_grad()
@@ -208,6 +216,7 @@ def train(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor, name: str, out
 
 
 # -- printing ----------------------------------------------------------------------------------
+
 
 def _steps(f: dict[str, Any]) -> str:
     a, b = f["first_step"], f["last_step"]
@@ -243,18 +252,24 @@ def show(label: str, r: dict[str, Any], main_kinds: tuple[str, ...], detail: boo
         print(f"    gradscope: {_grouped(main)}")
     for e in r["remedy_events"]:
         if e.get("action") == "swapped":
-            print(f"    remedy: step {e['step']}: swapped {e['layer']} {e['from']} -> {e['to']} "
-                  f"(on the {e['finding']} finding)")
+            print(
+                f"    remedy: step {e['step']}: swapped {e['layer']} {e['from']} -> {e['to']} "
+                f"(on the {e['finding']} finding)"
+            )
     if "clipped_steps" in r:
         s = r["clipped_steps"]
         bad = [t for t in s if t % OUTLIER_EVERY == OUTLIER_EVERY - 1]
-        print(f"    remedy: clipped {len(s)} of {r['steps']} steps, {len(bad)} of them the "
-              f"{r['steps'] // OUTLIER_EVERY} bad records; largest norm before clipping "
-              f"{r['largest_grad_norm']:.3g} (gradscope measures before the clip)")
+        print(
+            f"    remedy: clipped {len(s)} of {r['steps']} steps, {len(bad)} of them the "
+            f"{r['steps'] // OUTLIER_EVERY} bad records; largest norm before clipping "
+            f"{r['largest_grad_norm']:.3g} (gradscope measures before the clip)"
+        )
     if other:
         print(f"    also: {_grouped(other)}")
-    print(f"    final loss {r['final_loss']:.4f}; first layer's weights moved "
-          f"{r['first_layer_moved']:.3g}")
+    print(
+        f"    final loss {r['final_loss']:.4f}; first layer's weights moved "
+        f"{r['first_layer_moved']:.3g}"
+    )
 
 
 def _nonpositive_units(model: nn.Sequential, X: torch.Tensor) -> int:
@@ -266,6 +281,7 @@ def _nonpositive_units(model: nn.Sequential, X: torch.Tensor) -> int:
 
 # -- the three parts ---------------------------------------------------------------------------
 
+
 def part_vanishing(out: Path, quiet: bool) -> dict[str, Any]:
     print("== Part 1: vanishing gradient (sigmoid, all hidden biases +6) ==")
     X, y = make_data()
@@ -273,13 +289,25 @@ def part_vanishing(out: Path, quiet: bool) -> dict[str, Any]:
     kinds = ("vanishing_gradients", "saturation")
     sick = train(build_model("sigmoid", hidden_bias=bias), X, y, "vanishing-sick", out, quiet)
     show("sigmoid, no remedy", sick, kinds, detail=True)
-    remedy = train(build_model("sigmoid", hidden_bias=bias), X, y, "vanishing-swap", out, quiet,
-                   swap="sigmoid->relu")
+    remedy = train(
+        build_model("sigmoid", hidden_bias=bias),
+        X,
+        y,
+        "vanishing-swap",
+        out,
+        quiet,
+        swap="sigmoid->relu",
+    )
     show("gradscope remedy: swap='sigmoid->relu'", remedy, kinds, detail=False)
     manual = train(build_model("relu", hidden_bias=bias), X, y, "vanishing-relu", out, quiet)
     show("the lecture's cure: ReLU from the start", manual, kinds, detail=False)
-    return {"sick": sick, "remedy": remedy, "manual": manual,
-            "expected": ("vanishing_gradients", "0"), "remedy_option": "swap='sigmoid->relu'"}
+    return {
+        "sick": sick,
+        "remedy": remedy,
+        "manual": manual,
+        "expected": ("vanishing_gradients", "0"),
+        "remedy_option": "swap='sigmoid->relu'",
+    }
 
 
 def part_dead(out: Path, quiet: bool) -> dict[str, Any]:
@@ -287,23 +315,52 @@ def part_dead(out: Path, quiet: bool) -> dict[str, Any]:
     X, y = make_data()
     bias = {0: DEAD_BIAS}
     kinds = ("dead_units",)
-    sick = train(build_model("relu", hidden_bias=bias), X, y, "dead-sick", out, quiet,
-                 thresholds=PER_EXAMPLE_DEAD)
+    sick = train(
+        build_model("relu", hidden_bias=bias),
+        X,
+        y,
+        "dead-sick",
+        out,
+        quiet,
+        thresholds=PER_EXAMPLE_DEAD,
+    )
     show("ReLU, no remedy", sick, kinds, detail=True)
-    remedy = train(build_model("relu", hidden_bias=bias), X, y, "dead-swap", out, quiet,
-                   swap="relu->leaky_relu:0.2", thresholds=PER_EXAMPLE_DEAD)
+    remedy = train(
+        build_model("relu", hidden_bias=bias),
+        X,
+        y,
+        "dead-swap",
+        out,
+        quiet,
+        swap="relu->leaky_relu:0.2",
+        thresholds=PER_EXAMPLE_DEAD,
+    )
     show("gradscope remedy: swap='relu->leaky_relu:0.2'", remedy, kinds, detail=False)
-    manual = train(build_model("leaky_relu", hidden_bias=bias), X, y, "dead-leaky", out, quiet,
-                   thresholds=PER_EXAMPLE_DEAD)
+    manual = train(
+        build_model("leaky_relu", hidden_bias=bias),
+        X,
+        y,
+        "dead-leaky",
+        out,
+        quiet,
+        thresholds=PER_EXAMPLE_DEAD,
+    )
     show("the lecture's cure: LeakyReLU(0.2) from the start", manual, kinds, detail=False)
     for r in (sick, remedy, manual):
         r["units_nonpositive"] = _nonpositive_units(r["model"], X)
-    print(f"  units of 1 with pre-activation <= 0 on every example, after training: "
-          f"ReLU {sick['units_nonpositive']}/3 (dead: no gradient), swapped "
-          f"{remedy['units_nonpositive']}/3, LeakyReLU {manual['units_nonpositive']}/3 "
-          "(these still pass 0.2x the gradient)")
-    return {"sick": sick, "remedy": remedy, "manual": manual,
-            "expected": ("dead_units", "1"), "remedy_option": "swap='relu->leaky_relu:0.2'"}
+    print(
+        f"  units of 1 with pre-activation <= 0 on every example, after training: "
+        f"ReLU {sick['units_nonpositive']}/3 (dead: no gradient), swapped "
+        f"{remedy['units_nonpositive']}/3, LeakyReLU {manual['units_nonpositive']}/3 "
+        "(these still pass 0.2x the gradient)"
+    )
+    return {
+        "sick": sick,
+        "remedy": remedy,
+        "manual": manual,
+        "expected": ("dead_units", "1"),
+        "remedy_option": "swap='relu->leaky_relu:0.2'",
+    }
 
 
 def part_exploding(out: Path, quiet: bool) -> dict[str, Any]:
@@ -323,9 +380,14 @@ def part_exploding(out: Path, quiet: bool) -> dict[str, Any]:
     show("gradscope remedy, dynamic: clip='zclip'", dynamic, kinds, detail=False)
     clean = train(model(), X, y, "exploding-clean-data", out, quiet)
     show("reference: the same network trained without the bad records", clean, kinds, detail=False)
-    return {"sick": sick, "remedy": fixed, "dynamic": dynamic, "manual": clean,
-            "expected": ("exploding_gradients", "0.weight"),
-            "remedy_option": "clip='norm:1.0' / 'zclip'"}
+    return {
+        "sick": sick,
+        "remedy": fixed,
+        "dynamic": dynamic,
+        "manual": clean,
+        "expected": ("exploding_gradients", "0.weight"),
+        "remedy_option": "clip='norm:1.0' / 'zclip'",
+    }
 
 
 def _main_finding(r: dict[str, Any], kind: str, layer: str) -> str:
@@ -335,8 +397,15 @@ def _main_finding(r: dict[str, Any], kind: str, layer: str) -> str:
 
 def summary(results: dict[str, dict[str, Any]]) -> None:
     print("== Summary ==")
-    rows = [("part", "gradscope found (no remedy)", "remedy", "with remedy",
-             "final loss: none -> remedy")]
+    rows = [
+        (
+            "part",
+            "gradscope found (no remedy)",
+            "remedy",
+            "with remedy",
+            "final loss: none -> remedy",
+        )
+    ]
     for part, res in results.items():
         kind, layer = res["expected"]
         sick, remedy = res["sick"], res["remedy"]
@@ -346,8 +415,12 @@ def summary(results: dict[str, dict[str, Any]]) -> None:
                 done += f" / {len(res['dynamic']['clipped_steps'])}"
         else:
             swaps = [e for e in remedy["remedy_events"] if e.get("action") == "swapped"]
-            done = f"swapped {', '.join(e['layer'] for e in swaps)} at step " + \
-                ", ".join(sorted({str(e["step"]) for e in swaps})) if swaps else "not applied"
+            done = (
+                f"swapped {', '.join(e['layer'] for e in swaps)} at step "
+                + ", ".join(sorted({str(e["step"]) for e in swaps}))
+                if swaps
+                else "not applied"
+            )
         losses = f"{sick['final_loss']:.4f} -> {remedy['final_loss']:.4f}"
         if "dynamic" in res:
             losses += f" / {res['dynamic']['final_loss']:.4f}"
@@ -359,8 +432,9 @@ def summary(results: dict[str, dict[str, Any]]) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
-def main(part: str = "all", out: str | Path = "reports/lecture",
-         quiet: bool = True) -> dict[str, dict[str, Any]]:
+def main(
+    part: str = "all", out: str | Path = "reports/lecture", quiet: bool = True
+) -> dict[str, dict[str, Any]]:
     """Run one part or all three; returns {part: {"sick", "remedy", "manual", ...}}, each a
     dict with the run directory, findings, remedy events and final loss."""
     if part not in (*PARTS, "all"):
@@ -370,8 +444,7 @@ def main(part: str = "all", out: str | Path = "reports/lecture",
     torch.set_num_threads(1)  # a 31-parameter net: more threads only cost
     try:
         results: dict[str, dict[str, Any]] = {}
-        runners = {"vanishing": part_vanishing, "dead": part_dead,
-                   "exploding": part_exploding}
+        runners = {"vanishing": part_vanishing, "dead": part_dead, "exploding": part_exploding}
         for name in PARTS if part == "all" else (part,):
             results[name] = runners[name](out, quiet)
             print()
@@ -386,7 +459,10 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=[*PARTS, "all"], default="all")
     p.add_argument("--out", default="reports/lecture", help="output root for the run directories")
-    p.add_argument("--loud", action="store_true",
-                   help="let gradscope print its finding lines and tables on stderr too")
+    p.add_argument(
+        "--loud",
+        action="store_true",
+        help="let gradscope print its finding lines and tables on stderr too",
+    )
     args = p.parse_args()
     main(args.part, args.out, quiet=not args.loud)

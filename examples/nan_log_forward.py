@@ -61,9 +61,7 @@ class LogProbs(nn.Module):
 class BinaryClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1)
-        )
+        self.body = nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
         self.prob = nn.Sigmoid()
         self.log_probs = LogProbs()
 
@@ -135,12 +133,16 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
     truth["culprit_input_finite"] = int(bool(torch.isfinite(inp).all()))
     truth["culprit_neg_inf_outputs"] = int((out == -math.inf).sum())
     truth["culprit_nan_outputs"] = int(out.isnan().sum())
-    print(f"first non-finite loss at step {first_bad} (weights used at that step all finite: "
-          f"{weights_finite})")
-    print(f"first module with a non-finite output in that step's forward pass: {name} "
-          f"(input finite: {bool(truth['culprit_input_finite'])}, max input "
-          f"{inp.max().item():.9g}; output has {truth['culprit_neg_inf_outputs']} -inf, "
-          f"{truth['culprit_nan_outputs']} NaN)")
+    print(
+        f"first non-finite loss at step {first_bad} (weights used at that step all finite: "
+        f"{weights_finite})"
+    )
+    print(
+        f"first module with a non-finite output in that step's forward pass: {name} "
+        f"(input finite: {bool(truth['culprit_input_finite'])}, max input "
+        f"{inp.max().item():.9g}; output has {truth['culprit_neg_inf_outputs']} -inf, "
+        f"{truth['culprit_nan_outputs']} NaN)"
+    )
     earlier = ", ".join(t[0] for t in trace[: trace.index(culprit)])
     print(f"modules before it, all finite: {earlier}")
     return truth

@@ -48,8 +48,10 @@ class Regressor(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(IN_FEATURES, 64), nn.ReLU(),
-            nn.Linear(64, 64), nn.ReLU(),
+            nn.Linear(IN_FEATURES, 64),
+            nn.ReLU(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
             nn.Linear(64, 1),
         )
 
@@ -82,8 +84,10 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
         loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
-        finite = finite and math.isfinite(loss.item()) and all(
-            bool(torch.isfinite(g).all()) for g in grads
+        finite = (
+            finite
+            and math.isfinite(loss.item())
+            and all(bool(torch.isfinite(g).all()) for g in grads)
         )
         losses.append(loss.item())
         optimizer.step()
@@ -105,13 +109,17 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
             mean_loss_before=loss_t[POISON_STEP - 20 : POISON_STEP].mean().item(),
             mean_loss_after=loss_t[-20:].mean().item(),
         )
-        print(f"poisoned step {POISON_STEP}: loss {truth['loss_at_poison']:.3g} vs median "
-              f"{truth['median_loss']:.3g} ({truth['loss_ratio']:.2g}x); total grad norm "
-              f"{truth['grad_norm_at_poison']:.3g} vs median {truth['median_grad_norm']:.3g} "
-              f"({truth['grad_ratio']:.2g}x)")
-        print(f"largest grad norm at any other step: {truth['max_other_grad_ratio']:.2f}x median; "
-              f"mean loss steps {POISON_STEP - 20}-{POISON_STEP - 1}: "
-              f"{truth['mean_loss_before']:.3f}, last 20 steps: {truth['mean_loss_after']:.3f}")
+        print(
+            f"poisoned step {POISON_STEP}: loss {truth['loss_at_poison']:.3g} vs median "
+            f"{truth['median_loss']:.3g} ({truth['loss_ratio']:.2g}x); total grad norm "
+            f"{truth['grad_norm_at_poison']:.3g} vs median {truth['median_grad_norm']:.3g} "
+            f"({truth['grad_ratio']:.2g}x)"
+        )
+        print(
+            f"largest grad norm at any other step: {truth['max_other_grad_ratio']:.2f}x median; "
+            f"mean loss steps {POISON_STEP - 20}-{POISON_STEP - 1}: "
+            f"{truth['mean_loss_before']:.3f}, last 20 steps: {truth['mean_loss_after']:.3f}"
+        )
     print(f"first loss {losses[0]:.3f}, every loss and gradient finite: {finite}")
     return truth
 

@@ -42,9 +42,12 @@ THRESHOLD = 0.99
 def build_model() -> nn.Module:
     """64 -> 256 -> 256 -> 256 -> 10 tanh MLP with N(0, 1) weights and zero biases."""
     model = nn.Sequential(
-        nn.Linear(IN_FEATURES, WIDTH), nn.Tanh(),
-        nn.Linear(WIDTH, WIDTH), nn.Tanh(),
-        nn.Linear(WIDTH, WIDTH), nn.Tanh(),
+        nn.Linear(IN_FEATURES, WIDTH),
+        nn.Tanh(),
+        nn.Linear(WIDTH, WIDTH),
+        nn.Tanh(),
+        nn.Linear(WIDTH, WIDTH),
+        nn.Tanh(),
         nn.Linear(WIDTH, CLASSES),
     )
     for layer in model:
@@ -101,9 +104,11 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
         truth[f"saturated_{name}_start"] = start[name][0]
         truth[f"saturated_{name}_end"] = end[name][0]
         truth[f"preact_std_{name}_start"] = start[name][1]
-        print(f"Tanh {name}: |y| > {THRESHOLD} for {start[name][0]:.1%} of outputs at step 0, "
-              f"{end[name][0]:.1%} after {steps} steps (pre-activation std at step 0: "
-              f"{start[name][1]:.1f})")
+        print(
+            f"Tanh {name}: |y| > {THRESHOLD} for {start[name][0]:.1%} of outputs at step 0, "
+            f"{end[name][0]:.1%} after {steps} steps (pre-activation std at step 0: "
+            f"{start[name][1]:.1f})"
+        )
     return truth
 
 

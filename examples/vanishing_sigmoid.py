@@ -107,8 +107,9 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
     sig = [s.norm().item() for s in signal]
     final = model.state_dict()
     change = {
-        n: ((final[f"{n}.weight"] - initial[f"{n}.weight"]).norm()
-            / initial[f"{n}.weight"].norm()).item()
+        n: (
+            (final[f"{n}.weight"] - initial[f"{n}.weight"]).norm() / initial[f"{n}.weight"].norm()
+        ).item()
         for n in (first, last)
     }
     truth = {
@@ -121,13 +122,19 @@ def main(steps: int = STEPS, seed: int = 0) -> dict[str, float]:
         "rel_change_first": change[first],
         "rel_change_last": change[last],
     }
-    print(f"step 0 weight-grad norm: {first}.weight {grad0[first]:.3e}, "
-          f"{last}.weight {grad0[last]:.3e} (ratio {truth['weight_grad_ratio']:.2e})")
-    print("step 0 ||dL/d(output of Linear)||, input -> output: "
-          + " ".join(f"{n}:{s:.1e}" for n, s in zip(linears, sig)))
+    print(
+        f"step 0 weight-grad norm: {first}.weight {grad0[first]:.3e}, "
+        f"{last}.weight {grad0[last]:.3e} (ratio {truth['weight_grad_ratio']:.2e})"
+    )
+    print(
+        "step 0 ||dL/d(output of Linear)||, input -> output: "
+        + " ".join(f"{n}:{s:.1e}" for n, s in zip(linears, sig))
+    )
     print(f"backward-signal ratio first/last ({first}/{last}): {truth['signal_ratio']:.2e}")
-    print(f"relative weight change after {steps} steps: {first} {change[first]:.2e}, "
-          f"{last} {change[last]:.2e}")
+    print(
+        f"relative weight change after {steps} steps: {first} {change[first]:.2e}, "
+        f"{last} {change[last]:.2e}"
+    )
     return truth
 
 

@@ -27,8 +27,14 @@ if TYPE_CHECKING:
     from .scope import Scope as Scope
 
 __all__ = [
-    "Config", "NonfiniteStepsError", "Run", "Scope", "__version__", "load_run",
-    "swap_activations", "watch",
+    "Config",
+    "NonfiniteStepsError",
+    "Run",
+    "Scope",
+    "__version__",
+    "load_run",
+    "swap_activations",
+    "watch",
 ]
 
 
@@ -94,7 +100,10 @@ def load_run(path: Any) -> Run:
 
 
 _LAZY = {
-    "Config": ".config", "NonfiniteStepsError": ".remedies", "Run": ".load", "Scope": ".scope",
+    "Config": ".config",
+    "NonfiniteStepsError": ".remedies",
+    "Run": ".load",
+    "Scope": ".scope",
     "swap_activations": ".remedies",
 }
 """The public names that load their module on first access (PEP 562)."""

@@ -84,17 +84,23 @@ class Attach:
         self._hooks = HookSet()
         self._hooks.add(
             nn.modules.module.register_module_forward_pre_hook(
-                Hook(self._on_forward_pre, "discover", self.guard, "discover")),
-            "discover")
+                Hook(self._on_forward_pre, "discover", self.guard, "discover")
+            ),
+            "discover",
+        )
         self._stepping: list[tuple[Any, Any, Any]] = []  # optimizers inside step(), with args
         self._hooks.add(
             _optim_mod.register_optimizer_step_pre_hook(
-                Hook(self._on_step_pre, "in-step", self.guard, "discover")),
-            "in-step")
+                Hook(self._on_step_pre, "in-step", self.guard, "discover")
+            ),
+            "in-step",
+        )
         self._hooks.add(
             _optim_mod.register_optimizer_step_post_hook(
-                Hook(self._on_step, "recheck", self.guard, "discover")),
-            "recheck")
+                Hook(self._on_step, "recheck", self.guard, "discover")
+            ),
+            "recheck",
+        )
         warnings.filterwarnings("ignore", message=_COMPILE_WARNING, category=UserWarning)
         self._filter = warnings.filters[0]
         self._patch_compile()
@@ -119,8 +125,11 @@ class Attach:
             def call(*a: Any, **k: Any) -> Any:
                 attach = attach_ref()
                 target = module_ref()
-                if attach is not None and target is not None and \
-                        attach._known.get(id(target)) is not target:
+                if (
+                    attach is not None
+                    and target is not None
+                    and attach._known.get(id(target)) is not target
+                ):
                     attach.guard.call("discover", attach._consider, target)
                 return compiled(*a, **k)
 
@@ -149,8 +158,11 @@ class Attach:
 
     # -- discovery --------------------------------------------------------------------------------
     def _consider(self, module: nn.Module) -> None:
-        if not torch.is_grad_enabled() or os.getpid() != self._pid or \
-                torch._C._get_tracing_state() is not None:  # torch.jit.trace is not training
+        if (
+            not torch.is_grad_enabled()
+            or os.getpid() != self._pid
+            or torch._C._get_tracing_state() is not None
+        ):  # torch.jit.trace is not training
             return
         key = id(module)
         for cache in (self._paramless, self._frozen):
@@ -165,10 +177,16 @@ class Attach:
         watched (its own Scope's guard covers it)."""
         if self.scope is not None:
             self.scope.add_event(Event.internal_error(where, exc, part=part))
-        what = "stopped looking for models" if part == DISCOVERY else \
-            "could not close the run directory"
-        print(f"gradscope: internal error in {where}: {exc!r}; {what}; the script continues",
-              file=sys.stderr, flush=True)
+        what = (
+            "stopped looking for models"
+            if part == DISCOVERY
+            else "could not close the run directory"
+        )
+        print(
+            f"gradscope: internal error in {where}: {exc!r}; {what}; the script continues",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _discover(self, module: nn.Module) -> None:
         root = wrapped(module)
@@ -193,11 +211,15 @@ class Attach:
         owner = next((k for k, m in self.models if any(s is root for s in m.modules())), None)
         if self.scope is None:
             try:
-                scope = Scope({"": root}, [], self.config, model_label(root),
-                              launch=(self.command, self.cwd))
+                scope = Scope(
+                    {"": root}, [], self.config, model_label(root), launch=(self.command, self.cwd)
+                )
             except ValueError as exc:  # nothing passed the filters: not ours to watch
-                print(f"gradscope: not watching {type(root).__name__}: {exc}", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"gradscope: not watching {type(root).__name__}: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self._remember(module, root)
                 return
             self.scope = scope
@@ -208,10 +230,15 @@ class Attach:
             key = self.scope.add_model(root)
         if owner is None:
             self.models.append((key, root))
-            self.scope.add_event(Event.model_found(
-                key, type(root).__name__, self.scope.steps,
-                parameters=sum(p.numel() for p in params),
-                trainable=sum(p.numel() for p in params if p.requires_grad)))
+            self.scope.add_event(
+                Event.model_found(
+                    key,
+                    type(root).__name__,
+                    self.scope.steps,
+                    parameters=sum(p.numel() for p in params),
+                    trainable=sum(p.numel() for p in params if p.requires_grad),
+                )
+            )
         self._remember(module, root)
         self.scope.started(root)
         for opt, args, kwargs in self._stepping:
@@ -227,8 +254,9 @@ class Attach:
     # -- the end ----------------------------------------------------------------------------------
     def _close_hooks(self) -> None:
         self._hooks.close()
-        if self._compile_original is not None and \
-                getattr(nn.Module.__dict__.get("compile"), "__gradscope__", False):
+        if self._compile_original is not None and getattr(
+            nn.Module.__dict__.get("compile"), "__gradscope__", False
+        ):
             nn.Module.compile = self._compile_original  # type: ignore[method-assign]
             self._compile_original = None
         if self._filter in warnings.filters:
@@ -254,26 +282,47 @@ class Attach:
             return None
         if self.deferred:  # nothing of ours: the script's own watch() has the run
             if not self.config.quiet:
-                print(f"gradscope: the script watches its model(s) itself: "
-                      f"{', '.join(map(str, self.deferred))}", file=sys.stderr, flush=True)
+                print(
+                    f"gradscope: the script watches its model(s) itself: "
+                    f"{', '.join(map(str, self.deferred))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return self.deferred[0]
         try:
             with own_imports():
                 return self._write_empty(status, exit_code)
         except (OSError, ValueError) as exc:
-            print(f"gradscope: could not write the run directory: {exc}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"gradscope: could not write the run directory: {exc}", file=sys.stderr, flush=True
+            )
             return None
 
     def _write_empty(self, status: str, exit_code: int | None) -> Path:
         cfg = self.config
         run_dir = rundir.create(cfg.out, cfg.name or rundir.default_name("no-model"))
-        note = ("no model trained: no module with trainable parameters ran a forward pass with "
-                "gradients enabled")
-        rundir.write_json(run_dir / rundir.RUN_JSON, run_meta(
-            cfg, status, command=self.command, cwd=self.cwd, pid=self._pid,
-            started=self._started, exit_code=exit_code, models={}, steps=0, step_mode=None,
-            layers=[], sites=[], note=note))
+        note = (
+            "no model trained: no module with trainable parameters ran a forward pass with "
+            "gradients enabled"
+        )
+        rundir.write_json(
+            run_dir / rundir.RUN_JSON,
+            run_meta(
+                cfg,
+                status,
+                command=self.command,
+                cwd=self.cwd,
+                pid=self._pid,
+                started=self._started,
+                exit_code=exit_code,
+                models={},
+                steps=0,
+                step_mode=None,
+                layers=[],
+                sites=[],
+                note=note,
+            ),
+        )
         rundir.write_json(run_dir / rundir.FINDINGS, [])
         rundir.append_event(run_dir, Event.nothing_watched(note))
         if cfg.report:

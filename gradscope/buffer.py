@@ -176,7 +176,8 @@ class StepBuffer:
                 if flat.dtype not in _KEPT:
                     flat = flat.float()
                 tensors, row_idx, col_idx, seq = groups.setdefault(
-                    (flat.device, flat.dtype), ([], [], [], []))
+                    (flat.device, flat.dtype), ([], [], [], [])
+                )
                 tensors.append(flat)
                 row_idx.extend([r] * len(grp.cols))
                 col_idx.extend(grp.cols)
@@ -196,10 +197,10 @@ class StepBuffer:
             start = len(row_idx)
             for k, r, col, n in vec_at:
                 if k == key:
-                    vectors[(r, col)] = host[start:start + n]
+                    vectors[(r, col)] = host[start : start + n]
                     start += n
             if row_idx:
-                parts.append((row_idx, col_idx, seq, host[:len(row_idx)]))
+                parts.append((row_idx, col_idx, seq, host[: len(row_idx)]))
         if parts:
             r_arr = np.concatenate([np.asarray(p[0]) for p in parts])
             c_arr = np.concatenate([np.asarray(p[1]) for p in parts])

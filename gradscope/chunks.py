@@ -34,8 +34,9 @@ def chunk_files(path: Path, problems: list[str]) -> list[Path]:
         problems.append("metrics is not a folder: no metrics")
         return []
     try:
-        candidates = sorted(metrics / n for n in os.listdir(metrics)
-                            if fnmatch.fnmatchcase(n, "part-*.parquet"))
+        candidates = sorted(
+            metrics / n for n in os.listdir(metrics) if fnmatch.fnmatchcase(n, "part-*.parquet")
+        )
     except OSError as exc:
         problems.append(f"metrics/ unreadable ({exc.strerror or exc}): no metrics")
         return []
@@ -61,8 +62,9 @@ def _is_text(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         t = t.value_type
     is_view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
-    return bool(pa.types.is_string(t) or pa.types.is_large_string(t)
-                or (is_view is not None and is_view(t)))
+    return bool(
+        pa.types.is_string(t) or pa.types.is_large_string(t) or (is_view is not None and is_view(t))
+    )
 
 
 def schema_problem(schema: pa.Schema) -> str | None:
@@ -72,7 +74,7 @@ def schema_problem(schema: pa.Schema) -> str | None:
     names = schema.names
     missing = [c for c in COLUMNS if c not in names]
     if missing:
-        return (f"no {', '.join(missing)} column (it has: {', '.join(map(str, names[:8]))})")
+        return f"no {', '.join(missing)} column (it has: {', '.join(map(str, names[:8]))})"
     twice = [c for c in COLUMNS if names.count(c) > 1]
     if twice:
         return f"column {twice[0]} appears twice"
@@ -116,15 +118,20 @@ def clean_chunk(table: pa.Table, name: str, problems: list[str]) -> pa.Table | N
     ok &= np.asarray(kind_ok.to_numpy(zero_copy_only=False), dtype=bool)
     for col in ("layer", "metric", "value"):
         if table.column(col).null_count:
-            ok &= np.asarray(table.column(col).is_valid().to_numpy(zero_copy_only=False),
-                             dtype=bool)
+            ok &= np.asarray(
+                table.column(col).is_valid().to_numpy(zero_copy_only=False), dtype=bool
+            )
     dropped = n - int(ok.sum())
     if dropped:
         kinds = dropped - bad_steps
-        detail = ", ".join(x for x in (f"{bad_steps} with a step that is not a step number"
-                                       if bad_steps else "",
-                                       f"{kinds} with an unknown kind or a missing name or "
-                                       "value" if kinds else "") if x)
+        detail = ", ".join(
+            x
+            for x in (
+                f"{bad_steps} with a step that is not a step number" if bad_steps else "",
+                f"{kinds} with an unknown kind or a missing name or value" if kinds else "",
+            )
+            if x
+        )
         problems.append(f"{name}: {dropped} of {n} rows dropped ({detail})")
         table = table.filter(pa.array(ok))
         raw = raw[ok]
@@ -144,7 +151,9 @@ def read_chunk(path: Path, problems: list[str]) -> pa.Table | None:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises many kinds for a damaged file
-        problems.append(f"{path.name} unreadable ({type(exc).__name__}: {_one_line(exc, 120)})"
-                        ": its steps are missing")
+        problems.append(
+            f"{path.name} unreadable ({type(exc).__name__}: {_one_line(exc, 120)})"
+            ": its steps are missing"
+        )
         return None
     return clean_chunk(table, path.name, problems)

@@ -57,8 +57,12 @@ class _RunCommand(click.Command):
     ``--``); everything after belongs to the script, even what looks like gradscope's."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        takes_value = {name for p in self.params if isinstance(p, click.Option)
-                       and not p.is_flag for name in p.opts}
+        takes_value = {
+            name
+            for p in self.params
+            if isinstance(p, click.Option) and not p.is_flag
+            for name in p.opts
+        }
         out: list[str] = []
         i = 0
         while i < len(args):
@@ -69,7 +73,7 @@ class _RunCommand(click.Command):
                 i += used
                 continue
             if arg.startswith("-m") and len(arg) > 2:  # python's -mpackage.module
-                out += ["-m", arg[2:], *args[i + 1:]]
+                out += ["-m", arg[2:], *args[i + 1 :]]
                 break
             if arg in ("--", "-m") or not arg.startswith("-") or arg == "-":
                 out += args[i:]
@@ -88,17 +92,26 @@ class _RunCommand(click.Command):
     context_settings={"allow_interspersed_args": False},
     short_help="Run a script (or -m module) exactly as python would, watched.",
 )
-@click.option("-m", "as_module", is_flag=True,
-              help="Run a module, as python -m does (SCRIPT is the module name).")
-@click.option("--nproc-per-node", "nproc", metavar="N",
-              help="Start N processes with torch.distributed.run (torchrun --standalone), each "
-                   "running the script under gradscope; rank 0 writes the run directory. "
-                   "For several nodes: torchrun ... -m gradscope run SCRIPT.")
+@click.option(
+    "-m",
+    "as_module",
+    is_flag=True,
+    help="Run a module, as python -m does (SCRIPT is the module name).",
+)
+@click.option(
+    "--nproc-per-node",
+    "nproc",
+    metavar="N",
+    help="Start N processes with torch.distributed.run (torchrun --standalone), each "
+    "running the script under gradscope; rank 0 writes the run directory. "
+    "For several nodes: torchrun ... -m gradscope run SCRIPT.",
+)
 @config_options
 @click.argument("script", metavar="SCRIPT | -m MODULE")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(script: str, args: tuple[str, ...], as_module: bool, nproc: str | None,
-        **options: Any) -> Any:
+def run(
+    script: str, args: tuple[str, ...], as_module: bool, nproc: str | None, **options: Any
+) -> Any:
     """Run SCRIPT with ARGS as `python SCRIPT ARGS...` would, with gradscope attached.
 
     \b
@@ -111,10 +124,15 @@ def run(script: str, args: tuple[str, ...], as_module: bool, nproc: str | None,
     """
     from . import runner
 
-    if nproc is not None and not (nproc.isdigit() and int(nproc) > 0) and \
-            nproc not in ("auto", "cpu", "gpu"):
-        raise click.UsageError(f"--nproc-per-node {nproc!r}: expected a positive number of "
-                               "processes, or auto, cpu or gpu (as torchrun accepts)")
+    if (
+        nproc is not None
+        and not (nproc.isdigit() and int(nproc) > 0)
+        and nproc not in ("auto", "cpu", "gpu")
+    ):
+        raise click.UsageError(
+            f"--nproc-per-node {nproc!r}: expected a positive number of "
+            "processes, or auto, cpu or gpu (as torchrun accepts)"
+        )
     config = build_config({**options})
     try:
         target = runner.resolve_module(script) if as_module else runner.resolve_script(script)
@@ -158,8 +176,9 @@ def _check_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise click.UsageError(f"--out {str(out)!r}: cannot create the output root "
-                               f"({exc.strerror or exc})") from None
+        raise click.UsageError(
+            f"--out {str(out)!r}: cannot create the output root ({exc.strerror or exc})"
+        ) from None
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
         raise click.UsageError(f"--out {str(out)!r}: not a writable directory")
 
@@ -221,13 +240,26 @@ class _DemoCommand(click.Command):
 
 
 @main.command(cls=_DemoCommand)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
-              show_default=True, help="Output root for the run directory.")
-@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
-              help="Training steps.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    show_default=True,
+    help="Output root for the run directory.",
+)
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Training steps."
+)
 @remedy_options
-def demo(out: Path, steps: int, clip: str | None, guard: bool | None, guard_limit: int | None,
-         swap: str | None, recycle: bool) -> None:
+def demo(
+    out: Path,
+    steps: int,
+    clip: str | None,
+    guard: bool | None,
+    guard_limit: int | None,
+    swap: str | None,
+    recycle: bool,
+) -> None:
     """Train a small deep-sigmoid network under gradscope and summarise the run."""
     remedies = remedy_config(clip, guard, guard_limit, swap, recycle)
     _check_out(out)
@@ -248,8 +280,13 @@ def demo(out: Path, steps: int, clip: str | None, guard: bool | None, guard_limi
 
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where to write it  [default: RUN/report.html].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write it  [default: RUN/report.html].",
+)
 def report(run: Path, output: Path | None) -> None:
     """Write the HTML report of the run directory RUN (one self-contained file).
 
@@ -263,8 +300,13 @@ def report(run: Path, output: Path | None) -> None:
 @main.command()
 @click.argument("run_a", type=click.Path(path_type=Path))
 @click.argument("run_b", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where to write it  [default: compare-A-vs-B.html here].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write it  [default: compare-A-vs-B.html here].",
+)
 def compare(run_a: Path, run_b: Path, output: Path | None) -> None:
     """Write one HTML page that overlays RUN_A and RUN_B (before and after a fix)."""
     from .report import write_compare
@@ -295,8 +337,13 @@ def _write_page(write: Callable[..., Path], *args: Any) -> None:
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--top", type=click.IntRange(min=0), default=25, show_default=True,
-              help="Show only the N layers that most need a look (0: all).")
+@click.option(
+    "--top",
+    type=click.IntRange(min=0),
+    default=25,
+    show_default=True,
+    help="Show only the N layers that most need a look (0: all).",
+)
 def summary(run: Path, top: int) -> None:
     """Print the findings and a per-layer table of the run directory RUN."""
     from .load import load_run
@@ -307,8 +354,6 @@ def summary(run: Path, top: int) -> None:
     except FileNotFoundError as exc:
         raise click.UsageError(str(exc)) from None
     print_summary(loaded, top=top)
-
-
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,9 +9,11 @@ from typing import Any
 
 import click
 
-GUARD_HELP = ("Skip optimizer steps whose gradients hold NaN/Inf; stop after --guard-limit of "
-              "them in a row. Older spellings, still accepted: --guard N (the limit; 0: off), "
-              "--guard true/false (an integer or true/false right after --guard is its value).")
+GUARD_HELP = (
+    "Skip optimizer steps whose gradients hold NaN/Inf; stop after --guard-limit of "
+    "them in a row. Older spellings, still accepted: --guard N (the limit; 0: off), "
+    "--guard true/false (an integer or true/false right after --guard is its value)."
+)
 
 
 def remedy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -19,16 +21,33 @@ def remedy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     recycle=...)``; checked by :class:`gradscope.Config` (a bad one is a one-line usage
     error). ``--guard`` is a flag; the command's ``parse_args`` turns the older ``--guard N``
     spellings into ``--guard-limit N`` first (:func:`_guard_spelling`)."""
-    fn = click.option("--recycle", is_flag=True, default=False,
-                      help="Re-initialise dead units (ReDo) when dead_units is found.")(fn)
-    fn = click.option("--swap", metavar="SPEC", default=None,
-                      help="Swap activations on a finding, e.g. 'relu->leaky_relu:0.2'.")(fn)
-    fn = click.option("--guard-limit", type=click.IntRange(min=1), metavar="N", default=None,
-                      help="Skipped steps in a row before --guard stops the run (implies "
-                           "--guard)  [default: 10].")(fn)
+    fn = click.option(
+        "--recycle",
+        is_flag=True,
+        default=False,
+        help="Re-initialise dead units (ReDo) when dead_units is found.",
+    )(fn)
+    fn = click.option(
+        "--swap",
+        metavar="SPEC",
+        default=None,
+        help="Swap activations on a finding, e.g. 'relu->leaky_relu:0.2'.",
+    )(fn)
+    fn = click.option(
+        "--guard-limit",
+        type=click.IntRange(min=1),
+        metavar="N",
+        default=None,
+        help="Skipped steps in a row before --guard stops the run (implies "
+        "--guard)  [default: 10].",
+    )(fn)
     fn = click.option("--guard/--no-guard", default=None, help=GUARD_HELP)(fn)
-    fn = click.option("--clip", metavar="SPEC", default=None,
-                      help="Clip gradients: 'norm:1.0', 'autoclip', 'agc:0.01', 'zclip'.")(fn)
+    fn = click.option(
+        "--clip",
+        metavar="SPEC",
+        default=None,
+        help="Clip gradients: 'norm:1.0', 'autoclip', 'agc:0.01', 'zclip'.",
+    )(fn)
     return fn
 
 
@@ -48,9 +67,11 @@ def _guard_spelling(args: list[str], i: int, ctx: click.Context) -> tuple[list[s
     false -> ``--no-guard``, true -> ``--guard``."""
     arg = args[i]
     if arg.startswith("--guard="):
-        value, used = arg[len("--guard="):], 1
-    elif i + 1 < len(args) and (args[i + 1].strip().lower() in _TRUE_WORDS + _FALSE_WORDS
-                                or _is_integer(args[i + 1].strip())):
+        value, used = arg[len("--guard=") :], 1
+    elif i + 1 < len(args) and (
+        args[i + 1].strip().lower() in _TRUE_WORDS + _FALSE_WORDS
+        or _is_integer(args[i + 1].strip())
+    ):
         value, used = args[i + 1], 2
     else:
         return ["--guard"], 1
@@ -63,7 +84,9 @@ def _guard_spelling(args: list[str], i: int, ctx: click.Context) -> tuple[list[s
         return (["--guard-limit", str(int(text))] if int(text) else ["--no-guard"]), used
     raise click.UsageError(
         f"--guard {value!r}: expected no value (then --guard-limit N sets the limit), or "
-        "the older spellings: an integer >= 0 (the limit; 0: off) or true/false", ctx)
+        "the older spellings: an integer >= 0 (the limit; 0: off) or true/false",
+        ctx,
+    )
 
 
 def guard_option(guard: bool | None, limit: int | None) -> bool | int | None:
@@ -71,21 +94,28 @@ def guard_option(guard: bool | None, limit: int | None) -> bool | int | None:
     given."""
     if limit is not None:
         if guard is False:
-            raise click.UsageError(f"--no-guard and --guard-limit {limit}: the limit is for "
-                                   "the guard that --no-guard turns off; drop one")
+            raise click.UsageError(
+                f"--no-guard and --guard-limit {limit}: the limit is for "
+                "the guard that --no-guard turns off; drop one"
+            )
         return limit
     return guard
 
 
-def remedy_config(clip: str | None, guard: bool | None, guard_limit: int | None,
-                  swap: str | None, recycle: bool) -> dict[str, Any]:
+def remedy_config(
+    clip: str | None, guard: bool | None, guard_limit: int | None, swap: str | None, recycle: bool
+) -> dict[str, Any]:
     """The remedy options as ``watch`` keywords, validated now (a usage error, not a
     traceback)."""
     from .config import Config
 
     guard_value = guard_option(guard, guard_limit)
-    opts: dict[str, Any] = {"clip": clip, "guard": guard_value or False, "swap": swap,
-                            "recycle": recycle}
+    opts: dict[str, Any] = {
+        "clip": clip,
+        "guard": guard_value or False,
+        "swap": swap,
+        "recycle": recycle,
+    }
     try:
         Config(**opts)
     except (TypeError, ValueError) as exc:
@@ -98,57 +128,124 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     from ``--config`` or ``[tool.gradscope]`` stands). Values are checked by Config."""
     opt = click.option
     decorators = [
-        opt("--config", "config_file", metavar="FILE",
+        opt(
+            "--config",
+            "config_file",
+            metavar="FILE",
             type=click.Path(dir_okay=False, path_type=Path),
             help="Options from this TOML file ([tool.gradscope] or top-level keys) instead of "
-                 "the working directory's pyproject.toml."),
+            "the working directory's pyproject.toml.",
+        ),
         opt("--out", metavar="DIR", default=None, help="Output root  [default: reports]."),
-        opt("--name", default=None,
-            help="Run directory name, at most 240 bytes  [default: time-model]."),
+        opt(
+            "--name",
+            default=None,
+            help="Run directory name, at most 240 bytes  [default: time-model].",
+        ),
         opt("--flush-every", type=int, metavar="N", help="Steps between host transfers."),
         opt("--flush-secs", type=float, metavar="SECS", help="Also flush after this long."),
-        opt("--activation-every", type=int, metavar="N",
-            help="Activation statistics every N steps."),
-        opt("--update-every", type=int, metavar="N",
-            help="Update ratios and weight norms every N steps."),
+        opt(
+            "--activation-every", type=int, metavar="N", help="Activation statistics every N steps."
+        ),
+        opt(
+            "--update-every",
+            type=int,
+            metavar="N",
+            help="Update ratios and weight norms every N steps.",
+        ),
         opt("--include", multiple=True, metavar="GLOB", help="Watch only matching names."),
         opt("--exclude", multiple=True, metavar="GLOB", help="Do not watch matching names."),
-        opt("--include-types", multiple=True, metavar="TYPE",
-            help="Watch only these module types."),
-        opt("--exclude-types", multiple=True, metavar="TYPE",
-            help="Never watch these module types."),
-        opt("--activation-types", multiple=True, metavar="TYPE",
-            help="More module types to treat as activations."),
-        opt("--dead-threshold", type=float, metavar="X",
-            help="A unit is dead when its output is <= X."),
-        opt("--sigmoid-saturation", type=float, metavar="X",
-            help="A sigmoid output y is saturated when |y - 0.5| > X."),
-        opt("--tanh-saturation", type=float, metavar="X",
-            help="A tanh output y is saturated when |y| > X."),
-        opt("--softmax-saturation", type=float, metavar="X",
-            help="A softmax row is saturated when its max > X."),
-        opt("--update-ratio/--no-update-ratio", default=None,
-            help="Record ||dw||/||w|| (keeps a copy of the weights)."),
-        opt("--backward-signal/--no-backward-signal", default=None,
-            help="Record each module's output-gradient norm."),
+        opt(
+            "--include-types", multiple=True, metavar="TYPE", help="Watch only these module types."
+        ),
+        opt(
+            "--exclude-types", multiple=True, metavar="TYPE", help="Never watch these module types."
+        ),
+        opt(
+            "--activation-types",
+            multiple=True,
+            metavar="TYPE",
+            help="More module types to treat as activations.",
+        ),
+        opt(
+            "--dead-threshold",
+            type=float,
+            metavar="X",
+            help="A unit is dead when its output is <= X.",
+        ),
+        opt(
+            "--sigmoid-saturation",
+            type=float,
+            metavar="X",
+            help="A sigmoid output y is saturated when |y - 0.5| > X.",
+        ),
+        opt(
+            "--tanh-saturation",
+            type=float,
+            metavar="X",
+            help="A tanh output y is saturated when |y| > X.",
+        ),
+        opt(
+            "--softmax-saturation",
+            type=float,
+            metavar="X",
+            help="A softmax row is saturated when its max > X.",
+        ),
+        opt(
+            "--update-ratio/--no-update-ratio",
+            default=None,
+            help="Record ||dw||/||w|| (keeps a copy of the weights).",
+        ),
+        opt(
+            "--backward-signal/--no-backward-signal",
+            default=None,
+            help="Record each module's output-gradient norm.",
+        ),
         opt("--tensorboard/--no-tensorboard", default=None, help="Write TensorBoard logs."),
-        opt("--tb-max-layers", type=int, metavar="N",
+        opt(
+            "--tb-max-layers",
+            type=int,
+            metavar="N",
             help="Per-layer TensorBoard tags per metric: the N worst plus min/median/max "
-                 "(0 = all)."),
-        opt("--histograms/--no-histograms", default=None,
-            help="TensorBoard histograms of each gradient every update_every steps."),
-        opt("--step-on", type=click.Choice(["auto", "optimizer", "backward"]), default=None,
-            help="What ends a step."),
+            "(0 = all).",
+        ),
+        opt(
+            "--histograms/--no-histograms",
+            default=None,
+            help="TensorBoard histograms of each gradient every update_every steps.",
+        ),
+        opt(
+            "--step-on",
+            type=click.Choice(["auto", "optimizer", "backward"]),
+            default=None,
+            help="What ends a step.",
+        ),
         opt("--diagnose/--no-diagnose", default=None, help="Run the rules."),
-        opt("--trace-nonfinite", type=click.Choice(["auto", "always", "off"]), default=None,
-            help="Name the module that first produced a NaN/Inf."),
-        opt("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
+        opt(
+            "--trace-nonfinite",
+            type=click.Choice(["auto", "always", "off"]),
+            default=None,
+            help="Name the module that first produced a NaN/Inf.",
+        ),
+        opt(
+            "--threshold",
+            "thresholds",
+            multiple=True,
+            metavar="NAME=VALUE",
             help="Override a rule threshold, e.g. dead_fraction=0.6 (each has a range: "
-                 "gradscope.rules.thresholds.Thresholds); the file's other thresholds stay."),
-        opt("--quiet/--no-quiet", "-q", default=None,
-            help="Print nothing (the run directory has everything)."),
-        opt("--report/--no-report", default=None,
-            help="Write report.html into the run directory at the end  [default: on]."),
+            "gradscope.rules.thresholds.Thresholds); the file's other thresholds stay.",
+        ),
+        opt(
+            "--quiet/--no-quiet",
+            "-q",
+            default=None,
+            help="Print nothing (the run directory has everything).",
+        ),
+        opt(
+            "--report/--no-report",
+            default=None,
+            help="Write report.html into the run directory at the end  [default: on].",
+        ),
     ]
     fn = remedy_options(fn)
     for decorator in reversed(decorators):
@@ -202,9 +299,9 @@ def _as_flag(message: str, keys: set[str]) -> str:
     for key in keys:
         flag = "--threshold" if key == "thresholds" else "--" + key.replace("_", "-")
         if message.startswith(f"{key}="):
-            return f"{flag} {message[len(key) + 1:]}"
+            return f"{flag} {message[len(key) + 1 :]}"
         if message.startswith(f"{key}:"):
-            return flag + message[len(key):]
+            return flag + message[len(key) :]
     return message
 
 
@@ -220,11 +317,11 @@ def _thresholds(pairs: tuple[str, ...]) -> dict[str, float]:
                 raise ValueError
             value = int(text) if _is_integer(text) else float(text)
         except ValueError:
-            raise click.UsageError(f"--threshold {pair!r}: expected NAME=NUMBER, e.g. "
-                                   "dead_fraction=0.6") from None
+            raise click.UsageError(
+                f"--threshold {pair!r}: expected NAME=NUMBER, e.g. dead_fraction=0.6"
+            ) from None
         try:
             out[name] = Thresholds.range_of(name).check(value)
         except (TypeError, ValueError) as exc:
             raise click.UsageError(f"--threshold {pair!r}: {exc}") from None
     return out
-

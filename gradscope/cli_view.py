@@ -10,10 +10,16 @@ import click
 
 
 @click.command()
-@click.argument("runs", nargs=-1, required=True,
-                type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--port", type=click.IntRange(0, 65535), default=6006, show_default=True,
-              help="Port to serve on (0: any free port).")
+@click.argument(
+    "runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=6006,
+    show_default=True,
+    help="Port to serve on (0: any free port).",
+)
 @click.option("--host", default="localhost", show_default=True, help="Address to bind.")
 def view(runs: tuple[Path, ...], port: int, host: str) -> None:
     """Start TensorBoard on the run directories RUNS (their tb/ folders), print its address,
@@ -28,8 +34,10 @@ def view(runs: tuple[Path, ...], port: int, host: str) -> None:
     for run in runs:
         tb = run / rundir.TB
         if not tb.is_dir():
-            raise click.UsageError(f"{run}: no {rundir.TB}/ folder (a run with "
-                                   "tensorboard=False, or not a gradscope run directory)")
+            raise click.UsageError(
+                f"{run}: no {rundir.TB}/ folder (a run with "
+                "tensorboard=False, or not a gradscope run directory)"
+            )
         name = run.resolve().name
         while name.lower() in {n.lower() for n in boards}:  # case-insensitive file systems
             name += "_"
@@ -40,16 +48,18 @@ def view(runs: tuple[Path, ...], port: int, host: str) -> None:
     try:
         # TensorBoard names each run by its folder below --logdir: the run directory's name,
         # whatever it holds (--logdir_spec would split names and paths on ',' and ':')
-        where = ["--logdir", str(logdir)] if logdir is not None else \
-            ["--logdir_spec", ",".join(f"{spec_safe(n)}:{tb}" for n, tb in boards.items())]
+        where = (
+            ["--logdir", str(logdir)]
+            if logdir is not None
+            else ["--logdir_spec", ",".join(f"{spec_safe(n)}:{tb}" for n, tb in boards.items())]
+        )
         board = program.TensorBoard()
         board.configure(argv=[None, *where, "--port", str(port), "--host", host])
         try:
             url = board.launch()
         except Exception as exc:  # a taken port, a bad host
             raise click.UsageError(f"TensorBoard could not start: {exc}") from None
-        click.echo(f"TensorBoard on {url} (Ctrl-C to stop); custom scalars: "
-                   f"{url}#custom_scalars")
+        click.echo(f"TensorBoard on {url} (Ctrl-C to stop); custom scalars: {url}#custom_scalars")
         sys.stdout.flush()
 
         def stop(signum: int, frame: Any) -> None:
@@ -108,4 +118,3 @@ def unlink_runs(logdir: Path | None, links: list[Path]) -> None:
 def spec_safe(name: str) -> str:
     """A run name TensorBoard's ``--logdir_spec`` keeps whole (it splits on ',' and ':')."""
     return name.replace(",", "_").replace(":", "_")
-

@@ -176,8 +176,15 @@ class Config:
         _check_number("tanh_saturation", self.tanh_saturation, low=0.0, high=1.0)
         _check_number("softmax_saturation", self.softmax_saturation, low=0.0, high=1.0)
         _check_int("tb_max_layers", self.tb_max_layers, minimum=0)
-        for key in ("update_ratio", "backward_signal", "tensorboard", "histograms", "diagnose",
-                    "quiet", "report"):
+        for key in (
+            "update_ratio",
+            "backward_signal",
+            "tensorboard",
+            "histograms",
+            "diagnose",
+            "quiet",
+            "report",
+        ):
             if not isinstance(getattr(self, key), bool):
                 raise TypeError(f"{key}={getattr(self, key)!r}: expected True or False")
         if self.step_on not in STEP_MODES:

@@ -34,8 +34,9 @@ def deep_sigmoid_mlp(depth: int = 6, width: int = 32) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def run(out: Path | str = "reports", steps: int = 300, name: str | None = None,
-        **options: Any) -> Path:
+def run(
+    out: Path | str = "reports", steps: int = 300, name: str | None = None, **options: Any
+) -> Path:
     """Train the demo network under gradscope; returns the run directory. ``options``: more
     ``watch`` options (the CLI's remedy flags)."""
     torch.manual_seed(0)
@@ -44,8 +45,9 @@ def run(out: Path | str = "reports", steps: int = 300, name: str | None = None,
     model = deep_sigmoid_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     # quiet: `gradscope demo` prints the findings once, in the summary that follows
-    with gradscope.watch(model, out=out, name=name or gradscope_name(), quiet=True,
-                         **options) as scope:
+    with gradscope.watch(
+        model, out=out, name=name or gradscope_name(), quiet=True, **options
+    ) as scope:
         for _ in range(steps):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)

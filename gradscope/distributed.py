@@ -177,7 +177,8 @@ def fsdp1_layout(model: nn.Module) -> tuple[dict[int, list[Span]], dict[int, tup
             continue
         spans[id(flat)] = [
             (fqn, int(info.offset_in_shard), int(info.numel_in_shard), tuple(shape))
-            if info.in_shard else (fqn, 0, 0, tuple(shape))
+            if info.in_shard
+            else (fqn, 0, 0, tuple(shape))
             for fqn, shape, info in zip(fqns, sizes, infos)
         ]
     return spans, shapes
@@ -244,10 +245,14 @@ class Reducer:
         from .buffer import Chunk
 
         dist = torch.distributed
-        vec_cells = [] if chunk is None else [
-            (int(chunk.steps[r]), chunk.columns[c], int(v.shape[0]))
-            for (r, c), v in chunk.vectors.items()
-        ]
+        vec_cells = (
+            []
+            if chunk is None
+            else [
+                (int(chunk.steps[r]), chunk.columns[c], int(v.shape[0]))
+                for (r, c), v in chunk.vectors.items()
+            ]
+        )
         header = {
             "new": [] if chunk is None else [k for k in chunk.columns if k not in self._index],
             "steps": [] if chunk is None else chunk.steps.tolist(),
@@ -303,8 +308,11 @@ class Reducer:
         nan_pk = (written[:, peaks] & np.isnan(values[:, peaks])).astype(np.float64)
         alive = [1.0 - (mine[c] > 0.5) if c in mine else np.zeros(lengths[c]) for c in cells]
         sum_part = np.concatenate([sq.ravel(), w_f[:, counted].ravel(), nan_pk.ravel()])
-        max_part = np.concatenate([np.nan_to_num(pk, nan=-np.inf).ravel(), *alive]) \
-            if (pk.size or alive) else np.zeros(0)
+        max_part = (
+            np.concatenate([np.nan_to_num(pk, nan=-np.inf).ravel(), *alive])
+            if (pk.size or alive)
+            else np.zeros(0)
+        )
         s_t = torch.from_numpy(np.ascontiguousarray(sum_part))
         m_t = torch.from_numpy(np.ascontiguousarray(max_part))
         dist.all_reduce(s_t, op=dist.ReduceOp.SUM, group=self.group)
@@ -343,14 +351,15 @@ class Reducer:
         start = n_pk
         for cell in cells:
             n = lengths[cell]
-            vectors[cell] = 1.0 - m_all[start:start + n]  # dead where no rank saw it alive
+            vectors[cell] = 1.0 - m_all[start : start + n]  # dead where no rank saw it alive
             start += n
         for cell in clash:  # widths differ between ranks: this rank's own mask
             if cell in mine:
                 vectors[cell] = mine[cell]
         out_w[:, np.flatnonzero(codes == UNITS)] = False  # the value comes from the mask
-        return Chunk(np.array(steps, dtype=np.int64), out_v, out_w, list(self.columns),
-                     vectors), events
+        return Chunk(
+            np.array(steps, dtype=np.int64), out_v, out_w, list(self.columns), vectors
+        ), events
 
 
 def _group_alive() -> bool:

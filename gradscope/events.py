@@ -29,15 +29,23 @@ else:  # pragma: no cover - Python < 3.11: NotRequired keys are plain (total=Fal
 Severity = Literal["warning", "error"]
 
 
-RemedyAction = TypedDict("RemedyAction", {
-    "remedy": str,  # "swap" or "recycle"
-    "action": str,  # "swapped", "recycled" or "not_applied"
-    "step": int,
-    "layer": str,
-    "reason": str,  # not_applied: why
-    "from": str, "to": str, "rule": str, "places": int,  # swapped: the module types, the rule
-    "units": int, "of": int,  # recycled: how many units of how many
-}, total=False)
+RemedyAction = TypedDict(
+    "RemedyAction",
+    {
+        "remedy": str,  # "swap" or "recycle"
+        "action": str,  # "swapped", "recycled" or "not_applied"
+        "step": int,
+        "layer": str,
+        "reason": str,  # not_applied: why
+        "from": str,
+        "to": str,
+        "rule": str,
+        "places": int,  # swapped: the module types, the rule
+        "units": int,
+        "of": int,  # recycled: how many units of how many
+    },
+    total=False,
+)
 """What a remedy did about a finding (listed under the finding's ``remedies``)."""
 
 
@@ -79,8 +87,15 @@ class Event(dict[str, Any]):
 
     # -- gradscope itself ---------------------------------------------------------------------
     @classmethod
-    def internal_error(cls, where: str, error: BaseException | str, *, part: str | None = None,
-                       step: int | EllipsisType | None = ..., rank: int | None = None) -> Event:
+    def internal_error(
+        cls,
+        where: str,
+        error: BaseException | str,
+        *,
+        part: str | None = None,
+        step: int | EllipsisType | None = ...,
+        rank: int | None = None,
+    ) -> Event:
         """An error inside gradscope, switched off by the guard (``part``), or a rule that
         raised (no part: the other rules ran). ``step`` where a step is known (None: before
         the first)."""
@@ -113,9 +128,13 @@ class Event(dict[str, Any]):
     @classmethod
     def script_clip(cls, step: int, function: str, **detail: Any) -> Event:
         """The script clips its own gradients (first time only)."""
-        return cls._make("script_clip", step=step, function=function, **detail,
-                         note="grad_norm is read before the script's clip, "
-                              "grad_norm_clipped after it")
+        return cls._make(
+            "script_clip",
+            step=step,
+            function=function,
+            **detail,
+            note="grad_norm is read before the script's clip, grad_norm_clipped after it",
+        )
 
     # -- findings and the NaN tracer ------------------------------------------------------------
     @classmethod
@@ -144,8 +163,9 @@ class Event(dict[str, Any]):
         return cls._make("remedies", **described)
 
     @classmethod
-    def remedy(cls, remedy: str, action: str, step: int | EllipsisType | None = ...,
-               **detail: Any) -> Event:
+    def remedy(
+        cls, remedy: str, action: str, step: int | EllipsisType | None = ..., **detail: Any
+    ) -> Event:
         """Something a remedy did or could not do: ``remedy`` is ``clip``, ``guard``,
         ``swap`` or ``recycle``; ``step`` where it acted at one step (a summary over several
         steps, ``clipped``, has ``steps`` instead)."""
@@ -165,11 +185,18 @@ class Event(dict[str, Any]):
 
     # -- gradscope run and the integrations -----------------------------------------------------
     @classmethod
-    def model_found(cls, key: str, type_name: str, step: int, parameters: int,
-                    trainable: int) -> Event:
+    def model_found(
+        cls, key: str, type_name: str, step: int, parameters: int, trainable: int
+    ) -> Event:
         """``gradscope run`` found a model in the script and watches it."""
-        return cls._make("model_found", key=key, type=type_name, step=step,
-                         parameters=parameters, trainable=trainable)
+        return cls._make(
+            "model_found",
+            key=key,
+            type=type_name,
+            step=step,
+            parameters=parameters,
+            trainable=trainable,
+        )
 
     @classmethod
     def nothing_watched(cls, reason: str) -> Event:

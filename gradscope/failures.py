@@ -22,9 +22,15 @@ from .guard import ACTIVATIONS, CORE, EXIT, REMEDIES, REPORT, SAVE, STORE, TRACE
 if TYPE_CHECKING:
     from .ranks import RankCoordinator
 
-PART_NAMES = {ACTIVATIONS: "activation statistics", TRACER: "NaN/Inf tracer",
-              REMEDIES: "remedies", REPORT: "report", SAVE: "hook removal in torch.save",
-              "tensorboard": "TensorBoard sink", EXIT: "exit handler"}
+PART_NAMES = {
+    ACTIVATIONS: "activation statistics",
+    TRACER: "NaN/Inf tracer",
+    REMEDIES: "remedies",
+    REPORT: "report",
+    SAVE: "hook removal in torch.save",
+    "tensorboard": "TensorBoard sink",
+    EXIT: "exit handler",
+}
 """How a line names a part the guard switched off."""
 
 
@@ -56,8 +62,14 @@ class InternalErrors:
         ranks: Several processes (None in one).
     """
 
-    def __init__(self, guard: Guard, run_dir: Path, quiet: bool,
-                 step: Callable[[], int | None], ranks: RankCoordinator | None = None) -> None:
+    def __init__(
+        self,
+        guard: Guard,
+        run_dir: Path,
+        quiet: bool,
+        step: Callable[[], int | None],
+        ranks: RankCoordinator | None = None,
+    ) -> None:
         self.guard = guard
         self.run_dir = run_dir
         self.quiet = quiet
@@ -72,10 +84,12 @@ class InternalErrors:
         several = ranks is not None and ranks.active
         step = self.step()
         if part == STORE and isinstance(exc, OSError):
-            say(f"gradscope: stopped recording: cannot write the run directory "
+            say(
+                f"gradscope: stopped recording: cannot write the run directory "
                 f"({exc.strerror or exc}: {exc.filename or self.run_dir}); training "
                 f"continues unwatched; what was written before step {step or 0} is in "
-                f"{self.run_dir}")  # said even when quiet: the run directory cannot say it
+                f"{self.run_dir}"
+            )  # said even when quiet: the run directory cannot say it
             return
         if several and part == CORE:
             # The other ranks wait for this one in the next flush exchange: keep counting
@@ -86,11 +100,16 @@ class InternalErrors:
                 return
             self._degraded = True
         if self.record is not None:
-            self.record(Event.internal_error(where, exc, part=part, step=step,
-                                             rank=ranks.rank if ranks is not None else None))
+            self.record(
+                Event.internal_error(
+                    where, exc, part=part, step=step, rank=ranks.rank if ranks is not None else None
+                )
+            )
         if several and part in (CORE, ACTIVATIONS, TRACER):
-            what = ("activation statistics and the NaN tracer are off on this rank, and it "
-                    "keeps taking part in the flushes (the other ranks wait for it there)")
+            what = (
+                "activation statistics and the NaN tracer are off on this rank, and it "
+                "keeps taking part in the flushes (the other ranks wait for it there)"
+            )
         elif part in (CORE, STORE):
             what = "gradscope stopped watching"
         elif part == EXIT:
@@ -100,5 +119,7 @@ class InternalErrors:
         rank = f" on rank {ranks.rank}" if ranks is not None else ""
         goes_on = "the program ends as it would have" if part == EXIT else "training continues"
         if not self.quiet or part == STORE:
-            say(f"gradscope: internal error{rank} in {where}: {exc!r}; {what}; {goes_on} "
-                f"(records up to the last flush are in {self.run_dir})")
+            say(
+                f"gradscope: internal error{rank} in {where}: {exc!r}; {what}; {goes_on} "
+                f"(records up to the last flush are in {self.run_dir})"
+            )

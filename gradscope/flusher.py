@@ -52,18 +52,28 @@ class Flusher:
     the flusher's: it feeds them every flushed table and announces what they raise.
     """
 
-    def __init__(self, recorder: StepRecorder, outputs: Outputs, console: FindingPrinter,
-                 ranks: RankCoordinator | None, guard: Guard, on_cpu: Callable[[], bool],
-                 after_write: Callable[[], None], warn: Callable[[str], None],
-                 hint: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        recorder: StepRecorder,
+        outputs: Outputs,
+        console: FindingPrinter,
+        ranks: RankCoordinator | None,
+        guard: Guard,
+        on_cpu: Callable[[], bool],
+        after_write: Callable[[], None],
+        warn: Callable[[str], None],
+        hint: Callable[[str], str] | None = None,
+    ) -> None:
         self._rec = recorder
         self._out = outputs
         self.console = console
         self.hint = hint
         config = recorder.config
-        self.diagnoser = Diagnoser(config.thresholds, self.announce,
-                                   sample_every=config.activation_every) \
-            if config.diagnose else None
+        self.diagnoser = (
+            Diagnoser(config.thresholds, self.announce, sample_every=config.activation_every)
+            if config.diagnose
+            else None
+        )
         self._ranks = ranks
         self._guard = guard
         self._on_cpu = on_cpu
@@ -82,8 +92,7 @@ class Flusher:
     def overdue(self) -> bool:
         """``flush_secs`` passed since the last flush (a single process only: with several
         ranks the flushes are collectives, so they go by steps)."""
-        return self._ranks is None and \
-            time.monotonic() - self.last >= self._rec.config.flush_secs
+        return self._ranks is None and time.monotonic() - self.last >= self._rec.config.flush_secs
 
     def flush(self, write: bool = True) -> None:
         """Copy the buffered steps to the host and diagnose them; ``write``: also write them
@@ -107,8 +116,9 @@ class Flusher:
             WeightProbe.complete(chunk)
             ModuleProbe.complete(chunk)
             table = LongTable.from_chunk(chunk)
-            self._pending.append((table if rec.grads.histograms else table.published(),
-                                  set(), len(chunk.steps)))
+            self._pending.append(
+                (table if rec.grads.histograms else table.published(), set(), len(chunk.steps))
+            )
             if taken is not None:
                 rec.buffer.forget(taken)
             self._pending_rows += len(chunk.steps)
@@ -161,9 +171,14 @@ class Flusher:
         rem = self.remedies
         if rem is not None:
             # a remedy bug must not take training down: the remedies switch off
-            actions = self._guard.isolate(REMEDIES, "remedies", rem.on_findings,
-                                          diagnoser.findings, rec.clock.step,
-                                          rec.clock.optimizers())
+            actions = self._guard.isolate(
+                REMEDIES,
+                "remedies",
+                rem.on_findings,
+                diagnoser.findings,
+                rec.clock.step,
+                rec.clock.optimizers(),
+            )
             for action in actions or ():
                 diagnoser.attach(action.finding, action.record)
 
@@ -186,13 +201,18 @@ class Flusher:
         steps = table.step[rows]
         clipped = coef < 1.0 - 1e-6
         if clipped.any():
-            self._out.event(Event.remedy(
-                "clip", "clipped",
-                method=str(rem.clip), steps=[int(steps[0]), int(steps[-1])],
-                clipped_steps=int(clipped.sum()), of_steps=int(rows.sum()),
-                min_coef=float(coef[clipped].min()),
-                median_coef=float(np.median(coef[clipped])),
-            ))
+            self._out.event(
+                Event.remedy(
+                    "clip",
+                    "clipped",
+                    method=str(rem.clip),
+                    steps=[int(steps[0]), int(steps[-1])],
+                    clipped_steps=int(clipped.sum()),
+                    of_steps=int(rows.sum()),
+                    min_coef=float(coef[clipped].min()),
+                    median_coef=float(np.median(coef[clipped])),
+                )
+            )
 
     def traced(self, info: dict[str, Any]) -> None:
         """The tracer named where the first non-finite value came from: an event, and the

@@ -95,8 +95,10 @@ def injected_faults() -> frozenset[str]:
     names = frozenset(n.strip() for n in raw.split(",") if n.strip())
     unknown = sorted(names - set(ENTRY_POINTS))
     if unknown:
-        raise ValueError(f"{FAULTS_ENV}={raw!r}: unknown entry point(s) {', '.join(unknown)}; "
-                         f"expected some of {', '.join(ENTRY_POINTS)}")
+        raise ValueError(
+            f"{FAULTS_ENV}={raw!r}: unknown entry point(s) {', '.join(unknown)}; "
+            f"expected some of {', '.join(ENTRY_POINTS)}"
+        )
     return names
 
 
@@ -152,11 +154,15 @@ class Guard:
             self._report(where, part, exc)
         except Exception:  # the reporter itself failed: one bare line, then nothing
             with contextlib.suppress(Exception):
-                print(f"gradscope: internal error in {where}: {exc!r}; training continues",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"gradscope: internal error in {where}: {exc!r}; training continues",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
-    def isolate(self, part: str, where: str, fn: Callable[..., Any], *args: Any,
-                **kwargs: Any) -> Any:
+    def isolate(
+        self, part: str, where: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
         """``fn`` under the guard, as a part of gradscope's own work (not an entry point: no
         fault is injected here, and ``part`` runs even after the core stopped). An error
         switches ``part`` off and is reported as coming from ``where``."""

@@ -48,8 +48,9 @@ class Hook:
 
     __slots__ = ("entry", "fn", "guard", "part", "purpose")
 
-    def __init__(self, fn: Callable[..., Any], purpose: str, guard: Guard | None = None,
-                 entry: str = "") -> None:
+    def __init__(
+        self, fn: Callable[..., Any], purpose: str, guard: Guard | None = None, entry: str = ""
+    ) -> None:
         self.fn = fn
         self.purpose = purpose
         self.guard = guard

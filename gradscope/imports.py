@@ -88,9 +88,12 @@ def _shadowing(folders: set[str]) -> tuple[set[str], set[str]]:
         return set(), set()
     entries = {e for e in sys.path if _folder_of(e) in folders}
     others = [e for e in sys.path if e not in entries]
-    shadow = {n for n in names
-              if n in sys.builtin_module_names or
-              importlib.machinery.PathFinder.find_spec(n, others) is not None}
+    shadow = {
+        n
+        for n in names
+        if n in sys.builtin_module_names
+        or importlib.machinery.PathFinder.find_spec(n, others) is not None
+    }
     return shadow, entries if shadow else set()
 
 
@@ -120,8 +123,11 @@ def own_imports() -> Iterator[None]:
 
     saved_path = list(sys.path)
     before = {name for name in sys.modules if shadowed(name)}
-    hidden = {name: mod for name, mod in list(sys.modules.items())
-              if shadowed(name) and _under(getattr(mod, "__file__", None), folders)}
+    hidden = {
+        name: mod
+        for name, mod in list(sys.modules.items())
+        if shadowed(name) and _under(getattr(mod, "__file__", None), folders)
+    }
     sys.path[:] = [e for e in sys.path if e not in entries]
     for name in hidden:
         del sys.modules[name]

@@ -41,8 +41,18 @@ class Family(enum.Enum):
 _FAMILIES: tuple[tuple[tuple[type[nn.Module], ...], Family], ...] = (
     (
         (
-            nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU,
-            nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+            nn.ReLU,
+            nn.ReLU6,
+            nn.LeakyReLU,
+            nn.PReLU,
+            nn.RReLU,
+            nn.ELU,
+            nn.CELU,
+            nn.SELU,
+            nn.GELU,
+            nn.SiLU,
+            nn.Mish,
+            nn.Hardswish,
         ),
         Family.RECTIFIER,
     ),
@@ -163,8 +173,15 @@ class LayerTable:
                     if not _name_allowed(full, module_name, config):
                         continue
                     first, *aliases = names[id(param)]
-                    slot = ParamSlot(self._new_index(), first, module_name, param, tuple(aliases),
-                                     shape=shapes.get(id(param)), dtensor=is_dtensor(param))
+                    slot = ParamSlot(
+                        self._new_index(),
+                        first,
+                        module_name,
+                        param,
+                        tuple(aliases),
+                        shape=shapes.get(id(param)),
+                        dtensor=is_dtensor(param),
+                    )
                     self.params.append(slot)
                     self._by_param[id(param)] = [slot]
                     owned.append(slot)
@@ -182,8 +199,9 @@ class LayerTable:
                     self._by_param[id(slot.param)].remove(slot)
         return added
 
-    def _spans(self, flat: nn.Parameter, owner: str, spans: list[Any],
-               config: Config) -> list[ParamSlot]:
+    def _spans(
+        self, flat: nn.Parameter, owner: str, spans: list[Any], config: Config
+    ) -> list[ParamSlot]:
         """Slots for the original parameters inside an FSDP1 flat parameter."""
         slots = self._by_param.setdefault(id(flat), [])
         out = []
@@ -192,8 +210,9 @@ class LayerTable:
             module_name = name.rsplit(".", 1)[0] if "." in name else ROOT
             if not _name_allowed(name, module_name, config):
                 continue
-            slot = ParamSlot(self._new_index(), name, module_name, flat, (),
-                             span=(offset, length), shape=shape)
+            slot = ParamSlot(
+                self._new_index(), name, module_name, flat, (), span=(offset, length), shape=shape
+            )
             self.params.append(slot)
             slots.append(slot)
             out.append(slot)
@@ -248,9 +267,9 @@ class LayerTable:
                         "kind": "param",
                         "module": entry.name,
                         "type": type(entry.module).__name__,
-                        "shape": list(slot.shape if slot.shape is not None
-                                      else slot.param.shape),
-                        "numel": math.prod(slot.shape) if slot.shape is not None
+                        "shape": list(slot.shape if slot.shape is not None else slot.param.shape),
+                        "numel": math.prod(slot.shape)
+                        if slot.shape is not None
                         else slot.param.numel(),
                         "aliases": list(slot.aliases),
                         "executed": executed,
@@ -258,8 +277,7 @@ class LayerTable:
                 )
         return out
 
-    def check_watchable(self, optimizers: Sequence[torch.optim.Optimizer],
-                        config: Config) -> None:
+    def check_watchable(self, optimizers: Sequence[torch.optim.Optimizer], config: Config) -> None:
         """Something to watch, and optimizers that step it (one-line errors).
 
         Raises:
@@ -299,8 +317,9 @@ class LayerTable:
                 return {id(s.param) for s in self.params if s.module_name == e.name}
         return set()
 
-    def neighbours(self, name: str, passthrough: tuple[type[nn.Module], ...] = ()
-                   ) -> tuple[nn.Module | None, list[nn.Module], nn.Module | None]:
+    def neighbours(
+        self, name: str, passthrough: tuple[type[nn.Module], ...] = ()
+    ) -> tuple[nn.Module | None, list[nn.Module], nn.Module | None]:
         """Around the module ``name``, in forward order: the nearest leaf module before it that
         owns parameters (skipping over ``passthrough`` types, listed as in between), those in
         between, and the nearest such leaf after it."""
@@ -318,7 +337,7 @@ class LayerTable:
                     continue
                 producer = e.module
                 break
-        for e in order[i + 1:]:
+        for e in order[i + 1 :]:
             if e.owns_params and e.is_leaf:
                 consumer = e.module
                 break

@@ -24,10 +24,14 @@ if TYPE_CHECKING:
     from .ranks import RankCoordinator
 
 PATCH_ENTRIES = {  # a patch's listener call (patches._notify) -> its entry point
-    "patch:before_backward": "backward", "patch:after_backward": "backward",
-    "patch:user_clip": "clip", "patch:user_clipped": "clip",
-    "patch:scaler_step_begin": "scaler", "patch:scaler_skipped": "scaler",
-    "patch:torch.save": "save", "patch:process_group_ending": "process-group",
+    "patch:before_backward": "backward",
+    "patch:after_backward": "backward",
+    "patch:user_clip": "clip",
+    "patch:user_clipped": "clip",
+    "patch:scaler_step_begin": "scaler",
+    "patch:scaler_skipped": "scaler",
+    "patch:torch.save": "save",
+    "patch:process_group_ending": "process-group",
 }
 
 
@@ -75,8 +79,9 @@ class PatchListener:
         closed: Whether the Scope is closed.
     """
 
-    def __init__(self, parts: Parts, ranks: RankCoordinator | None,
-                 closed: Callable[[], bool]) -> None:
+    def __init__(
+        self, parts: Parts, ranks: RankCoordinator | None, closed: Callable[[], bool]
+    ) -> None:
         self._parts = parts
         self._ranks = ranks
         self._closed = closed
@@ -107,8 +112,7 @@ class PatchListener:
             if self._parts.tracer.armed:
                 self._trace_after(loss)
 
-    def user_clip(self, params: list[torch.Tensor], function: str,
-                  detail: dict[str, Any]) -> None:
+    def user_clip(self, params: list[torch.Tensor], function: str, detail: dict[str, Any]) -> None:
         self._clip(params, function, detail)
 
     def user_clipped(self, params: list[torch.Tensor]) -> None:

@@ -151,8 +151,9 @@ class Run:
         if rows.empty:
             have = sorted(df["metric"].unique().tolist())
             raise KeyError(f"metric {metric!r} not in this run; it has: {', '.join(have)}")
-        table = rows.pivot_table(index="step", columns="layer", values="value", aggfunc="last",
-                                 dropna=False)
+        table = rows.pivot_table(
+            index="step", columns="layer", values="value", aggfunc="last", dropna=False
+        )
         rank = {name: i for i, name in enumerate(self.layer_order)}
         ordered = sorted(table.columns, key=lambda c: (rank.get(c, len(rank)), c))
         table = table[ordered]
@@ -180,17 +181,22 @@ def check_run_dir(path: Path) -> None:
             run.json nor metrics/ (a one-line message naming it).
     """
     if not path.is_dir():
-        what = "no such run directory" if not os.path.lexists(path) else \
-            "not a directory, expected a run directory"
+        what = (
+            "no such run directory"
+            if not os.path.lexists(path)
+            else "not a directory, expected a run directory"
+        )
         raise FileNotFoundError(f"{str(path)!r}: {what}")
     try:
         names = set(os.listdir(path))
     except OSError as exc:
-        raise FileNotFoundError(f"{str(path)!r}: cannot read the run directory "
-                                f"({exc.strerror or exc})") from None
+        raise FileNotFoundError(
+            f"{str(path)!r}: cannot read the run directory ({exc.strerror or exc})"
+        ) from None
     if rundir.RUN_JSON not in names and rundir.METRICS not in names:
         raise FileNotFoundError(
-            f"{str(path)!r}: not a gradscope run directory (no run.json, no metrics/)")
+            f"{str(path)!r}: not a gradscope run directory (no run.json, no metrics/)"
+        )
 
 
 def _read(path: Path, problems: list[str]) -> bytes | None:
@@ -263,8 +269,7 @@ def read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
         try:
             ev = _parse(line)
         except ValueError as exc:
-            why = "truncated write?" if i == last and str(exc).startswith("not JSON") else \
-                str(exc)
+            why = "truncated write?" if i == last and str(exc).startswith("not JSON") else str(exc)
             tally.add(f"line {i + 1} unreadable ({why}): skipped")
             continue
         if not isinstance(ev, dict) or not isinstance(ev.get("event"), str):
@@ -272,16 +277,16 @@ def read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
             tally.add(f"line {i + 1} is not an event ({what}): skipped")
             continue
         if "step" in ev and not _is_int(ev["step"]) and ev["step"] is not None:
-            tally.add(f"line {i + 1}: step is {_type_name(ev['step'])}, expected a step: "
-                      "ignored")
+            tally.add(f"line {i + 1}: step is {_type_name(ev['step'])}, expected a step: ignored")
             ev = {k: v for k, v in ev.items() if k != "step"}
         events.append(ev)
     tally.close()
     return events
 
 
-def read_findings(path: Path, events: list[dict[str, Any]],
-                  problems: list[str]) -> list[dict[str, Any]]:
+def read_findings(
+    path: Path, events: list[dict[str, Any]], problems: list[str]
+) -> list[dict[str, Any]]:
     """findings.json of the run directory ``path``, validated; when it is missing or
     unusable, the findings as events.jsonl last told them."""
     file = path / rundir.FINDINGS
@@ -290,22 +295,27 @@ def read_findings(path: Path, events: list[dict[str, Any]],
         try:
             loaded = _parse(data)
         except ValueError as exc:
-            problems.append(f"findings.json unreadable, {exc}: findings rebuilt from "
-                            "events.jsonl")
+            problems.append(f"findings.json unreadable, {exc}: findings rebuilt from events.jsonl")
             return findings_from_events(events, problems)
         if isinstance(loaded, list):
             tally = _Tally(problems, "findings.json")
-            out = [f for i, item in enumerate(loaded)
-                   if (f := validate_finding(item, f"finding {i}", tally)) is not None]
+            out = [
+                f
+                for i, item in enumerate(loaded)
+                if (f := validate_finding(item, f"finding {i}", tally)) is not None
+            ]
             tally.close()
             return out
-        problems.append(f"findings.json is {_type_name(loaded)}, not a list: findings rebuilt "
-                        "from events.jsonl")
+        problems.append(
+            f"findings.json is {_type_name(loaded)}, not a list: findings rebuilt from events.jsonl"
+        )
         return findings_from_events(events, problems)
     found = findings_from_events(events, problems)
     if found and not os.path.lexists(file):
-        problems.append("findings.json missing (the run was killed?): findings rebuilt from "
-                        "events.jsonl, as they were when raised")
+        problems.append(
+            "findings.json missing (the run was killed?): findings rebuilt from "
+            "events.jsonl, as they were when raised"
+        )
     return found
 
 
@@ -317,8 +327,9 @@ def finding_steps(f: dict[str, Any]) -> str:
     return a if a == b else f"{a}-{b}"
 
 
-def findings_from_events(events: list[dict[str, Any]],
-                         problems: list[str] | None = None) -> list[dict[str, Any]]:
+def findings_from_events(
+    events: list[dict[str, Any]], problems: list[str] | None = None
+) -> list[dict[str, Any]]:
     """The findings as ``events.jsonl`` last told them (``finding`` when raised,
     ``finding_updated`` when the tracer named a module): what survives a ``kill -9``."""
     latest: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -326,13 +337,13 @@ def findings_from_events(events: list[dict[str, Any]],
     for i, event in enumerate(events):
         if event.get("event") not in ("finding", "finding_updated"):
             continue
-        finding = validate_finding({k: v for k, v in event.items() if k != "event"},
-                                   f"finding event {i + 1}", tally)
+        finding = validate_finding(
+            {k: v for k, v in event.items() if k != "event"}, f"finding event {i + 1}", tally
+        )
         if finding is None:
             continue
         kind = finding["kind"]
-        key = (kind,) if kind == "nonfinite" else (kind, finding["layer"],
-                                                  finding["first_step"])
+        key = (kind,) if kind == "nonfinite" else (kind, finding["layer"], finding["first_step"])
         latest[key] = finding
     tally.close()
     return list(latest.values())
@@ -341,9 +352,15 @@ def findings_from_events(events: list[dict[str, Any]],
 def _empty_metrics() -> pd.DataFrame:
     import pandas as pd
 
-    return pd.DataFrame({"step": pd.Series(dtype="int64"),
-                         "layer": pd.Series(dtype=str), "kind": pd.Series(dtype=str),
-                         "metric": pd.Series(dtype=str), "value": pd.Series(dtype="float64")})
+    return pd.DataFrame(
+        {
+            "step": pd.Series(dtype="int64"),
+            "layer": pd.Series(dtype=str),
+            "kind": pd.Series(dtype=str),
+            "metric": pd.Series(dtype=str),
+            "value": pd.Series(dtype="float64"),
+        }
+    )
 
 
 def load_run(path: str | Path) -> Run:

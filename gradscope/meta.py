@@ -62,10 +62,22 @@ def status_for(exc: BaseException | None) -> RunStatus:
     return RunStatus.FAILED
 
 
-def run_meta(config: Config, status: str, *, command: list[str], cwd: str, pid: int,
-             started: float, exit_code: int | None, models: dict[str, str], steps: int,
-             step_mode: str | None, layers: list[dict[str, Any]], sites: list[str],
-             **extra: Any) -> dict[str, Any]:
+def run_meta(
+    config: Config,
+    status: str,
+    *,
+    command: list[str],
+    cwd: str,
+    pid: int,
+    started: float,
+    exit_code: int | None,
+    models: dict[str, str],
+    steps: int,
+    step_mode: str | None,
+    layers: list[dict[str, Any]],
+    sites: list[str],
+    **extra: Any,
+) -> dict[str, Any]:
     """run.json's content (``docs/run-directory.md``)."""
     import torch
 
@@ -113,10 +125,17 @@ class RunJson:
     :meth:`follow` gives it the clock and the activation sites once they exist.
     """
 
-    def __init__(self, run_dir: Path, config: Config, launch: tuple[list[str], str] | None,
-                 writer: bool, write: Callable[[dict[str, Any]], None],
-                 models: Mapping[str, nn.Module], table: LayerTable,
-                 ranks: RankCoordinator | None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Config,
+        launch: tuple[list[str], str] | None,
+        writer: bool,
+        write: Callable[[dict[str, Any]], None],
+        models: Mapping[str, nn.Module],
+        table: LayerTable,
+        ranks: RankCoordinator | None,
+    ) -> None:
         self.path = run_dir / rundir.RUN_JSON
         self.config = config
         self.command, self.cwd = launch or ([Path(sys.executable).name, *sys.argv], os.getcwd())
@@ -151,9 +170,13 @@ class RunJson:
             "models": {k: model_label(m) for k, m in self.models.items()},
             "steps": clock.step if clock is not None else 0,
             "step_mode": clock.mode if clock is not None else None,
-            "layers": self.table.describe(), "sites": self.sites(),
-            **({"distributed": ranks.meta(), "world_size": ranks.dist.size}
-               if ranks is not None else {}),
+            "layers": self.table.describe(),
+            "sites": self.sites(),
+            **(
+                {"distributed": ranks.meta(), "world_size": ranks.dist.size}
+                if ranks is not None
+                else {}
+            ),
         }
 
     def due(self) -> None:
@@ -169,10 +192,15 @@ class RunJson:
         if not self.writer:
             return
         meta = run_meta(
-            self.config, status, command=self.command, cwd=self.cwd, pid=self.pid,
+            self.config,
+            status,
+            command=self.command,
+            cwd=self.cwd,
+            pid=self.pid,
             started=self.started,
             exit_code=None if status == RunStatus.RUNNING else self.exit_code,
-            **self.fields())
+            **self.fields(),
+        )
         if strict:
             rundir.write_json(self.path, meta)
         else:
@@ -191,8 +219,11 @@ def command_line_hint(text: str) -> str:
         key, value = match.group(1).replace("_", "-"), match.group(2)
         if value != "True":
             return f"gradscope run --{key} {value} ..."
-        return f"gradscope run --{key} ..." if key in ("recycle", "guard") else \
-            f"gradscope run --{key} true ..."
+        return (
+            f"gradscope run --{key} ..."
+            if key in ("recycle", "guard")
+            else f"gradscope run --{key} true ..."
+        )
 
     return _WATCH_HINT.sub(flag, text)
 
@@ -208,8 +239,12 @@ def write_report_safely(run_dir: Path, quiet: bool) -> None:
         with contextlib.suppress(Exception):
             rundir.append_event(run_dir, Event.internal_error("report", exc))
         if not quiet:
-            print(f"gradscope: report.html not written ({exc!r}); the records are complete: "
-                  f"gradscope report {run_dir}", file=sys.stderr, flush=True)
+            print(
+                f"gradscope: report.html not written ({exc!r}); the records are complete: "
+                f"gradscope report {run_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _iso(t: float) -> str:

@@ -134,6 +134,7 @@ def model_key(models: Mapping[str, nn.Module], model: nn.Module, key: str | None
     if not isinstance(key, str) or "." in key or (not key and "" not in models):
         raise ValueError(f"add_model(): key {key!r} must be a non-empty string without '.'")
     if key in models and models[key] is not model:
-        raise ValueError(f"add_model(): key {key!r} already names another model "
-                         f"({type(models[key]).__name__})")
+        raise ValueError(
+            f"add_model(): key {key!r} already names another model ({type(models[key]).__name__})"
+        )
     return key

@@ -46,26 +46,30 @@ class Outputs:
         self.histograms = False  # TensorBoard gets the raw gradient histograms
 
     @classmethod
-    def create(cls, guard: Guard, run_dir: Path, config: Config,
-               ranks: RankCoordinator | None) -> Outputs:
+    def create(
+        cls, guard: Guard, run_dir: Path, config: Config, ranks: RankCoordinator | None
+    ) -> Outputs:
         """The sinks ``config`` asks for: the store (on a rank other than 0, the outbox to
         rank 0) and, where this process writes, TensorBoard."""
         from .ranks import RankOutbox
         from .sinks.store import Store
 
         writer = ranks is None or ranks.writer
-        store: RunStore = Store(run_dir) if ranks is None or ranks.writer else \
-            RankOutbox(ranks.dist)
+        store: RunStore = (
+            Store(run_dir) if ranks is None or ranks.writer else RankOutbox(ranks.dist)
+        )
         out = cls(guard, run_dir, store, writer)
         # a shard's histogram is not a part of the whole one: none under FSDP
-        out.histograms = config.tensorboard and config.histograms and \
-            not (ranks is not None and ranks.sharded)
+        out.histograms = (
+            config.tensorboard and config.histograms and not (ranks is not None and ranks.sharded)
+        )
         if config.tensorboard and writer:
             with own_imports():
                 from .sinks.tensorboard import TensorBoardSink
 
-            out.add_tensorboard(TensorBoardSink(run_dir / rundir.TB, config.tb_max_layers,
-                                                raw=out.histograms))
+            out.add_tensorboard(
+                TensorBoardSink(run_dir / rundir.TB, config.tb_max_layers, raw=out.histograms)
+            )
         return out
 
     def add_tensorboard(self, sink: Sink) -> None:
@@ -121,8 +125,7 @@ class Outputs:
     def write_meta(self, meta: dict[str, Any]) -> None:
         """run.json, through the store's guard."""
         if self.writer:
-            self._guard.call("sink:store", rundir.write_json, self.run_dir / rundir.RUN_JSON,
-                             meta)
+            self._guard.call("sink:store", rundir.write_json, self.run_dir / rundir.RUN_JSON, meta)
 
     def close(self) -> None:
         """Close every sink, also one that failed before (to release its file)."""

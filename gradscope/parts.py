@@ -53,10 +53,11 @@ class Remedies(NamedTuple):
         if self.steps is None:
             if saved is None or saved.get("clip") is None:
                 return  # nothing to restore: no clipper, and no guard to count for
-            raise ValueError(f"load_state_dict: the state was saved with clip={saved['clip']!r}"
-                             ", this scope has no remedy")
-        self.steps.load_state_dict(saved if saved is not None else
-                                   {"clip": None, "clippers": []})
+            raise ValueError(
+                f"load_state_dict: the state was saved with clip={saved['clip']!r}"
+                ", this scope has no remedy"
+            )
+        self.steps.load_state_dict(saved if saved is not None else {"clip": None, "clippers": []})
 
 
 class Parts(NamedTuple):
@@ -73,11 +74,21 @@ class Parts(NamedTuple):
     optimizer_hooks: OptimizerHooks
 
 
-def build_parts(config: Config, table: LayerTable, models: dict[str, nn.Module],
-                optimizers: Sequence[torch.optim.Optimizer], guard: Guard, outputs: Outputs,
-                ranks: RankCoordinator | None, on_cpu: bool, *, console: FindingPrinter,
-                after_write: Callable[[], None], stack: contextlib.ExitStack[Any],
-                hint: Callable[[str], str] | None) -> Parts:
+def build_parts(
+    config: Config,
+    table: LayerTable,
+    models: dict[str, nn.Module],
+    optimizers: Sequence[torch.optim.Optimizer],
+    guard: Guard,
+    outputs: Outputs,
+    ranks: RankCoordinator | None,
+    on_cpu: bool,
+    *,
+    console: FindingPrinter,
+    after_write: Callable[[], None],
+    stack: contextlib.ExitStack[Any],
+    hint: Callable[[str], str] | None,
+) -> Parts:
     """Build the measuring parts of a Scope and wire them to each other: the recorder and
     its clock, the flusher (with the rules), the NaN/Inf tracer, the hooks on the model and
     the optimizers, the remedies. What must come off at ``close()`` goes on ``stack``.
@@ -90,13 +101,36 @@ def build_parts(config: Config, table: LayerTable, models: dict[str, nn.Module],
         stack: The Scope's ExitStack.
         hint: Rewrites a finding's suggestion (``gradscope run``: command-line flags).
     """
-    rec = StepRecorder(table, config, guard, on_cpu, outputs.event, outputs.record, warn,
-                       whole_masks=ranks is not None, histograms=outputs.histograms)
-    clock = rec.clock = Clock(table, rec, config.step_on, config.activation_every,
-                              config.update_every or config.activation_every, optimizers)
+    rec = StepRecorder(
+        table,
+        config,
+        guard,
+        on_cpu,
+        outputs.event,
+        outputs.record,
+        warn,
+        whole_masks=ranks is not None,
+        histograms=outputs.histograms,
+    )
+    clock = rec.clock = Clock(
+        table,
+        rec,
+        config.step_on,
+        config.activation_every,
+        config.update_every or config.activation_every,
+        optimizers,
+    )
     flusher = rec.flusher = Flusher(
-        rec, outputs, console, ranks, guard, on_cpu=lambda: first_device(models).type == "cpu",
-        after_write=after_write, warn=warn, hint=hint)
+        rec,
+        outputs,
+        console,
+        ranks,
+        guard,
+        on_cpu=lambda: first_device(models).type == "cpu",
+        after_write=after_write,
+        warn=warn,
+        hint=hint,
+    )
     if ranks is not None:
         diagnoser = flusher.diagnoser
         ranks.record = outputs.record
@@ -105,8 +139,13 @@ def build_parts(config: Config, table: LayerTable, models: dict[str, nn.Module],
     hooks = HookSet()
     stack.callback(hooks.close)
     tracer = rec.tracer = NonfiniteTracer(
-        models, config.trace_nonfinite, immediate=on_cpu, report=flusher.traced,
-        step=lambda: clock.step, guard=guard)
+        models,
+        config.trace_nonfinite,
+        immediate=on_cpu,
+        report=flusher.traced,
+        step=lambda: clock.step,
+        guard=guard,
+    )
     stack.callback(tracer.close)
     rec.grads.on_nonfinite = rec.flag_nonfinite
     rec.modules.attach(hooks)
@@ -116,10 +155,17 @@ def build_parts(config: Config, table: LayerTable, models: dict[str, nn.Module],
     return Parts(clock, rec, flusher, outputs, tracer, hooks, remedies, guard, optimizer_hooks)
 
 
-def make_remedies(config: Config, table: LayerTable, models: dict[str, nn.Module],
-                  recorder: StepRecorder, flusher: Flusher, outputs: Outputs,
-                  tracer: NonfiniteTracer, ranks: RankCoordinator | None,
-                  warn: Callable[[str], None] = warn) -> Remedies:
+def make_remedies(
+    config: Config,
+    table: LayerTable,
+    models: dict[str, nn.Module],
+    recorder: StepRecorder,
+    flusher: Flusher,
+    outputs: Outputs,
+    tracer: NonfiniteTracer,
+    ranks: RankCoordinator | None,
+    warn: Callable[[str], None] = warn,
+) -> Remedies:
     """The remedies ``config`` asks for, wired into ``recorder`` and ``flusher``; the
     ``remedies`` event says which, and a swap that can never act says why (an event, a
     warning)."""
@@ -129,19 +175,30 @@ def make_remedies(config: Config, table: LayerTable, models: dict[str, nn.Module
 
         sharded = ranks is not None and ranks.sharded
         steps = recorder.remedies = StepRemedies(
-            config.clip, config.guard, table, outputs.event,
-            combine=ranks.combine_norms if sharded and ranks is not None else None)
+            config.clip,
+            config.guard,
+            table,
+            outputs.event,
+            combine=ranks.combine_norms if sharded and ranks is not None else None,
+        )
     if config.swap or config.recycle:
         from .remedies.units import UnitRemedies
 
         units = flusher.remedies = UnitRemedies(
-            config.swap, config.recycle, table, recorder.modules, models, outputs.event,
+            config.swap,
+            config.recycle,
+            table,
+            recorder.modules,
+            models,
+            outputs.event,
             config.thresholds.patience * config.activation_every,
-            on_replace=tracer.replace_module)
+            on_replace=tracer.replace_module,
+        )
         recorder.sample_findings = True
     if steps is not None or units is not None:
-        outputs.record(Event.remedies(describe(config.clip, config.guard, config.swap,
-                                               config.recycle)))
+        outputs.record(
+            Event.remedies(describe(config.clip, config.guard, config.swap, config.recycle))
+        )
     for note in units.check_model() if units is not None else ():
         outputs.record(Event.remedy_inactive(note))
         warn(f"gradscope: {note}")

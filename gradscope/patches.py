@@ -50,8 +50,9 @@ class Listener(Protocol):
 
     def scaler_skipped(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None: ...
 
-    def user_clip(self, params: list[torch.Tensor], function: str,
-                  detail: dict[str, Any]) -> None: ...
+    def user_clip(
+        self, params: list[torch.Tensor], function: str, detail: dict[str, Any]
+    ) -> None: ...
 
     def user_clipped(self, params: list[torch.Tensor]) -> None: ...
 
@@ -101,8 +102,11 @@ def _listener_failed(listener: Any, where: str, exc: BaseException) -> None:
         raise
     except Exception:
         with contextlib.suppress(Exception):
-            print(f"gradscope: internal error in {where}: {exc!r}; training continues",
-                  file=sys.stderr, flush=True)
+            print(
+                f"gradscope: internal error in {where}: {exc!r}; training continues",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def add_listener(listener: Listener) -> Callable[[], None]:
@@ -188,8 +192,11 @@ def _make_step(cls: type) -> Callable[..., Any]:
     return step
 
 
-_CLIP_LIMIT = {"clip_grad_norm_": "max_norm", "clip_grads_with_norm_": "max_norm",
-               "clip_grad_value_": "clip_value"}
+_CLIP_LIMIT = {
+    "clip_grad_norm_": "max_norm",
+    "clip_grads_with_norm_": "max_norm",
+    "clip_grad_value_": "clip_value",
+}
 
 
 def _make_clip(owner: object, name: str) -> Callable[..., Any]:
@@ -213,12 +220,14 @@ def _make_clip(owner: object, name: str) -> Callable[..., Any]:
             # torch warns about an empty *generator*: hand it one again
             passed = (p for p in params) if is_generator else params
         limit = args[0] if args else kwargs.get(what)
-        detail: dict[str, Any] = {what: float(limit) if isinstance(limit, (int, float)) else
-                                  repr(limit)}
+        detail: dict[str, Any] = {
+            what: float(limit) if isinstance(limit, (int, float)) else repr(limit)
+        }
         if name == "clip_grad_norm_":
             norm_type = args[1] if len(args) > 1 else kwargs.get("norm_type", 2.0)
-            detail["norm_type"] = float(norm_type) if isinstance(norm_type, (int, float)) else \
-                repr(norm_type)
+            detail["norm_type"] = (
+                float(norm_type) if isinstance(norm_type, (int, float)) else repr(norm_type)
+            )
         tensors = [p for p in params if isinstance(p, torch.Tensor)]
         _notify("user_clip", tensors, name, detail)
         _local.clipping += 1
@@ -337,8 +346,9 @@ def _uninstall() -> None:
         _opt_hook = None
     for (owner, name), original in list(_originals.items()):
         current = getattr(owner, "__dict__", {}).get(name, getattr(owner, name, None))
-        if getattr(current, "__module__", None) == __name__ or \
-                getattr(current, "__gradscope__", False):
+        if getattr(current, "__module__", None) == __name__ or getattr(
+            current, "__gradscope__", False
+        ):
             setattr(owner, name, original)
             del _originals[(owner, name)]
         # else: someone patched over us; our wrapper stays beneath theirs as a pass-through

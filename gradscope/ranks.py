@@ -28,17 +28,28 @@ Record = Callable[[dict[str, Any]], None]
 Merge = Callable[[Any], object]
 
 SHARD_OPS = {  # a sharded parameter's records: its parts' norms, peaks and counts
-    "grad_norm": distributed.L2, "grad_norm_clipped": distributed.L2,
-    "weight_norm": distributed.L2, "_delta_norm": distributed.L2,
-    "grad_max_abs": distributed.MAX, "grad_nonfinite": distributed.SUM,
+    "grad_norm": distributed.L2,
+    "grad_norm_clipped": distributed.L2,
+    "weight_norm": distributed.L2,
+    "_delta_norm": distributed.L2,
+    "grad_max_abs": distributed.MAX,
+    "grad_nonfinite": distributed.SUM,
 }
 SITE_OPS = {  # an activation site's raw statistics (ModuleProbe.complete derives the rest)
-    "_sum": distributed.SUM, "_l2": distributed.L2, "_sat": distributed.SUM,
-    "_nonfinite": distributed.SUM, "_n": distributed.SUM, "_rows": distributed.SUM,
-    "_units": distributed.MAX, "_dead": distributed.UNITS,
+    "_sum": distributed.SUM,
+    "_l2": distributed.L2,
+    "_sat": distributed.SUM,
+    "_nonfinite": distributed.SUM,
+    "_n": distributed.SUM,
+    "_rows": distributed.SUM,
+    "_units": distributed.MAX,
+    "_dead": distributed.UNITS,
 }
-RUN_OPS = {"loss": distributed.MEAN, "skipped_step": distributed.MAX,
-           "guard_skipped": distributed.MAX}
+RUN_OPS = {
+    "loss": distributed.MEAN,
+    "skipped_step": distributed.MAX,
+    "guard_skipped": distributed.MAX,
+}
 _PHASE_ORDER = {"forward": 0, "backward": 1, "optimizer": 2}
 
 
@@ -51,8 +62,9 @@ class RankCoordinator:
         table: The watched layers.
     """
 
-    def __init__(self, dist: distributed.Reducer, models: Mapping[str, nn.Module],
-                 table: LayerTable) -> None:
+    def __init__(
+        self, dist: distributed.Reducer, models: Mapping[str, nn.Module], table: LayerTable
+    ) -> None:
         self.dist = dist
         self._models = models
         self._table = table
@@ -66,8 +78,9 @@ class RankCoordinator:
         self.map_shards()
 
     @classmethod
-    def create(cls, models: Mapping[str, nn.Module], table: LayerTable,
-               config: Config) -> RankCoordinator | None:
+    def create(
+        cls, models: Mapping[str, nn.Module], table: LayerTable, config: Config
+    ) -> RankCoordinator | None:
         """On several ranks (a collective: every rank creates its Scope at the same point);
         None in a single process.
 
@@ -79,8 +92,9 @@ class RankCoordinator:
             return None
         ranks = cls(dist, models, table)
         params = table.params
-        fsdp1 = any(s.span is not None or (s.name in ranks.sharded and not s.dtensor)
-                    for s in params)
+        fsdp1 = any(
+            s.span is not None or (s.name in ranks.sharded and not s.dtensor) for s in params
+        )
         fsdp2 = any(s.dtensor and s.name in ranks.sharded for s in params)
         try:
             check_remedies(config, fsdp1, fsdp2)
@@ -109,8 +123,11 @@ class RankCoordinator:
         (again when a model joins the run)."""
         replicas = distributed.replicas_of_shards(self._models.values(), self.dist.size)
         self._replicas_by_id = replicas
-        self.sharded = {s.name: float(replicas[id(s.param)])
-                        for s in self._table.params if id(s.param) in replicas}
+        self.sharded = {
+            s.name: float(replicas[id(s.param)])
+            for s in self._table.params
+            if id(s.param) in replicas
+        }
 
     def create_run_dir(self, config: Config, name: str) -> Path:
         """Rank 0 creates the run directory; every rank gets its path.
@@ -127,7 +144,8 @@ class RankCoordinator:
             except Exception as exc:  # told to the other ranks, then raised here
                 error = exc
         path, problem = self.dist.broadcast(
-            (str(made) if made else None, f"{type(error).__name__}: {error}" if error else None))
+            (str(made) if made else None, f"{type(error).__name__}: {error}" if error else None)
+        )
         if error is not None:
             raise error
         if problem is not None:
@@ -153,8 +171,10 @@ class RankCoordinator:
         except Exception as exc:
             dist.stopped = repr(exc)
             step = self.step()
-            note = (f"the ranks stopped combining their records ({exc!r}); from step "
-                    f"{step} on, rank {dist.rank}'s own records are written")
+            note = (
+                f"the ranks stopped combining their records ({exc!r}); from step "
+                f"{step} on, rank {dist.rank}'s own records are written"
+            )
             self.record(Event.distributed_stopped(dist.rank, step, note))
             warn(f"gradscope: {note}")
             return chunk
@@ -170,10 +190,14 @@ class RankCoordinator:
     def events(self, events: list[dict[str, Any]]) -> None:
         """Events of every rank: rank 0 writes them; a traced NaN/Inf joins every rank's
         findings, the earliest first (forward before backward, lower rank first)."""
-        traced = sorted((e for e in events if e.get("event") == "nonfinite_traced"),
-                        key=lambda e: (int(e.get("step", 0)),
-                                       _PHASE_ORDER.get(str(e.get("phase")), 3),
-                                       int(e.get("rank", 0))))
+        traced = sorted(
+            (e for e in events if e.get("event") == "nonfinite_traced"),
+            key=lambda e: (
+                int(e.get("step", 0)),
+                _PHASE_ORDER.get(str(e.get("phase")), 3),
+                int(e.get("rank", 0)),
+            ),
+        )
         for e in [e for e in events if e.get("event") != "nonfinite_traced"] + traced:
             if e.get("event") == "nonfinite_rank":
                 self.bad_ranks[int(e["rank"])] = {"step": e["step"], "in": e["in"]}
@@ -194,8 +218,7 @@ class RankCoordinator:
         then spreads the NaN into every rank's gradients."""
         if not self.bad_ranks:
             return findings
-        own = {r: v for r, v in self.bad_ranks.items() if v["in"] != "gradients"} or \
-            self.bad_ranks
+        own = {r: v for r, v in self.bad_ranks.items() if v["in"] != "gradients"} or self.bad_ranks
         first = min(v["step"] for v in own.values())
         ranks = sorted(r for r, v in own.items() if v["step"] == first)
         for f in findings:
@@ -204,8 +227,10 @@ class RankCoordinator:
             f["evidence"]["ranks"] = {str(r): v for r, v in sorted(self.bad_ranks.items())}
             if "on rank" not in f["message"]:
                 which = ", ".join(map(str, ranks))
-                f["message"] += (f" (first on rank{'s' if len(ranks) > 1 else ''} {which}, "
-                                 f"in its {own[ranks[0]]['in']})")
+                f["message"] += (
+                    f" (first on rank{'s' if len(ranks) > 1 else ''} {which}, "
+                    f"in its {own[ranks[0]]['in']})"
+                )
         return findings
 
     def combine_norms(self, params: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
@@ -216,8 +241,11 @@ class RankCoordinator:
         factors = self._norm_factors.get(key)
         if factors is None:
             size = self.dist.size
-            factors = torch.tensor([1.0 / self._replicas_by_id.get(id(p), size) for p in params],
-                                   dtype=norms.dtype, device=norms.device)
+            factors = torch.tensor(
+                [1.0 / self._replicas_by_id.get(id(p), size) for p in params],
+                dtype=norms.dtype,
+                device=norms.device,
+            )
             if len(self._norm_factors) > 16:
                 self._norm_factors.clear()
             self._norm_factors[key] = factors
@@ -311,13 +339,19 @@ def check_remedies(config: Config, fsdp1: bool, fsdp2: bool) -> None:
         ValueError: ``recycle`` (any sharding), ``clip``/``guard`` on FSDP1, AGC on FSDP2.
     """
     if config.recycle:
-        raise ValueError("recycle=True is not supported with several processes (each rank "
-                         "would re-initialise different units); use swap= instead")
+        raise ValueError(
+            "recycle=True is not supported with several processes (each rank "
+            "would re-initialise different units); use swap= instead"
+        )
     if fsdp1 and (config.clip or config.guard):
         option = f"clip='{config.clip}'" if config.clip else f"guard={config.guard!r}"
-        raise ValueError(f"{option} is not supported on FSDP1 (FullyShardedDataParallel) "
-                         "parameters: use its own clip_grad_norm_ (gradscope records the norms "
-                         "before and after it), or FSDP2 (fully_shard), where it is")
+        raise ValueError(
+            f"{option} is not supported on FSDP1 (FullyShardedDataParallel) "
+            "parameters: use its own clip_grad_norm_ (gradscope records the norms "
+            "before and after it), or FSDP2 (fully_shard), where it is"
+        )
     if fsdp2 and config.clip and config.clip.method == "agc":
-        raise ValueError(f"clip='{config.clip}': AGC is not supported on sharded (FSDP2) "
-                         "parameters; use norm, autoclip or zclip")
+        raise ValueError(
+            f"clip='{config.clip}': AGC is not supported on sharded (FSDP2) "
+            "parameters; use norm, autoclip or zclip"
+        )

@@ -33,8 +33,15 @@ if TYPE_CHECKING:
     from .probes.nonfinite import NonfiniteTracer
     from .remedies.steps import StepRemedies
 
-RUN_COLUMNS = ("loss", "skipped_step", "amp_scale", "guard_skipped", "grad_norm_total_clipped",
-               "clip_coef", "clip_threshold")
+RUN_COLUMNS = (
+    "loss",
+    "skipped_step",
+    "amp_scale",
+    "guard_skipped",
+    "grad_norm_total_clipped",
+    "clip_coef",
+    "clip_threshold",
+)
 """Run-level columns the recorder writes itself (``grad_norm_total`` is derived at flush)."""
 
 Emit = Callable[[Event], None]
@@ -60,9 +67,18 @@ class StepRecorder:
     ``sample_findings`` (the finding-time remedies are on: diagnose at every sampled step).
     """
 
-    def __init__(self, table: LayerTable, config: Config, guard: Guard, on_cpu: bool,
-                 event: Emit, record: Emit, warn: Warn, whole_masks: bool = False,
-                 histograms: bool = False) -> None:
+    def __init__(
+        self,
+        table: LayerTable,
+        config: Config,
+        guard: Guard,
+        on_cpu: bool,
+        event: Emit,
+        record: Emit,
+        warn: Warn,
+        whole_masks: bool = False,
+        histograms: bool = False,
+    ) -> None:
         self.table = table
         self.config = config
         self._guard = guard
@@ -71,14 +87,13 @@ class StepRecorder:
         self._warn = warn
         self.on_cpu = on_cpu
         self.buffer = StepBuffer(config.flush_every)
-        self.grads = GradProbe(self.buffer, "host" if on_cpu else "flagged-only",
-                               histograms=histograms)
+        self.grads = GradProbe(
+            self.buffer, "host" if on_cpu else "flagged-only", histograms=histograms
+        )
         self.weights = WeightProbe(self.buffer, config.update_ratio)
-        self.modules = ModuleProbe(self.buffer, table, config, count_on_host=on_cpu,
-                                   guard=guard)
+        self.modules = ModuleProbe(self.buffer, table, config, count_on_host=on_cpu, guard=guard)
         self.modules.whole_masks = whole_masks
-        self.cols = {name: self.buffer.group(((RUN_LAYER, "run", name),))
-                     for name in RUN_COLUMNS}
+        self.cols = {name: self.buffer.group(((RUN_LAYER, "run", name),)) for name in RUN_COLUMNS}
         self.clock: Clock
         self.flusher: Flusher
         self.tracer: NonfiniteTracer
@@ -131,11 +146,16 @@ class StepRecorder:
             self.flusher.flush()
         elif self.sample_findings and self.clock.sampled(step):
             self.flusher.flush(write=False)  # swap/recycle act on findings: every sample
-        if rem is not None and not self._remedy_warned \
-                and self.clock.mode in ("backward", "manual"):
+        if (
+            rem is not None
+            and not self._remedy_warned
+            and self.clock.mode in ("backward", "manual")
+        ):
             self._remedy_warned = True
-            note = ("clip= and guard= act at optimizer.step(); this loop updates the weights "
-                    "without an optimizer, so they are not applied")
+            note = (
+                "clip= and guard= act at optimizer.step(); this loop updates the weights "
+                "without an optimizer, so they are not applied"
+            )
             self._event(Event.remedy_inactive(note, step))
             self._warn(f"gradscope: {note}")
 
@@ -150,12 +170,14 @@ class StepRecorder:
         if step < 2:
             return
         self._hooks_verified = True
-        note = (f"no forward hook has run in {step + 1} steps: the model's forward passes do "
-                "not go through the watched modules' hooks. Most likely the model was compiled "
-                "and called before watch() (torch.compile ignores hooks added after its first "
-                "call). Activation statistics, the backward signal and the NaN tracer are off "
-                "for this run; gradient statistics are not affected. Call watch() before the "
-                "first call of the compiled model, or torch._dynamo.reset() after watch().")
+        note = (
+            f"no forward hook has run in {step + 1} steps: the model's forward passes do "
+            "not go through the watched modules' hooks. Most likely the model was compiled "
+            "and called before watch() (torch.compile ignores hooks added after its first "
+            "call). Activation statistics, the backward signal and the NaN tracer are off "
+            "for this run; gradient statistics are not affected. Call watch() before the "
+            "first call of the compiled model, or torch._dynamo.reset() after watch()."
+        )
         self._event(Event.hooks_inactive(step, note))
         self._warn(f"gradscope: {note}")
 
@@ -178,10 +200,14 @@ class StepRecorder:
         # clip; what reaches the optimizer is recorded as grad_norm_clipped
         before = [s for s in slots if s.index not in clipped]
         after = [s for s in slots if s.index in clipped]
-        parts = [m for m in (
-            self.grads.record(before, sampled, grad_scale) if before else None,
-            self.grads.record_clipped(after, grad_scale),
-        ) if m is not None]
+        parts = [
+            m
+            for m in (
+                self.grads.record(before, sampled, grad_scale) if before else None,
+                self.grads.record_clipped(after, grad_scale),
+            )
+            if m is not None
+        ]
         if len(parts) < 2:
             return parts[0] if parts else None
         (s1, g1, n1), (s2, g2, n2) = parts
@@ -193,8 +219,9 @@ class StepRecorder:
         rem = self.remedies
         if rem is None:
             return False
-        skip, result = rem.before_step(opt, measured, grad_scale,
-                                       patches.in_scaler_step(opt), self.clock.step)
+        skip, result = rem.before_step(
+            opt, measured, grad_scale, patches.in_scaler_step(opt), self.clock.step
+        )
         if skip:
             self.note_skipped(1.0)
             self.buffer.write_host(self.cols["guard_skipped"].cols[0], 1.0)
@@ -204,9 +231,11 @@ class StepRecorder:
             groups = self.grads.param_groups
             self.buffer.write(groups(slots, "grad_norm_clipped"), result.post)
             self.buffer.write(self.cols["grad_norm_total_clipped"], result.total_post)
-            ratio = torch.where(result.total_pre > 0,
-                                result.total_post / result.total_pre.clamp_min(1e-30),
-                                torch.ones_like(result.total_pre))
+            ratio = torch.where(
+                result.total_pre > 0,
+                result.total_post / result.total_pre.clamp_min(1e-30),
+                torch.ones_like(result.total_pre),
+            )
             self.buffer.write(self.cols["clip_coef"], ratio)
             assert rem.clip is not None
             if rem.clip.per_layer or rem.clip.method == "agc":
@@ -241,8 +270,13 @@ class StepRecorder:
         # a running sum, not a list: a loop that never steps must not grow without bound
         loss = loss.reshape(())  # detached by the backward patch
         tracer = self.tracer
-        if self.on_cpu and tracer.mode != "off" and not tracer.done and \
-                loss.is_floating_point() and not bool(torch.isfinite(loss)):
+        if (
+            self.on_cpu
+            and tracer.mode != "off"
+            and not tracer.done
+            and loss.is_floating_point()
+            and not bool(torch.isfinite(loss))
+        ):
             tracer.flag(self.clock.step)  # free on the CPU: no device to wait for
         self._loss = loss if self._loss is None else self._loss + loss.to(self._loss.dtype)
         self._loss_count += 1
@@ -264,8 +298,7 @@ class StepRecorder:
         self._guard.isolate(TRACER, "tracer-flag", self.tracer.flag, self.clock.step)
 
     # -- the script's own clipping and GradScaler's skipped steps -----------------------------
-    def user_clip(self, params: list[torch.Tensor], function: str,
-                  detail: dict[str, Any]) -> None:
+    def user_clip(self, params: list[torch.Tensor], function: str, detail: dict[str, Any]) -> None:
         """The script clips its own gradients (``clip_grad_norm_`` and co. between
         ``backward()`` and ``step()``): take the gradient statistics now, as its clip sees
         them, so ``grad_norm`` shows an explosion the clip would hide; the norms after its
@@ -298,8 +331,13 @@ class StepRecorder:
             return
         step = self.clock.step
         self.clock.scaler_skipped(optimizer)
-        self._record(Event.skipped_step(step, "GradScaler", "inf/NaN in the scaled gradients; "
-                                        "optimizer.step() was not called"))
+        self._record(
+            Event.skipped_step(
+                step,
+                "GradScaler",
+                "inf/NaN in the scaled gradients; optimizer.step() was not called",
+            )
+        )
 
     # -- the model moved -----------------------------------------------------------------------
     def follow_device(self, on_cpu: bool) -> None:
@@ -317,4 +355,3 @@ class StepRecorder:
         self.weights.release()
         self.buffer.release()
         self._loss = None
-

@@ -20,14 +20,25 @@ LAYER_KINDS = ("param", "module", "run")
 
 PARAM_METRICS = ("grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio")
 MODULE_METRICS = (
-    "act_dead_fraction", "act_saturation", "act_mean", "act_std", "act_nonfinite",
+    "act_dead_fraction",
+    "act_saturation",
+    "act_mean",
+    "act_std",
+    "act_nonfinite",
     "output_grad_norm",
 )
-RUN_METRICS = ("loss", "grad_norm_total", "skipped_step", "amp_scale", "guard_skipped",
-               "grad_norm_total_clipped", "clip_coef", "clip_threshold")
+RUN_METRICS = (
+    "loss",
+    "grad_norm_total",
+    "skipped_step",
+    "amp_scale",
+    "guard_skipped",
+    "grad_norm_total_clipped",
+    "clip_coef",
+    "clip_threshold",
+)
 REMEDY_PARAM_METRICS = ("grad_norm_clipped", "clip_coef", "clip_threshold")
-METRICS = tuple(dict.fromkeys(PARAM_METRICS + REMEDY_PARAM_METRICS + MODULE_METRICS
-                              + RUN_METRICS))
+METRICS = tuple(dict.fromkeys(PARAM_METRICS + REMEDY_PARAM_METRICS + MODULE_METRICS + RUN_METRICS))
 RUN_LAYER = "(run)"
 
 

@@ -105,8 +105,9 @@ def write_text(path: Path, text: str) -> Path:
     for _ in range(100):
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
         try:  # 0o666 less the umask, as open() creates every other file
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                         0o666)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666
+            )
             break
         except FileExistsError:
             continue

@@ -79,8 +79,10 @@ def resolve_script(name: str) -> Target:
     absolute = Path(os.path.abspath(name))
     if path.is_dir():
         if not (path / "__main__.py").is_file():
-            raise TargetError(f"{name}: is a directory without a __main__.py (expected a Python "
-                              "script, or a folder with __main__.py)")
+            raise TargetError(
+                f"{name}: is a directory without a __main__.py (expected a Python "
+                "script, or a folder with __main__.py)"
+            )
         return Target("main", name, absolute)
     if not path.is_file():
         raise TargetError(f"{name}: not a regular file (expected a Python script)")
@@ -99,8 +101,10 @@ def resolve_script(name: str) -> Target:
         with open(path, "rb") as fh:
             code = pkgutil.read_code(fh)
         if code is None:
-            raise TargetError(f"{name}: not bytecode of this Python "
-                              f"({sys.version_info.major}.{sys.version_info.minor})")
+            raise TargetError(
+                f"{name}: not bytecode of this Python "
+                f"({sys.version_info.major}.{sys.version_info.minor})"
+            )
         return Target("script", name, absolute, code)
     if b"\0" in data:
         raise TargetError(f"{name}: not a Python file (it holds binary data)")
@@ -108,9 +112,10 @@ def resolve_script(name: str) -> Target:
         code = compile(data, str(absolute), "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as exc:
         if path.suffix not in SOURCE_SUFFIXES:
-            raise TargetError(f"{name}: not a Python file ({type(exc).__name__}: "
-                              f"{getattr(exc, 'msg', exc)}, line {getattr(exc, 'lineno', '?')})"
-                              ) from None
+            raise TargetError(
+                f"{name}: not a Python file ({type(exc).__name__}: "
+                f"{getattr(exc, 'msg', exc)}, line {getattr(exc, 'lineno', '?')})"
+            ) from None
         code = None  # the script's own syntax error: Python reports it when it runs
     return Target("script", name, absolute, code)
 
@@ -123,8 +128,9 @@ def resolve_module(name: str) -> Target:
         TargetError: No such module, or a package without ``__main__``.
     """
     if not name or any(not part.isidentifier() for part in name.split(".")):
-        raise TargetError(f"-m {name!r}: not a module name (expected dotted identifiers, "
-                          "e.g. 'package.train')")
+        raise TargetError(
+            f"-m {name!r}: not a module name (expected dotted identifiers, e.g. 'package.train')"
+        )
     with _path_first(os.getcwd()):
         try:
             spec = importlib.util.find_spec(name)
@@ -135,11 +141,11 @@ def resolve_module(name: str) -> Target:
         except TargetError:
             raise
         except Exception as exc:  # ImportError, or a parent package that raised
-            raise TargetError(f"-m {name}: cannot be found ({type(exc).__name__}: {exc})"
-                              ) from None
+            raise TargetError(f"-m {name}: cannot be found ({type(exc).__name__}: {exc})") from None
     if spec is None:
-        raise TargetError(f"-m {name}: no module named {name!r} (looked in the working "
-                          "directory and sys.path)")
+        raise TargetError(
+            f"-m {name}: no module named {name!r} (looked in the working directory and sys.path)"
+        )
     return Target("module", name)
 
 
@@ -204,8 +210,18 @@ def launch_workers(nproc: str, run_args: list[str]) -> int:
     the launcher's exit code (128 + the signal, if a signal ended it); SIGTERM is passed on."""
     import subprocess
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", nproc, "-m", "gradscope", "run", *run_args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        nproc,
+        "-m",
+        "gradscope",
+        "run",
+        *run_args,
+    ]
     proc = subprocess.Popen(command)
     restore = None
     if threading.current_thread() is threading.main_thread():
@@ -236,8 +252,11 @@ def finish(outcome: Outcome) -> int:
         raise exc
     if isinstance(exc, Deliberate):  # the guard= remedy stopped the run, as asked: say why
         text = str(exc)
-        print(text if text.startswith("gradscope") else f"gradscope: {text}", file=sys.stderr,
-              flush=True)
+        print(
+            text if text.startswith("gradscope") else f"gradscope: {text}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     sys.excepthook = _trimming(sys.excepthook, outcome.main_globals, outcome.script)
     raise exc
@@ -265,12 +284,18 @@ def _prepare(target: Target, args: list[str]) -> types.ModuleType:
     main.__dict__["__builtins__"] = builtins
     if target.kind == "script":
         assert target.path is not None
-        loader_cls = (importlib.machinery.SourcelessFileLoader
-                      if target.path.suffix in PYC_SUFFIXES
-                      else importlib.machinery.SourceFileLoader)
+        loader_cls = (
+            importlib.machinery.SourcelessFileLoader
+            if target.path.suffix in PYC_SUFFIXES
+            else importlib.machinery.SourceFileLoader
+        )
         main.__dict__.update(
-            __file__=str(target.path), __cached__=None, __package__=None, __spec__=None,
-            __loader__=loader_cls("__main__", str(target.path)), __annotations__={},
+            __file__=str(target.path),
+            __cached__=None,
+            __package__=None,
+            __spec__=None,
+            __loader__=loader_cls("__main__", str(target.path)),
+            __annotations__={},
         )
         sys.argv[:] = [target.name, *args]
         sys.path[0] = os.path.dirname(os.path.realpath(target.path))
@@ -290,8 +315,7 @@ def _execute(target: Target, main: types.ModuleType) -> None:
         code = target.code
         if code is None:  # a syntax error: raise it now, as Python would before running
             assert target.path is not None
-            code = compile(target.path.read_bytes(), str(target.path), "exec",
-                           dont_inherit=True)
+            code = compile(target.path.read_bytes(), str(target.path), "exec", dont_inherit=True)
         exec(code, main.__dict__)
     elif target.kind == "main":
         runpy._run_module_as_main("__main__", alter_argv=False)  # type: ignore[attr-defined]
@@ -310,8 +334,9 @@ def _trimming(hook: Any, main_globals: dict[str, Any], script: Path | None) -> A
         t = tb
         while t is not None and t.tb_frame.f_globals is not main_globals:
             t = t.tb_next
-        if t is None and not (isinstance(value, SyntaxError) and script is not None
-                              and value.filename == str(script)):
+        if t is None and not (
+            isinstance(value, SyntaxError) and script is not None and value.filename == str(script)
+        ):
             t = tb
         t = _without_wrappers(t)
         seen = {id(value)}
@@ -379,8 +404,15 @@ def _on_sigterm(attach: Any, ended: threading.Event) -> Any:
         if os.getpid() == pid and not ended.is_set():  # not in a forked worker
             ended.set()
             with contextlib.suppress(Exception):
-                attach.guard.isolate(EXIT, "signal", attach.guard.call, "signal",
-                                     attach.close, RunStatus.INTERRUPTED, 128 + signal.SIGTERM)
+                attach.guard.isolate(
+                    EXIT,
+                    "signal",
+                    attach.guard.call,
+                    "signal",
+                    attach.close,
+                    RunStatus.INTERRUPTED,
+                    128 + signal.SIGTERM,
+                )
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 

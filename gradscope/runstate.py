@@ -68,8 +68,9 @@ class Progress:
         return f"{self.steps} ({'; '.join(notes)})" if notes else str(self.steps)
 
 
-def progress(meta: dict[str, Any], path: Path, last_step: int, recorded: int,
-             now: float | None = None) -> Progress:
+def progress(
+    meta: dict[str, Any], path: Path, last_step: int, recorded: int, now: float | None = None
+) -> Progress:
     """The run's :class:`Progress` from its (validated) metadata, the last step recorded
     (-1: none) and the number of distinct steps recorded."""
     meta_steps = meta.get("steps")
@@ -82,8 +83,9 @@ def progress(meta: dict[str, Any], path: Path, last_step: int, recorded: int,
         state = "unknown"
     else:
         state, why = _liveness(meta, path, time.time() if now is None else now)
-    return Progress(state, why, steps, recorded,
-                    meta_steps if isinstance(meta_steps, int) else None)
+    return Progress(
+        state, why, steps, recorded, meta_steps if isinstance(meta_steps, int) else None
+    )
 
 
 def _liveness(meta: dict[str, Any], path: Path, now: float) -> tuple[str, str]:
@@ -93,15 +95,19 @@ def _liveness(meta: dict[str, Any], path: Path, now: float) -> tuple[str, str]:
     if isinstance(pid, int) and (host is None or host == socket.gethostname()):
         alive = _pid_alive(pid, meta.get("started"))
         if alive is False:
-            return "did not close", (f"run.json says running, but its process (pid {pid}) is "
-                                     "gone: the run ended without closing (killed?)")
+            return "did not close", (
+                f"run.json says running, but its process (pid {pid}) is "
+                "gone: the run ended without closing (killed?)"
+            )
         if alive:
             return "running", ""
     newest = _newest_mtime(path)
     if newest is not None and now - newest > STALE_SECS:
-        return "did not close", (f"run.json says running, but nothing in the run directory "
-                                 f"changed for {_ago(now - newest)}: the run ended without "
-                                 "closing (killed?), or it hangs")
+        return "did not close", (
+            f"run.json says running, but nothing in the run directory "
+            f"changed for {_ago(now - newest)}: the run ended without "
+            "closing (killed?), or it hangs"
+        )
     return "running", ""
 
 
@@ -120,8 +126,11 @@ def _pid_alive(pid: int, started: Any) -> bool | None:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         if fields[0] in ("Z", "X"):
             return False
-        btime = next(float(line.split()[1]) for line in
-                     Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        btime = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
         born = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
         begun = datetime.strptime(str(started), "%Y-%m-%dT%H:%M:%S%z").timestamp()
         if born > begun + 2.0:

@@ -44,8 +44,10 @@ META_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cwd": (_is_str, "a string"),
     "pid": (lambda v: _is_int(v, 1, 2**31 - 1), "a process id"),
     "config": (lambda v: isinstance(v, dict), "an object"),
-    "models": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-               "an object of strings"),
+    "models": (
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        "an object of strings",
+    ),
     "started": (_or_null(_is_str), "a time"),
     "ended": (_or_null(_is_str), "a time"),
     "status": (lambda v: v in STATUSES, "one of " + ", ".join(STATUSES)),
@@ -113,16 +115,18 @@ class _Tally:
 
     def close(self) -> None:
         if self.count > PER_FILE:
-            self.problems.append(f"{self.source}: {self.count - PER_FILE} more problem(s) "
-                                 "like these")
+            self.problems.append(
+                f"{self.source}: {self.count - PER_FILE} more problem(s) like these"
+            )
         self.count = 0
 
 
 def validate_meta(obj: Any, problems: list[str]) -> dict[str, Any]:
     """run.json's valid part: wrong-typed fields dropped, bad layer entries dropped."""
     if not isinstance(obj, dict):
-        problems.append(f"run.json is {_type_name(obj)}, not a JSON object: no run header, "
-                        "layer order unknown")
+        problems.append(
+            f"run.json is {_type_name(obj)}, not a JSON object: no run header, layer order unknown"
+        )
         return {}
     tally = _Tally(problems, "run.json")
     meta: dict[str, Any] = {}
@@ -194,4 +198,3 @@ def validate_finding(item: Any, where: str, tally: _Tally) -> dict[str, Any] | N
     if issues:
         tally.add(f"{where} ({item['kind']}): {'; '.join(issues)}: repaired")
     return out
-

@@ -57,8 +57,9 @@ _open_scopes: weakref.WeakSet[Scope] = weakref.WeakSet()
 def watched_elsewhere(module: nn.Module, besides: Scope | None = None) -> Scope | None:
     """The open Scope other than ``besides`` that watches ``module``, if any (``gradscope
     run`` leaves a model alone that the script watches itself)."""
-    return next((s for s in list(_open_scopes)
-                 if s is not besides and s._table.contains(module)), None)
+    return next(
+        (s for s in list(_open_scopes) if s is not besides and s._table.contains(module)), None
+    )
 
 
 class Scope:
@@ -100,10 +101,14 @@ class Scope:
         self._ranks = RankCoordinator.create(self._models, self._table, config)
         self._writer = self._ranks is None or self._ranks.writer
         name = config.name or rundir.default_name(label)
-        self.run_dir = rundir.create(config.out, name) if self._ranks is None else \
-            self._ranks.create_run_dir(config, name)
-        self._errors = InternalErrors(self._guard, self.run_dir, config.quiet, self._step_now,
-                                      self._ranks)
+        self.run_dir = (
+            rundir.create(config.out, name)
+            if self._ranks is None
+            else self._ranks.create_run_dir(config, name)
+        )
+        self._errors = InternalErrors(
+            self._guard, self.run_dir, config.quiet, self._step_now, self._ranks
+        )
         self._parts: Parts | None = None
         self._stack = contextlib.ExitStack()
         if self._ranks is not None:
@@ -122,23 +127,43 @@ class Scope:
         out = self._out = Outputs.create(guard, self.run_dir, config, ranks)
         assert self._errors is not None
         self._errors.record = out.record_late
-        self._meta = RunJson(self.run_dir, config, self._launch, self._writer, out.write_meta,
-                             self._models, self._table, ranks)
+        self._meta = RunJson(
+            self.run_dir,
+            config,
+            self._launch,
+            self._writer,
+            out.write_meta,
+            self._models,
+            self._table,
+            ranks,
+        )
         parts = self._parts = build_parts(
-            config, self._table, self._models, optimizers, guard, out, ranks, on_cpu,
+            config,
+            self._table,
+            self._models,
+            optimizers,
+            guard,
+            out,
+            ranks,
+            on_cpu,
             console=FindingPrinter(quiet=config.quiet or not self._writer),
-            after_write=self._meta.due, stack=self._stack,
-            hint=command_line_hint if self._launch is not None else None)
+            after_write=self._meta.due,
+            stack=self._stack,
+            hint=command_line_hint if self._launch is not None else None,
+        )
         self._clock, self._rec, self._flusher = parts.clock, parts.recorder, parts.flusher
         self._tracer, self._remedies = parts.tracer, parts.remedies
         self._meta.follow(parts.clock, parts.recorder.modules.site_names)
         try:
             self._meta.write(RunStatus.RUNNING, strict=True)
         except OSError as exc:
-            raise ValueError(f"out={str(config.out)!r}: cannot write run.json in "
-                             f"{str(self.run_dir)!r} ({exc.strerror or exc})") from None
-        self._stack.callback(patches.add_listener(
-            PatchListener(parts, ranks, lambda: self._closed)))
+            raise ValueError(
+                f"out={str(config.out)!r}: cannot write run.json in "
+                f"{str(self.run_dir)!r} ({exc.strerror or exc})"
+            ) from None
+        self._stack.callback(
+            patches.add_listener(PatchListener(parts, ranks, lambda: self._closed))
+        )
         atexit.register(self._at_exit)
         self._stack.callback(atexit.unregister, self._at_exit)
         _open_scopes.add(self)
@@ -234,8 +259,9 @@ class Scope:
             ValueError: ``record`` is not a dict with a string ``"event"``.
         """
         if not isinstance(record, dict) or not isinstance(record.get("event"), str):
-            raise ValueError(f"add_event: expected a dict with a string 'event' name, got "
-                             f"{record!r:.80}")
+            raise ValueError(
+                f"add_event: expected a dict with a string 'event' name, got {record!r:.80}"
+            )
         if not self._closed:
             self._out.event(record if isinstance(record, Event) else Event.user(record))
 
@@ -336,8 +362,15 @@ class Scope:
         if self.config.report and self._writer:
             guard.call("report", write_report_safely, self.run_dir, self.config.quiet)
         if self._writer:
-            guard.isolate(REPORT, "summary", self._flusher.console.summary, findings,
-                          self._clock.step, self.run_dir, str(status))
+            guard.isolate(
+                REPORT,
+                "summary",
+                self._flusher.console.summary,
+                findings,
+                self._clock.step,
+                self.run_dir,
+                str(status),
+            )
 
     def _at_exit(self) -> None:
         """Interpreter exit with this scope still open (a handle never closed)."""

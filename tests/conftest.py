@@ -59,8 +59,10 @@ def hook_counts(model: torch.nn.Module) -> dict[str, int]:
     counts = {}
     for name, m in model.named_modules():
         counts[name] = (
-            len(m._forward_hooks), len(m._forward_pre_hooks),
-            len(m._backward_hooks), len(m._backward_pre_hooks),
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._backward_hooks),
+            len(m._backward_pre_hooks),
         )
     return counts
 
@@ -84,8 +86,11 @@ def pytest_collection_finish(session):
         return  # paths named on the command line, or only the last failures: a part on purpose
     collected = len(session.items) + _deselected
     if collected < MIN_TESTS:
-        pytest.exit(f"the suite collected {collected} tests, fewer than its {MIN_TESTS} "
-                    "(tests/conftest.py MIN_TESTS): tests went missing", returncode=1)
+        pytest.exit(
+            f"the suite collected {collected} tests, fewer than its {MIN_TESTS} "
+            "(tests/conftest.py MIN_TESTS): tests went missing",
+            returncode=1,
+        )
 
 
 # -- one torch thread per process ----------------------------------------------------------------

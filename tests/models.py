@@ -49,8 +49,15 @@ class TinyTransformer(nn.Module):
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.zeros(1, 12, d))  # owned by the root module
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.1, activation=nn.GELU(),
-                                       batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                d,
+                heads,
+                4 * d,
+                dropout=0.1,
+                activation=nn.GELU(),
+                batch_first=True,
+                norm_first=True,
+            )
             for _ in range(blocks)
         )
         self.norm = nn.LayerNorm(d)

@@ -57,8 +57,9 @@ def test_unit_dead_only_if_dead_for_every_example(out):
 
 
 def test_mean_std_saturation_and_output_grads_match_torch(out):
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 16), nn.Sigmoid(),
-                          nn.Linear(16, 4))
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 16), nn.Sigmoid(), nn.Linear(16, 4)
+    )
     with torch.no_grad():
         model[0].weight.mul_(8)  # push tanh into saturation
     seen = {}
@@ -67,6 +68,7 @@ def test_mean_std_saturation_and_output_grads_match_torch(out):
         def hook(module, args, output):
             output.retain_grad()
             seen[name] = output
+
         return hook
 
     for i in (0, 1, 3):
@@ -218,8 +220,12 @@ def test_layers_in_forward_order_not_definition_order(out):
         model(torch.randn(2, 8)).sum().backward()
     run = scope.load()
     assert [e["name"] for e in run.meta["layers"] if e["kind"] == "module"] == ["early", "late"]
-    assert list(run.wide("grad_norm").columns) == ["early.weight", "early.bias", "late.weight",
-                                                   "late.bias"]
+    assert list(run.wide("grad_norm").columns) == [
+        "early.weight",
+        "early.bias",
+        "late.weight",
+        "late.bias",
+    ]
 
 
 def test_fractions_of_a_step_with_nan_outputs_are_nan_not_zero(out):
@@ -227,8 +233,9 @@ def test_fractions_of_a_step_with_nan_outputs_are_nan_not_zero(out):
     fractions are NaN (the count says why), and the clean steps keep their exact values."""
     model = nn.Sequential(half_dead_linear(), nn.Tanh())
     # no optimizer: each backward pass is a step, and the weights stay as built
-    with gradscope.watch(model, out=out, activation_every=1, quiet=True, step_on="backward",
-                         trace_nonfinite="off") as scope:
+    with gradscope.watch(
+        model, out=out, activation_every=1, quiet=True, step_on="backward", trace_nonfinite="off"
+    ) as scope:
         for i in range(3):
             x = torch.rand(16, 4)
             if i == 1:
@@ -248,8 +255,9 @@ def test_a_loop_without_optimizer_records_activations_at_every_sampled_step(out)
     """Without an optimizer a step is closed by the next backward pass, after the next
     forward already ran: that forward's statistics belong to the next row, not to nobody."""
     model = nn.Sequential(half_dead_linear(), nn.Tanh())
-    with gradscope.watch(model, out=out, activation_every=2, quiet=True,
-                         step_on="backward") as scope:
+    with gradscope.watch(
+        model, out=out, activation_every=2, quiet=True, step_on="backward"
+    ) as scope:
         for _ in range(7):
             model.zero_grad()
             model(torch.rand(16, 4)).sum().backward()

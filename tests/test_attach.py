@@ -62,25 +62,42 @@ def test_the_first_training_forward_finds_the_whole_model_not_evaluation_or_the_
     assert _param_names(run) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert not any("CrossEntropy" in e["type"] for e in run.meta["layers"])
     found = [e for e in run.events if e["event"] == "model_found"]
-    assert found == [{"event": "model_found", "key": "", "type": "Sequential", "step": 0,
-                      "parameters": 123, "trainable": 123}]
+    assert found == [
+        {
+            "event": "model_found",
+            "key": "",
+            "type": "Sequential",
+            "step": 0,
+            "parameters": 123,
+            "trainable": 123,
+        }
+    ]
     # the gradient norms are the real ones
     grads = run.metrics.query("metric == 'grad_norm' and step == 4").set_index("layer")["value"]
-    assert grads["2.bias"] == pytest.approx(float(torch.linalg.vector_norm(model[2].bias.grad)),
-                                            rel=1e-6)
+    assert grads["2.bias"] == pytest.approx(
+        float(torch.linalg.vector_norm(model[2].bias.grad)), rel=1e-6
+    )
 
 
 def test_close_leaves_nothing_behind(out):
-    before = (len(module_globals._global_forward_pre_hooks), nn.Module.compile,
-              len(warnings.filters), torch.save)
+    before = (
+        len(module_globals._global_forward_pre_hooks),
+        nn.Module.compile,
+        len(warnings.filters),
+        torch.save,
+    )
     model = _mlp()
     attach = _attach(out)
     x, y = _data()
     nn.functional.cross_entropy(model(x), y).backward()
     assert attach.scope is not None and patches.installed()
     attach.close("completed", 0)
-    assert (len(module_globals._global_forward_pre_hooks), nn.Module.compile,
-            len(warnings.filters), torch.save) == before
+    assert (
+        len(module_globals._global_forward_pre_hooks),
+        nn.Module.compile,
+        len(warnings.filters),
+        torch.save,
+    ) == before
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
@@ -129,8 +146,12 @@ def test_a_model_assembled_after_its_optimizer_and_a_gan_second_model(out):
     assert run.meta["models"] == {"": "Generator", "Discriminator": "Discriminator"}
     assert run.meta["steps"] == 3  # one step = D's step and G's step
     names = _param_names(run)
-    assert {"0.weight", "2.bias", "Discriminator.body.0.weight",
-            "Discriminator.body.2.bias"} <= names
+    assert {
+        "0.weight",
+        "2.bias",
+        "Discriminator.body.0.weight",
+        "Discriminator.body.2.bias",
+    } <= names
     grads = run.metrics.query("metric == 'grad_norm'")
     assert set(grads["layer"]) == names  # both optimizers' parameters were read
 
@@ -161,8 +182,10 @@ def test_tied_weights_count_once_and_name_both_places(out):
     assert len(params) == 3  # embed.weight (= head.weight), hidden.weight, hidden.bias
 
 
-@pytest.mark.skipif(not compile_keeps_optimizer_hooks(),
-                    reason="torch 2.2's torch.compile strips optimizer step hooks (torch >= 2.3)")
+@pytest.mark.skipif(
+    not compile_keeps_optimizer_hooks(),
+    reason="torch 2.2's torch.compile strips optimizer step hooks (torch >= 2.3)",
+)
 def test_a_compiled_model_is_watched_through_the_original_without_warnings(out):
     model = _mlp()
     compiled = torch.compile(model, backend="eager")
@@ -217,11 +240,13 @@ def test_the_scripts_own_clip_is_seen_before_and_after(out):
     for _ in range(3):
         opt.zero_grad()
         (100 * nn.functional.cross_entropy(model(x), y)).backward()
-        before.append({n: float(torch.linalg.vector_norm(p.grad))
-                       for n, p in model.named_parameters()})
+        before.append(
+            {n: float(torch.linalg.vector_norm(p.grad)) for n, p in model.named_parameters()}
+        )
         total = nn.utils.clip_grad_norm_((p for p in model.parameters()), max_norm=0.5)
-        after.append({n: float(torch.linalg.vector_norm(p.grad))
-                      for n, p in model.named_parameters()})
+        after.append(
+            {n: float(torch.linalg.vector_norm(p.grad)) for n, p in model.named_parameters()}
+        )
         assert float(total) > 0.5
         opt.step()
     run = gradscope.load_run(attach.close("completed", 0))
@@ -265,18 +290,23 @@ def test_torch_save_of_the_whole_model_holds_nothing_of_gradscope(out):
 def test_clipping_records_follow_the_optimizers_parameter_order(out):
     model = _mlp()
     # the optimizer lists the head first: per-layer records must still land on their names
-    opt = torch.optim.SGD([{"params": model[2].parameters()},
-                           {"params": model[0].parameters()}], lr=0.0)
+    opt = torch.optim.SGD(
+        [{"params": model[2].parameters()}, {"params": model[0].parameters()}], lr=0.0
+    )
     x, y = _data()
     loss = 10 * nn.functional.cross_entropy(model(x), y)
-    norms = [float(torch.linalg.vector_norm(g))
-             for g in torch.autograd.grad(loss, list(model.parameters()))]
+    norms = [
+        float(torch.linalg.vector_norm(g))
+        for g in torch.autograd.grad(loss, list(model.parameters()))
+    ]
     limit = sorted(norms)[1] * 1.01  # some are clipped, some are not
     with gradscope.watch(model, out=out, quiet=True, clip=f"norm:{limit},per_layer") as scope:
         opt.zero_grad()
         (10 * nn.functional.cross_entropy(model(x), y)).backward()
-        expected = {n: min(float(torch.linalg.vector_norm(p.grad)), limit)
-                    for n, p in model.named_parameters()}
+        expected = {
+            n: min(float(torch.linalg.vector_norm(p.grad)), limit)
+            for n, p in model.named_parameters()
+        }
         opt.step()
         clipped = {n: float(torch.linalg.vector_norm(p.grad)) for n, p in model.named_parameters()}
     assert clipped == pytest.approx(expected, rel=1e-5)  # the clip itself
@@ -316,8 +346,9 @@ def test_jit_tracing_is_not_training_and_a_traced_model_still_gets_its_gradients
     opt = torch.optim.SGD(traced.parameters(), lr=0.1)
     for _ in range(2):
         opt.zero_grad()
-        nn.functional.cross_entropy(traced(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])
-                                    ).backward()
+        nn.functional.cross_entropy(
+            traced(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])
+        ).backward()
         opt.step()
     run = gradscope.load_run(attach.close("completed", 0))
     assert run.meta["steps"] == 2

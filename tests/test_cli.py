@@ -18,8 +18,9 @@ def test_version():
 
 
 def test_demo_writes_a_run_and_summarises_it(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--steps", "30"],
-                                terminal_width=120)
+    result = CliRunner().invoke(
+        main, ["demo", "--out", str(tmp_path), "--steps", "30"], terminal_width=120
+    )
     assert result.exit_code == 0, result.output
     runs = list(tmp_path.iterdir())
     assert len(runs) == 1 and (runs[0] / "run.json").exists()
@@ -45,16 +46,32 @@ def test_summary_of_a_missing_run_is_a_usage_error(tmp_path):
 def test_demo_bad_out_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "gradscope", "demo", "--out", str(blocker / "r")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradscope", "demo", "--out", str(blocker / "r")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "cannot create the output root" in proc.stderr
 
 
 def test_demo_takes_the_remedy_options(tmp_path):
     result = CliRunner().invoke(
-        main, ["demo", "--out", str(tmp_path), "--steps", "20", "--clip", "norm:0.01,per_layer",
-               "--guard", "--guard-limit", "3"], catch_exceptions=False)
+        main,
+        [
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "20",
+            "--clip",
+            "norm:0.01,per_layer",
+            "--guard",
+            "--guard-limit",
+            "3",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     (run_dir,) = tmp_path.iterdir()
     run = gradscope.load_run(run_dir)
@@ -63,14 +80,17 @@ def test_demo_takes_the_remedy_options(tmp_path):
     assert (run.wide("grad_norm_clipped").to_numpy() <= 0.01 + 1e-6).all()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--clip", "zclp"], "unknown clipping method 'zclp' (did you mean 'zclip'?)"),
-    (["--guard=many"], "--guard 'many': expected no value"),
-    (["--guard", "-2"], "--guard '-2': expected no value"),
-    (["--guard-limit", "0"], "'--guard-limit': 0 is not in the range x>=1"),
-    (["--no-guard", "--guard-limit", "4"], "--no-guard and --guard-limit 4"),
-    (["--swap", "relu->nothing"], "--swap 'relu->nothing': unknown activation 'nothing'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--clip", "zclp"], "unknown clipping method 'zclp' (did you mean 'zclip'?)"),
+        (["--guard=many"], "--guard 'many': expected no value"),
+        (["--guard", "-2"], "--guard '-2': expected no value"),
+        (["--guard-limit", "0"], "'--guard-limit': 0 is not in the range x>=1"),
+        (["--no-guard", "--guard-limit", "4"], "--no-guard and --guard-limit 4"),
+        (["--swap", "relu->nothing"], "--swap 'relu->nothing': unknown activation 'nothing'"),
+    ],
+)
 def test_bad_remedy_option_is_a_one_line_usage_error(tmp_path, args, message):
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), *args])
     assert result.exit_code == 2
@@ -96,8 +116,23 @@ def _run_parse(args, monkeypatch, tmp_path):
 
 
 def test_run_options_end_at_the_script(monkeypatch, tmp_path):
-    result, seen = _run_parse(["--out", "runs", "--clip", "norm:1", "train.py", "--out", "x",
-                               "-m", "--clip", "--", "--help"], monkeypatch, tmp_path)
+    result, seen = _run_parse(
+        [
+            "--out",
+            "runs",
+            "--clip",
+            "norm:1",
+            "train.py",
+            "--out",
+            "x",
+            "-m",
+            "--clip",
+            "--",
+            "--help",
+        ],
+        monkeypatch,
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     assert seen["target"].name == "train.py" and seen["target"].kind == "script"
     assert seen["args"] == ["--out", "x", "-m", "--clip", "--", "--help"]
@@ -119,15 +154,24 @@ def test_run_accepts_a_double_dash_and_python_style_m(monkeypatch, tmp_path):
 
 
 def test_run_config_precedence_file_then_flags(monkeypatch, tmp_path):
-    (tmp_path / "pyproject.toml").write_text(
-        '[tool.gradscope]\nflush_every = 7\nclip = "zclip"\n')
+    (tmp_path / "pyproject.toml").write_text('[tool.gradscope]\nflush_every = 7\nclip = "zclip"\n')
     result, seen = _run_parse(["--flush-every", "9", "train.py"], monkeypatch, tmp_path)
     assert result.exit_code == 0, result.output
     assert seen["config"].flush_every == 9 and seen["config"].clip.method == "zclip"
     (tmp_path / "other.toml").write_text("activation_every = 3\nguard = 4\n")
-    result, seen = _run_parse(["--config", "other.toml", "--quiet", "--threshold",
-                               "dead_fraction=0.6", "--no-tensorboard", "train.py"],
-                              monkeypatch, tmp_path)
+    result, seen = _run_parse(
+        [
+            "--config",
+            "other.toml",
+            "--quiet",
+            "--threshold",
+            "dead_fraction=0.6",
+            "--no-tensorboard",
+            "train.py",
+        ],
+        monkeypatch,
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     cfg = seen["config"]
     assert (cfg.activation_every, cfg.guard, cfg.flush_every) == (3, 4, 100)  # no pyproject
@@ -137,22 +181,30 @@ def test_run_config_precedence_file_then_flags(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "bad.toml: flush_every=0" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.py"], "missing.py: no such file"),
-    (["folder"], "folder: is a directory without a __main__.py"),
-    (["blob.bin"], "blob.bin: not a Python file"),
-    (["notes.txt"], "notes.txt: not a Python file"),
-    (["-m", "no_such_module_here"], "no module named 'no_such_module_here'"),
-    (["-m", "pkg2"], "pkg2: a package without a __main__ module"),
-    (["-m", "1bad"], "not a module name"),
-    (["--guard=many", "train.py"], "--guard 'many': expected no value"),
-    (["--name", "n" * 241, "train.py"], "--name 'nnnnnnnnnnnnnnnnnnnn...nnnnnnnnnn': 241 bytes"),
-    (["--threshold", "dead_fraction=2", "train.py"],
-     "--threshold 'dead_fraction=2': expected a number in (0, 1]"),
-    (["--flush-every", "0", "train.py"], "--flush-every 0: expected an integer >= 1"),
-    ([], "Missing argument 'SCRIPT | -m MODULE'"),
-    (["--guard"], "Missing argument 'SCRIPT | -m MODULE'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.py"], "missing.py: no such file"),
+        (["folder"], "folder: is a directory without a __main__.py"),
+        (["blob.bin"], "blob.bin: not a Python file"),
+        (["notes.txt"], "notes.txt: not a Python file"),
+        (["-m", "no_such_module_here"], "no module named 'no_such_module_here'"),
+        (["-m", "pkg2"], "pkg2: a package without a __main__ module"),
+        (["-m", "1bad"], "not a module name"),
+        (["--guard=many", "train.py"], "--guard 'many': expected no value"),
+        (
+            ["--name", "n" * 241, "train.py"],
+            "--name 'nnnnnnnnnnnnnnnnnnnn...nnnnnnnnnn': 241 bytes",
+        ),
+        (
+            ["--threshold", "dead_fraction=2", "train.py"],
+            "--threshold 'dead_fraction=2': expected a number in (0, 1]",
+        ),
+        (["--flush-every", "0", "train.py"], "--flush-every 0: expected an integer >= 1"),
+        ([], "Missing argument 'SCRIPT | -m MODULE'"),
+        (["--guard"], "Missing argument 'SCRIPT | -m MODULE'"),
+    ],
+)
 def test_run_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "train.py").write_text("print('never')\n")
     (tmp_path / "folder").mkdir()
@@ -160,8 +212,13 @@ def test_run_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "notes.txt").write_text("this is not python (\n")
     (tmp_path / "pkg2").mkdir()
     (tmp_path / "pkg2" / "__init__.py").write_text("")
-    proc = subprocess.run([sys.executable, "-m", "gradscope", "run", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradscope", "run", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
@@ -196,13 +253,15 @@ def test_summary_shows_the_worst_layers_of_a_deep_model(tmp_path):
             opt.zero_grad()
             model(torch.rand(32, 8)).sum().backward()
             opt.step()
-    result = CliRunner().invoke(main, ["summary", str(scope.run_dir), "--top", "5"],
-                                terminal_width=160)
+    result = CliRunner().invoke(
+        main, ["summary", str(scope.run_dir), "--top", "5"], terminal_width=160
+    )
     assert result.exit_code == 0, result.output
     assert "the 5 of 60 layers that most need a look" in result.output
     assert "│ 21 " in result.output or "\n21 " in result.output or " 21 " in result.output
-    everything = CliRunner().invoke(main, ["summary", str(scope.run_dir), "--top", "0"],
-                                    terminal_width=160)
+    everything = CliRunner().invoke(
+        main, ["summary", str(scope.run_dir), "--top", "0"], terminal_width=160
+    )
     assert "most need a look" not in everything.output and "59" in everything.output
 
 
@@ -216,9 +275,12 @@ def test_view_serves_tensorboard_on_the_runs(tmp_path):
     model = nn.Linear(3, 1)
     with gradscope.watch(model, out=tmp_path, name="viewed", quiet=True):
         model(torch.randn(4, 3)).sum().backward()
-    proc = subprocess.Popen([sys.executable, "-m", "gradscope", "view", str(tmp_path / "viewed"),
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradscope", "view", str(tmp_path / "viewed"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("TensorBoard on http://localhost:"), line + proc.stderr.read()
@@ -228,24 +290,31 @@ def test_view_serves_tensorboard_on_the_runs(tmp_path):
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
-    bad = subprocess.run([sys.executable, "-m", "gradscope", "view", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gradscope", "view", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "no tb/ folder" in bad.stderr
 
 
 # -- --guard is a flag; its limit is --guard-limit (the older --guard N still parses) -------------
-@pytest.mark.parametrize("args, guard, script_args", [
-    (["--guard", "train.py", "--lr", "1"], 10, ["--lr", "1"]),  # guard=True: 10 in a row
-    (["--guard", "--guard-limit", "4", "train.py"], 4, []),
-    (["--guard-limit", "4", "train.py"], 4, []),
-    (["--guard", "--", "train.py", "3"], 10, ["3"]),
-    (["--guard", "3", "train.py"], 3, []),  # the older spellings
-    (["--guard=5", "train.py"], 5, []),
-    (["--guard", "true", "train.py"], 10, []),
-    (["--guard", "FALSE", "train.py"], 0, []),
-    (["--guard", "0", "train.py"], 0, []),
-    (["train.py", "--guard", "3"], 0, ["--guard", "3"]),  # after the script: the script's
-])
+@pytest.mark.parametrize(
+    "args, guard, script_args",
+    [
+        (["--guard", "train.py", "--lr", "1"], 10, ["--lr", "1"]),  # guard=True: 10 in a row
+        (["--guard", "--guard-limit", "4", "train.py"], 4, []),
+        (["--guard-limit", "4", "train.py"], 4, []),
+        (["--guard", "--", "train.py", "3"], 10, ["3"]),
+        (["--guard", "3", "train.py"], 3, []),  # the older spellings
+        (["--guard=5", "train.py"], 5, []),
+        (["--guard", "true", "train.py"], 10, []),
+        (["--guard", "FALSE", "train.py"], 0, []),
+        (["--guard", "0", "train.py"], 0, []),
+        (["train.py", "--guard", "3"], 0, ["--guard", "3"]),  # after the script: the script's
+    ],
+)
 def test_run_guard_spellings(monkeypatch, tmp_path, args, guard, script_args):
     result, seen = _run_parse(args, monkeypatch, tmp_path)
     assert result.exit_code == 0, result.output
@@ -263,12 +332,20 @@ def test_run_no_guard_overrides_the_project_table(monkeypatch, tmp_path):
     assert result.exit_code == 0 and seen["config"].guard == 2
 
 
-@pytest.mark.parametrize("args, max_skips", [
-    ([], 0), (["--guard"], 10), (["--guard", "--steps", "5"], 10),
-    (["--steps", "5", "--guard"], 10),
-    (["--guard-limit", "3"], 3), (["--guard", "3"], 3), (["--guard=2"], 2),
-    (["--guard", "off"], 0), (["--no-guard"], 0),
-])
+@pytest.mark.parametrize(
+    "args, max_skips",
+    [
+        ([], 0),
+        (["--guard"], 10),
+        (["--guard", "--steps", "5"], 10),
+        (["--steps", "5", "--guard"], 10),
+        (["--guard-limit", "3"], 3),
+        (["--guard", "3"], 3),
+        (["--guard=2"], 2),
+        (["--guard", "off"], 0),
+        (["--no-guard"], 0),
+    ],
+)
 def test_demo_guard_spellings(args, max_skips):
     from gradscope.cli import demo, remedy_config
 
@@ -288,9 +365,13 @@ def test_run_guard_flag_runs_the_script_watched(tmp_path):
         "    opt.zero_grad(); model(torch.ones(4, 2)).sum().backward(); opt.step()\n"
         "print('trained')\n"
     )
-    proc = subprocess.run([sys.executable, "-m", "gradscope", "run", "--guard", "--name", "g",
-                           "--quiet", "train.py"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradscope", "run", "--guard", "--name", "g", "--quiet", "train.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "trained\n"
     run = gradscope.load_run(tmp_path / "reports" / "g")
@@ -300,7 +381,8 @@ def test_run_guard_flag_runs_the_script_watched(tmp_path):
 # -- thresholds and names are checked before the script starts ---------------------------------
 def test_run_threshold_flags_override_one_threshold_of_the_project_table(monkeypatch, tmp_path):
     (tmp_path / "pyproject.toml").write_text(
-        "[tool.gradscope]\nthresholds = { dead_fraction = 0.6, patience = 4 }\n")
+        "[tool.gradscope]\nthresholds = { dead_fraction = 0.6, patience = 4 }\n"
+    )
     result, seen = _run_parse(["--threshold", "patience=2", "train.py"], monkeypatch, tmp_path)
     assert result.exit_code == 0, result.output
     t = seen["config"].thresholds
@@ -308,29 +390,43 @@ def test_run_threshold_flags_override_one_threshold_of_the_project_table(monkeyp
 
 
 def test_run_thresholds_are_parsed_as_their_type(monkeypatch, tmp_path):
-    result, seen = _run_parse(["--threshold", "patience=5", "--threshold", "dead_fraction=1",
-                               "--threshold", "merge_gap=0", "train.py"], monkeypatch, tmp_path)
+    result, seen = _run_parse(
+        [
+            "--threshold",
+            "patience=5",
+            "--threshold",
+            "dead_fraction=1",
+            "--threshold",
+            "merge_gap=0",
+            "train.py",
+        ],
+        monkeypatch,
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     t = seen["config"].thresholds
     assert (t.patience, t.dead_fraction, t.merge_gap) == (5, 1.0, 0)
     assert type(t.patience) is int and type(t.dead_fraction) is float
 
 
-@pytest.mark.parametrize("pair, message", [
-    ("dead_fraction=2", "--threshold 'dead_fraction=2': expected a number in (0, 1]"),
-    ("dead_fraction=0", "--threshold 'dead_fraction=0': expected a number in (0, 1]"),
-    ("saturation_fraction=1.5", "expected a number in (0, 1]"),
-    ("spike_ratio=0.5", "--threshold 'spike_ratio=0.5': expected a number >= 1"),
-    ("depth_explode_ratio=1", "expected a number > 1"),
-    ("depth_vanish_ratio=1", "--threshold 'depth_vanish_ratio=1': expected a number in (0, 1)"),
-    ("update_low=0", "expected a number > 0"),
-    ("update_warmup=-1", "--threshold 'update_warmup=-1': expected an integer >= 0"),
-    ("patience=2.5", "--threshold 'patience=2.5': expected an integer >= 1"),
-    ("loss_spike_z=nan", "--threshold 'loss_spike_z=nan': expected a number > 0"),
-    ("dead_fracton=0.5", "unknown name 'dead_fracton' (did you mean 'dead_fraction'?)"),
-    ("dead_fraction", "--threshold 'dead_fraction': expected NAME=NUMBER"),
-    ("update_low=0.5", "--threshold: update_low=0.5 is not below update_high=0.1"),
-])
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("dead_fraction=2", "--threshold 'dead_fraction=2': expected a number in (0, 1]"),
+        ("dead_fraction=0", "--threshold 'dead_fraction=0': expected a number in (0, 1]"),
+        ("saturation_fraction=1.5", "expected a number in (0, 1]"),
+        ("spike_ratio=0.5", "--threshold 'spike_ratio=0.5': expected a number >= 1"),
+        ("depth_explode_ratio=1", "expected a number > 1"),
+        ("depth_vanish_ratio=1", "--threshold 'depth_vanish_ratio=1': expected a number in (0, 1)"),
+        ("update_low=0", "expected a number > 0"),
+        ("update_warmup=-1", "--threshold 'update_warmup=-1': expected an integer >= 0"),
+        ("patience=2.5", "--threshold 'patience=2.5': expected an integer >= 1"),
+        ("loss_spike_z=nan", "--threshold 'loss_spike_z=nan': expected a number > 0"),
+        ("dead_fracton=0.5", "unknown name 'dead_fracton' (did you mean 'dead_fraction'?)"),
+        ("dead_fraction", "--threshold 'dead_fraction': expected NAME=NUMBER"),
+        ("update_low=0.5", "--threshold: update_low=0.5 is not below update_high=0.1"),
+    ],
+)
 def test_run_threshold_out_of_range_is_a_usage_error(monkeypatch, tmp_path, pair, message):
     result, seen = _run_parse(["--threshold", pair, "train.py"], monkeypatch, tmp_path)
     assert result.exit_code == 2 and not seen
@@ -378,9 +474,13 @@ def test_view_serves_runs_whose_names_have_commas_and_colons(tmp_path):
     assert [r.name for r in runs] == names
     temp = tmp_path / "temp"
     temp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "gradscope", "view", *map(str, runs),
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "TMPDIR": str(temp)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradscope", "view", *map(str, runs), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("TensorBoard on http://localhost:"), line + proc.stderr.read()

@@ -51,8 +51,9 @@ class FakeRecorder:
 
     def record_grads(self, slots, grad_scale=None, known_nonfinite=False, at_backward=False):
         self._measured += 1
-        self.calls.append(("record_grads", tuple(s.name for s in slots), grad_scale,
-                           known_nonfinite, at_backward))
+        self.calls.append(
+            ("record_grads", tuple(s.name for s in slots), grad_scale, known_nonfinite, at_backward)
+        )
         return f"m{self._measured}"  # what before_update must be handed back
 
     def before_update(self, opt, measured, grad_scale):
@@ -100,8 +101,12 @@ def _clock(step_on="optimizer", every=1, update_every=1, explicit=(), models=Non
 
 def _commit(next_sampled: bool, end_window: bool = True) -> list[tuple]:
     """What closing a step asks of the recorder (``next_sampled``: the next step's sampling)."""
-    return [("update_weights",), *([("end_window",)] if end_window else []),
-            ("commit_row",), ("set_sampling", next_sampled)]
+    return [
+        ("update_weights",),
+        *([("end_window",)] if end_window else []),
+        ("commit_row",),
+        ("set_sampling", next_sampled),
+    ]
 
 
 def _sgd(model: nn.Module) -> torch.optim.Optimizer:
@@ -132,8 +137,11 @@ def test_one_optimizer_three_steps():
         clock.optimizer_post(opt)
         assert not clock.in_optimizer_step
         # every=3: activation statistics on steps 0 and 3
-        assert rec.take() == [("after_update", opt), ("update_weights",),
-                              *_commit(next_sampled=k + 1 == 3)]
+        assert rec.take() == [
+            ("after_update", opt),
+            ("update_weights",),
+            *_commit(next_sampled=k + 1 == 3),
+        ]
         assert (clock.step, clock.row_open) == (k + 1, False)
     assert clock.optimizers() == [opt]
 
@@ -149,13 +157,17 @@ def test_gradient_accumulation_is_one_step_with_grads_read_at_the_optimizer():
     clock.optimizer_post(opt)
     assert rec.take() == [
         ("open_row", 0),
-        ("note_loss", 0.0), ("end_window",),
-        ("note_loss", 1.0), ("end_window",),
-        ("note_loss", 2.0), ("end_window",),
+        ("note_loss", 0.0),
+        ("end_window",),
+        ("note_loss", 1.0),
+        ("end_window",),
+        ("note_loss", 2.0),
+        ("end_window",),
         ("record_grads", ALL, None, False, False),
         ("before_update", opt, "m1", None),
         ("snapshot_weights", ALL),
-        ("after_update", opt), ("update_weights",),
+        ("after_update", opt),
+        ("update_weights",),
         *_commit(True),
     ]
     assert clock.step == 1
@@ -185,14 +197,21 @@ def test_auto_mode_accumulation_reads_at_backward_until_the_first_optimizer_step
     clock.optimizer_post(opt)
     assert rec.take() == [
         ("open_row", 0),
-        ("note_loss", losses[0]), ("record_grads", ALL, None, False, True),
-        ("snapshot_weights", ALL), ("end_window",),
-        ("note_loss", losses[1]), ("record_grads", ALL, None, False, True), ("end_window",),
-        ("note_loss", losses[2]), ("record_grads", ALL, None, False, True), ("end_window",),
+        ("note_loss", losses[0]),
+        ("record_grads", ALL, None, False, True),
+        ("snapshot_weights", ALL),
+        ("end_window",),
+        ("note_loss", losses[1]),
+        ("record_grads", ALL, None, False, True),
+        ("end_window",),
+        ("note_loss", losses[2]),
+        ("record_grads", ALL, None, False, True),
+        ("end_window",),
         ("record_grads", ALL, None, False, False),
         ("before_update", opt, "m4", None),
         ("snapshot_weights", ALL),
-        ("after_update", opt), ("update_weights",),
+        ("after_update", opt),
+        ("update_weights",),
         *_commit(True),
     ]
     assert (clock.mode, clock.step) == ("optimizer", 1)
@@ -205,13 +224,17 @@ def test_auto_mode_accumulation_reads_at_backward_until_the_first_optimizer_step
     clock.optimizer_post(opt)
     assert rec.take() == [
         ("open_row", 1),
-        ("note_loss", losses[0]), ("end_window",),
-        ("note_loss", losses[1]), ("end_window",),
-        ("note_loss", losses[2]), ("end_window",),
+        ("note_loss", losses[0]),
+        ("end_window",),
+        ("note_loss", losses[1]),
+        ("end_window",),
+        ("note_loss", losses[2]),
+        ("end_window",),
         ("record_grads", ALL, None, False, False),
         ("before_update", opt, "m5", None),
         ("snapshot_weights", ALL),
-        ("after_update", opt), ("update_weights",),
+        ("after_update", opt),
+        ("update_weights",),
         *_commit(True),
     ]
 
@@ -232,10 +255,15 @@ def test_two_optimizers_a_gan_discovers_the_second_and_reopens_the_step():
     clock.optimizer_post(opt_d)
     # only D is known: its step looks complete
     assert rec.take() == [
-        ("open_row", 0), ("note_loss", 1.0), ("end_window",),
-        ("record_grads", D, None, False, False), ("before_update", opt_d, "m1", None),
+        ("open_row", 0),
+        ("note_loss", 1.0),
+        ("end_window",),
+        ("record_grads", D, None, False, False),
+        ("before_update", opt_d, "m1", None),
         ("snapshot_weights", D),
-        ("after_update", opt_d), ("update_weights",), *_commit(True),
+        ("after_update", opt_d),
+        ("update_weights",),
+        *_commit(True),
     ]
     assert (clock.step, clock.row_open) == (1, False)
 
@@ -244,8 +272,10 @@ def test_two_optimizers_a_gan_discovers_the_second_and_reopens_the_step():
     clock.optimizer_pre(opt_g, False)
     # G shows up right after D ended the step: step 0 was not complete; row 1 is dropped
     assert rec.take() == [
-        ("reopen_row", 0, True), ("set_sampling", True),
-        ("record_grads", G, None, False, False), ("before_update", opt_g, "m2", None),
+        ("reopen_row", 0, True),
+        ("set_sampling", True),
+        ("record_grads", G, None, False, False),
+        ("before_update", opt_g, "m2", None),
         ("snapshot_weights", G),
     ]
     assert (clock.step, clock.row_open) == (0, True)
@@ -258,20 +288,28 @@ def test_two_optimizers_a_gan_discovers_the_second_and_reopens_the_step():
     clock.optimizer_pre(opt_d, False)
     clock.optimizer_post(opt_d)
     assert rec.take() == [
-        ("open_row", 1), ("note_loss", 3.0), ("end_window",),
-        ("record_grads", D, None, False, False), ("before_update", opt_d, "m3", None),
+        ("open_row", 1),
+        ("note_loss", 3.0),
+        ("end_window",),
+        ("record_grads", D, None, False, False),
+        ("before_update", opt_d, "m3", None),
         ("snapshot_weights", D),
-        ("after_update", opt_d), ("update_weights",),  # not complete: G has not stepped
+        ("after_update", opt_d),
+        ("update_weights",),  # not complete: G has not stepped
     ]
     assert (clock.step, clock.row_open) == (1, True)
     clock.after_backward(torch.tensor(4.0))
     clock.optimizer_pre(opt_g, False)
     clock.optimizer_post(opt_g)
     assert rec.take() == [
-        ("note_loss", 4.0), ("end_window",),  # the same row
-        ("record_grads", G, None, False, False), ("before_update", opt_g, "m4", None),
+        ("note_loss", 4.0),
+        ("end_window",),  # the same row
+        ("record_grads", G, None, False, False),
+        ("before_update", opt_g, "m4", None),
         ("snapshot_weights", G),
-        ("after_update", opt_g), ("update_weights",), *_commit(True),
+        ("after_update", opt_g),
+        ("update_weights",),
+        *_commit(True),
     ]
     assert clock.step == 2
     assert clock.optimizers() == [opt_d, opt_g]
@@ -284,9 +322,12 @@ def test_two_optimizers_a_gan_discovers_the_second_and_reopens_the_step():
     clock.after_backward(torch.tensor(6.0))
     clock.optimizer_pre(opt_d, False)
     assert rec.take() == [
-        ("note_loss", 6.0), ("end_window",),
-        *_commit(True), ("open_row", 3),
-        ("record_grads", D, None, False, False), ("before_update", opt_d, "m6", None),
+        ("note_loss", 6.0),
+        ("end_window",),
+        *_commit(True),
+        ("open_row", 3),
+        ("record_grads", D, None, False, False),
+        ("before_update", opt_d, "m6", None),
         ("snapshot_weights", D),
     ]
     assert clock.step == 3
@@ -320,7 +361,8 @@ def test_a_fused_optimizer_under_gradscaler_hands_over_its_scale_and_found_inf()
     clock.after_backward(None)
     clock.optimizer_pre(opt, False)
     assert rec.take() == [
-        ("open_row", 0), ("end_window",),  # no loss given: none noted
+        ("open_row", 0),
+        ("end_window",),  # no loss given: none noted
         ("record_grads", ALL, opt.grad_scale, False, False),
         ("note_skipped", opt.found_inf),
         ("before_update", opt, "m1", opt.grad_scale),
@@ -336,9 +378,14 @@ def test_a_step_a_remedy_skips_takes_no_weight_snapshot():
     clock.optimizer_pre(opt, False)
     clock.optimizer_post(opt)
     assert rec.take() == [
-        ("open_row", 0), ("note_loss", 1.0), ("end_window",),
-        ("record_grads", ALL, None, False, False), ("before_update", opt, "m1", None),
-        ("after_update", opt), ("update_weights",), *_commit(True),
+        ("open_row", 0),
+        ("note_loss", 1.0),
+        ("end_window",),
+        ("record_grads", ALL, None, False, False),
+        ("before_update", opt, "m1", None),
+        ("after_update", opt),
+        ("update_weights",),
+        *_commit(True),
     ]
 
 
@@ -418,9 +465,12 @@ def test_a_closure_step_a_remedy_skips_cancels_the_weight_snapshot():
     clock.optimizer_pre(opt, True)
     clock.after_backward(torch.tensor(1.0))
     assert rec.take() == [
-        ("open_row", 0), ("snapshot_weights", ALL),
-        ("record_grads", ALL, None, False, True), ("before_update", opt, "m1", None),
-        ("cancel_weights",), ("note_loss", 1.0),
+        ("open_row", 0),
+        ("snapshot_weights", ALL),
+        ("record_grads", ALL, None, False, True),
+        ("before_update", opt, "m1", None),
+        ("cancel_weights",),
+        ("note_loss", 1.0),
     ]
 
 
@@ -431,9 +481,12 @@ def test_a_closure_that_never_runs_backward_has_its_grads_read_after_the_step():
     clock.optimizer_pre(opt, True)
     clock.optimizer_post(opt)
     assert rec.take() == [
-        ("open_row", 0), ("snapshot_weights", ALL),
+        ("open_row", 0),
+        ("snapshot_weights", ALL),
         ("record_grads", ALL, None, False, False),
-        ("after_update", opt), ("update_weights",), *_commit(True),
+        ("after_update", opt),
+        ("update_weights",),
+        *_commit(True),
     ]
 
 
@@ -465,8 +518,9 @@ def test_a_real_lbfgs_step_takes_the_first_closure_evaluation_only():
     assert len(losses) > 1  # the closure ran several times
     calls = rec.take()
     assert [c for c in calls if c[0] == "note_loss"] == [("note_loss", losses[0])]
-    assert [c for c in calls if c[0] == "record_grads"] == [("record_grads", ALL, None, False,
-                                                             True)]
+    assert [c for c in calls if c[0] == "record_grads"] == [
+        ("record_grads", ALL, None, False, True)
+    ]
     assert calls.count(("commit_row",)) == 1
     assert (clock.mode, clock.step) == ("optimizer", 1)
 
@@ -494,10 +548,14 @@ def test_a_step_gradscaler_skips_is_noted_and_measures_no_update():
     clock.optimizer_pre(opt, False)
     clock.optimizer_post(opt)
     assert rec.take() == [
-        ("open_row", 1), ("note_scale", 32768.0),
-        ("record_grads", ALL, None, False, False), ("before_update", opt, "m3", None),
+        ("open_row", 1),
+        ("note_scale", 32768.0),
+        ("record_grads", ALL, None, False, False),
+        ("before_update", opt, "m3", None),
         ("snapshot_weights", ALL),
-        ("after_update", opt), ("update_weights",), *_commit(True),
+        ("after_update", opt),
+        ("update_weights",),
+        *_commit(True),
     ]
 
 
@@ -508,8 +566,10 @@ def test_backward_mode_each_backward_pass_is_a_step_closed_lazily():
     clock.before_backward()
     clock.after_backward(torch.tensor(1.0))
     assert rec.take() == [
-        ("open_row", 0), ("note_loss", 1.0),
-        ("record_grads", ALL, None, False, True), ("snapshot_weights", ALL),
+        ("open_row", 0),
+        ("note_loss", 1.0),
+        ("record_grads", ALL, None, False, True),
+        ("snapshot_weights", ALL),
         ("end_window",),
         ("set_sampling", False),  # the next forward is step 1's: not sampled (every=2)
     ]
@@ -520,17 +580,22 @@ def test_backward_mode_each_backward_pass_is_a_step_closed_lazily():
     # step 0 closes now, after the hand-written update; the forward just run is step 1's
     assert rec.take() == [
         *_commit(False, end_window=False),
-        ("open_row", 1), ("note_loss", 2.0),
+        ("open_row", 1),
+        ("note_loss", 2.0),
         ("record_grads", ALL, None, False, True),  # step 1: no snapshot (update_every=2)
-        ("end_window",), ("set_sampling", True),
+        ("end_window",),
+        ("set_sampling", True),
     ]
     clock.before_backward()
     clock.after_backward(torch.tensor(3.0))
     assert rec.take() == [
         *_commit(True, end_window=False),
-        ("open_row", 2), ("note_loss", 3.0),
-        ("record_grads", ALL, None, False, True), ("snapshot_weights", ALL),
-        ("end_window",), ("set_sampling", False),
+        ("open_row", 2),
+        ("note_loss", 3.0),
+        ("record_grads", ALL, None, False, True),
+        ("snapshot_weights", ALL),
+        ("end_window",),
+        ("set_sampling", False),
     ]
     assert clock.step == 2
 
@@ -582,8 +647,11 @@ def test_auto_mode_switches_to_backward_on_evidence_of_an_update(update):
     clock, rec = _clock("auto", models={"": model})
     loss0 = _backward(clock, model, 0)
     assert rec.take() == [
-        ("open_row", 0), ("note_loss", loss0),
-        ("record_grads", ALL, None, False, True), ("snapshot_weights", ALL), ("end_window",),
+        ("open_row", 0),
+        ("note_loss", loss0),
+        ("record_grads", ALL, None, False, True),
+        ("snapshot_weights", ALL),
+        ("end_window",),
     ]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     update(model)
@@ -593,14 +661,20 @@ def test_auto_mode_switches_to_backward_on_evidence_of_an_update(update):
     assert clock.mode == "backward"
     assert rec.take() == [
         *_commit(True, end_window=False),
-        ("open_row", 1), ("note_loss", loss1),
-        ("record_grads", ALL, None, False, True), ("snapshot_weights", ALL),
-        ("end_window",), ("set_sampling", True),
+        ("open_row", 1),
+        ("note_loss", loss1),
+        ("record_grads", ALL, None, False, True),
+        ("snapshot_weights", ALL),
+        ("end_window",),
+        ("set_sampling", True),
     ]
     update(model)
     loss2 = _backward(clock, model, 2)
-    assert rec.take()[:5] == [*_commit(True, end_window=False), ("open_row", 2),
-                              ("note_loss", loss2)]
+    assert rec.take()[:5] == [
+        *_commit(True, end_window=False),
+        ("open_row", 2),
+        ("note_loss", loss2),
+    ]
     assert clock.step == 2
     clock.finish()  # backward mode: the last step is complete
     assert rec.take() == _commit(True)
@@ -657,10 +731,16 @@ def test_manual_step_ends_steps_only_there():
     losses.append(_backward(clock, model, 2))
     assert rec.take() == [
         ("open_row", 1),
-        ("note_loss", losses[0]), ("record_grads", ALL, None, False, True),
-        ("snapshot_weights", ALL), ("end_window",),
-        ("note_loss", losses[1]), ("record_grads", ALL, None, False, True), ("end_window",),
-        ("note_loss", losses[2]), ("record_grads", ALL, None, False, True), ("end_window",),
+        ("note_loss", losses[0]),
+        ("record_grads", ALL, None, False, True),
+        ("snapshot_weights", ALL),
+        ("end_window",),
+        ("note_loss", losses[1]),
+        ("record_grads", ALL, None, False, True),
+        ("end_window",),
+        ("note_loss", losses[2]),
+        ("record_grads", ALL, None, False, True),
+        ("end_window",),
     ]
     assert (clock.mode, clock.step) == ("manual", 1)
 
@@ -669,8 +749,11 @@ def test_manual_step_ends_steps_only_there():
     clock.optimizer_pre(opt, False)
     clock.optimizer_post(opt)
     assert rec.take() == [
-        ("record_grads", ALL, None, False, False), ("before_update", opt, "m4", None),
-        ("snapshot_weights", ALL), ("after_update", opt), ("update_weights",),
+        ("record_grads", ALL, None, False, False),
+        ("before_update", opt, "m4", None),
+        ("snapshot_weights", ALL),
+        ("after_update", opt),
+        ("update_weights",),
     ]
     assert (clock.mode, clock.step, clock.row_open) == ("manual", 1, True)
     loss = _backward(clock, model, 3)  # an optimizer is known now: no read at backward

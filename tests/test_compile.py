@@ -10,9 +10,13 @@ import gradscope
 
 from models import batch, compile_keeps_optimizer_hooks, mlp, train
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not compile_keeps_optimizer_hooks(),
-    reason="torch 2.2's torch.compile strips optimizer step hooks process-wide (torch >= 2.3)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not compile_keeps_optimizer_hooks(),
+        reason="torch 2.2's torch.compile strips optimizer step hooks process-wide (torch >= 2.3)",
+    ),
+]
 
 
 def _run(out, compile_when, steps=4):
@@ -32,13 +36,21 @@ def _run(out, compile_when, steps=4):
     return scope.load()
 
 
-@pytest.mark.parametrize("compile_when", [
-    "before", "after",
-    # dynamo, tracing the hooks of an in-place compiled module on their own, reads .grad of a
-    # non-leaf tensor and warns (torch's own warning, inside dynamo): not gradscope's to fix
-    pytest.param("inplace", marks=pytest.mark.filterwarnings(
-        "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")),
-])
+@pytest.mark.parametrize(
+    "compile_when",
+    [
+        "before",
+        "after",
+        # dynamo, tracing the hooks of an in-place compiled module on their own, reads .grad of a
+        # non-leaf tensor and warns (torch's own warning, inside dynamo): not gradscope's to fix
+        pytest.param(
+            "inplace",
+            marks=pytest.mark.filterwarnings(
+                "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
+            ),
+        ),
+    ],
+)
 def test_compiled_records_match_eager(out, compile_when):
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -85,8 +97,7 @@ def _late_watch(out, reset):
 def test_hooks_added_after_the_first_compiled_call_are_reported_not_trusted(out):
     with pytest.warns(RuntimeWarning, match="no forward hook has run in 3 steps"):
         run = _late_watch(out / "late", reset=False)
-    assert [e["event"] for e in run.events if e["event"] == "hooks_inactive"] == [
-        "hooks_inactive"]
+    assert [e["event"] for e in run.events if e["event"] == "hooks_inactive"] == ["hooks_inactive"]
     assert "act_mean" not in set(run.metrics["metric"])  # nothing measured, nothing invented
     assert run.meta["steps"] == 4 and "grad_norm" in set(run.metrics["metric"])
     fixed = _late_watch(out / "reset", reset=True)  # no warning (warnings are errors here)

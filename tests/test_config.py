@@ -70,7 +70,7 @@ def test_type_matches_classes_and_names_in_the_mro():
 def test_pyproject_table_sets_project_defaults_and_keywords_win(tmp_path, monkeypatch):
     (tmp_path / "pyproject.toml").write_text(
         '[project]\nname = "x"\n\n[tool.gradscope]\nout = "runs"\nclip = "zclip:z=3"\n'
-        'guard = 4\nthresholds = { dead_fraction = 0.6 }\n'
+        "guard = 4\nthresholds = { dead_fraction = 0.6 }\n"
     )
     work = tmp_path / "src" / "pkg"
     work.mkdir(parents=True)
@@ -92,22 +92,28 @@ def test_bad_pyproject_option_names_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"pyproject\.toml \[tool\.gradscope\]: clip='zclp'"):
         gradscope.watch(nn.Linear(2, 2))
-    (tmp_path / "pyproject.toml").write_text('[tool.gradscope]\nflush_evry = 3\n')
+    (tmp_path / "pyproject.toml").write_text("[tool.gradscope]\nflush_evry = 3\n")
     with pytest.raises(TypeError, match="did you mean 'flush_every'"):
         gradscope.watch(nn.Linear(2, 2))
-    (tmp_path / "pyproject.toml").write_text('[tool.gradscope\n')
+    (tmp_path / "pyproject.toml").write_text("[tool.gradscope\n")
     with pytest.raises(ValueError, match="cannot read"):
         gradscope.watch(nn.Linear(2, 2))
     assert [p.name for p in tmp_path.iterdir()] == ["pyproject.toml"]
 
 
 # -- run names: one directory name the file system can create ----------------------------------
-@pytest.mark.parametrize(("name", "message"), [
-    ("a" * 241, "name='aaaaaaaaaaaaaaaaaaaa...aaaaaaaaaa': 241 bytes long in the file system "
-                "encoding (utf-8); expected at most 240"),
-    ("€" * 81, "243 bytes long"),  # 3 bytes each in UTF-8
-    ("a\ud800", "not encodable in the file system encoding"),
-])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "a" * 241,
+            "name='aaaaaaaaaaaaaaaaaaaa...aaaaaaaaaa': 241 bytes long in the file system "
+            "encoding (utf-8); expected at most 240",
+        ),
+        ("€" * 81, "243 bytes long"),  # 3 bytes each in UTF-8
+        ("a\ud800", "not encodable in the file system encoding"),
+    ],
+)
 def test_names_that_no_file_system_stores_are_refused(out, name, message):
     import sys
 
@@ -130,46 +136,68 @@ def test_the_longest_name_leaves_room_for_a_suffix(out):
 
 
 # -- thresholds: each within the range its rule can use ----------------------------------------
-@pytest.mark.parametrize(("overrides", "expected"), [
-    ({"dead_fraction": 1}, {"dead_fraction": 1.0}),  # whole layers dead only; int -> float
-    ({"saturation_fraction": 1.0, "spike_ratio": 1, "loss_spike_max": 1.0},
-     {"saturation_fraction": 1.0, "spike_ratio": 1.0, "loss_spike_max": 1.0}),
-    ({"depth_vanish_ratio": 0.999, "weight_vanish_ratio": 1e-9, "depth_explode_ratio": 1.001},
-     {"depth_vanish_ratio": 0.999, "weight_vanish_ratio": 1e-9, "depth_explode_ratio": 1.001}),
-    ({"update_warmup": 0, "merge_gap": 0, "dead_min_samples": 1},
-     {"update_warmup": 0, "merge_gap": 0, "dead_min_samples": 1}),
-    ({"min_history": 50, "history": 50}, {"min_history": 50, "history": 50}),
-    ({"patience": np.int64(4), "dead_fraction": np.float32(0.5)},  # NumPy numbers: converted
-     {"patience": 4, "dead_fraction": 0.5}),
-])
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"dead_fraction": 1}, {"dead_fraction": 1.0}),  # whole layers dead only; int -> float
+        (
+            {"saturation_fraction": 1.0, "spike_ratio": 1, "loss_spike_max": 1.0},
+            {"saturation_fraction": 1.0, "spike_ratio": 1.0, "loss_spike_max": 1.0},
+        ),
+        (
+            {
+                "depth_vanish_ratio": 0.999,
+                "weight_vanish_ratio": 1e-9,
+                "depth_explode_ratio": 1.001,
+            },
+            {
+                "depth_vanish_ratio": 0.999,
+                "weight_vanish_ratio": 1e-9,
+                "depth_explode_ratio": 1.001,
+            },
+        ),
+        (
+            {"update_warmup": 0, "merge_gap": 0, "dead_min_samples": 1},
+            {"update_warmup": 0, "merge_gap": 0, "dead_min_samples": 1},
+        ),
+        ({"min_history": 50, "history": 50}, {"min_history": 50, "history": 50}),
+        (
+            {"patience": np.int64(4), "dead_fraction": np.float32(0.5)},  # NumPy numbers: converted
+            {"patience": 4, "dead_fraction": 0.5},
+        ),
+    ],
+)
 def test_thresholds_at_the_ends_of_their_ranges(overrides, expected):
     t = Config.from_kwargs(thresholds=overrides).thresholds
     got = {k: getattr(t, k) for k in expected}
     assert got == expected and all(type(got[k]) is type(v) for k, v in expected.items())
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"dead_fraction": 2}, "thresholds: dead_fraction=2: expected a number in (0, 1]"),
-    ({"dead_fraction": 0}, "thresholds: dead_fraction=0: expected a number in (0, 1]"),
-    ({"saturation_fraction": 1.01}, "saturation_fraction=1.01: expected a number in (0, 1]"),
-    ({"spike_ratio": 0.99}, "spike_ratio=0.99: expected a number >= 1"),
-    ({"spike_once_ratio": -1}, "spike_once_ratio=-1: expected a number >= 1"),
-    ({"loss_spike_ratio": 0.5}, "loss_spike_ratio=0.5: expected a number >= 1"),
-    ({"loss_spike_max": 0.9}, "loss_spike_max=0.9: expected a number >= 1"),
-    ({"depth_explode_ratio": 1}, "depth_explode_ratio=1: expected a number > 1"),
-    ({"depth_vanish_ratio": 1}, "depth_vanish_ratio=1: expected a number in (0, 1)"),
-    ({"weight_vanish_ratio": 0}, "weight_vanish_ratio=0: expected a number in (0, 1)"),
-    ({"spike_z": 0}, "spike_z=0: expected a number > 0"),
-    ({"loss_spike_z": float("inf")}, "loss_spike_z=inf: expected a number > 0"),
-    ({"update_high": -0.1}, "update_high=-0.1: expected a number > 0"),
-    ({"patience": 0}, "patience=0: expected an integer >= 1"),
-    ({"history": 50.0}, "history=50.0: expected an integer >= 1"),
-    ({"dead_min_samples": True}, "dead_min_samples=True: expected an integer >= 1"),
-    ({"update_warmup": -1}, "update_warmup=-1: expected an integer >= 0"),
-    ({"merge_gap": "5"}, "merge_gap='5': expected an integer >= 0"),
-    ({"min_history": 60}, "min_history=60 is larger than history=50"),
-    ({"update_low": 0.1}, "update_low=0.1 is not below update_high=0.1"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dead_fraction": 2}, "thresholds: dead_fraction=2: expected a number in (0, 1]"),
+        ({"dead_fraction": 0}, "thresholds: dead_fraction=0: expected a number in (0, 1]"),
+        ({"saturation_fraction": 1.01}, "saturation_fraction=1.01: expected a number in (0, 1]"),
+        ({"spike_ratio": 0.99}, "spike_ratio=0.99: expected a number >= 1"),
+        ({"spike_once_ratio": -1}, "spike_once_ratio=-1: expected a number >= 1"),
+        ({"loss_spike_ratio": 0.5}, "loss_spike_ratio=0.5: expected a number >= 1"),
+        ({"loss_spike_max": 0.9}, "loss_spike_max=0.9: expected a number >= 1"),
+        ({"depth_explode_ratio": 1}, "depth_explode_ratio=1: expected a number > 1"),
+        ({"depth_vanish_ratio": 1}, "depth_vanish_ratio=1: expected a number in (0, 1)"),
+        ({"weight_vanish_ratio": 0}, "weight_vanish_ratio=0: expected a number in (0, 1)"),
+        ({"spike_z": 0}, "spike_z=0: expected a number > 0"),
+        ({"loss_spike_z": float("inf")}, "loss_spike_z=inf: expected a number > 0"),
+        ({"update_high": -0.1}, "update_high=-0.1: expected a number > 0"),
+        ({"patience": 0}, "patience=0: expected an integer >= 1"),
+        ({"history": 50.0}, "history=50.0: expected an integer >= 1"),
+        ({"dead_min_samples": True}, "dead_min_samples=True: expected an integer >= 1"),
+        ({"update_warmup": -1}, "update_warmup=-1: expected an integer >= 0"),
+        ({"merge_gap": "5"}, "merge_gap='5': expected an integer >= 0"),
+        ({"min_history": 60}, "min_history=60 is larger than history=50"),
+        ({"update_low": 0.1}, "update_low=0.1 is not below update_high=0.1"),
+    ],
+)
 def test_thresholds_out_of_range_are_one_line_errors(out, overrides, message):
     with pytest.raises(ValueError) as info:
         gradscope.watch(nn.Linear(2, 2), out=out, thresholds=overrides)
@@ -179,10 +207,14 @@ def test_thresholds_out_of_range_are_one_line_errors(out, overrides, message):
 
 def test_threshold_out_of_range_in_the_project_table(tmp_path, monkeypatch):
     (tmp_path / "pyproject.toml").write_text(
-        "[tool.gradscope]\nthresholds = { dead_fraction = 2 }\n")
+        "[tool.gradscope]\nthresholds = { dead_fraction = 2 }\n"
+    )
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"pyproject\.toml \[tool\.gradscope\]: thresholds: "
-                                         r"dead_fraction=2: expected a number in \(0, 1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"pyproject\.toml \[tool\.gradscope\]: thresholds: "
+        r"dead_fraction=2: expected a number in \(0, 1\]",
+    ):
         gradscope.watch(nn.Linear(2, 2))
 
 

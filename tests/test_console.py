@@ -39,9 +39,18 @@ def nan_run(tmp_path_factory) -> Path:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     out = tmp_path_factory.mktemp("console")
-    with gradscope.watch(model, opt, out=out, name="nan", quiet=True, guard=True,
-                         activation_every=1, update_every=1, flush_every=20,
-                         report=False) as scope:
+    with gradscope.watch(
+        model,
+        opt,
+        out=out,
+        name="nan",
+        quiet=True,
+        guard=True,
+        activation_every=1,
+        update_every=1,
+        flush_every=20,
+        report=False,
+    ) as scope:
         for step in range(80):
             x = torch.randn(16, 6, generator=gen)
             if step in NAN_STEPS:
@@ -65,8 +74,9 @@ def _oracle(run: Run) -> dict[str, dict[str, float | None]]:
         if entry["kind"] != "module":
             continue
         name = entry["name"]
-        params = [e["name"] for e in run.meta["layers"] if e["kind"] == "param"
-                  and e["module"] == name]
+        params = [
+            e["name"] for e in run.meta["layers"] if e["kind"] == "param" and e["module"] == name
+        ]
         per_step: dict[int, float] = {}
         for p in params:
             rows = m[(m["layer"] == p) & (m["metric"] == "grad_norm")]
@@ -87,7 +97,8 @@ def _oracle(run: Run) -> dict[str, dict[str, float | None]]:
             "grad_nan_steps": sum(1 for v in per_step.values() if math.isnan(v)),
             "update_ratio": sorted(ratios)[len(ratios) // 2] if ratios else None,
             "out_grad_finite_median": statistics.median([v for v in og if math.isfinite(v)])
-            if len(og) else None,
+            if len(og)
+            else None,
             "out_grad_nan": sum(1 for v in og if math.isnan(v)),
             "nonfinite": float(sum(counts)) if params else None,
         }
@@ -97,11 +108,11 @@ def _oracle(run: Run) -> dict[str, dict[str, float | None]]:
 def test_layer_rows_are_the_hand_calculation(tmp_path):
     """A clean run: every number equals the oracle (vectorised code, looped oracle)."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(),
-                          nn.Linear(8, 2))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    with gradscope.watch(model, opt, out=tmp_path, quiet=True, activation_every=2,
-                         update_every=3, report=False) as scope:
+    with gradscope.watch(
+        model, opt, out=tmp_path, quiet=True, activation_every=2, update_every=3, report=False
+    ) as scope:
         for _ in range(15):
             opt.zero_grad()
             model(torch.randn(16, 6)).pow(2).mean().backward()
@@ -114,10 +125,16 @@ def test_layer_rows_are_the_hand_calculation(tmp_path):
     for name, row in rows.items():
         want = oracle[name]
         assert row["bad"] == {}
-        assert row["grad_norm"] == pytest.approx(want["grad_finite_median"], rel=1e-12) \
-            if want["grad_finite_median"] is not None else row["grad_norm"] is None
-        assert row["update_ratio"] == pytest.approx(want["update_ratio"], rel=1e-12) \
-            if want["update_ratio"] is not None else row["update_ratio"] is None
+        assert (
+            row["grad_norm"] == pytest.approx(want["grad_finite_median"], rel=1e-12)
+            if want["grad_finite_median"] is not None
+            else row["grad_norm"] is None
+        )
+        assert (
+            row["update_ratio"] == pytest.approx(want["update_ratio"], rel=1e-12)
+            if want["update_ratio"] is not None
+            else row["update_ratio"] is None
+        )
         assert row["output_grad"] == pytest.approx(want["out_grad_finite_median"], rel=1e-12)
         assert row["nonfinite"] == want["nonfinite"]
         for metric, key in (("act_dead_fraction", "dead"), ("act_saturation", "saturated")):
@@ -156,8 +173,9 @@ def test_dead_and_saturated_fractions_of_nan_outputs_are_nan(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with gradscope.watch(model, opt, out=tmp_path, quiet=True, activation_every=1,
-                         report=False) as scope:
+    with gradscope.watch(
+        model, opt, out=tmp_path, quiet=True, activation_every=1, report=False
+    ) as scope:
         for step in range(6):
             if step == 3:
                 with torch.no_grad():
@@ -184,27 +202,42 @@ def _synthetic(names: list[str], findings: list[dict]) -> Run:
     rows = []
     for name in names:
         layers.append({"name": name, "kind": "module", "type": "Linear"})
-        layers.append({"name": f"{name}.weight", "kind": "param", "module": name,
-                       "type": "Linear"})
+        layers.append({"name": f"{name}.weight", "kind": "param", "module": name, "type": "Linear"})
         for step in range(3):
             rows.append((step, f"{name}.weight", "param", "grad_norm", 0.5 + step))
     metrics = pd.DataFrame(rows, columns=["step", "layer", "kind", "metric", "value"])
     meta = {"status": "completed", "steps": 3, "torch": "2.x", "layers": layers}
-    return Run(Path("/runs/a-run-with-a-rather-long-directory-name"), meta, metrics,
-               findings=findings, progress=Progress("completed", "", 3, 3, 3))
+    return Run(
+        Path("/runs/a-run-with-a-rather-long-directory-name"),
+        meta,
+        metrics,
+        findings=findings,
+        progress=Progress("completed", "", 3, 3, 3),
+    )
 
 
 FINDINGS = [
-    {"kind": "exploding_gradients", "severity": "error", "layer": LONG + ".weight",
-     "first_step": 12, "last_step": 40,
-     "message": "the gradient norm of " + LONG + ".weight grew 312x above its trailing median "
-                "within 3 steps, and kept growing while the loss went up",
-     "suggestion": "lower the learning rate; clip gradients: gradscope.watch(..., "
-                   "clip='zclip') or clip='norm:2.5' (= torch.nn.utils.clip_grad_norm_("
-                   "model.parameters(), max_norm=2.5)); add warm-up"},
-    {"kind": "dead_units", "severity": "warning", "layer": "[/]odd[bold red]name",
-     "first_step": 3, "last_step": 3, "message": "[red]85%[/red] of the units are dead",
-     "suggestion": "swap it: [link=x]here[/link]"},
+    {
+        "kind": "exploding_gradients",
+        "severity": "error",
+        "layer": LONG + ".weight",
+        "first_step": 12,
+        "last_step": 40,
+        "message": "the gradient norm of " + LONG + ".weight grew 312x above its trailing median "
+        "within 3 steps, and kept growing while the loss went up",
+        "suggestion": "lower the learning rate; clip gradients: gradscope.watch(..., "
+        "clip='zclip') or clip='norm:2.5' (= torch.nn.utils.clip_grad_norm_("
+        "model.parameters(), max_norm=2.5)); add warm-up",
+    },
+    {
+        "kind": "dead_units",
+        "severity": "warning",
+        "layer": "[/]odd[bold red]name",
+        "first_step": 3,
+        "last_step": 3,
+        "message": "[red]85%[/red] of the units are dead",
+        "suggestion": "swap it: [link=x]here[/link]",
+    },
 ]
 
 

@@ -20,13 +20,13 @@ pytestmark = [
 
 def test_no_host_sync_between_flushes(out):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.Tanh(),
-                          nn.Linear(256, 10)).cuda()
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)
+    ).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(128, 64, device="cuda")
     y = torch.randint(0, 10, (128,), device="cuda")
-    scope = gradscope.watch(model, opt, out=out, flush_every=20, flush_secs=1e9,
-                            activation_every=3)
+    scope = gradscope.watch(model, opt, out=out, flush_every=20, flush_secs=1e9, activation_every=3)
     flusher = scope.parts.flusher
     flush = flusher.flush
     flushes = []
@@ -58,9 +58,19 @@ def test_no_host_sync_between_flushes(out):
     assert list(run.wide("act_dead_fraction").index)[:3] == [0, 3, 6]
 
 
-@pytest.mark.parametrize("clip", ["norm:1.0", "norm:0.5,per_layer", "autoclip",
-                                  "autoclip:history=8", "autoclip:per_layer", "agc:0.01",
-                                  "zclip:warmup=5", "zclip:warmup=5,per_layer"])
+@pytest.mark.parametrize(
+    "clip",
+    [
+        "norm:1.0",
+        "norm:0.5,per_layer",
+        "autoclip",
+        "autoclip:history=8",
+        "autoclip:per_layer",
+        "agc:0.01",
+        "zclip:warmup=5",
+        "zclip:warmup=5,per_layer",
+    ],
+)
 def test_clipping_never_synchronises(out, clip):
     """Every clipping method computes and applies its coefficient on the device: no host sync
     between flushes, and a fixed clip gives clip_grad_norm_'s weights."""
@@ -72,8 +82,9 @@ def test_clipping_never_synchronises(out, clip):
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     x = torch.randn(128, 64, device="cuda") * 10
     y = torch.randint(0, 10, (128,), device="cuda")
-    scope = gradscope.watch(model, opt, out=out, flush_every=1000, flush_secs=1e9, clip=clip,
-                            quiet=True)
+    scope = gradscope.watch(
+        model, opt, out=out, flush_every=1000, flush_secs=1e9, clip=clip, quiet=True
+    )
     try:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

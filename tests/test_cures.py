@@ -32,8 +32,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run(name: str, out: Path, patch: dict[str, Any] | None = None,
-        **options: Any) -> tuple[gradscope.Scope, dict[str, Any], torch.nn.Module]:
+def run(
+    name: str, out: Path, patch: dict[str, Any] | None = None, **options: Any
+) -> tuple[gradscope.Scope, dict[str, Any], torch.nn.Module]:
     spec = importlib.util.spec_from_file_location(f"cure_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -129,14 +130,18 @@ def test_guard_keeps_the_nan_example_finite(out):
     skipped = run_.wide("guard_skipped")
     assert skipped.index.min() == 33  # the first NaN step of seed 0 (example docstring)
     assert len(skipped) > 10
-    events = [json.loads(line) for line in
-              (scope.run_dir / "events.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line) for line in (scope.run_dir / "events.jsonl").read_text().splitlines()
+    ]
     assert sum(e.get("action") == "skip_step" for e in events) == len(skipped)
     # and because the weights stayed clean, the NaN came back at the next step where the
     # tracer (armed by the first one) named its origin; untreated, the NaN weights hide it
     (finding,) = scope.findings
-    assert (finding["kind"], finding["module"], finding["phase"]) == \
-        ("nonfinite", "log_probs", "forward")
+    assert (finding["kind"], finding["module"], finding["phase"]) == (
+        "nonfinite",
+        "log_probs",
+        "forward",
+    )
     assert finding["evidence"]["traced"] is True
 
 

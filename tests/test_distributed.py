@@ -37,8 +37,9 @@ def _has_fsdp2() -> bool:
 HAS_FSDP2 = torch.distributed.is_available() and _has_fsdp2()
 SCENARIOS = ("ddp", "fsdp1_orig", "fsdp1_flat", *(("fsdp2",) if HAS_FSDP2 else ()))
 needs_fsdp2 = pytest.mark.skipif(not HAS_FSDP2, reason="FSDP2 (fully_shard) needs torch >= 2.4")
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch built without torch.distributed")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without torch.distributed"
+)
 
 
 def _env() -> dict[str, str]:
@@ -51,12 +52,31 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("dist")
-    which = ",".join([*SCENARIOS, "nonfinite", *(("fsdp2_remedies",) if HAS_FSDP2 else ()),
-                      "internal_error", "destroyed"])
+    which = ",".join(
+        [
+            *SCENARIOS,
+            "nonfinite",
+            *(("fsdp2_remedies",) if HAS_FSDP2 else ()),
+            "internal_error",
+            "destroyed",
+        ]
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(HERE / "workers" / "dist_checks.py"), str(out), which],
-        capture_output=True, text=True, timeout=900, env=_env(),
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(HERE / "workers" / "dist_checks.py"),
+            str(out),
+            which,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
@@ -72,8 +92,9 @@ def test_records_equal_the_single_process_reference(results, kind):
     assert len(ref) > 150
     missing = sorted(set(ref) - set(got))
     assert not missing, missing[:10]
-    wrong = {k: (got[k], v) for k, v in ref.items() if got[k] != pytest.approx(v, rel=1e-5,
-                                                                                abs=1e-7)}
+    wrong = {
+        k: (got[k], v) for k, v in ref.items() if got[k] != pytest.approx(v, rel=1e-5, abs=1e-7)
+    }
     assert not wrong, list(wrong.items())[:10]
 
 
@@ -82,8 +103,9 @@ def test_one_run_directory_written_by_rank_0(results, kind):
     res, out = results
     r = res[kind]
     assert [p.name for p in (out / kind).iterdir()] == ["run"]  # rank 1 wrote nothing
-    assert {"run.json", "findings.json", "events.jsonl", "metrics", "tb",
-            "report.html"} <= set(r["files"])
+    assert {"run.json", "findings.json", "events.jsonl", "metrics", "tb", "report.html"} <= set(
+        r["files"]
+    )
     meta = r["meta"]
     assert meta["world_size"] == 2 and meta["status"] == "completed"
     assert meta["distributed"]["combined"] is True
@@ -94,8 +116,14 @@ def test_one_run_directory_written_by_rank_0(results, kind):
 def test_names_and_shapes_are_the_unwrapped_models(results, kind):
     meta = results[0][kind]["meta"]
     params = {d["name"]: d["shape"] for d in meta["layers"] if d["kind"] == "param"}
-    assert params == {"0.weight": [16, 6], "0.bias": [16], "2.weight": [8, 16], "2.bias": [8],
-                      "4.weight": [1, 8], "4.bias": [1]}
+    assert params == {
+        "0.weight": [16, 6],
+        "0.bias": [16],
+        "2.weight": [8, 16],
+        "2.bias": [8],
+        "4.weight": [1, 8],
+        "4.bias": [1],
+    }
     assert meta["models"] == {"": "Sequential"}
     sites = meta["sites"]
     assert "1" in sites and "3" in sites and not any("fsdp" in s for s in sites)
@@ -163,10 +191,27 @@ def test_gradscope_run_nproc_per_node(tmp_path):
     """``gradscope run --nproc-per-node 2`` starts torchrun; the unchanged script runs on both
     ranks; one run directory, one summary."""
     proc = subprocess.run(
-        [sys.executable, "-m", "gradscope", "run", "--nproc-per-node", "2", "--out",
-         str(tmp_path), "--name", "r", "--activation-every", "1", "--no-report",
-         str(HERE / "scripts" / "ddp_train.py"), "0.0"],
-        capture_output=True, text=True, timeout=600, env=_env(),
+        [
+            sys.executable,
+            "-m",
+            "gradscope",
+            "run",
+            "--nproc-per-node",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "r",
+            "--activation-every",
+            "1",
+            "--no-report",
+            str(HERE / "scripts" / "ddp_train.py"),
+            "0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 loss" in proc.stdout and "rank 1 loss" in proc.stdout
@@ -183,28 +228,43 @@ def test_gradscope_run_nproc_per_node(tmp_path):
 
 def test_nproc_per_node_bad_value_is_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "gradscope", "run", "--nproc-per-node", "two",
-         str(HERE / "scripts" / "ddp_train.py")],
-        capture_output=True, text=True, timeout=120, env=_env(),
+        [
+            sys.executable,
+            "-m",
+            "gradscope",
+            "run",
+            "--nproc-per-node",
+            "two",
+            str(HERE / "scripts" / "ddp_train.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "gradscope run: error: --nproc-per-node 'two': expected a positive number of "
-        "processes, or auto, cpu or gpu (as torchrun accepts)"]
+        "processes, or auto, cpu or gpu (as torchrun accepts)"
+    ]
 
 
 def test_worker_arguments_drop_only_nproc():
-    assert without_nproc(["--nproc-per-node", "2", "--clip", "zclip", "t.py", "--nproc-per-node",
-                           "9"]) == ["--clip", "zclip", "t.py", "--nproc-per-node", "9"]
+    assert without_nproc(
+        ["--nproc-per-node", "2", "--clip", "zclip", "t.py", "--nproc-per-node", "9"]
+    ) == ["--clip", "zclip", "t.py", "--nproc-per-node", "9"]
     assert without_nproc(["--nproc-per-node=4", "-m", "pkg.train"]) == ["-m", "pkg.train"]
 
 
-@pytest.mark.parametrize(("raw", "clean"), [
-    ("_fsdp_wrapped_module.0._fsdp_wrapped_module.weight", "0.weight"),
-    ("_orig_mod.encoder._checkpoint_wrapped_module.fc", "encoder.fc"),
-    ("fc.weight", "fc.weight"),
-    ("_fsdp_wrapped_module", ""),
-])
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("_fsdp_wrapped_module.0._fsdp_wrapped_module.weight", "0.weight"),
+        ("_orig_mod.encoder._checkpoint_wrapped_module.fc", "encoder.fc"),
+        ("fc.weight", "fc.weight"),
+        ("_fsdp_wrapped_module", ""),
+    ],
+)
 def test_wrapper_components_leave_names(raw, clean):
     assert distributed.clean_name(raw) == clean
 

@@ -65,20 +65,32 @@ class SparseBag(nn.Module):
 
 
 def _mlp(dtype: torch.dtype) -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 3)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(6, 8),
+        nn.ReLU(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Sigmoid(),
+        nn.Linear(8, 3),
+    ).to(dtype)
 
 
 def _cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
-                         nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
-                         ).to(memory_format=torch.channels_last)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    ).to(memory_format=torch.channels_last)
 
 
 def _dense(dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
     # scaled up so that some tanh/sigmoid units saturate and some ReLU units die
-    return lambda i: (torch.randn(16, 6, generator=torch.Generator().manual_seed(i)) * 3
-                      ).to(dtype)
+    return lambda i: (torch.randn(16, 6, generator=torch.Generator().manual_seed(i)) * 3).to(dtype)
 
 
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor], float]] = {
@@ -89,11 +101,18 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor], f
     "float16": (lambda: _mlp(torch.float16), _dense(torch.float16), 2e-3),
     "mixed": (Mixed, _dense(torch.float32), 1e-4),
     "complex": (ComplexLayer, _dense(torch.float32), 1e-4),
-    "sparse": (SparseBag, lambda i: torch.randint(
-        0, 20, (16, 5), generator=torch.Generator().manual_seed(i)), 1e-4),
-    "channels_last": (_cnn, lambda i: torch.randn(
-        8, 3, 8, 8, generator=torch.Generator().manual_seed(i)).to(
-        memory_format=torch.channels_last), 1e-4),
+    "sparse": (
+        SparseBag,
+        lambda i: torch.randint(0, 20, (16, 5), generator=torch.Generator().manual_seed(i)),
+        1e-4,
+    ),
+    "channels_last": (
+        _cnn,
+        lambda i: torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)).to(
+            memory_format=torch.channels_last
+        ),
+        1e-4,
+    ),
 }
 
 
@@ -139,14 +158,21 @@ class Oracle:
                 self.put("act_saturation", name, float(((o - 0.5).abs() > 0.49).sum()) / n)
             if out.requires_grad:
                 step = self.step
-                out.register_hook(lambda g: self.values[("output_grad_norm", name)].__setitem__(
-                    step, float(torch.linalg.vector_norm(_w64(g)))))
+                out.register_hook(
+                    lambda g: self.values[("output_grad_norm", name)].__setitem__(
+                        step, float(torch.linalg.vector_norm(_w64(g)))
+                    )
+                )
 
         return hook
 
 
-def _train(make: Callable[[], nn.Module], batch: Callable[[int], torch.Tensor],
-           oracle: Oracle | None, out_dir: object = None) -> tuple[nn.Module, object]:
+def _train(
+    make: Callable[[], nn.Module],
+    batch: Callable[[int], torch.Tensor],
+    oracle: Oracle | None,
+    out_dir: object = None,
+) -> tuple[nn.Module, object]:
     torch.manual_seed(0)
     model = make()
     params = dict(model.named_parameters())
@@ -158,9 +184,18 @@ def _train(make: Callable[[], nn.Module], batch: Callable[[int], torch.Tensor],
                 handles.append(m.register_forward_hook(oracle.act_hook(name)))
     scope = None
     if out_dir is not None:
-        scope = gradscope.watch(model, opt, out=out_dir, name="run", activation_every=1,
-                                update_every=1, flush_every=3, quiet=True, report=False,
-                                tensorboard=False)
+        scope = gradscope.watch(
+            model,
+            opt,
+            out=out_dir,
+            name="run",
+            activation_every=1,
+            update_every=1,
+            flush_every=3,
+            quiet=True,
+            report=False,
+            tensorboard=False,
+        )
     for i in range(STEPS):
         opt.zero_grad()
         loss = _loss(model(batch(i)), i)
@@ -195,17 +230,56 @@ def _train(make: Callable[[], nn.Module], batch: Callable[[int], torch.Tensor],
 
 
 EXPECTED = {  # metrics each case must have recorded (so the comparison cannot pass empty)
-    "float64": {"grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "act_mean",
-                "act_std", "act_dead_fraction", "act_saturation", "output_grad_norm", "loss",
-                "grad_norm_total", "grad_nonfinite"},
-    "mixed": {"grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "act_mean", "act_std",
-              "act_saturation", "output_grad_norm", "loss", "grad_norm_total"},
-    "complex": {"grad_norm", "grad_max_abs", "weight_norm", "update_ratio",
-                "act_dead_fraction", "loss"},
-    "sparse": {"grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "act_saturation",
-               "loss"},
-    "channels_last": {"grad_norm", "weight_norm", "update_ratio", "act_dead_fraction",
-                      "act_saturation", "output_grad_norm"},
+    "float64": {
+        "grad_norm",
+        "grad_max_abs",
+        "weight_norm",
+        "update_ratio",
+        "act_mean",
+        "act_std",
+        "act_dead_fraction",
+        "act_saturation",
+        "output_grad_norm",
+        "loss",
+        "grad_norm_total",
+        "grad_nonfinite",
+    },
+    "mixed": {
+        "grad_norm",
+        "grad_max_abs",
+        "weight_norm",
+        "update_ratio",
+        "act_mean",
+        "act_std",
+        "act_saturation",
+        "output_grad_norm",
+        "loss",
+        "grad_norm_total",
+    },
+    "complex": {
+        "grad_norm",
+        "grad_max_abs",
+        "weight_norm",
+        "update_ratio",
+        "act_dead_fraction",
+        "loss",
+    },
+    "sparse": {
+        "grad_norm",
+        "grad_max_abs",
+        "weight_norm",
+        "update_ratio",
+        "act_saturation",
+        "loss",
+    },
+    "channels_last": {
+        "grad_norm",
+        "weight_norm",
+        "update_ratio",
+        "act_dead_fraction",
+        "act_saturation",
+        "output_grad_norm",
+    },
 }
 
 
@@ -231,11 +305,17 @@ def test_every_metric_matches_a_float64_oracle(case, out):
                 continue  # a module the oracle does not hook (output_grad_norm of Linears)
             for step, got in table[name].dropna().items():
                 want = expect[int(step)]
-                assert got == pytest.approx(want, rel=rel, abs=1e-7 if rel > 1e-6 else 1e-12), \
+                assert got == pytest.approx(want, rel=rel, abs=1e-7 if rel > 1e-6 else 1e-12), (
                     f"{case}: {metric} of {name} at step {step}"
+                )
                 compared += 1
-    missing = {key for key in oracle.values if key[0] in recorded and
-               key[1] not in run.wide(key[0]).columns and key[0] != "output_grad_norm"}
+    missing = {
+        key
+        for key in oracle.values
+        if key[0] in recorded
+        and key[1] not in run.wide(key[0]).columns
+        and key[0] != "output_grad_norm"
+    }
     assert not missing, f"{case}: not recorded: {sorted(missing)}"
     assert compared >= 20
 
@@ -251,11 +331,26 @@ def test_a_float64_lstm_trained_by_lbfgs_runs_unchanged_under_gradscope_run(tmp_
 
     script = Path(__file__).parent / "scripts" / "double_lstm_lbfgs.py"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                           env=env, timeout=180)
-    got = subprocess.run([sys.executable, "-m", "gradscope", "run", "--out", str(tmp_path),
-                          "--name", "run", str(script)], capture_output=True, text=True,
-                         env=env, timeout=180)
+    plain = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=180
+    )
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradscope",
+            "run",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "run",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert (got.returncode, got.stdout) == (plain.returncode, plain.stdout) == (0, plain.stdout)
     assert "internal error" not in got.stderr and "Traceback" not in got.stderr
     run = gradscope.load_run(tmp_path / "run")

@@ -40,8 +40,7 @@ def run_example(name: str, out: Path, **options: Any) -> gradscope.Scope:
 
     def watched_build():
         model = build()
-        scopes.append(gradscope.watch(model, out=out, quiet=True, tensorboard=False,
-                                      **options))
+        scopes.append(gradscope.watch(model, out=out, quiet=True, tensorboard=False, **options))
         return model
 
     module.build_model = watched_build
@@ -64,8 +63,9 @@ def one(scope: gradscope.Scope, kind: str, layer: str | None = None) -> dict[str
     return found[0]
 
 
-@pytest.mark.parametrize("name", ["healthy_mlp", "healthy_cnn", "healthy_lstm",
-                                  "healthy_transformer"])
+@pytest.mark.parametrize(
+    "name", ["healthy_mlp", "healthy_cnn", "healthy_lstm", "healthy_transformer"]
+)
 def test_healthy_baselines_raise_nothing(name, out):
     scope = run_example(name, out, trace_nonfinite="always")
     assert scope.findings == []
@@ -75,8 +75,7 @@ def test_vanishing_sigmoid(out):
     scope = run_example("vanishing_sigmoid", out)
     f = one(scope, "vanishing_gradients", "0")
     assert f["first_step"] == 0 and f["evidence"]["first_last_ratio"] < 1e-6
-    assert {k for k, _ in kinds(scope)} <= {"vanishing_gradients", "update_ratio_low",
-                                            "saturation"}
+    assert {k for k, _ in kinds(scope)} <= {"vanishing_gradients", "update_ratio_low", "saturation"}
 
 
 def test_exploding_rnn(out):

@@ -76,13 +76,15 @@ def test_findings_written_when_the_interpreter_exits_after_a_crash(tmp_path):
         raise ValueError("user code failed")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 1 and "ValueError: user code failed" in proc.stderr
     assert "dead_units" in proc.stderr  # the end-of-run table
     findings = json.loads((tmp_path / "r" / "findings.json").read_text())
     assert [(f["kind"], f["layer"], f["severity"]) for f in findings] == [
-        ("dead_units", "1", "error")]
+        ("dead_units", "1", "error")
+    ]
 
 
 def test_quiet_prints_nothing_and_diagnose_off_finds_nothing(out, capfd):
@@ -103,15 +105,22 @@ def test_thresholds_are_options(out):
     assert scope.findings == []  # half dead is below the user's 60%
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"trace_nonfinite": "sometimes"},
-     "trace_nonfinite='sometimes': expected one of auto, always, off"),
-    ({"thresholds": {"dead_fracion": 0.5}},
-     "thresholds: unknown name 'dead_fracion' (did you mean 'dead_fraction'?)"),
-    ({"thresholds": {"patience": 0}}, "thresholds: patience=0: expected an integer >= 1"),
-    ({"thresholds": 3}, "thresholds=3: expected a dict of overrides"),
-    ({"quiet": "yes"}, "quiet='yes': expected True or False"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"trace_nonfinite": "sometimes"},
+            "trace_nonfinite='sometimes': expected one of auto, always, off",
+        ),
+        (
+            {"thresholds": {"dead_fracion": 0.5}},
+            "thresholds: unknown name 'dead_fracion' (did you mean 'dead_fraction'?)",
+        ),
+        ({"thresholds": {"patience": 0}}, "thresholds: patience=0: expected an integer >= 1"),
+        ({"thresholds": 3}, "thresholds=3: expected a dict of overrides"),
+        ({"quiet": "yes"}, "quiet='yes': expected True or False"),
+    ],
+)
 def test_bad_diagnosis_options_fail_in_one_line(out, options, message):
     with pytest.raises((TypeError, ValueError)) as info:
         gradscope.watch(nn.Linear(2, 2), out=out, **options)
@@ -121,8 +130,15 @@ def test_bad_diagnosis_options_fail_in_one_line(out, options, message):
 
 def test_printer_is_rate_limited(capsys):
     printer = FindingPrinter(burst=2, window=60.0)
-    finding = {"kind": "dead_units", "severity": "warning", "layer": "a", "first_step": 0,
-               "last_step": 9, "message": "m", "suggestion": "s"}
+    finding = {
+        "kind": "dead_units",
+        "severity": "warning",
+        "layer": "a",
+        "first_step": 0,
+        "last_step": 9,
+        "message": "m",
+        "suggestion": "s",
+    }
     for _ in range(5):
         printer.announce(finding, True)
     assert capsys.readouterr().err.count("gradscope: warning") == 2

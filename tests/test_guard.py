@@ -26,8 +26,11 @@ import every_entry
 SCRIPT = Path(__file__).parent / "scripts" / "every_entry.py"
 
 # entry points this in-process loop passes through; the other three need a process of their own
-IN_PROCESS = [e for e in ENTRY_POINTS if e not in ("atexit", "discover", "signal")
-              and (e != "scaler" or every_entry.HAS_SCALER)]  # a CPU GradScaler: torch >= 2.3
+IN_PROCESS = [
+    e
+    for e in ENTRY_POINTS
+    if e not in ("atexit", "discover", "signal") and (e != "scaler" or every_entry.HAS_SCALER)
+]  # a CPU GradScaler: torch >= 2.3
 
 
 # -- the guard on its own --------------------------------------------------------------------------
@@ -121,14 +124,22 @@ def plain() -> tuple[list[str], dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("entry", IN_PROCESS)
-def test_a_fault_in_each_entry_point_leaves_training_as_it_was(entry, plain, out, monkeypatch,
-                                                               capsys):
+def test_a_fault_in_each_entry_point_leaves_training_as_it_was(
+    entry, plain, out, monkeypatch, capsys
+):
     monkeypatch.setenv(guard.FAULTS_ENV, entry)
     lines: list[str] = []
 
     def watch(model):
-        return gradscope.watch(model, out=out, name="run", flush_every=2, activation_every=1,
-                               trace_nonfinite="always", report=entry == "report")
+        return gradscope.watch(
+            model,
+            out=out,
+            name="run",
+            flush_every=2,
+            activation_every=1,
+            trace_nonfinite="always",
+            report=entry == "report",
+        )
 
     scope, model = every_entry.train(watch, say=lines.append)
     scope.close()
@@ -174,9 +185,12 @@ def test_every_entry_point_is_passed_through(out):
             return hook_call(self, *args, **kwargs)
 
         hooks.Hook.__call__ = counting_hook  # type: ignore[method-assign]
-        scope, _ = every_entry.train(lambda m: gradscope.watch(
-            m, out=out, flush_every=2, activation_every=1, trace_nonfinite="always"),
-            say=lambda line: None)
+        scope, _ = every_entry.train(
+            lambda m: gradscope.watch(
+                m, out=out, flush_every=2, activation_every=1, trace_nonfinite="always"
+            ),
+            say=lambda line: None,
+        )
         scope.close()
     finally:
         Guard.call, Guard.fault = call, fault  # type: ignore[method-assign]
@@ -196,8 +210,9 @@ def _run(args: list[str], fault: str | None, cwd: Path) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def python_runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("plain")
-    return {mode: _run([sys.executable, str(SCRIPT), mode], None, cwd)
-            for mode in ("plain", "sigterm")}
+    return {
+        mode: _run([sys.executable, str(SCRIPT), mode], None, cwd) for mode in ("plain", "sigterm")
+    }
 
 
 def _gradscope(*args: str) -> list[str]:
@@ -208,12 +223,14 @@ def _gradscope(*args: str) -> list[str]:
 @pytest.mark.parametrize("fault", [None, "discover", "signal", "atexit"])
 def test_entry_points_of_a_whole_process(fault, python_runs, tmp_path):
     if fault == "atexit":  # a watch() handle never closed
-        got = _run([sys.executable, str(SCRIPT), "watch-unclosed", str(tmp_path / "runs")],
-                   fault, tmp_path)
+        got = _run(
+            [sys.executable, str(SCRIPT), "watch-unclosed", str(tmp_path / "runs")], fault, tmp_path
+        )
         want = python_runs["plain"]
     elif fault == "signal":  # SIGTERM in the middle: closed by gradscope run's handler
-        got = _run(_gradscope("--out", str(tmp_path / "runs"), str(SCRIPT), "sigterm"), fault,
-                   tmp_path)
+        got = _run(
+            _gradscope("--out", str(tmp_path / "runs"), str(SCRIPT), "sigterm"), fault, tmp_path
+        )
         want = python_runs["sigterm"]
     else:
         got = _run(_gradscope("--out", str(tmp_path / "runs"), str(SCRIPT)), fault, tmp_path)
@@ -255,8 +272,10 @@ def test_a_full_disk_stops_the_recording_not_the_training(plain, out, monkeypatc
 
     monkeypatch.setattr(store.Store, "write", filling)
     lines: list[str] = []
-    scope, model = every_entry.train(lambda m: gradscope.watch(
-        m, out=out, name="run", flush_every=1, quiet=True), say=lines.append)
+    scope, model = every_entry.train(
+        lambda m: gradscope.watch(m, out=out, name="run", flush_every=1, quiet=True),
+        say=lines.append,
+    )
     # the disk stays full for everything the end writes
     monkeypatch.setattr(store.Store, "event", full)
     monkeypatch.setattr(store.Store, "write_findings", full)
@@ -291,14 +310,20 @@ def test_a_full_disk_under_gradscope_run_exits_as_python_does(tmp_path):
         "def write_json(*a, **k):\n"
         "    r.write_json = full\n"
         "    return _write_json(*a, **k)\n"
-        "r.write_json = write_json\n")
+        "r.write_json = write_json\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), *sys.path])}
     env.pop(guard.FAULTS_ENV, None)
-    plain = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                           env=env, timeout=120)
-    got = subprocess.run([sys.executable, "-m", "gradscope", "run", "--out",
-                          str(tmp_path / "runs"), str(SCRIPT)], capture_output=True, text=True,
-                         env=env, timeout=120)
+    plain = subprocess.run(
+        [sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=120
+    )
+    got = subprocess.run(
+        [sys.executable, "-m", "gradscope", "run", "--out", str(tmp_path / "runs"), str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert (got.returncode, got.stdout) == (plain.returncode, plain.stdout) == (0, plain.stdout)
     assert "Traceback" not in got.stderr
     said = [line for line in got.stderr.splitlines() if "stopped recording" in line]
@@ -311,15 +336,36 @@ def test_the_guard_stopping_a_run_says_why_in_one_line(tmp_path):
     script = Path(__file__).parent / "scripts" / "nan_every_step.py"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop(guard.FAULTS_ENV, None)
-    got = subprocess.run([sys.executable, "-m", "gradscope", "run", "--out", str(tmp_path),
-                          "--name", "run", "--guard", "--guard-limit", "3", "-q", str(script)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradscope",
+            "run",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "run",
+            "--guard",
+            "--guard-limit",
+            "3",
+            "-q",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert got.returncode == 1
     printed = got.stdout.splitlines()
     assert printed == [f"step {i}" for i in range(len(printed))] and 2 <= len(printed) <= 4
     lines = got.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gradscope guard: ") and "Traceback" not in \
-        got.stderr, got.stderr
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("gradscope guard: ")
+        and "Traceback" not in got.stderr
+    ), got.stderr
     assert "3" in lines[0] and "non-finite" in lines[0]
     run = gradscope.load_run(tmp_path / "run")
     assert run.meta["status"] == "failed" and run.meta["exit_code"] == 1

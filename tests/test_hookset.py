@@ -22,9 +22,15 @@ def _no_injected_faults(monkeypatch):
 def _hook_dicts(m: nn.Module) -> dict[str, list[int]]:
     """The handle ids in each of ``m``'s hook dicts, in order. (Modules have no public way to
     list their hooks: the dicts are what torch itself iterates.)"""
-    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-             "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-             "_forward_pre_hooks_with_kwargs")
+    names = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks_with_kwargs",
+    )
     return {n: list(getattr(m, n)) for n in names}
 
 
@@ -67,14 +73,25 @@ def test_after_close_a_module_has_exactly_its_own_hooks_and_they_still_run_in_or
     hooks = HookSet()
     hooks.add(m.register_forward_hook(Hook(_recorder(calls, "ours"), "activation")), "activation")
     hooks.add(m.register_forward_pre_hook(Hook(_recorder(calls, "ours-pre"), "pre")), "pre")
-    hooks.add(m.register_forward_hook(Hook(_recorder(calls, "ours-kw"), "kw"), with_kwargs=True,
-                                      always_call=True), "kw")
+    hooks.add(
+        m.register_forward_hook(
+            Hook(_recorder(calls, "ours-kw"), "kw"), with_kwargs=True, always_call=True
+        ),
+        "kw",
+    )
     hooks.add(m.register_full_backward_hook(Hook(_recorder(calls, "ours-bw"), "bw")), "bw")
     m.register_forward_hook(_recorder(calls, "user-after"))
     x = torch.ones(1, 2, requires_grad=True)  # (a full backward hook wants an input's grad)
     m(x).sum().backward()
-    assert calls == ["user-pre", "ours-pre", "user-before", "ours", "ours-kw", "user-after",
-                     "ours-bw"]
+    assert calls == [
+        "user-pre",
+        "ours-pre",
+        "user-before",
+        "ours",
+        "ours-kw",
+        "user-after",
+        "ours-bw",
+    ]
     hooks.close()
     after = _hook_dicts(m)
     user_after = after["_forward_hooks"][-1]
@@ -102,8 +119,7 @@ def _interleaved():
     m.register_forward_hook(_recorder(calls, "u1"))
     hooks.add(m.register_forward_hook(Hook(_recorder(calls, "g1"), "g1")), "g1")
     m.register_forward_hook(_recorder(calls, "u2"))
-    hooks.add(m.register_forward_hook(Hook(_recorder(calls, "g2"), "g2"), with_kwargs=True),
-              "g2")
+    hooks.add(m.register_forward_hook(Hook(_recorder(calls, "g2"), "g2"), with_kwargs=True), "g2")
     m.register_forward_hook(_recorder(calls, "u3"))
     hooks.add(m.register_forward_pre_hook(Hook(_recorder(calls, "gp"), "gp")), "gp")
     return m, hooks, calls
@@ -203,14 +219,24 @@ def test_detached_restores_the_full_order_of_every_dict_it_touched():
     calls: list[str] = []
     hooks = HookSet()
     m.register_forward_hook(_recorder(calls, "u1"), with_kwargs=True)
-    hooks.add(m.register_forward_hook(Hook(_recorder(calls, "g1"), "g1"), with_kwargs=True,
-                                      always_call=True), "g1")
+    hooks.add(
+        m.register_forward_hook(
+            Hook(_recorder(calls, "g1"), "g1"), with_kwargs=True, always_call=True
+        ),
+        "g1",
+    )
     m.register_forward_hook(_recorder(calls, "u0"), prepend=True, always_call=True)
-    hooks.add(m.register_forward_hook(Hook(_recorder(calls, "g0"), "g0"), prepend=True,
-                                      with_kwargs=True), "g0")
+    hooks.add(
+        m.register_forward_hook(Hook(_recorder(calls, "g0"), "g0"), prepend=True, with_kwargs=True),
+        "g0",
+    )
     m.register_forward_pre_hook(_recorder(calls, "p1"))
-    hooks.add(m.register_forward_pre_hook(Hook(_recorder(calls, "gp"), "gp"), prepend=True,
-                                          with_kwargs=True), "gp")
+    hooks.add(
+        m.register_forward_pre_hook(
+            Hook(_recorder(calls, "gp"), "gp"), prepend=True, with_kwargs=True
+        ),
+        "gp",
+    )
     order = _hook_dicts(m)
     m(torch.ones(1, 2))
     assert calls == ["gp", "p1", "g0", "u0", "u1", "g1"]
@@ -349,8 +375,9 @@ def test_an_injected_fault_is_reported_like_an_error(monkeypatch):
     other = Hook(lambda: "ran", "tracer", guard, "tracer-forward")
     assert hook() is None
     assert ran == []  # the fault fires before the function
-    assert told == [("module-forward", "activations",
-                     "InjectedFault('injected fault in module-forward')")]
+    assert told == [
+        ("module-forward", "activations", "InjectedFault('injected fault in module-forward')")
+    ]
     assert other() == "ran"
 
 

@@ -8,15 +8,23 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "pandas", "pyarrow", "matplotlib", "tensorboard", "rich", "jinja2", "click",
-         "torch._dynamo")
+HEAVY = (
+    "torch",
+    "pandas",
+    "pyarrow",
+    "matplotlib",
+    "tensorboard",
+    "rich",
+    "jinja2",
+    "click",
+    "torch._dynamo",
+)
 
 
 def _imported_after(code: str) -> list[str]:
     """The modules of HEAVY that a fresh interpreter has imported after running ``code``."""
     probe = f"import sys\n{code}\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     return [m for m in out.stdout.strip().split(",") if m]
 
 
@@ -56,8 +64,16 @@ def test_a_swap_rule_loads_torch_when_it_makes_a_module():
 def test_public_surface():
     import gradscope
 
-    assert sorted(gradscope.__all__) == ["Config", "NonfiniteStepsError", "Run", "Scope",
-                                         "__version__", "load_run", "swap_activations", "watch"]
+    assert sorted(gradscope.__all__) == [
+        "Config",
+        "NonfiniteStepsError",
+        "Run",
+        "Scope",
+        "__version__",
+        "load_run",
+        "swap_activations",
+        "watch",
+    ]
     for name in gradscope.__all__:
         assert getattr(gradscope, name) is not None
     assert set(gradscope.__all__) <= set(dir(gradscope))

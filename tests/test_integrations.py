@@ -37,18 +37,19 @@ def _framework(module: str) -> Any:
     the framework (then already imported) under the suite's warnings-as-errors."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pytest.importorskip(module, reason=f"{module} is not installed "
-                                   "(pip install -e '.[test]' installs it)")
+        return pytest.importorskip(
+            module, reason=f"{module} is not installed (pip install -e '.[test]' installs it)"
+        )
 
 
 # -- Lightning -----------------------------------------------------------------------------------
+
 
 def _lightning() -> Any:
     return _framework("lightning.pytorch")
 
 
-def _fit(tmp_path: Any, callbacks: list[Any], ckpt_path: str | None = None,
-         **trainer: Any) -> Any:
+def _fit(tmp_path: Any, callbacks: list[Any], ckpt_path: str | None = None, **trainer: Any) -> Any:
     pl = _lightning()
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -69,9 +70,16 @@ def _fit(tmp_path: Any, callbacks: list[Any], ckpt_path: str | None = None,
     # (the frameworks' own notes - few dataloader workers, deprecations - are silenced around
     # fit/train by the callers: they are not gradscope's)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    options = dict(max_steps=6, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                   devices=1, default_root_dir=str(tmp_path))
+    options = dict(
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=str(tmp_path),
+    )
     t = pl.Trainer(callbacks=callbacks, **{**options, **trainer})
     t.fit(model, loader, ckpt_path=ckpt_path)
     return t, model
@@ -87,8 +95,12 @@ def _norm_oracle() -> Any:
             self.norms: list[dict[str, float]] = []
 
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-            self.norms.append({n: torch.linalg.vector_norm(p.grad).item()
-                               for n, p in pl_module.named_parameters()})
+            self.norms.append(
+                {
+                    n: torch.linalg.vector_norm(p.grad).item()
+                    for n, p in pl_module.named_parameters()
+                }
+            )
 
     return Oracle()
 
@@ -99,12 +111,14 @@ def test_lightning_steps_and_norms_are_lightnings(tmp_path, accumulate):
     from gradscope.integrations.lightning import GradscopeCallback
 
     oracle = _norm_oracle()
-    cb = GradscopeCallback(out=str(tmp_path / "runs"), name="pl", activation_every=1,
-                           quiet=True, report=False)
+    cb = GradscopeCallback(
+        out=str(tmp_path / "runs"), name="pl", activation_every=1, quiet=True, report=False
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer, _ = _fit(tmp_path, [cb, oracle], accumulate_grad_batches=accumulate,
-                          gradient_clip_val=0.5)
+        trainer, _ = _fit(
+            tmp_path, [cb, oracle], accumulate_grad_batches=accumulate, gradient_clip_val=0.5
+        )
     run = gradscope.load_run(cb.scope.run_dir)
     assert run.meta["status"] == "completed"
     assert run.meta["steps"] == trainer.global_step == 6 == len(oracle.norms)
@@ -162,8 +176,7 @@ def test_lightning_remedy_state_travels_in_its_checkpoint(tmp_path):
     _lightning()
     from gradscope.integrations.lightning import GradscopeCallback
 
-    cb = GradscopeCallback(out=str(tmp_path / "runs"), clip="autoclip", quiet=True,
-                           report=False)
+    cb = GradscopeCallback(out=str(tmp_path / "runs"), clip="autoclip", quiet=True, report=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer, _ = _fit(tmp_path, [cb])
@@ -173,8 +186,7 @@ def test_lightning_remedy_state_travels_in_its_checkpoint(tmp_path):
     norms = state["remedies"]["clippers"][0]["sorted"]
     assert torch.isfinite(norms).sum() == 6  # AutoClip's history of the 6 steps
 
-    again = GradscopeCallback(out=str(tmp_path / "runs"), clip="autoclip", quiet=True,
-                              report=False)
+    again = GradscopeCallback(out=str(tmp_path / "runs"), clip="autoclip", quiet=True, report=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _fit(tmp_path / "resumed", [again], max_steps=9, ckpt_path=str(tmp_path / "last.ckpt"))
@@ -193,11 +205,19 @@ def test_lightning_ddp_strategy_writes_one_combined_run(tmp_path):
     from pathlib import Path
 
     here = Path(__file__).parent
-    env = {**os.environ, "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(here / "workers" / "lightning_ddp.py"),
-                           str(tmp_path)], capture_output=True, text=True, timeout=600, env=env,
-                          cwd=tmp_path)
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(here / "workers" / "lightning_ddp.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 steps 6" in proc.stdout and "rank 1 steps 6" in proc.stdout
     assert proc.stderr.count("run completed") == 1  # rank 0's summary only
@@ -216,6 +236,7 @@ def test_a_bad_option_fails_when_the_callback_is_made():
 
 
 # -- Hugging Face --------------------------------------------------------------------------------
+
 
 class _Regressor(nn.Module):
     def __init__(self) -> None:
@@ -240,19 +261,29 @@ def _train_hf(tmp_path: Any, callbacks: list[Any], **args: Any) -> tuple[Any, li
     logged: list[dict] = []
 
     class Logs(transformers.TrainerCallback):  # type: ignore[misc, name-defined]
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
-                   **kw: Any) -> None:
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "grad_norm" in logs:
                 logged.append({"step": state.global_step, **logs})
 
-    options = dict(output_dir=str(tmp_path / "hf"), max_steps=6, per_device_train_batch_size=4,
-                   learning_rate=0.01, logging_steps=1, save_strategy="no", report_to=[],
-                   use_cpu=True, disable_tqdm=True, max_grad_norm=0.5, seed=0)
+    options = dict(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=0.01,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        max_grad_norm=0.5,
+        seed=0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         targs = transformers.TrainingArguments(**{**options, **args})
-        trainer = transformers.Trainer(model=_Regressor(), args=targs, train_dataset=dataset,
-                                       callbacks=[*callbacks, Logs()])
+        trainer = transformers.Trainer(
+            model=_Regressor(), args=targs, train_dataset=dataset, callbacks=[*callbacks, Logs()]
+        )
         trainer.train()
     return trainer, logged
 
@@ -262,8 +293,9 @@ def test_hf_steps_and_norms_are_the_trainers(tmp_path, accumulate):
     _transformers()
     from gradscope.integrations.hf import GradscopeCallback
 
-    cb = GradscopeCallback(out=str(tmp_path / "runs"), name="hf", activation_every=1,
-                           quiet=True, report=False)
+    cb = GradscopeCallback(
+        out=str(tmp_path / "runs"), name="hf", activation_every=1, quiet=True, report=False
+    )
     trainer, logged = _train_hf(tmp_path, [cb], gradient_accumulation_steps=accumulate)
     run = gradscope.load_run(cb.scope.run_dir)
     assert run.meta["status"] == "completed"
@@ -271,7 +303,8 @@ def test_hf_steps_and_norms_are_the_trainers(tmp_path, accumulate):
     total = run.wide("grad_norm_total")["(run)"]
     # the Trainer logs the norm before its max_grad_norm clip: so does gradscope
     assert [total.loc[e["step"] - 1] for e in logged] == pytest.approx(
-        [e["grad_norm"] for e in logged], rel=1e-4)
+        [e["grad_norm"] for e in logged], rel=1e-4
+    )
     clipped = run.wide("grad_norm_total_clipped")["(run)"]
     assert (clipped <= 0.5 + 1e-5).all() and (total > 0.5).any()
     framework = [e for e in _events(cb.scope.run_dir) if e["event"] == "framework"]

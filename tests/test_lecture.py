@@ -24,8 +24,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _load() -> Any:
-    spec = importlib.util.spec_from_file_location("example_lecture_ffn",
-                                                  EXAMPLES / "lecture_ffn.py")
+    spec = importlib.util.spec_from_file_location(
+        "example_lecture_ffn", EXAMPLES / "lecture_ffn.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -72,8 +73,12 @@ def test_the_network_has_the_parameters_the_docstring_states(hidden, output):
 
 def test_every_run_is_the_lectures_per_example_loop(demo):
     results, _, out = demo
-    runs = [r for part in results.values() for key, r in part.items()
-            if isinstance(r, dict) and "run_dir" in r]
+    runs = [
+        r
+        for part in results.values()
+        for key, r in part.items()
+        if isinstance(r, dict) and "run_dir" in r
+    ]
     assert len(runs) == 10
     for r in runs:
         run = gradscope.load_run(r["run_dir"])
@@ -96,7 +101,9 @@ def test_vanishing_gradient_found_and_cured_by_the_relu_swap(demo):
     # remedy: both hidden sigmoids swapped to ReLU on the saturation finding
     done = swaps(remedy)
     assert {(e["layer"], e["from"], e["to"], e["finding"]) for e in done} == {
-        ("1", "Sigmoid", "ReLU()", "saturation"), ("3", "Sigmoid", "ReLU()", "saturation")}
+        ("1", "Sigmoid", "ReLU()", "saturation"),
+        ("3", "Sigmoid", "ReLU()", "saturation"),
+    }
     step = max(e["step"] for e in done)
     assert step <= 30
     model = remedy["model"]
@@ -161,8 +168,9 @@ def test_exploding_gradient_found_and_cured_by_fixed_and_dynamic_clipping(demo):
         coef = run.wide("clip_coef")["(run)"]
         assert coef[bad] < 0.1 and (coef <= 1 + 1e-6).all()
         # the per-flush "clipped" events of events.jsonl count the same steps
-        clipped = [e for e in events(r) if e.get("event") == "remedy"
-                   and e.get("action") == "clipped"]
+        clipped = [
+            e for e in events(r) if e.get("event") == "remedy" and e.get("action") == "clipped"
+        ]
         assert sum(e["clipped_steps"] for e in clipped) == len(r["clipped_steps"]) > 0
         # clipping does not hide the explosion (pre-clip norms), but it cures the damage
         assert findings(r, "exploding_gradients")
@@ -180,8 +188,7 @@ def test_the_printed_summary(demo):
     assert "dead_units at 1" in rows["dead"] and "swapped 1 at step" in rows["dead"]
     assert "exploding_gradients at 0.weight" in rows["exploding"]
     for part, res in results.items():
-        assert f"{res['sick']['final_loss']:.4f} -> {res['remedy']['final_loss']:.4f}" \
-            in rows[part]
+        assert f"{res['sick']['final_loss']:.4f} -> {res['remedy']['final_loss']:.4f}" in rows[part]
 
 
 def test_main_rejects_an_unknown_part(tmp_path):

@@ -134,8 +134,15 @@ def test_no_tensor_outlives_its_step(out, trace):
         gc.collect()
         return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
 
-    with gradscope.watch(model, out=out, flush_every=50, flush_secs=1e9, activation_every=5,
-                         tensorboard=False, trace_nonfinite=trace) as scope:
+    with gradscope.watch(
+        model,
+        out=out,
+        flush_every=50,
+        flush_secs=1e9,
+        activation_every=5,
+        tensorboard=False,
+        trace_nonfinite=trace,
+    ) as scope:
         counts = []
         for i in range(2000):
             opt.zero_grad()
@@ -162,8 +169,13 @@ def test_interpreter_exit_closes_an_unclosed_scope(tmp_path):
         """
     )
     for mode, status, code in (("ok", "completed", 0), ("crash", "failed", 1)):
-        proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
-                              text=True, cwd=tmp_path, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, mode],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
         assert proc.returncode == code, proc.stderr
         run = gradscope.load_run(sorted(tmp_path.glob("r*"))[-1])
         assert run.meta["status"] == status and run.meta["steps"] == 3

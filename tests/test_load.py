@@ -24,13 +24,29 @@ from gradscope import load
 from gradscope.load import Progress, _Tally, clean_chunk, progress, validate_finding, validate_meta
 
 GOOD_META = {
-    "gradscope": "0.1", "torch": "2.x", "python": "3.11", "platform": "Linux", "command": "x",
-    "argv": ["a"], "cwd": "/", "pid": 1, "config": {"clip": None}, "models": {"": "MLP"},
-    "started": "2026-01-01T00:00:00+0000", "ended": None, "status": "running",
-    "exit_code": None, "world_size": 1, "steps": 3, "step_mode": None,
-    "layers": [{"name": "0", "kind": "module", "type": "Linear", "family": None},
-               {"name": "0.weight", "kind": "param", "module": "0", "type": "Linear"}],
-    "sites": ["1", "1#1"], "future_field": {"anything": [1, 2]},
+    "gradscope": "0.1",
+    "torch": "2.x",
+    "python": "3.11",
+    "platform": "Linux",
+    "command": "x",
+    "argv": ["a"],
+    "cwd": "/",
+    "pid": 1,
+    "config": {"clip": None},
+    "models": {"": "MLP"},
+    "started": "2026-01-01T00:00:00+0000",
+    "ended": None,
+    "status": "running",
+    "exit_code": None,
+    "world_size": 1,
+    "steps": 3,
+    "step_mode": None,
+    "layers": [
+        {"name": "0", "kind": "module", "type": "Linear", "family": None},
+        {"name": "0.weight", "kind": "param", "module": "0", "type": "Linear"},
+    ],
+    "sites": ["1", "1#1"],
+    "future_field": {"anything": [1, 2]},
 }
 
 
@@ -42,9 +58,15 @@ def test_valid_metadata_passes_unchanged():
 
 def test_each_bad_field_is_dropped_with_one_line():
     problems: list[str] = []
-    bad = {**GOOD_META, "status": "exploded", "steps": -1, "pid": True, "layers": [
-        GOOD_META["layers"][0], {"name": "p", "kind": "param", "type": "Linear"}, "x"],
-        "sites": ["1", 7], "exit_code": 2.5}
+    bad = {
+        **GOOD_META,
+        "status": "exploded",
+        "steps": -1,
+        "pid": True,
+        "layers": [GOOD_META["layers"][0], {"name": "p", "kind": "param", "type": "Linear"}, "x"],
+        "sites": ["1", 7],
+        "exit_code": 2.5,
+    }
     meta = validate_meta(bad, problems)
     assert "status" not in meta and "steps" not in meta and "pid" not in meta
     assert "exit_code" not in meta and meta["world_size"] == 1
@@ -61,29 +83,49 @@ def test_each_bad_field_is_dropped_with_one_line():
     ]
     problems = []
     assert validate_meta([GOOD_META], problems) == {}
-    assert problems == ["run.json is a list, not a JSON object: no run header, layer order "
-                        "unknown"]
+    assert problems == ["run.json is a list, not a JSON object: no run header, layer order unknown"]
 
 
-FINDING = {"kind": "dead_units", "severity": "warning", "layer": "net.3", "first_step": 10,
-           "last_step": 90, "evidence": {"dead_fraction": 0.82}, "message": "m",
-           "suggestion": "s", "remedies": [{"remedy": "swap"}], "module": None}
+FINDING = {
+    "kind": "dead_units",
+    "severity": "warning",
+    "layer": "net.3",
+    "first_step": 10,
+    "last_step": 90,
+    "evidence": {"dead_fraction": 0.82},
+    "message": "m",
+    "suggestion": "s",
+    "remedies": [{"remedy": "swap"}],
+    "module": None,
+}
 
 
 def test_a_valid_finding_passes_unchanged_and_a_bad_one_is_repaired():
     problems: list[str] = []
     tally = _Tally(problems, "findings.json")
     assert validate_finding(dict(FINDING), "finding 0", tally) == FINDING
-    bad = {**FINDING, "layer": ["a"], "first_step": math.nan, "last_step": 5.0,
-           "severity": "fatal", "remedies": {}, "extra": {"kept": True}}
+    bad = {
+        **FINDING,
+        "layer": ["a"],
+        "first_step": math.nan,
+        "last_step": 5.0,
+        "severity": "fatal",
+        "remedies": {},
+        "extra": {"kept": True},
+    }
     del bad["message"]
     fixed = validate_finding(bad, "finding 1", tally)
     expected = {k: v for k, v in FINDING.items() if k != "remedies"}
-    expected.update(layer="?", first_step=None, last_step=None, severity="unknown",
-                    message="", extra={"kept": True})
+    expected.update(
+        layer="?",
+        first_step=None,
+        last_step=None,
+        severity="unknown",
+        message="",
+        extra={"kept": True},
+    )
     assert fixed == expected
-    backwards = validate_finding({**FINDING, "first_step": 9, "last_step": 2}, "finding 2",
-                                 tally)
+    backwards = validate_finding({**FINDING, "first_step": 9, "last_step": 2}, "finding 2", tally)
     assert (backwards["first_step"], backwards["last_step"]) == (9, 9)
     assert validate_finding({**FINDING, "kind": ""}, "finding 3", tally) is None
     assert validate_finding(3, "finding 4", tally) is None
@@ -106,14 +148,21 @@ def test_problems_of_one_file_are_capped_and_counted():
         tally.add(f"line {i} bad")
     tally.close()
     assert problems == [f"events.jsonl line {i} bad" for i in range(load.PER_FILE)] + [
-        f"events.jsonl: {25 - load.PER_FILE} more problem(s) like these"]
+        f"events.jsonl: {25 - load.PER_FILE} more problem(s) like these"
+    ]
 
 
 def _table(steps, kinds=None, layers=None, values=None) -> pa.Table:
     n = len(steps)
-    return pa.table({"step": steps, "layer": layers or ["a"] * n,
-                     "kind": kinds or ["param"] * n, "metric": ["grad_norm"] * n,
-                     "value": values if values is not None else [float(i) for i in range(n)]})
+    return pa.table(
+        {
+            "step": steps,
+            "layer": layers or ["a"] * n,
+            "kind": kinds or ["param"] * n,
+            "metric": ["grad_norm"] * n,
+            "value": values if values is not None else [float(i) for i in range(n)],
+        }
+    )
 
 
 def test_a_clean_chunk_passes_unchanged():
@@ -127,9 +176,11 @@ def test_a_clean_chunk_passes_unchanged():
 def test_bad_rows_are_dropped_and_counted():
     problems: list[str] = []
     steps = pa.array([0.0, 1.0, math.nan, -1.0, 2.5, math.inf, 2.0**60, 3.0])
-    table = _table(steps, kinds=["param", "run", "param", "param", "param", "param", "param",
-                                 "banana"],
-                   layers=["a", "(run)", "a", "a", "a", "a", "a", "a"])
+    table = _table(
+        steps,
+        kinds=["param", "run", "param", "param", "param", "param", "param", "banana"],
+        layers=["a", "(run)", "a", "a", "a", "a", "a", "a"],
+    )
     table = table.append_column("junk", pa.array([1] * 8))
     cleaned = clean_chunk(table, "part-000007.parquet", problems)
     assert cleaned.column_names == list(load.COLUMNS)
@@ -143,13 +194,16 @@ def test_bad_rows_are_dropped_and_counted():
     ]
 
 
-@pytest.mark.parametrize("change, why", [
-    (lambda t: t.drop(["kind"]), "no kind column (it has: step, layer, metric, value)"),
-    (lambda t: t.set_column(0, "step", pa.array(["0", "1"])), "column step holds string"),
-    (lambda t: t.set_column(4, "value", pa.array([True, False])), "column value holds bool"),
-    (lambda t: t.set_column(3, "metric", pa.array([1, 2])), "column metric holds int64"),
-    (lambda t: t.append_column("step", pa.array([1, 2])), "column step appears twice"),
-])
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (lambda t: t.drop(["kind"]), "no kind column (it has: step, layer, metric, value)"),
+        (lambda t: t.set_column(0, "step", pa.array(["0", "1"])), "column step holds string"),
+        (lambda t: t.set_column(4, "value", pa.array([True, False])), "column value holds bool"),
+        (lambda t: t.set_column(3, "metric", pa.array([1, 2])), "column metric holds int64"),
+        (lambda t: t.append_column("step", pa.array([1, 2])), "column step appears twice"),
+    ],
+)
 def test_a_chunk_with_wrong_columns_is_skipped(change, why):
     problems: list[str] = []
     assert clean_chunk(change(_table(pa.array([0, 1]))), "part-000003.parquet", problems) is None
@@ -160,8 +214,9 @@ def test_integral_float_and_small_integer_steps_are_taken():
     problems: list[str] = []
     cleaned = clean_chunk(_table(pa.array([0.0, 4.0])), "p", problems)
     assert cleaned.column("step").to_pylist() == [0, 4] and problems == []
-    cleaned = clean_chunk(_table(pa.array([1, 2], pa.uint8()),
-                                 values=pa.array([1, 2], pa.int32())), "p", problems)
+    cleaned = clean_chunk(
+        _table(pa.array([1, 2], pa.uint8()), values=pa.array([1, 2], pa.int32())), "p", problems
+    )
     assert cleaned.column("step").type == pa.int64() and problems == []
     assert cleaned.column("value").type == pa.float64()
 
@@ -183,8 +238,12 @@ def test_steps_come_from_the_records_when_run_json_is_behind():
     p = Progress("did not close", "why", 25, 20, 0)
     assert p.steps_text == "25 (20 with records; run.json said 0 when last written)"
     assert p.status_text == "ended without closing (killed?)" and not p.closed
-    p = progress({"status": "running", "steps": 0, "pid": os.getpid(),
-                  "started": _iso(time.time())}, Path("/nonexistent"), 24, 25)
+    p = progress(
+        {"status": "running", "steps": 0, "pid": os.getpid(), "started": _iso(time.time())},
+        Path("/nonexistent"),
+        24,
+        25,
+    )
     assert (p.state, p.steps, p.recorded, p.meta_steps) == ("running", 25, 25, 0)
 
 
@@ -203,7 +262,8 @@ def test_a_live_process_is_running_a_gone_or_younger_one_did_not_close(tmp_path)
     p = progress({**me, "pid": child.pid}, tmp_path, 4, 5)
     assert p.state == "did not close" and p.why == (
         f"run.json says running, but its process (pid {child.pid}) is gone: the run ended "
-        "without closing (killed?)")
+        "without closing (killed?)"
+    )
 
 
 def test_a_run_on_another_machine_did_not_close_when_nothing_changed_for_long(tmp_path):
@@ -218,8 +278,9 @@ def test_a_run_on_another_machine_did_not_close_when_nothing_changed_for_long(tm
         os.utime(p, (old, old))
     p = progress(meta, tmp_path, -1, 0, now=now)
     assert p.state == "did not close"
-    assert p.why.startswith("run.json says running, but nothing in the run directory changed "
-                            "for 1h 15m")
+    assert p.why.startswith(
+        "run.json says running, but nothing in the run directory changed for 1h 15m"
+    )
     # a chunk written a minute ago: still running
     os.utime(tmp_path / "metrics/part-000001.parquet", (now - 60, now - 60))
     assert progress(meta, tmp_path, -1, 0, now=now).state == "running"

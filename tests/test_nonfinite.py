@@ -44,8 +44,9 @@ def _run(model, steps, make_x, out, guard=False, lr=0.01, **options):
             opt.zero_grad()
             loss = model(make_x(i)).pow(2).mean()
             loss.backward()
-            grads_ok = all(torch.isfinite(p.grad).all() for p in model.parameters()
-                           if p.grad is not None)
+            grads_ok = all(
+                torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+            )
             if grads_ok or not guard:
                 opt.step()
     return scope
@@ -63,6 +64,7 @@ def _x_with_zero_row(step_bad):
         if i >= step_bad:
             x[0] = 0.0
         return x
+
     return make
 
 
@@ -81,7 +83,12 @@ def test_forward_nan_is_blamed_on_the_module_that_made_it(out, immediate, monkey
     scope = _run(model, 12, _x_with_zero_row(5), out, trace_nonfinite="always")
     f = _nonfinite(scope)
     assert (f["phase"], f["layer"], f["module"], f["class"], f["first_step"]) == (
-        "forward", "2", "2", "Log", 5)
+        "forward",
+        "2",
+        "2",
+        "Log",
+        5,
+    )
     assert f["evidence"]["traced"] is True and f["evidence"]["inputs_finite"] is True
     if immediate:
         assert f["evidence"]["input_max_abs"] == pytest.approx(1.5, abs=0.01)
@@ -99,8 +106,7 @@ def test_functional_op_inside_a_container_is_blamed_on_the_container(out):
     model = nn.Sequential(nn.Linear(4, 4), Residual(), nn.Linear(4, 1))
     scope = _run(model, 3, lambda i: torch.rand(8, 4), out, trace_nonfinite="always")
     f = _nonfinite(scope)
-    assert (f["phase"], f["module"], f["class"], f["first_step"]) == (
-        "forward", "1", "Residual", 0)
+    assert (f["phase"], f["module"], f["class"], f["first_step"]) == ("forward", "1", "Residual", 0)
 
 
 def test_nan_in_the_data_is_not_blamed_on_a_module(out):
@@ -109,6 +115,7 @@ def test_nan_in_the_data_is_not_blamed_on_a_module(out):
         if i == 3:
             x[2, 1] = float("nan")
         return x
+
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     scope = _run(model, 6, make, out, trace_nonfinite="always", guard=True)
     f = _nonfinite(scope)
@@ -147,8 +154,7 @@ def test_inf_only_backward_blow_up_is_found(out):
 
     scope = _run(model, 8, make, out, trace_nonfinite="always", guard=True)
     f = _nonfinite(scope)
-    assert (f["phase"], f["module"], f["class"], f["first_step"]) == (
-        "backward", "1", "Sqrt", 4)
+    assert (f["phase"], f["module"], f["class"], f["first_step"]) == ("backward", "1", "Sqrt", 4)
     assert f["evidence"]["output_grads_finite"] is True
     assert f["evidence"]["input_grad"]["inf"] > 0
 
@@ -175,6 +181,7 @@ def test_auto_mode_arms_on_the_first_hit_and_names_the_module_when_it_recurs(out
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(4).repeat(2, 1))
         model[0].bias.zero_()
+
     def make(i):
         x = torch.rand(8, 4) + 0.5
         if i in (5, 9):
@@ -186,8 +193,9 @@ def test_auto_mode_arms_on_the_first_hit_and_names_the_module_when_it_recurs(out
     assert f["first_step"] == 5
     assert (f["phase"], f["module"], f["class"]) == ("forward", "2", "Log")
     assert f["evidence"]["traced_at_step"] > 5  # traced at the second occurrence
-    events = [json.loads(line) for line in (scope.run_dir / "events.jsonl").read_text()
-              .splitlines()]
+    events = [
+        json.loads(line) for line in (scope.run_dir / "events.jsonl").read_text().splitlines()
+    ]
     kinds = [e["event"] for e in events]
     assert "nonfinite_traced" in kinds and "finding" in kinds
 
@@ -203,6 +211,7 @@ def test_auto_mode_without_recurrence_infers_the_phase_and_says_how_to_trace(out
         if i == 5:
             x[0] = 0.0
         return x
+
     scope = _run(model, 10, make, out)  # no guard: the NaN step poisons the weights
     f = _nonfinite(scope)
     assert (f["phase"], f["first_step"], f["last_step"]) == ("forward", 5, 9)
@@ -260,7 +269,7 @@ def test_gradscaler_calibrating_its_scale_is_not_a_finding(out):
     finding, and the tracer stays off."""
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = cpu_scaler(init_scale=2.0 ** 127)
+    scaler = cpu_scaler(init_scale=2.0**127)
     with gradscope.watch(model, out=out, quiet=True, trace_nonfinite="auto") as scope:
         for _ in range(30):
             opt.zero_grad()

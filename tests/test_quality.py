@@ -55,10 +55,14 @@ def test_tool_passes(tool, args):
         # what mypy says depends on its version and on the annotations of every library it
         # reads (torch's above all); "clean" is a claim about the pinned set. ruff reads only
         # the code: it runs at any version from the floor in pyproject.toml on.
-        pytest.skip("mypy checks against the versions of constraints.txt; here: "
-                    + ", ".join(off[:6]) + (" ..." if len(off) > 6 else ""))
-    proc = subprocess.run([sys.executable, "-m", tool, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+        pytest.skip(
+            "mypy checks against the versions of constraints.txt; here: "
+            + ", ".join(off[:6])
+            + (" ..." if len(off) > 6 else "")
+        )
+    proc = subprocess.run(
+        [sys.executable, "-m", tool, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -79,8 +83,9 @@ def test_one_version_source():
     assert attr == "gradscope.__version__"
     # setuptools reads the attribute without importing gradscope (and torch): only a literal
     # assignment can be read that way
-    assert re.search(r'^__version__ = "[^"]+"$', (ROOT / "gradscope" / "__init__.py").read_text(),
-                     flags=re.M)
+    assert re.search(
+        r'^__version__ = "[^"]+"$', (ROOT / "gradscope" / "__init__.py").read_text(), flags=re.M
+    )
     try:
         installed = metadata.version("gradscope")
     except metadata.PackageNotFoundError:
@@ -94,8 +99,13 @@ _OUTSIDE = re.compile(r"notes/|DESIGN\.md|\.\./shared|\bshared/")
 def test_the_package_and_docs_point_only_inside_the_repository():
     """Comments and docs cite what the repository holds (docs/, benchmarks/...), never notes
     kept elsewhere; every ``docs/NAME.md`` the package names exists."""
-    files = [*sorted((ROOT / "gradscope").rglob("*.py")), *sorted((ROOT / "docs").glob("*.md")),
-             ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md"]
+    files = [
+        *sorted((ROOT / "gradscope").rglob("*.py")),
+        *sorted((ROOT / "docs").glob("*.md")),
+        ROOT / "README.md",
+        ROOT / "CONTRIBUTING.md",
+        ROOT / "CHANGELOG.md",
+    ]
     outside, missing = [], []
     for path in files:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -103,7 +113,10 @@ def test_the_package_and_docs_point_only_inside_the_repository():
             if _OUTSIDE.search(line):
                 outside.append(f"{where}: {line.strip()}")
             if path.suffix == ".py":
-                missing += [f"{where}: {doc}" for doc in re.findall(r"docs/[\w.-]+\.md", line)
-                            if not (ROOT / doc).exists()]
+                missing += [
+                    f"{where}: {doc}"
+                    for doc in re.findall(r"docs/[\w.-]+\.md", line)
+                    if not (ROOT / doc).exists()
+                ]
     assert not outside, "\n".join(outside)
     assert not missing, "\n".join(missing)

@@ -22,7 +22,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def _blocks_after(marker: str) -> list[str]:
-    tail = README[README.index(marker):]
+    tail = README[README.index(marker) :]
     return re.findall(r"```[a-z]*\n(.*?)```", tail, flags=re.S)
 
 
@@ -73,8 +73,9 @@ def _trajectory(words: list[str]) -> dict[int, str]:
     return marked
 
 
-def _same_words(got: list[str], want: list[str], rel: float = 1.5e-2,
-                trajectory: bool = False) -> None:
+def _same_words(
+    got: list[str], want: list[str], rel: float = 1.5e-2, trajectory: bool = False
+) -> None:
     """The same words, wrapped anyhow; numbers equal to their printed digits (CPU kernels may
     differ in the last bits between machines). ``trajectory``: the numbers that
     :func:`_trajectory` marks only within the spread of that chaotic run (losses within 60%,
@@ -103,8 +104,14 @@ def _gradscope(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     if not (cwd / "examples").exists():
         (cwd / "examples").symlink_to(ROOT / "examples")
     env = {**os.environ, "COLUMNS": "100", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gradscope", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradscope", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -112,8 +119,10 @@ def _gradscope(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_setup_commands_open_the_readme():
     commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)[:2]
     assert commands[0].startswith("pip install torch==2.13.0 && pip install -e . && gradscope demo")
-    assert commands[1] == ('pip install torch==2.13.0 && pip install -c constraints.txt -e '
-                           '".[test]" && python -m pytest -q')
+    assert commands[1] == (
+        "pip install torch==2.13.0 && pip install -c constraints.txt -e "
+        '".[test]" && python -m pytest -q'
+    )
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
     # the constraints pin every package that the test extra installs, and torch as installed
     pinned = _pins(ROOT / "constraints.txt")
@@ -139,23 +148,32 @@ def test_oldest_constraints_are_the_floors_of_pyproject():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = [r for r in project["dependencies"] if "python_version < '3.11'" not in r]
-    reqs += [r for name, extra in project["optional-dependencies"].items() if name != "dev"
-             for r in extra]
+    reqs += [
+        r
+        for name, extra in project["optional-dependencies"].items()
+        if name != "dev"
+        for r in extra
+    ]
     oldest = _pins(ROOT / "constraints-oldest.txt")
     for req in reqs:
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([\d.]+)", req)
         assert m, f"not a plain floor: {req}"
         name, floor = m.groups()
         pinned = oldest.get(re.sub(r"[-_.]+", "-", name).lower(), "")
-        assert pinned.split(".")[:len(floor.split("."))] == floor.split("."), (req, pinned)
+        assert pinned.split(".")[: len(floor.split("."))] == floor.split("."), (req, pinned)
 
 
 @pytest.mark.slow
 def test_quickstart_is_the_example_file_and_prints_what_the_readme_shows(tmp_path):
     code, shown = _blocks_after("<!-- quickstart")[:2]
     assert code == (ROOT / "examples" / "quickstart.py").read_text().split('"""\n\n', 1)[1]
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     got, want = proc.stdout.split(), shown.split()
     # the same words; numbers equal to their printed 3 significant digits (CPU kernels may
@@ -194,15 +212,19 @@ def test_finding_excerpt_is_what_it_prints(tmp_path):
     args, shown = _command_block("<!-- excerpt")
     want = _words("\n".join(line for line in shown if line != "..."))
     got = _words(_gradscope(args, tmp_path).stderr)
-    starts = [i for i in range(len(got) - len(want) + 1)
-              if _shape(got[i:i + len(want)]) == _shape(want)]
+    starts = [
+        i for i in range(len(got) - len(want) + 1) if _shape(got[i : i + len(want)]) == _shape(want)
+    ]
     assert starts, f"not in stderr: {' '.join(want)}\n{' '.join(got)}"
-    _same_words(got[starts[0]:starts[0] + len(want)], want)
+    _same_words(got[starts[0] : starts[0] + len(want)], want)
 
 
 def test_findings_table_lists_every_kind_and_real_options():
-    rows = [line for line in _section("What it finds").splitlines()
-            if line.startswith("| ") and not line.startswith("| pathology")]
+    rows = [
+        line
+        for line in _section("What it finds").splitlines()
+        if line.startswith("| ") and not line.startswith("| pathology")
+    ]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     assert sorted(re.fullmatch(r"`(\w+)`", c[1]).group(1) for c in cells) == sorted(FINDING_KINDS)
     fields = {f.name for f in dataclasses.fields(gradscope.Config)}
@@ -236,8 +258,12 @@ def _anchors(markdown: str) -> set[str]:
     return out
 
 
-DOCS = ["README.md", "CONTRIBUTING.md", "CHANGELOG.md",
-        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+DOCS = [
+    "README.md",
+    "CONTRIBUTING.md",
+    "CHANGELOG.md",
+    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
+]
 
 
 @pytest.mark.parametrize("page", DOCS)
@@ -260,7 +286,7 @@ def test_relative_links_and_anchors_resolve(page):
 
 
 def test_every_config_option_is_documented():
-    section = README[README.index("## Configuration"):README.index("## Status")]
+    section = README[README.index("## Configuration") : README.index("## Status")]
     for field in dataclasses.fields(gradscope.Config):
         assert f"`{field.name}`" in section, f"README's configuration table misses {field.name}"
 
@@ -272,8 +298,9 @@ def _doc(name: str) -> str:
 def test_thresholds_page_lists_every_threshold_with_its_default():
     from gradscope.rules.thresholds import Thresholds
 
-    rows = dict(re.findall(r"^\| \[`(\w+)`\]\(#\w+\) \| ([^|]+) \|", _doc("thresholds.md"),
-                           flags=re.M))
+    rows = dict(
+        re.findall(r"^\| \[`(\w+)`\]\(#\w+\) \| ([^|]+) \|", _doc("thresholds.md"), flags=re.M)
+    )
     defaults = {f.name: f.default for f in dataclasses.fields(Thresholds)}
     assert set(rows) == set(defaults)
     for name, shown in rows.items():
@@ -284,8 +311,9 @@ def test_docs_name_every_option_metric_and_finding():
     from gradscope.records import METRICS
 
     usage, run_dir, findings = _doc("usage.md"), _doc("run-directory.md"), _doc("findings.md")
-    assert [f.name for f in dataclasses.fields(gradscope.Config)
-            if f"`{f.name}`" not in usage] == []
+    assert [
+        f.name for f in dataclasses.fields(gradscope.Config) if f"`{f.name}`" not in usage
+    ] == []
     assert [m for m in METRICS if f"`{m}`" not in run_dir] == []
     headings = " ".join(re.findall(r"^#+ (.+)$", findings, flags=re.M))
     assert [k for k in FINDING_KINDS if f"`{k}`" not in headings] == []
@@ -294,7 +322,7 @@ def test_docs_name_every_option_metric_and_finding():
 def test_design_page_names_every_module():
     """docs/design.md's table of parts names each module of the package and each subpackage."""
     design = _doc("design.md")
-    parts = design[design.index("## The parts"):design.index("## Hook decisions")]
+    parts = design[design.index("## The parts") : design.index("## Hook decisions")]
     package = ROOT / "gradscope"
     names = [p.name for p in package.glob("*.py") if p.name != "__main__.py"]
     names += [f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").exists()]

@@ -21,8 +21,9 @@ from models import compile_keeps_optimizer_hooks, cpu_scaler, skip_without_cpu_f
 
 def _mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(),
-                         nn.Linear(32, 3))
+    return nn.Sequential(
+        nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
+    )
 
 
 def _data(seed: int = 0, scale: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +46,7 @@ def _train(model, opt, x, y, steps, before_step=None):
 
 
 # -- fixed clipping --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_norm_clip_gives_clip_grad_norm_weights_bit_for_bit(out, per_layer):
@@ -82,11 +84,13 @@ def test_norm_clip_gives_clip_grad_norm_weights_bit_for_bit(out, per_layer):
         np.testing.assert_allclose(run.wide("clip_threshold")["(run)"], 0.3)
     assert (total_pre > 0.3).any(), "the test must actually clip"
     clipped = [e for e in _events(scope) if e.get("action") == "clipped"]
-    assert (clipped and clipped[0]["clipped_steps"] == int((total_pre > 0.3 + 1e-6).sum())) or \
-        per_layer
+    assert (
+        clipped and clipped[0]["clipped_steps"] == int((total_pre > 0.3 + 1e-6).sum())
+    ) or per_layer
 
 
 # -- AGC ---------------------------------------------------------------------------------------
+
 
 def _agc_reference(params, lam=0.01, eps=1e-3):
     """Brock et al. 2021, eq. (3), written out: per output unit (row/filter; whole tensor for
@@ -119,8 +123,9 @@ def test_agc_matches_the_formula_and_leaves_the_head_out(out, skip_last):
     def capture(o, args, kwargs):  # registered after gradscope's: sees the clipped grads
         seen["grads"] = [p.grad.detach().clone() for p in model.parameters()]
 
-    with gradscope.watch(model, opt, out=out, quiet=True,
-                         clip=f"agc:0.01,skip_last={str(skip_last).lower()}") as scope:
+    with gradscope.watch(
+        model, opt, out=out, quiet=True, clip=f"agc:0.01,skip_last={str(skip_last).lower()}"
+    ) as scope:
         handle = opt.register_step_pre_hook(capture)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -134,8 +139,9 @@ def test_agc_matches_the_formula_and_leaves_the_head_out(out, skip_last):
             assert torch.equal(got, before), f"{name}: the final layer must be left alone"
         else:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    assert any(not torch.equal(a, b) for a, b in zip(seen["grads"][:2], raw[:2])), \
+    assert any(not torch.equal(a, b) for a, b in zip(seen["grads"][:2], raw[:2])), (
         "the test must actually clip"
+    )
     run = scope.load()
     post = run.wide("grad_norm_clipped").iloc[0]
     for name, g in zip(names, seen["grads"]):
@@ -143,6 +149,7 @@ def test_agc_matches_the_formula_and_leaves_the_head_out(out, skip_last):
 
 
 # -- AutoClip and ZClip against their rules on fixed sequences ---------------------------------
+
 
 def _run_rule(clipper, norms):
     out = []
@@ -186,7 +193,7 @@ def _zclip_reference(norms, z=2.5, alpha=0.97, warmup=25, factor=1.0):
                 var = sum((b - mean) ** 2 for b in buf) / len(buf)
             out.append(math.inf)
             continue
-        std = var ** 0.5
+        std = var**0.5
         zs = (g - mean) / (std + 1e-6)
         clip = None
         if zs > z:
@@ -217,8 +224,9 @@ def test_zclip_follows_the_reference_rule(params):
     assert sum(math.isfinite(t) for t in got) >= 3  # the spikes were clipped
 
 
-@pytest.mark.parametrize("clip", ["autoclip", "zclip:warmup=5", "autoclip:per_layer",
-                                  "zclip:warmup=5,per_layer"])
+@pytest.mark.parametrize(
+    "clip", ["autoclip", "zclip:warmup=5", "autoclip:per_layer", "zclip:warmup=5,per_layer"]
+)
 def test_a_nonfinite_step_does_not_poison_the_history(out, clip):
     """Two runs over the same finite batches, one with an extra NaN step in the middle: after
     it, every threshold is the same (and finite) in both."""
@@ -227,8 +235,9 @@ def test_a_nonfinite_step_does_not_poison_the_history(out, clip):
     def run(with_nan):
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # same grads every step
-        with gradscope.watch(model, opt, out=out, clip=clip, quiet=True,
-                             trace_nonfinite="off") as scope:
+        with gradscope.watch(
+            model, opt, out=out, clip=clip, quiet=True, trace_nonfinite="off"
+        ) as scope:
             for step in range(30):
                 opt.zero_grad()
                 xb = x * float("nan") if (with_nan and step == 12) else x
@@ -245,6 +254,7 @@ def test_a_nonfinite_step_does_not_poison_the_history(out, clip):
 
 
 # -- the guard ------------------------------------------------------------------------------------
+
 
 def test_guard_leaves_weights_and_optimizer_state_bit_identical_on_a_nan_step(out):
     model = _mlp()
@@ -303,6 +313,7 @@ def test_remedies_act_on_a_closure_step(out):
             if clip:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 0.3)
             return loss
+
         return closure
 
     with gradscope.watch(model, opt, out=out, clip="norm:0.3", guard=True, quiet=True) as scope:
@@ -325,8 +336,10 @@ def test_guard_stops_after_max_skips_in_a_row_and_keeps_the_run(out):
     x, y = _data()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scope = gradscope.watch(model, opt, out=out, guard=3, quiet=True)
-    with pytest.raises(gradscope.NonfiniteStepsError, match=r"4 optimizer steps in a row.*3"), \
-            scope:
+    with (
+        pytest.raises(gradscope.NonfiniteStepsError, match=r"4 optimizer steps in a row.*3"),
+        scope,
+    ):
         for step in range(20):
             opt.zero_grad()
             xb = x * float("nan") if step >= 6 else x
@@ -347,7 +360,7 @@ def test_guard_only_records_under_a_grad_scaler(out):
     if scaler_cls is None:
         pytest.skip("torch.amp.GradScaler needs torch >= 2.3")
     try:
-        scaler = scaler_cls("cpu", init_scale=2.0 ** 4)
+        scaler = scaler_cls("cpu", init_scale=2.0**4)
     except (RuntimeError, TypeError):
         pytest.skip("no CPU GradScaler in this torch")
     model = _mlp()
@@ -369,6 +382,7 @@ def test_guard_only_records_under_a_grad_scaler(out):
 
 
 # -- swap ---------------------------------------------------------------------------------------
+
 
 def test_swap_activations_keeps_positive_outputs_and_revives_dead_rows():
     torch.manual_seed(0)
@@ -429,8 +443,7 @@ def _dying_net():
     """48 of layer 2's 64 units dead from the start (bias -2), so the finding comes at once;
     they can come back (measured: 75% -> under 10% within 60 Adam steps once treated)."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                      nn.Linear(64, 4))
+    m = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     with torch.no_grad():
         m[2].bias[:48] = -2.0
     return m
@@ -442,8 +455,9 @@ def test_watch_swaps_on_a_dead_units_finding_and_keeps_measuring(out):
     x = torch.randn(128, 10)
     y = torch.randint(0, 4, (128,))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with gradscope.watch(model, opt, out=out, swap="relu->leaky_relu:0.1", quiet=True,
-                         activation_every=2) as scope:
+    with gradscope.watch(
+        model, opt, out=out, swap="relu->leaky_relu:0.1", quiet=True, activation_every=2
+    ) as scope:
         _train(model, opt, x, y, 60)
         assert isinstance(model[3], nn.LeakyReLU) and model[3].negative_slope == 0.1
         assert isinstance(model[1], nn.ReLU)  # the healthy one is left alone
@@ -478,8 +492,15 @@ def test_swap_that_cannot_apply_says_why_in_the_finding(out):
     x, y = torch.randn(64, 10), torch.randint(0, 2, (64,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="functionally"):
-        scope = gradscope.watch(model, opt, out=out, swap="relu->gelu", quiet=True,
-                                activation_types=["Block"], activation_every=1)
+        scope = gradscope.watch(
+            model,
+            opt,
+            out=out,
+            swap="relu->gelu",
+            quiet=True,
+            activation_types=["Block"],
+            activation_every=1,
+        )
     with scope:
         _train(model, opt, x, y, 12)
     finding = next(f for f in scope.findings if f["kind"] == "dead_units")
@@ -487,16 +508,19 @@ def test_swap_that_cannot_apply_says_why_in_the_finding(out):
     assert note["action"] == "not_applied" and "functionally" in note["reason"]
 
 
-@pytest.mark.skipif(not compile_keeps_optimizer_hooks(),
-                    reason="torch 2.2's torch.compile strips optimizer step hooks (torch >= 2.3)")
+@pytest.mark.skipif(
+    not compile_keeps_optimizer_hooks(),
+    reason="torch 2.2's torch.compile strips optimizer step hooks (torch >= 2.3)",
+)
 def test_swap_on_a_compiled_model_recompiles_and_uses_the_new_module(out):
     model = _dying_net()
     compiled = torch.compile(model, backend="eager")
     x = torch.randn(128, 10)
     y = torch.randint(0, 4, (128,))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with gradscope.watch(compiled, opt, out=out, swap="relu->leaky_relu:0.1", quiet=True,
-                         activation_every=2):
+    with gradscope.watch(
+        compiled, opt, out=out, swap="relu->leaky_relu:0.1", quiet=True, activation_every=2
+    ):
         _train(compiled, opt, x, y, 30)
     assert isinstance(model[3], nn.LeakyReLU)
     with torch.no_grad():
@@ -505,6 +529,7 @@ def test_swap_on_a_compiled_model_recompiles_and_uses_the_new_module(out):
 
 
 # -- recycle ------------------------------------------------------------------------------------
+
 
 def test_recycling_leaves_the_output_unchanged_and_resets_the_dead_units():
     model = _dying_net()
@@ -531,8 +556,11 @@ def test_recycling_leaves_the_output_unchanged_and_resets_the_dead_units():
     assert torch.equal(model[2].weight[48:], w_in[48:])  # the live units untouched
     assert (model[2].bias[:48] == 0).all() and (model[4].weight[:, :48] == 0).all()
     assert (model[4].weight[:, 48:] != 0).all()
-    for p, idx in ((model[2].weight, (slice(None, 48),)), (model[2].bias, (slice(None, 48),)),
-                   (model[4].weight, (slice(None), slice(None, 48)))):
+    for p, idx in (
+        (model[2].weight, (slice(None, 48),)),
+        (model[2].bias, (slice(None, 48),)),
+        (model[4].weight, (slice(None), slice(None, 48))),
+    ):
         st = opt.state[p]
         assert (st["exp_avg"][idx] == 0).all() and (st["exp_avg_sq"][idx] == 0).all()
     assert (opt.state[model[2].weight]["exp_avg_sq"][48:] != 0).any()
@@ -543,8 +571,9 @@ def test_watch_recycles_dead_units_on_the_finding(out):
     x = torch.randn(128, 10)
     y = torch.randint(0, 4, (128,))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with gradscope.watch(model, opt, out=out, recycle=True, quiet=True,
-                         activation_every=2) as scope:
+    with gradscope.watch(
+        model, opt, out=out, recycle=True, quiet=True, activation_every=2
+    ) as scope:
         _train(model, opt, x, y, 60)
     ev = [e for e in _events(scope) if e.get("remedy") == "recycle"]
     assert ev[0]["action"] == "recycled" and ev[0]["layer"] == "3"
@@ -570,8 +599,9 @@ def test_recycle_refuses_layers_it_cannot_map(out):
     model = Res()
     x = torch.randn(32, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradscope.watch(model, opt, out=out, recycle=True, quiet=True,
-                         activation_every=1) as scope:
+    with gradscope.watch(
+        model, opt, out=out, recycle=True, quiet=True, activation_every=1
+    ) as scope:
         for _ in range(10):
             opt.zero_grad()
             (model(x) - 1).pow(2).mean().backward()
@@ -582,20 +612,27 @@ def test_recycle_refuses_layers_it_cannot_map(out):
 
 # -- options -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"clip": "zclp"}, r"clip='zclp': unknown clipping method 'zclp' \(did you mean 'zclip'\?\)"),
-    ({"clip": "norm"}, r"norm needs max="),
-    ({"clip": "norm:-1"}, r"max='-1' is not valid; expected a number in \(0, inf\]"),
-    ({"clip": "autoclip:p=101"}, r"p='101' is not valid"),
-    ({"clip": "agc:0.01,per_layer"}, r"unknown parameter of agc 'per_layer'"),
-    ({"clip": 3}, r"clip=3: expected a string"),
-    ({"swap": "relu->lrelu"}, r"unknown activation 'lrelu'"),
-    ({"swap": "relu"}, r"expected SOURCE->TARGET"),
-    ({"swap": "relu->gelu:0.1"}, r"gelu takes no argument"),
-    ({"guard": -1}, r"guard=-1: expected True, False"),
-    ({"recycle": "maybe"}, r"recycle='maybe': expected True or False"),
-    ({"swap": "relu->gelu", "diagnose": False}, r"swap= acts on findings, and diagnose=False"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"clip": "zclp"},
+            r"clip='zclp': unknown clipping method 'zclp' \(did you mean 'zclip'\?\)",
+        ),
+        ({"clip": "norm"}, r"norm needs max="),
+        ({"clip": "norm:-1"}, r"max='-1' is not valid; expected a number in \(0, inf\]"),
+        ({"clip": "autoclip:p=101"}, r"p='101' is not valid"),
+        ({"clip": "agc:0.01,per_layer"}, r"unknown parameter of agc 'per_layer'"),
+        ({"clip": 3}, r"clip=3: expected a string"),
+        ({"swap": "relu->lrelu"}, r"unknown activation 'lrelu'"),
+        ({"swap": "relu"}, r"expected SOURCE->TARGET"),
+        ({"swap": "relu->gelu:0.1"}, r"gelu takes no argument"),
+        ({"guard": -1}, r"guard=-1: expected True, False"),
+        ({"recycle": "maybe"}, r"recycle='maybe': expected True or False"),
+        ({"swap": "relu->gelu", "diagnose": False}, r"swap= acts on findings, and diagnose=False"),
+    ],
+)
 def test_bad_remedy_options_fail_in_one_line_before_anything_is_written(out, kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         gradscope.watch(_mlp(), out=out, **kwargs)
@@ -642,8 +679,7 @@ def test_remedy_actions_reach_tensorboard(out):
     with gradscope.watch(model, opt, out=out, guard=True, clip="zclip", quiet=True) as scope:
         for step in range(4):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x * (float("nan") if step == 2 else 1)),
-                                        y).backward()
+            nn.functional.cross_entropy(model(x * (float("nan") if step == 2 else 1)), y).backward()
             opt.step()
     acc = EventAccumulator(str(scope.run_dir / "tb"), size_guidance={"tensors": 0})
     acc.Reload()
@@ -655,8 +691,10 @@ def test_remedy_actions_reach_tensorboard(out):
     assert "clip_coef" in acc.Tags()["scalars"] and "guard_skipped" in acc.Tags()["scalars"]
 
 
-@pytest.mark.skipif(not compile_keeps_optimizer_hooks(),
-                    reason="torch 2.2's torch.compile strips optimizer step hooks (torch >= 2.3)")
+@pytest.mark.skipif(
+    not compile_keeps_optimizer_hooks(),
+    reason="torch 2.2's torch.compile strips optimizer step hooks (torch >= 2.3)",
+)
 def test_clipping_a_compiled_model_matches_clip_grad_norm(out):
     """Clipping runs in the optimizer's pre-step hook, outside the compiled graph."""
     model, ref = _mlp(), _mlp()
@@ -666,8 +704,9 @@ def test_clipping_a_compiled_model_matches_clip_grad_norm(out):
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     with gradscope.watch(compiled, opt, out=out, clip="norm:0.3", quiet=True) as scope:
         _train(compiled, opt, x, y, 8)
-    _train(ref, ref_opt, x, y, 8,
-           lambda step: torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.3))
+    _train(
+        ref, ref_opt, x, y, 8, lambda step: torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.3)
+    )
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert (scope.load().wide("clip_coef")["(run)"] < 1).any()
@@ -684,8 +723,8 @@ def test_clipping_under_a_grad_scaler_matches_unscale_then_clip(out, fused):
         model, ref = _mlp(), _mlp()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
         ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, fused=fused)
-        scaler = cpu_scaler(init_scale=2.0 ** 10)
-        ref_scaler = cpu_scaler(init_scale=2.0 ** 10)
+        scaler = cpu_scaler(init_scale=2.0**10)
+        ref_scaler = cpu_scaler(init_scale=2.0**10)
     except (RuntimeError, TypeError, AttributeError) as exc:
         pytest.skip(f"no CPU GradScaler / fused Adam in this torch: {exc}")
     x, y = _data()
@@ -707,8 +746,9 @@ def test_clipping_under_a_grad_scaler_matches_unscale_then_clip(out, fused):
     assert (scope.load().wide("clip_coef")["(run)"] < 1).all()
 
 
-@pytest.mark.parametrize("clip", ["autoclip", "autoclip:history=7", "zclip:warmup=5",
-                                  "zclip:warmup=5,per_layer"])
+@pytest.mark.parametrize(
+    "clip", ["autoclip", "autoclip:history=7", "zclip:warmup=5", "zclip:warmup=5,per_layer"]
+)
 def test_a_resumed_run_clips_as_if_it_had_never_stopped(out, clip, tmp_path):
     x, y = _data(scale=3.0)
 
@@ -716,8 +756,7 @@ def test_a_resumed_run_clips_as_if_it_had_never_stopped(out, clip, tmp_path):
         return x * (1 + 0.05 * (step % 7)), y
 
     def train(model, opt, scope_kwargs, steps, start=0, state=None):
-        with gradscope.watch(model, opt, out=out, quiet=True, clip=clip,
-                             **scope_kwargs) as scope:
+        with gradscope.watch(model, opt, out=out, quiet=True, clip=clip, **scope_kwargs) as scope:
             if state is not None:
                 scope.load_state_dict(state)
             for step in range(start, start + steps):

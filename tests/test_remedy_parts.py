@@ -100,11 +100,15 @@ def test_guard_finite_step_is_not_skipped_and_emits_nothing():
     assert all(p.grad is g for p, g in zip(model.parameters(), before))
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.Adam(ps, lr=0.1),
-    lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1),
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
-], ids=["Adam", "AdamW", "SGD"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+    ],
+    ids=["Adam", "AdamW", "SGD"],
+)
 def test_guard_skip_leaves_weights_and_optimizer_state_bit_identical(make_opt):
     model = _mlp()
     opt = make_opt(model.parameters())
@@ -129,8 +133,16 @@ def test_guard_skip_leaves_weights_and_optimizer_state_bit_identical(make_opt):
     _assert_equal_state(opt.state_dict(), state)
     guard.restore(opt)
     assert all(p.grad is g for p, g in zip(params, hidden))  # the same tensors, put back
-    assert events == [{"event": "remedy", "remedy": "guard", "action": "skip_step", "step": 5,
-                       "consecutive": 1, "optimizer": type(opt).__name__}]
+    assert events == [
+        {
+            "event": "remedy",
+            "remedy": "guard",
+            "action": "skip_step",
+            "step": 5,
+            "consecutive": 1,
+            "optimizer": type(opt).__name__,
+        }
+    ]
     assert isinstance(events[0], Event) and events[0].name == "remedy"
 
     # oracle that the step would have changed them: the same step, not hidden
@@ -177,8 +189,13 @@ def test_guard_aborts_after_max_skips_in_a_row_naming_the_steps():
     assert isinstance(info.value, RuntimeError)
     assert [e["action"] for e in events] == ["skip_step", "skip_step", "abort"]
     assert [e["consecutive"] for e in events] == [1, 2, 3]
-    assert events[-1] == {"event": "remedy", "remedy": "guard", "action": "abort", "step": 12,
-                          "consecutive": 3}
+    assert events[-1] == {
+        "event": "remedy",
+        "remedy": "guard",
+        "action": "abort",
+        "step": 12,
+        "consecutive": 3,
+    }
     # the aborted step hides nothing: the gradients stay for the finding and the tracer
     assert model.weight.grad is not None and model.bias.grad is not None
 
@@ -189,8 +206,13 @@ def test_guard_count_restarts_after_a_finite_step():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     nan, ok = torch.tensor([float("nan")]), torch.tensor([1.0])
     guard = StepGuard(2, lambda e: None)
-    for step, norms, skip in [(0, nan, True), (1, nan, True), (2, ok, False), (3, nan, True),
-                              (4, nan, True)]:
+    for step, norms, skip in [
+        (0, nan, True),
+        (1, nan, True),
+        (2, ok, False),
+        (3, nan, True),
+        (4, nan, True),
+    ]:
         assert guard.check(opt, norms, step) is skip
         guard.restore(opt)
     assert guard.consecutive == 2 and guard.first_skip == 3 and guard.skips == 4
@@ -261,7 +283,7 @@ def test_unwatched_parameters_count_in_the_total_norm():
     total = torch.nn.utils.clip_grad_norm_([extra_ref, *ref.parameters()], 1.0)
 
     assert result is not None
-    hand = torch.sqrt(total_watched ** 2 + 5 * 3.0 ** 2)
+    hand = torch.sqrt(total_watched**2 + 5 * 3.0**2)
     torch.testing.assert_close(result.total_pre, hand)
     torch.testing.assert_close(result.total_pre, total)
     torch.testing.assert_close(extra.grad, extra_ref.grad)
@@ -307,7 +329,7 @@ def test_grad_scale_divides_only_the_unwatched_norms():
     rem = StepRemedies(parse_clip("norm:1e6"), 0, table, lambda e: None)  # records only
     _, result = rem.before_step(opt, (slots, [], norms), torch.tensor(4.0), False, 0)
     assert result is not None
-    hand = math.sqrt(float((norms.double() ** 2).sum()) + 4.0 ** 2)
+    hand = math.sqrt(float((norms.double() ** 2).sum()) + 4.0**2)
     assert result.total_pre.item() == pytest.approx(hand, rel=1e-6)
     # the watched norms are taken as given (already unscaled): not divided again
     assert torch.equal(result.post, norms)
@@ -340,8 +362,11 @@ def test_guard_runs_before_clip_and_not_under_a_scaler():
     skip, result = rem2.before_step(opt, (slots, [], norms), None, False, 4)
     assert skip is True and result is None
     assert all(p.grad is None for p in model.parameters())
-    assert rem2.state_dict() == {"clip": "norm:max=1,per_layer=false", "clippers": [],
-                                 "guard_consecutive": 1}
+    assert rem2.state_dict() == {
+        "clip": "norm:max=1,per_layer=false",
+        "clippers": [],
+        "guard_consecutive": 1,
+    }
     rem2.after_step(opt)
     for p, g in zip(model.parameters(), before):
         assert torch.equal(p.grad, g)
@@ -359,8 +384,13 @@ def test_guard_only_on_a_finite_step_returns_no_clip_result():
     assert rem.before_step(opt, None, None, False, 1) == (False, None)  # no gradient at all
 
 
-def _history_run(model: nn.Module, rem: StepRemedies, opt: torch.optim.Optimizer,
-                 scales: list[float], seed0: int = 0) -> list[Any]:
+def _history_run(
+    model: nn.Module,
+    rem: StepRemedies,
+    opt: torch.optim.Optimizer,
+    scales: list[float],
+    seed0: int = 0,
+) -> list[Any]:
     results = []
     for i, scale in enumerate(scales):
         _set_grads(list(model.parameters()), scale, seed=seed0 + i)
@@ -369,8 +399,9 @@ def _history_run(model: nn.Module, rem: StepRemedies, opt: torch.optim.Optimizer
     return results
 
 
-@pytest.mark.parametrize("spec", ["autoclip:p=50", "zclip:z=2,warmup=3,alpha=0.9",
-                                  "autoclip:p=25,history=3,per_layer"])
+@pytest.mark.parametrize(
+    "spec", ["autoclip:p=50", "zclip:z=2,warmup=3,alpha=0.9", "autoclip:p=25,history=3,per_layer"]
+)
 def test_clip_history_survives_state_dict_round_trip(spec):
     clip = parse_clip(spec)
     history = [1.0, 1.2, 0.8, 1.1, 0.9]
@@ -393,8 +424,9 @@ def test_clip_history_survives_state_dict_round_trip(spec):
     rem2.load_state_dict(copy.deepcopy(saved))
     assert events2 == []  # restored when the optimizer first steps
     (restored,) = _history_run(model2, rem2, opt2, spike, seed0=100)
-    assert events2 == [{"event": "remedy", "remedy": "clip", "action": "state_restored",
-                        "step": None}]
+    assert events2 == [
+        {"event": "remedy", "remedy": "clip", "action": "state_restored", "step": None}
+    ]
     for a, b in zip(clipped, model2.parameters()):
         assert torch.equal(a, b.grad)
     assert torch.equal(original.threshold, restored.threshold)
@@ -434,11 +466,18 @@ def test_state_for_another_optimizer_shape_is_not_restored():
     rem2 = StepRemedies(clip, 3, LayerTable.build({"": small}, Config()), events.append)
     rem2.load_state_dict(saved)
     _set_grads(list(small.parameters()), 1.0)
-    rem2.before_step(torch.optim.SGD(small.parameters(), lr=0.1),
-                     _measured(rem2.table), None, False, 0)
-    assert events == [{"event": "remedy", "remedy": "clip", "action": "state_not_restored",
-                       "step": None,
-                       "reason": "sorted holds 4 rows, this optimizer needs 2"}]
+    rem2.before_step(
+        torch.optim.SGD(small.parameters(), lr=0.1), _measured(rem2.table), None, False, 0
+    )
+    assert events == [
+        {
+            "event": "remedy",
+            "remedy": "clip",
+            "action": "state_not_restored",
+            "step": None,
+            "reason": "sorted holds 4 rows, this optimizer needs 2",
+        }
+    ]
 
 
 def test_state_dict_right_after_loading_keeps_the_loaded_history():
@@ -497,8 +536,10 @@ class _Net(nn.Module):
 
 def _run_marked(net: nn.Module, table: LayerTable, x: torch.Tensor) -> torch.Tensor:
     """A forward whose hooks record the forward order, as the activation probe does."""
-    handles = [e.module.register_forward_hook(
-        lambda m, a, o, name=e.name: table.mark_executed(name)) for e in table.modules]
+    handles = [
+        e.module.register_forward_hook(lambda m, a, o, name=e.name: table.mark_executed(name))
+        for e in table.modules
+    ]
     try:
         return net(x)
     finally:
@@ -527,8 +568,7 @@ def test_layer_table_queries_follow_the_forward_order():
     # the head runs last among the parameter owners (defined second, after `unused`)
     assert table.last_layer_params() == {id(net.head.weight), id(net.head.bias)}
 
-    assert table.neighbours("act", passthrough=(nn.BatchNorm1d,)) == (net.fc1, [net.bn],
-                                                                      net.fc2)
+    assert table.neighbours("act", passthrough=(nn.BatchNorm1d,)) == (net.fc1, [net.bn], net.fc2)
     assert table.neighbours("act") == (net.bn, [], net.fc2)
     assert table.neighbours("act2") == (net.fc2, [], net.head)
     assert table.neighbours("out") == (net.head, [], None)
@@ -585,8 +625,8 @@ def test_agc_leaves_out_the_last_layer_that_ran(skip_last):
     assert result is not None
     changed = set()
     for (name, p), q, g in zip(
-            [(n, p) for n, p in net.named_parameters() if p.grad is not None], ref_params,
-            unclipped):
+        [(n, p) for n, p in net.named_parameters() if p.grad is not None], ref_params, unclipped
+    ):
         assert torch.equal(p.grad, q.grad)
         if not torch.equal(p.grad, g):
             changed.add(name)
@@ -601,8 +641,9 @@ def test_agc_leaves_out_the_last_layer_that_ran(skip_last):
 class FakeProbe:
     """The activation probe, reduced to what the unit remedies call."""
 
-    def __init__(self, dead: dict[str, torch.Tensor] | None = None,
-                 units: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, dead: dict[str, torch.Tensor] | None = None, units: dict[str, int] | None = None
+    ) -> None:
         self.keep_unit_masks = False
         self.dead = dead or {}
         self.units = units or {}
@@ -623,20 +664,41 @@ class FakeProbe:
         self.reset.append(name)
 
 
-def _finding(layer: str, kind: str = "dead_units", first: int = 10, last: int = 20,
-             **evidence: Any) -> dict[str, Any]:
-    return {"kind": kind, "severity": "warning", "layer": layer, "first_step": first,
-            "last_step": last, "evidence": {"dead_fraction": 0.5, **evidence},
-            "message": f"{layer}: half of the units are dead", "suggestion": "try a leaky ReLU"}
+def _finding(
+    layer: str, kind: str = "dead_units", first: int = 10, last: int = 20, **evidence: Any
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "severity": "warning",
+        "layer": layer,
+        "first_step": first,
+        "last_step": last,
+        "evidence": {"dead_fraction": 0.5, **evidence},
+        "message": f"{layer}: half of the units are dead",
+        "suggestion": "try a leaky ReLU",
+    }
 
 
-def _units(model: nn.Module, probe: FakeProbe, swap: str | None = None, recycle: bool = False,
-           events: list[Event] | None = None, patience: int = 10) -> UnitRemedies:
+def _units(
+    model: nn.Module,
+    probe: FakeProbe,
+    swap: str | None = None,
+    recycle: bool = False,
+    events: list[Event] | None = None,
+    patience: int = 10,
+) -> UnitRemedies:
     table = LayerTable.build({"": model}, Config())
     for e in table.modules:  # the forward order of an nn.Sequential
         table.mark_executed(e.name)
-    return UnitRemedies(parse_swap(swap), recycle, table, probe, {"": model},  # type: ignore[arg-type]
-                        events.append if events is not None else (lambda e: None), patience)
+    return UnitRemedies(
+        parse_swap(swap),
+        recycle,
+        table,
+        probe,
+        {"": model},  # type: ignore[arg-type]
+        events.append if events is not None else (lambda e: None),
+        patience,
+    )
 
 
 def test_swap_replaces_the_module_and_returns_the_action_without_editing_the_finding():
@@ -656,9 +718,16 @@ def test_swap_replaces_the_module_and_returns_the_action_without_editing_the_fin
 
     assert len(actions) == 1 and isinstance(actions[0], Action)
     assert actions[0].finding is f
-    record = {"remedy": "swap", "action": "swapped", "step": 20, "layer": "1",
-              "from": "ReLU", "to": "LeakyReLU(negative_slope=0.1)",
-              "rule": "relu->leaky_relu:0.1", "places": 1}
+    record = {
+        "remedy": "swap",
+        "action": "swapped",
+        "step": 20,
+        "layer": "1",
+        "from": "ReLU",
+        "to": "LeakyReLU(negative_slope=0.1)",
+        "rule": "relu->leaky_relu:0.1",
+        "places": 1,
+    }
     assert actions[0].record == record
     assert f == given  # the diagnoser attaches it, not the remedy
     assert type(model[1]) is nn.LeakyReLU and model[1].negative_slope == 0.1
@@ -684,17 +753,24 @@ def test_swap_on_a_module_that_is_not_a_source_says_why():
     actions = rem.on_findings([f, _finding("0", kind="exploding_gradients")], 7, [])
     assert len(actions) == 1
     record = actions[0].record
-    reason = ("swap not applied: 1 is a Tanh, not one of the swap sources (ReLU, Sigmoid)")
+    reason = "swap not applied: 1 is a Tanh, not one of the swap sources (ReLU, Sigmoid)"
     assert record == {"remedy": "swap", "action": "not_applied", "step": 7, "reason": reason}
-    assert events == [{"event": "remedy", "remedy": "swap", "action": "not_applied", "step": 7,
-                       "layer": "1", "reason": reason}]
+    assert events == [
+        {
+            "event": "remedy",
+            "remedy": "swap",
+            "action": "not_applied",
+            "step": 7,
+            "layer": "1",
+            "reason": reason,
+        }
+    ]
     assert type(model[1]) is nn.Tanh
     assert rem.on_findings([f], 8, []) == []  # refused once
 
 
 def test_swap_reaches_the_downstream_dead_sites_of_a_finding():
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                          nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     rem = _units(model, FakeProbe(), swap="relu->elu")
     f = _finding("1", downstream_dead=["3"])
     actions = rem.on_findings([f], 5, [])
@@ -725,8 +801,14 @@ def test_recycle_reinitialises_exactly_the_dead_units():
 
     actions = rem.on_findings([f], step=20, optimizers=[opt])
 
-    record = {"remedy": "recycle", "action": "recycled", "step": 20, "layer": "1",
-              "units": 4, "of": 8}
+    record = {
+        "remedy": "recycle",
+        "action": "recycled",
+        "step": 20,
+        "layer": "1",
+        "units": 4,
+        "of": 8,
+    }
     assert [a.record for a in actions] == [record] and actions[0].finding is f
     assert f == given
     assert events == [{"event": "remedy", **record}]
@@ -789,9 +871,18 @@ def test_diagnoser_attach_lists_the_action_under_remedies():
     diag = Diagnoser(Thresholds(), lambda finding, new: None)
     for action in rem.on_findings([f], 20, []):
         diag.attach(action.finding, action.record)
-    assert f["remedies"] == [{"remedy": "swap", "action": "swapped", "step": 20, "layer": "1",
-                              "from": "ReLU", "to": "LeakyReLU(negative_slope=0.1)",
-                              "rule": "relu->leaky_relu:0.1", "places": 1}]
+    assert f["remedies"] == [
+        {
+            "remedy": "swap",
+            "action": "swapped",
+            "step": 20,
+            "layer": "1",
+            "from": "ReLU",
+            "to": "LeakyReLU(negative_slope=0.1)",
+            "rule": "relu->leaky_relu:0.1",
+            "places": 1,
+        }
+    ]
     diag.attach(f, {"remedy": "recycle", "action": "not_applied", "step": 21, "reason": "r"})
     assert [r["remedy"] for r in f["remedies"]] == ["swap", "recycle"]
 
@@ -807,12 +898,20 @@ def test_check_model_names_a_swap_source_with_no_module():
 
 
 def test_describe_lists_the_remedies_switched_on():
-    assert describe(None, 0, (), False) == {"clip": None, "guard": None, "swap": [],
-                                            "recycle": False}
-    assert describe(parse_clip("norm:1.0"), 10, parse_swap("relu->leaky_relu:0.1;tanh->relu"),
-                    True) == {"clip": "norm:max=1,per_layer=false",
-                              "guard": {"max_skips": 10},
-                              "swap": ["relu->leaky_relu:0.1", "tanh->relu"], "recycle": True}
+    assert describe(None, 0, (), False) == {
+        "clip": None,
+        "guard": None,
+        "swap": [],
+        "recycle": False,
+    }
+    assert describe(
+        parse_clip("norm:1.0"), 10, parse_swap("relu->leaky_relu:0.1;tanh->relu"), True
+    ) == {
+        "clip": "norm:max=1,per_layer=false",
+        "guard": {"max_skips": 10},
+        "swap": ["relu->leaky_relu:0.1", "tanh->relu"],
+        "recycle": True,
+    }
 
 
 def test_remedies_package_names_load_lazily():
@@ -830,14 +929,23 @@ def test_remedies_state_dict_and_load():
 
     clip = StepRemedies(parse_clip("norm:1.0"), 0, table, lambda e: None)
     saved = Remedies(clip, None).state_dict()
-    assert saved == clip.state_dict() == {"clip": "norm:max=1,per_layer=false",
-                                          "clippers": [], "guard_consecutive": 0}
-    with pytest.raises(ValueError, match=r"saved with clip='norm:max=1,per_layer=false', "
-                                         r"this scope has no remedy"):
+    assert (
+        saved
+        == clip.state_dict()
+        == {"clip": "norm:max=1,per_layer=false", "clippers": [], "guard_consecutive": 0}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"saved with clip='norm:max=1,per_layer=false', "
+        r"this scope has no remedy",
+    ):
         off.load_state_dict(saved)
     # saved without remedies, loaded with a clip: the clip option differs
-    with pytest.raises(ValueError, match=r"saved with clip=None, this scope has "
-                                         r"clip='norm:max=1,per_layer=false'"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved with clip=None, this scope has "
+        r"clip='norm:max=1,per_layer=false'",
+    ):
         Remedies(clip, None).load_state_dict(None)
 
     guard_only = StepRemedies(None, 3, table, lambda e: None)
@@ -845,8 +953,9 @@ def test_remedies_state_dict_and_load():
     guard_only.guard.consecutive = 2
     Remedies(guard_only, None).load_state_dict(None)  # a checkpoint from before: count 0
     assert guard_only.guard.consecutive == 0
-    Remedies(guard_only, None).load_state_dict({"clip": None, "clippers": [],
-                                                "guard_consecutive": 1})
+    Remedies(guard_only, None).load_state_dict(
+        {"clip": None, "clippers": [], "guard_consecutive": 1}
+    )
     assert guard_only.guard.consecutive == 1
 
 

@@ -24,8 +24,17 @@ from models import half_dead_linear
 
 # the report's structure (golden): section ids in order, for a run with parameters,
 # activations and a loss (saturation appears only with sigmoid/tanh units)
-SECTIONS = ["findings", "gradient-flow", "grad-norms", "grad-bars", "grad-total",
-            "update-ratios", "dead-units", "loss", "remedies"]
+SECTIONS = [
+    "findings",
+    "gradient-flow",
+    "grad-norms",
+    "grad-bars",
+    "grad-total",
+    "update-ratios",
+    "dead-units",
+    "loss",
+    "remedies",
+]
 
 
 class Page(HTMLParser):
@@ -79,8 +88,9 @@ def _train(model, steps, out, nan_at=None, **options):
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                         nn.Linear(16, 1))
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
+    )
 
 
 def test_every_run_ends_with_a_self_contained_report(out):
@@ -96,7 +106,10 @@ def test_every_run_ends_with_a_self_contained_report(out):
         for name, value in attrs.items():
             if name in ("src", "href", "action", "xlink:href"):
                 assert value is not None and value.startswith("data:image/png;base64,"), (
-                    tag, name, value)
+                    tag,
+                    name,
+                    value,
+                )
             if name.startswith("on"):
                 pytest.fail(f"event handler {name} on <{tag}>")
     assert "url(" not in page.style and "@import" not in page.style
@@ -163,7 +176,7 @@ def test_the_figures_numbers_are_the_records(out):
     loss = run.metrics.query("metric == 'loss'").sort_values("step")["value"].to_numpy()
     x, y, _, _ = run_series(data, "loss")
     assert list(x) == list(range(0, 50, 8))
-    assert y == pytest.approx([loss[i:i + 8].mean() for i in range(0, 50, 8)], rel=1e-9)
+    assert y == pytest.approx([loss[i : i + 8].mean() for i in range(0, 50, 8)], rel=1e-9)
 
 
 def test_a_nan_step_marks_its_bin(out):
@@ -177,8 +190,9 @@ def test_a_nan_step_marks_its_bin(out):
     assert "NaN/Inf" in " ".join(page.text) + (run_dir / "report.html").read_text()
 
 
-@pytest.mark.parametrize("damage", ["no run.json", "corrupt chunk", "truncated events",
-                                    "no findings", "no metrics"])
+@pytest.mark.parametrize(
+    "damage", ["no run.json", "corrupt chunk", "truncated events", "no findings", "no metrics"]
+)
 def test_a_broken_run_directory_gives_a_partial_report(out, damage):
     run_dir = _train(_mlp(), 250, out, flush_every=100)  # 3 chunks
     chunks = sorted((run_dir / "metrics").glob("part-*.parquet"))
@@ -202,8 +216,12 @@ def test_a_broken_run_directory_gives_a_partial_report(out, damage):
         (run_dir / "findings.json").unlink()
     else:
         shutil.rmtree(run_dir / "metrics")
-    proc = subprocess.run([sys.executable, "-m", "gradscope", "report", str(run_dir)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradscope", "report", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(run_dir / "report.html") and proc.stderr == ""
     page = Page((run_dir / "report.html").read_text(encoding="utf-8"))
@@ -217,8 +235,12 @@ def test_a_broken_run_directory_gives_a_partial_report(out, damage):
 def test_report_command_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for target in (tmp_path / "missing", tmp_path / "empty"):
-        proc = subprocess.run([sys.executable, "-m", "gradscope", "report", str(target)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "gradscope", "report", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
@@ -255,24 +277,47 @@ def _chromium() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_chromium() is None, reason="no chromium on this machine (.ci/run installs "
-                    "Debian's chromium package; the report's structure is checked above)")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="no chromium on this machine (.ci/run installs "
+    "Debian's chromium package; the report's structure is checked above)",
+)
 def test_the_report_renders_in_headless_chromium(out, tmp_path):
     run_dir = _train(half_dead_linear(), 30, out, activation_every=1)
     report = run_dir / "report.html"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
     shot = tmp_path / "shot.png"
-    proc = subprocess.run([_chromium(), *flags, "--window-size=1200,2400",
-                           f"--screenshot={shot}", report.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [_chromium(), *flags, "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.is_file() and shot.stat().st_size > 20_000, proc.stderr[-2000:]
-    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Failed to load" in ln
-               or "net::ERR" in ln]
+    console = [
+        ln
+        for ln in proc.stderr.splitlines()
+        if "CONSOLE" in ln or "Failed to load" in ln or "net::ERR" in ln
+    ]
     assert console == [], console
-    dom = subprocess.run([_chromium(), *flags, "--dump-dom", report.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [_chromium(), *flags, "--dump-dom", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     page = Page(dom)
     assert page.ids("section") == SECTIONS
     assert len(page.data_uris()) >= 4
@@ -285,9 +330,22 @@ def test_the_report_renders_in_headless_chromium(out, tmp_path):
 def test_the_report_of_a_gradscope_run_without_a_model(tmp_path):
     script = tmp_path / "nothing.py"
     script.write_text("print('no training here')\n")
-    proc = subprocess.run([sys.executable, "-m", "gradscope", "run", "--quiet", "--out",
-                           str(tmp_path / "runs"), str(script)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradscope",
+            "run",
+            "--quiet",
+            "--out",
+            str(tmp_path / "runs"),
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = list((tmp_path / "runs").iterdir())
     body = " ".join(Page((run_dir / "report.html").read_text()).text)
@@ -301,20 +359,34 @@ def test_compare_overlays_two_runs(out, tmp_path):
     after = _train(_mlp(), 30, out / "b")
     path = write_compare(before, after, tmp_path / "cmp.html")
     page = Page(path.read_text(encoding="utf-8"))
-    assert page.ids("section") == ["findings", "loss", "grad-total", "grad-bars", "update-bars",
-                                   "dead-bars"]
+    assert page.ids("section") == [
+        "findings",
+        "loss",
+        "grad-total",
+        "grad-bars",
+        "update-bars",
+        "dead-bars",
+    ]
     body = " ".join(page.text)
     assert "1 in A, 0 in B" in body and "dead_units" in body
     assert not {t for t, _ in page.tags} & {"script", "link", "img", "iframe"}
     # the CLI, with its default output name, and a missing run as a one-line error
-    proc = subprocess.run([sys.executable, "-m", "gradscope", "compare", str(before),
-                           str(after)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradscope", "compare", str(before), str(after)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / proc.stdout.strip()).is_file()
     assert proc.stdout.strip() == f"compare-{before.name}-vs-{after.name}.html"
-    proc = subprocess.run([sys.executable, "-m", "gradscope", "compare", str(before),
-                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradscope", "compare", str(before), str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -349,8 +421,9 @@ def nan_run(tmp_path_factory):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     out = tmp_path_factory.mktemp("nan")
-    with gradscope.watch(model, out=out, name="nan", quiet=True, activation_every=1,
-                         flush_every=8) as scope:
+    with gradscope.watch(
+        model, out=out, name="nan", quiet=True, activation_every=1, flush_every=8
+    ) as scope:
         for step in range(NAN_STEPS):
             if step == NAN_FROM:
                 with torch.no_grad():
@@ -396,7 +469,8 @@ def test_nan_losses_get_the_magenta_ticks_the_caption_promises(nan_run):
     assert all(a["stroke"] == "rgb(217,0,140)" for a in ticks)
     # each tick stands at its step: x = 64 + 640 * step / 40
     assert [float(a["x1"]) for a in ticks] == pytest.approx(
-        [64 + 640 * s / NAN_STEPS for s in range(NAN_FROM, NAN_STEPS)], abs=0.06)
+        [64 + 640 * s / NAN_STEPS for s in range(NAN_FROM, NAN_STEPS)], abs=0.06
+    )
     assert "NaN/Inf at step 20" in text and "NaN/Inf at step 39" in text
     # and the total gradient norm's chart the same
     ticks = [a for t, a in sections["grad-total"] if t == "line" and a.get("class") == "nonfinite"]
@@ -431,8 +505,9 @@ def test_a_saturation_heatmap_after_nan_weights_is_magenta_not_0(nan_run):
 
 def test_gradient_bars_mark_nan_layers_with_how_many(nan_run):
     text = (nan_run / "report.html").read_text(encoding="utf-8")
-    marks = [a for t, a in _sections(text)["grad-bars"]
-             if t == "rect" and a.get("class") == "nonfinite"]
+    marks = [
+        a for t, a in _sections(text)["grad-bars"] if t == "rect" and a.get("class") == "nonfinite"
+    ]
     assert len(marks) == 4  # every parameter: NaN gradients from step 20 on
     assert f"NaN/Inf ×{NAN_STEPS - NAN_FROM}" in " ".join(Page(text).text)
 
@@ -444,8 +519,9 @@ def test_compare_marks_nan_values_instead_of_empty_bars(nan_run, out, tmp_path):
     page = write_compare(nan_run, clean, tmp_path / "cmp.html").read_text(encoding="utf-8")
     sections = _sections(page)
     # saturation, last sample: NaN output in A, so no bar and a mark (not a 0% bar)
-    marks = [a for t, a in sections["saturation-bars"]
-             if t == "rect" and a.get("class") == "nonfinite"]
+    marks = [
+        a for t, a in sections["saturation-bars"] if t == "rect" and a.get("class") == "nonfinite"
+    ]
     assert len(marks) == 1
     titles = " ".join(Page(page).text)
     assert "A: NaN/Inf values (nan)" in titles
@@ -465,23 +541,42 @@ def test_report_output_goes_through_links_and_to_streams(out, tmp_path, where):
         real.write_text("old")
         link = tmp_path / "latest.html"
         link.symlink_to(real)
-        proc = subprocess.run([sys.executable, "-m", "gradscope", "report", str(run_dir), "-o",
-                               str(link)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "gradscope", "report", str(run_dir), "-o", str(link)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         assert link.is_symlink() and os.readlink(link) == str(real)
         assert "gradscope report" in real.read_text()
         cmp = tmp_path / "cmp-link.html"
         cmp.symlink_to(real)
-        proc = subprocess.run([sys.executable, "-m", "gradscope", "compare", str(run_dir),
-                               str(run_dir), "-o", str(cmp)], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gradscope",
+                "compare",
+                str(run_dir),
+                str(run_dir),
+                "-o",
+                str(cmp),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0 and cmp.is_symlink(), proc.stderr
         assert "gradscope: " in real.read_text() and " vs " in real.read_text()
     elif where == "fifo":
         fifo = tmp_path / "pipe"
         os.mkfifo(fifo)
-        proc = subprocess.Popen([sys.executable, "-m", "gradscope", "report", str(run_dir),
-                                 "-o", str(fifo)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gradscope", "report", str(run_dir), "-o", str(fifo)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         with open(fifo, encoding="utf-8") as fh:
             html = fh.read()
         assert proc.wait(timeout=120) == 0
@@ -489,8 +584,12 @@ def test_report_output_goes_through_links_and_to_streams(out, tmp_path, where):
         assert html.lstrip().startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
         assert fifo.is_fifo()
     else:
-        proc = subprocess.run([sys.executable, "-m", "gradscope", "report", str(run_dir), "-o",
-                               "/dev/stdout"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "gradscope", "report", str(run_dir), "-o", "/dev/stdout"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.lstrip().startswith("<!DOCTYPE html>") and "</html>" in proc.stdout
         assert os.path.exists("/dev/stdout")

@@ -35,8 +35,12 @@ def info(params=(), sites=(), families=None, ndim=None) -> LayerInfo:
         li.module_type[name] = "Linear"
     for name in sites:
         li.family[name] = (families or {}).get(name)
-        li.module_type[name] = {"rectifier": "ReLU", "sigmoid": "Sigmoid", "tanh": "Tanh",
-                                "softmax": "Softmax"}.get(li.family[name] or "", "Linear")
+        li.module_type[name] = {
+            "rectifier": "ReLU",
+            "sigmoid": "Sigmoid",
+            "tanh": "Tanh",
+            "softmax": "Softmax",
+        }.get(li.family[name] or "", "Linear")
     return li
 
 
@@ -60,18 +64,23 @@ def noisy(n: int, level: float = 1.0, seed: int = 0, spread: float = 0.1) -> np.
 
 
 def grads(values_by_layer: dict[str, np.ndarray]) -> Series:
-    return {(name, "param", "grad_norm"): (np.arange(len(v)), v)
-            for name, v in values_by_layer.items()}
+    return {
+        (name, "param", "grad_norm"): (np.arange(len(v)), v) for name, v in values_by_layer.items()
+    }
 
 
 # -- exploding gradients --------------------------------------------------------------------------
 def test_sustained_spike_is_one_exploding_finding_at_the_layer():
     w = noisy(120)
     w[70:76] *= 50
-    found, announced = diagnose(grads({"rnn.weight_hh": w, "fc.weight": noisy(120, seed=1)}),
-                                info(params=("rnn.weight_hh", "fc.weight")), chunks=4)
+    found, announced = diagnose(
+        grads({"rnn.weight_hh": w, "fc.weight": noisy(120, seed=1)}),
+        info(params=("rnn.weight_hh", "fc.weight")),
+        chunks=4,
+    )
     assert [(f["kind"], f["layer"], f["first_step"], f["last_step"]) for f in found] == [
-        ("exploding_gradients", "rnn.weight_hh", 70, 75)]
+        ("exploding_gradients", "rnn.weight_hh", 70, 75)
+    ]
     assert announced == [("exploding_gradients", True)]
     assert found[0]["evidence"]["peak_ratio"] == pytest.approx(50, rel=0.5)
 
@@ -108,7 +117,8 @@ def test_short_moderate_spike_waits_for_patience_but_a_huge_one_does_not():
     w[80] *= 1000
     found, _ = diagnose(grads({"a.weight": w}), info(params=("a.weight",)))
     assert [(f["kind"], f["first_step"], f["severity"]) for f in found] == [
-        ("exploding_gradients", 80, "error")]
+        ("exploding_gradients", 80, "error")
+    ]
 
 
 def test_a_larger_later_spike_takes_over_the_message_with_its_evidence():
@@ -153,13 +163,18 @@ def test_overflowing_norm_of_finite_elements_is_exploding():
     norm[21:23] = np.inf  # a.weight overflows at steps 20-22, b.weight from step 22
     late = np.ones(30)
     late[22] = np.inf
-    found, _ = diagnose({("a.weight", "param", "grad_norm"): (s, norm),
-                         ("a.weight", "param", "grad_nonfinite"): (s, count),
-                         ("b.weight", "param", "grad_norm"): (s, late),
-                         ("b.weight", "param", "grad_nonfinite"): (s, count)},
-                        info(params=("a.weight", "b.weight")))
+    found, _ = diagnose(
+        {
+            ("a.weight", "param", "grad_norm"): (s, norm),
+            ("a.weight", "param", "grad_nonfinite"): (s, count),
+            ("b.weight", "param", "grad_norm"): (s, late),
+            ("b.weight", "param", "grad_nonfinite"): (s, count),
+        },
+        info(params=("a.weight", "b.weight")),
+    )
     assert [(f["kind"], f["severity"], f["layer"], f["first_step"]) for f in found] == [
-        ("exploding_gradients", "error", "a.weight", 20)]  # one finding for both layers
+        ("exploding_gradients", "error", "a.weight", 20)
+    ]  # one finding for both layers
     assert found[0]["evidence"]["also_layers"] == ["b.weight"]
 
 
@@ -178,7 +193,7 @@ def test_backward_signal_shrinking_with_depth_is_vanishing_at_the_first_layer():
     found, _ = diagnose(_signal(0.1), info(sites=names))  # 0.1^5 = 1e-5 from last to first
     assert [(f["kind"], f["layer"]) for f in found] == [("vanishing_gradients", "layer0")]
     assert found[0]["evidence"]["per_layer_factor"] == pytest.approx(0.1, rel=1e-6)
-    assert found[0]["evidence"]["first_last_ratio"] == pytest.approx(0.1 ** 5, rel=1e-6)
+    assert found[0]["evidence"]["first_last_ratio"] == pytest.approx(0.1**5, rel=1e-6)
 
 
 def test_backward_signal_growing_with_depth_is_exploding():
@@ -205,16 +220,22 @@ def test_dead_units_are_not_called_vanishing():
 # -- dead units and saturation --------------------------------------------------------------------
 def _site(name: str, metric: str, values, every: int = 10, n: float = 640.0, units: float = 10):
     s = np.arange(0, len(values) * every, every)
-    return {(name, "module", metric): (s, np.asarray(values, dtype=float)),
-            (name, "module", "_n"): (s, np.full(len(values), n)),
-            (name, "module", "_units"): (s, np.full(len(values), units))}
+    return {
+        (name, "module", metric): (s, np.asarray(values, dtype=float)),
+        (name, "module", "_n"): (s, np.full(len(values), n)),
+        (name, "module", "_units"): (s, np.full(len(values), units)),
+    }
 
 
 def test_born_dead_and_died_in_training_are_told_apart():
-    series = {**_site("net.1", "act_dead_fraction", [0.7] * 10),
-              **_site("net.3", "act_dead_fraction", [0.0] * 5 + [0.8] * 5)}
-    found, _ = diagnose(series, info(sites=("net.1", "net.3"),
-                                     families={"net.1": "rectifier", "net.3": "rectifier"}))
+    series = {
+        **_site("net.1", "act_dead_fraction", [0.7] * 10),
+        **_site("net.3", "act_dead_fraction", [0.0] * 5 + [0.8] * 5),
+    }
+    found, _ = diagnose(
+        series,
+        info(sites=("net.1", "net.3"), families={"net.1": "rectifier", "net.3": "rectifier"}),
+    )
     by_layer = {f["layer"]: f for f in found}
     assert set(by_layer) == {"net.1", "net.3"}
     assert by_layer["net.1"]["evidence"]["born_dead"] is True
@@ -225,9 +246,11 @@ def test_born_dead_and_died_in_training_are_told_apart():
 
 def test_dead_needs_patience_enough_examples_and_a_rectifier():
     fam = {"a": "rectifier", "b": "rectifier", "c": "sigmoid"}
-    series = {**_site("a", "act_dead_fraction", [0, 0, 0.9, 0.9, 0, 0]),  # 2 checks < patience
-              **_site("b", "act_dead_fraction", [0.9] * 6, n=40.0),  # 4 examples per unit
-              **_site("c", "act_dead_fraction", [0.9] * 6)}
+    series = {
+        **_site("a", "act_dead_fraction", [0, 0, 0.9, 0.9, 0, 0]),  # 2 checks < patience
+        **_site("b", "act_dead_fraction", [0.9] * 6, n=40.0),  # 4 examples per unit
+        **_site("c", "act_dead_fraction", [0.9] * 6),
+    }
     assert diagnose(series, info(sites=("a", "b", "c"), families=fam))[0] == []
 
 
@@ -242,8 +265,10 @@ def test_an_output_sigmoid_may_saturate():
     fam = {"net.1": "sigmoid", "net.3": "sigmoid"}
     li = info(params=("net.0.weight", "net.2.weight"), sites=("net.1", "net.3"), families=fam)
     li.rank.update({"net.0": 0, "net.1": 1, "net.2": 2, "net.3": 3})
-    series = {**_site("net.1", "act_saturation", [0.9] * 6),
-              **_site("net.3", "act_saturation", [0.99] * 6)}
+    series = {
+        **_site("net.1", "act_saturation", [0.9] * 6),
+        **_site("net.3", "act_saturation", [0.99] * 6),
+    }
     found, _ = diagnose(series, li)
     assert [(f["kind"], f["layer"]) for f in found] == [("saturation", "net.1")]
 
@@ -264,28 +289,37 @@ def test_a_leaky_unit_that_is_never_positive_is_not_called_gradient_free():
 def test_update_ratio_high_after_warmup_only_on_weights():
     s = np.arange(0, 200, 10)
     high = np.full(s.size, 0.5)
-    series = {("w.weight", "param", "update_ratio"): (s, high),
-              ("w.bias", "param", "update_ratio"): (s, high),
-              ("early.weight", "param", "update_ratio"): (s, np.where(s < 50, 0.5, 1e-3))}
-    found, _ = diagnose(series, info(params=("w.weight", "w.bias", "early.weight"),
-                                     ndim={"w.bias": 1}))
+    series = {
+        ("w.weight", "param", "update_ratio"): (s, high),
+        ("w.bias", "param", "update_ratio"): (s, high),
+        ("early.weight", "param", "update_ratio"): (s, np.where(s < 50, 0.5, 1e-3)),
+    }
+    found, _ = diagnose(
+        series, info(params=("w.weight", "w.bias", "early.weight"), ndim={"w.bias": 1})
+    )
     assert [(f["kind"], f["layer"], f["first_step"]) for f in found] == [
-        ("update_ratio_high", "w.weight", 50)]
+        ("update_ratio_high", "w.weight", 50)
+    ]
 
 
 def test_huge_updates_count_even_during_warmup():
     s = np.arange(0, 100, 10)
-    series = {("w.weight", "param", "update_ratio"): (s, np.where(s < 40, 5.0, 1e-3)),
-              ("v.weight", "param", "update_ratio"): (s, np.where(s < 40, 0.5, 1e-3))}
+    series = {
+        ("w.weight", "param", "update_ratio"): (s, np.where(s < 40, 5.0, 1e-3)),
+        ("v.weight", "param", "update_ratio"): (s, np.where(s < 40, 0.5, 1e-3)),
+    }
     found, _ = diagnose(series, info(params=("w.weight", "v.weight")))
     assert [(f["kind"], f["layer"], f["first_step"], f["last_step"]) for f in found] == [
-        ("update_ratio_high", "w.weight", 0, 30)]
+        ("update_ratio_high", "w.weight", 0, 30)
+    ]
 
 
 def test_update_ratio_low_ignores_exact_zeros():
     s = np.arange(0, 200, 10)
-    series = {("a.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-8)),
-              ("b.weight", "param", "update_ratio"): (s, np.zeros(s.size))}
+    series = {
+        ("a.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-8)),
+        ("b.weight", "param", "update_ratio"): (s, np.zeros(s.size)),
+    }
     found, _ = diagnose(series, info(params=("a.weight", "b.weight")))
     assert [(f["kind"], f["layer"]) for f in found] == [("update_ratio_low", "a.weight")]
 
@@ -295,8 +329,10 @@ def test_update_ratio_low_while_later_layers_learn_blames_the_gradient_flow():
     points at the gradient flow, not the learning rate (this branch once left its kind unset,
     an internal error that dropped the rule)."""
     s = np.arange(0, 200, 10)
-    series = {("early.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-8)),
-              ("late.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-3))}
+    series = {
+        ("early.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-8)),
+        ("late.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-3)),
+    }
     li = info(params=("early.weight", "late.weight"))
     li.rank.update({"early": 0, "late": 1})
     found, _ = diagnose(series, li)
@@ -310,7 +346,8 @@ def test_one_poisoned_batch_is_a_loss_spike_at_its_step():
     loss[120] = 400.0
     found, _ = diagnose({(RUN_LAYER, "run", "loss"): (np.arange(200), loss)}, info(), chunks=2)
     assert [(f["kind"], f["first_step"], f["last_step"]) for f in found] == [
-        ("loss_spike", 120, 120)]
+        ("loss_spike", 120, 120)
+    ]
 
 
 def test_noisy_heavy_tailed_loss_is_not_a_spike():
@@ -323,10 +360,12 @@ def test_noisy_heavy_tailed_loss_is_not_a_spike():
 def test_nonfinite_loss_is_forward_and_one_finding_for_the_run():
     loss = np.ones(50)
     loss[20:] = np.nan
-    found, announced = diagnose({(RUN_LAYER, "run", "loss"): (np.arange(50), loss)}, info(),
-                                chunks=5)
+    found, announced = diagnose(
+        {(RUN_LAYER, "run", "loss"): (np.arange(50), loss)}, info(), chunks=5
+    )
     assert [(f["kind"], f["phase"], f["first_step"], f["last_step"]) for f in found] == [
-        ("nonfinite", "forward", 20, 49)]
+        ("nonfinite", "forward", 20, 49)
+    ]
     assert announced == [("nonfinite", True)]
 
 
@@ -335,27 +374,28 @@ def test_nonfinite_gradients_with_finite_loss_are_backward_nearest_the_loss():
     c1, c2 = np.zeros(30), np.zeros(30)
     c1[12] = 3
     c2[12] = 5
-    series = {(RUN_LAYER, "run", "loss"): (s, np.ones(30)),
-              ("enc.weight", "param", "grad_nonfinite"): (s, c1),
-              ("head.weight", "param", "grad_nonfinite"): (s, c2)}
+    series = {
+        (RUN_LAYER, "run", "loss"): (s, np.ones(30)),
+        ("enc.weight", "param", "grad_nonfinite"): (s, c1),
+        ("head.weight", "param", "grad_nonfinite"): (s, c2),
+    }
     found, _ = diagnose(series, info(params=("enc.weight", "head.weight")))
     assert [(f["kind"], f["phase"], f["layer"], f["first_step"]) for f in found] == [
-        ("nonfinite", "backward", "head", 12)]
+        ("nonfinite", "backward", "head", 12)
+    ]
 
 
 # -- engine ---------------------------------------------------------------------------------------
 def test_a_condition_that_returns_much_later_is_a_new_finding():
     series = _site("a", "act_dead_fraction", [0.9] * 5 + [0.0] * 40 + [0.9] * 5)
-    found, announced = diagnose(series, info(sites=("a",), families={"a": "rectifier"}),
-                                chunks=5)
+    found, announced = diagnose(series, info(sites=("a",), families={"a": "rectifier"}), chunks=5)
     assert [(f["first_step"], f["last_step"]) for f in found] == [(0, 40), (450, 490)]
     assert len(announced) == 2
 
 
 def test_a_continuing_condition_extends_one_finding_across_flushes():
     series = _site("a", "act_dead_fraction", [0.9] * 60)
-    found, announced = diagnose(series, info(sites=("a",), families={"a": "rectifier"}),
-                                chunks=6)
+    found, announced = diagnose(series, info(sites=("a",), families={"a": "rectifier"}), chunks=6)
     assert [(f["first_step"], f["last_step"]) for f in found] == [(0, 590)]
     assert announced == [("dead_units", True)]
 
@@ -367,8 +407,10 @@ def test_a_rule_that_raises_does_not_stop_the_others():
     from gradscope.rules.engine import RULES
 
     d = Diagnoser(Thresholds(), lambda f, new: None, rules=(broken, *RULES))
-    d.update(table(_site("a", "act_dead_fraction", [0.9] * 6)),
-             info(sites=("a",), families={"a": "rectifier"}))
+    d.update(
+        table(_site("a", "act_dead_fraction", [0.9] * 6)),
+        info(sites=("a",), families={"a": "rectifier"}),
+    )
     assert [f["kind"] for f in d.findings] == ["dead_units"]
     assert d.errors == ["broken: ZeroDivisionError('boom')"]
 
@@ -398,12 +440,30 @@ def test_an_earlier_origin_replacing_an_announced_nonfinite_finding_is_announced
     so the line printed first does not stand uncorrected."""
     announced = []
     d = Diagnoser(Thresholds(), lambda f, new: announced.append((f["first_step"], new)))
-    d.merge(traced_episode({"step": 34, "phase": "optimizer", "module": "body.0",
-                            "class": "Linear", "poisoned": True}))
-    d.merge(Episode("nonfinite", RUN_LAYER, 33, 40, "error", {"traced": False},
-                    "first appeared in the forward pass at step 33", "guard it",
-                    {"phase": "forward", "module": None, "class": None}))
+    d.merge(
+        traced_episode(
+            {
+                "step": 34,
+                "phase": "optimizer",
+                "module": "body.0",
+                "class": "Linear",
+                "poisoned": True,
+            }
+        )
+    )
+    d.merge(
+        Episode(
+            "nonfinite",
+            RUN_LAYER,
+            33,
+            40,
+            "error",
+            {"traced": False},
+            "first appeared in the forward pass at step 33",
+            "guard it",
+            {"phase": "forward", "module": None, "class": None},
+        )
+    )
     [f] = d.findings
     assert f["first_step"] == 33 and "step 33" in f["message"]
     assert announced == [(34, True), (33, False)]
-

@@ -44,8 +44,9 @@ ENV = {
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=TIMEOUT, check=False)
+    return subprocess.run(
+        cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
 
 
 def _parallel(*jobs: tuple[list[str], Path]) -> list[subprocess.CompletedProcess[str]]:
@@ -82,15 +83,24 @@ class Pair:
         return run
 
 
-def run_pair(target: list[str], out: Path, *, cwd: Path, quiet: bool = True,
-             options: tuple[str, ...] = (), gs_cwd: Path | None = None,
-             check_stderr: bool = True) -> Pair:
+def run_pair(
+    target: list[str],
+    out: Path,
+    *,
+    cwd: Path,
+    quiet: bool = True,
+    options: tuple[str, ...] = (),
+    gs_cwd: Path | None = None,
+    check_stderr: bool = True,
+) -> Pair:
     """Run ``python *target`` and ``gradscope run [--quiet] *options *target`` side by side
     (gradscope's in ``gs_cwd`` if given); assert the same stdout and exit code, and under
     --quiet the same stderr (unless ``check_stderr`` is False)."""
     flags = ("--quiet",) if quiet else ()
-    py, gs = _parallel(([sys.executable, *target], cwd),
-                       (gradscope_cmd(out, *flags, *options, *target), gs_cwd or cwd))
+    py, gs = _parallel(
+        ([sys.executable, *target], cwd),
+        (gradscope_cmd(out, *flags, *options, *target), gs_cwd or cwd),
+    )
     context = f"\n--- python stderr:\n{py.stderr}\n--- gradscope stderr:\n{gs.stderr}"
     assert gs.stdout == py.stdout, context
     assert gs.returncode == py.returncode, context
@@ -111,8 +121,15 @@ def param_names(run: gradscope.Run) -> list[str]:
     return [entry["name"] for entry in run.meta["layers"] if entry["kind"] == "param"]
 
 
-def check_run(run: gradscope.Run, *, status: str = "completed", exit_code: int = 0,
-              steps: int | None, model: str, argv: list[str] | None = None) -> None:
+def check_run(
+    run: gradscope.Run,
+    *,
+    status: str = "completed",
+    exit_code: int = 0,
+    steps: int | None,
+    model: str,
+    argv: list[str] | None = None,
+) -> None:
     """The run directory of a training script: status, exit code, steps (one metrics row per
     step), the model's class in the directory name."""
     meta = run.meta
@@ -131,8 +148,11 @@ def check_run(run: gradscope.Run, *, status: str = "completed", exit_code: int =
 
 
 def printed_losses(pair: Pair) -> list[float]:
-    return [float(m.group(1)) for line in stdout_lines(pair)
-            if (m := re.match(r"step \d+ loss (\S+)", line))]
+    return [
+        float(m.group(1))
+        for line in stdout_lines(pair)
+        if (m := re.match(r"step \d+ loss (\S+)", line))
+    ]
 
 
 def recorded(run: gradscope.Run, metric: str, layer: str = "(run)") -> list[float]:
@@ -147,15 +167,36 @@ def test_script_options_that_look_like_gradscope_options(tmp_path):
     """Everything after the script is the script's, even --out, --name, -m, --quiet, --help;
     gradscope's own options come before it (and --name names the run directory). Without
     --quiet gradscope talks on stderr only."""
-    script_args = ["--out", "O", "--name", "N", "--config", "C.toml", "--clip", "0.5",
-                   "-m", "mm", "--quiet", "--steps", "4", "extra"]
-    pair = run_pair([str(SCRIPTS / "clashing_args.py"), *script_args], tmp_path / "runs",
-                    cwd=tmp_path, quiet=False, options=("--name", "myrun"))
+    script_args = [
+        "--out",
+        "O",
+        "--name",
+        "N",
+        "--config",
+        "C.toml",
+        "--clip",
+        "0.5",
+        "-m",
+        "mm",
+        "--quiet",
+        "--steps",
+        "4",
+        "extra",
+    ]
+    pair = run_pair(
+        [str(SCRIPTS / "clashing_args.py"), *script_args],
+        tmp_path / "runs",
+        cwd=tmp_path,
+        quiet=False,
+        options=("--name", "myrun"),
+    )
     lines = stdout_lines(pair)
     assert lines[0] == f"argv: {script_args}"
-    assert lines[1] == ("parsed: [('clip', 0.5), ('config', 'C.toml'), ('mode', 'mm'), "
-                        "('name', 'N'), ('out', 'O'), ('quiet', True), ('rest', ['extra']), "
-                        "('steps', 4)]")
+    assert lines[1] == (
+        "parsed: [('clip', 0.5), ('config', 'C.toml'), ('mode', 'mm'), "
+        "('name', 'N'), ('out', 'O'), ('quiet', True), ('rest', ['extra']), "
+        "('steps', 4)]"
+    )
     assert pair.python.stderr == ""
     assert gradscope_lines(pair.gradscope.stderr) == pair.gradscope.stderr.splitlines() != []
     assert not (tmp_path / "O").exists() and not (tmp_path / "reports").exists()
@@ -180,8 +221,10 @@ def test_double_dash_before_the_script(tmp_path):
     """``gradscope run -- SCRIPT``: the ``--`` ends gradscope's options (python accepts it
     too); __name__ == "__main__" and an absolute __file__, as under python."""
     pair = run_pair(["--", str(SCRIPTS / "main_guard.py")], tmp_path / "runs", cwd=tmp_path)
-    assert stdout_lines(pair)[:2] == ["module name: __main__",
-                                      "guard entered; __file__ absolute: True"]
+    assert stdout_lines(pair)[:2] == [
+        "module name: __main__",
+        "guard entered; __file__ absolute: True",
+    ]
     run = pair.load()
     check_run(run, steps=4, model="Sequential", argv=[str(SCRIPTS / "main_guard.py")])
     assert param_names(run) == ["0.weight", "0.bias", "2.weight", "2.bias"]
@@ -192,11 +235,13 @@ def test_double_dash_before_the_script(tmp_path):
 # -- -m ------------------------------------------------------------------------------------------
 
 
-def check_module_run(pair: Pair, spec: str, main_file: str, args: list[str],
-                     steps: int) -> None:
+def check_module_run(pair: Pair, spec: str, main_file: str, args: list[str], steps: int) -> None:
     lines = stdout_lines(pair)
-    assert lines[:3] == [f"name: __main__ spec: {spec} package: pkg",
-                         f"argv0 is file: True args: {args}", "path0 is cwd: True"]
+    assert lines[:3] == [
+        f"name: __main__ spec: {spec} package: pkg",
+        f"argv0 is file: True args: {args}",
+        "path0 is cwd: True",
+    ]
     run = pair.load()
     check_run(run, steps=steps, model="Sequential", argv=[str(SCRIPTS / main_file), *args])
     assert recorded(run, "loss") == pytest.approx(printed_losses(pair), abs=1e-5)
@@ -264,8 +309,10 @@ def test_gan_two_models_two_optimizers(tmp_path):
     grad_layers = set(run.metrics.loc[run.metrics["metric"] == "grad_norm", "layer"])
     assert grad_layers == set(param_names(run))
     found = [e for e in run.events if e.get("event") == "model_found"]
-    assert [(e["key"], e["type"]) for e in found] == [("", "Generator"),
-                                                      ("Discriminator", "Discriminator")]
+    assert [(e["key"], e["type"]) for e in found] == [
+        ("", "Generator"),
+        ("Discriminator", "Discriminator"),
+    ]
 
 
 def test_gradient_accumulation(tmp_path):
@@ -319,8 +366,14 @@ def test_lstm_cell_in_a_python_loop(tmp_path):
     pair = run_pair([str(SCRIPTS / "lstm_cell_loop.py")], tmp_path / "runs", cwd=tmp_path)
     run = pair.load()
     check_run(run, steps=3, model="Seq")
-    assert param_names(run) == ["cell.weight_ih", "cell.weight_hh", "cell.bias_ih",
-                                "cell.bias_hh", "head.weight", "head.bias"]
+    assert param_names(run) == [
+        "cell.weight_ih",
+        "cell.weight_hh",
+        "cell.bias_ih",
+        "cell.bias_hh",
+        "head.weight",
+        "head.bias",
+    ]
 
 
 def test_script_clips_its_own_gradients(tmp_path):
@@ -364,9 +417,10 @@ def test_relative_out_is_the_launch_directorys(tmp_path):
     start.mkdir()
     elsewhere.mkdir()
     target = [str(SCRIPTS / "chdir_train.py"), "../elsewhere"]
-    py, gs = _parallel(([sys.executable, *target], start),
-                       ([sys.executable, "-m", "gradscope", "run", "--quiet", "--out", "runs",
-                         *target], start))
+    py, gs = _parallel(
+        ([sys.executable, *target], start),
+        ([sys.executable, "-m", "gradscope", "run", "--quiet", "--out", "runs", *target], start),
+    )
     assert (gs.stdout, gs.stderr, gs.returncode) == (py.stdout, py.stderr, 0)
     assert not (elsewhere / "runs").exists()
     check_run(Pair(py, gs, start / "runs").load(), steps=3, model="Linear")
@@ -378,8 +432,13 @@ def test_a_model_the_script_watches_itself_is_left_alone(tmp_path):
     py_cwd, gs_cwd = tmp_path / "py", tmp_path / "gs"
     py_cwd.mkdir()
     gs_cwd.mkdir()
-    pair = run_pair([str(SCRIPTS / "self_watch.py"), "own"], tmp_path / "runs", cwd=py_cwd,
-                    gs_cwd=gs_cwd, quiet=False)
+    pair = run_pair(
+        [str(SCRIPTS / "self_watch.py"), "own"],
+        tmp_path / "runs",
+        cwd=py_cwd,
+        gs_cwd=gs_cwd,
+        quiet=False,
+    )
     assert stdout_lines(pair)[-1] == "steps 3"
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
     lines = pair.gradscope.stderr.splitlines()
@@ -398,8 +457,12 @@ def test_torch_save_of_the_whole_model_holds_nothing_of_gradscope(tmp_path):
     py_cwd, gs_cwd = tmp_path / "py", tmp_path / "gs"
     py_cwd.mkdir()
     gs_cwd.mkdir()
-    pair = run_pair([str(SCRIPTS / "save_model.py"), "--save", "model.pt"], tmp_path / "runs",
-                    cwd=py_cwd, gs_cwd=gs_cwd)
+    pair = run_pair(
+        [str(SCRIPTS / "save_model.py"), "--save", "model.pt"],
+        tmp_path / "runs",
+        cwd=py_cwd,
+        gs_cwd=gs_cwd,
+    )
     lines = stdout_lines(pair)
     assert "loaded type: __main__ Net" in lines and "hooks on loaded: 0" in lines
     outputs = [line.split(": ", 1)[1] for line in lines if "outputs:" in line]
@@ -410,11 +473,12 @@ def test_torch_save_of_the_whole_model_holds_nothing_of_gradscope(tmp_path):
     with zipfile.ZipFile(saved) as zs, zipfile.ZipFile(py_cwd / "model.pt") as zp:
         assert zs.read("model/data.pkl") == zp.read("model/data.pkl")
     # a plain python process (no gradscope) loads what was saved under gradscope run
-    loaded = _run([sys.executable, str(SCRIPTS / "save_model.py"), "--load", str(saved)],
-                  tmp_path)
+    loaded = _run([sys.executable, str(SCRIPTS / "save_model.py"), "--load", str(saved)], tmp_path)
     assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.splitlines() == ["loaded type: __main__ Net",
-                                          f"loaded outputs: {outputs[0]}"]
+    assert loaded.stdout.splitlines() == [
+        "loaded type: __main__ Net",
+        f"loaded outputs: {outputs[0]}",
+    ]
 
 
 # -- how a script ends ---------------------------------------------------------------------------
@@ -455,8 +519,14 @@ def test_uncaught_exception_prints_the_scripts_traceback(tmp_path):
             assert "raise_nested.py" in line, line
     assert "runpy" not in talking.stderr and "runner.py" not in talking.stderr
     for proc, out in ((quiet, "quiet"), (talking, "talking")):
-        check_run(Pair(py, proc, tmp_path / out).load(), status="failed", exit_code=1, steps=4,
-                  model="Sequential", argv=["raise_nested.py"])
+        check_run(
+            Pair(py, proc, tmp_path / out).load(),
+            status="failed",
+            exit_code=1,
+            steps=4,
+            model="Sequential",
+            argv=["raise_nested.py"],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -467,8 +537,9 @@ def deep_error(tmp_path_factory):
     def get(where: str) -> Pair:
         if where not in pairs:
             tmp = tmp_path_factory.mktemp(f"deep-{where}")
-            pairs[where] = run_pair([str(SCRIPTS / "deep_errors.py"), where], tmp / "runs",
-                                    cwd=tmp, check_stderr=False)
+            pairs[where] = run_pair(
+                [str(SCRIPTS / "deep_errors.py"), where], tmp / "runs", cwd=tmp, check_stderr=False
+            )
         return pairs[where]
 
     return get
@@ -480,14 +551,17 @@ def script_frames(stderr: str) -> list[str]:
     keep = []
     for i, line in enumerate(lines):
         if line.startswith('  File "') and "deep_errors.py" in line:
-            keep += lines[i:i + 2]
+            keep += lines[i : i + 2]
     return [*keep, lines[-1]]
 
 
-@pytest.mark.parametrize(("where", "error", "frames", "steps"), [
-    ("forward", "ValueError: bad batch in forward", 2, 2),  # <module>, Net.forward
-    ("backward", "RuntimeError: Trying to backward through the graph a second time", 1, 3),
-])
+@pytest.mark.parametrize(
+    ("where", "error", "frames", "steps"),
+    [
+        ("forward", "ValueError: bad batch in forward", 2, 2),  # <module>, Net.forward
+        ("backward", "RuntimeError: Trying to backward through the graph a second time", 1, 3),
+    ],
+)
 def test_exception_below_a_watched_model(deep_error, where, error, frames, steps):
     """Raised inside a watched module's forward, or inside loss.backward(): same output, exit
     code, the script's frames and the exception; the run is closed as failed."""
@@ -499,21 +573,34 @@ def test_exception_below_a_watched_model(deep_error, where, error, frames, steps
     check_run(pair.load(), status="failed", exit_code=1, steps=steps, model="Net")
 
 
-@pytest.mark.parametrize("where", [
-    pytest.param("forward", marks=pytest.mark.xfail(strict=True, reason=(
-        "a known, accepted difference: hooks (gradscope's, or anyone's) send torch's "
-        "Module._call_impl down its hooked path, so the traceback shows module.py's "
-        "'return inner()' and 'inner' frames where python shows 'return forward_call(...)'; "
-        "the script's frames and the error are the same (test above)"))),
-    "backward",
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param(
+            "forward",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "a known, accepted difference: hooks (gradscope's, or anyone's) send torch's "
+                    "Module._call_impl down its hooked path, so the traceback shows module.py's "
+                    "'return inner()' and 'inner' frames where python shows "
+                    "'return forward_call(...)'; the script's frames and the error are the same "
+                    "(test above)"
+                ),
+            ),
+        ),
+        "backward",
+    ],
+)
 def test_exception_below_a_watched_model_prints_pythons_traceback(deep_error, where):
     pair = deep_error(where)
     # no frame of the gradscope package (hooks, patches, runner) and no line of gradscope's;
     # the script's own path may contain "gradscope" (a checkout in a folder of that name)
     package = Path(gradscope.__file__).resolve().parent
-    frames = [Path(f).resolve() for f in re.findall(r'^  File "([^"]+)"', pair.gradscope.stderr,
-                                                      flags=re.M)]
+    frames = [
+        Path(f).resolve()
+        for f in re.findall(r'^  File "([^"]+)"', pair.gradscope.stderr, flags=re.M)
+    ]
     assert frames and not [f for f in frames if f.is_relative_to(package)], frames
     assert not gradscope_lines(pair.gradscope.stderr)
     assert pair.gradscope.stderr == pair.python.stderr
@@ -542,8 +629,12 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     cases = _bad_inputs(tmp_path)
     out = tmp_path / "runs"
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(cases, pool.map(
-            lambda args: _run(gradscope_cmd(out, *args), tmp_path), cases.values())))
+        results = dict(
+            zip(
+                cases,
+                pool.map(lambda args: _run(gradscope_cmd(out, *args), tmp_path), cases.values()),
+            )
+        )
     for case, proc in results.items():
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, (case, proc.stderr)
@@ -576,19 +667,24 @@ def watched_in_process(name: str, out: Path) -> gradscope.Scope:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("vanishing_sigmoid", ("vanishing_gradients", "0", 0, None)),
-    ("dying_relu", ("dead_units", "3", None, None)),
-    ("nan_log_forward", ("nonfinite", None, 33, "forward")),
-    ("exploding_rnn", ("exploding_gradients", "rnn.weight_hh_l0", None, None)),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("vanishing_sigmoid", ("vanishing_gradients", "0", 0, None)),
+        ("dying_relu", ("dead_units", "3", None, None)),
+        ("nan_log_forward", ("nonfinite", None, 33, "forward")),
+        ("exploding_rnn", ("exploding_gradients", "rnn.weight_hh_l0", None, None)),
+    ],
+)
 def test_examples_find_what_watch_finds(tmp_path, capsys, name, expected):
     """The examples never import gradscope: gradscope run finds their model by itself and must
     report what ``watch()`` around the model reports (tests/test_examples.py)."""
     script = str(EXAMPLES / f"{name}.py")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = [pool.submit(_run, [sys.executable, script], tmp_path),
-                pool.submit(_run, gradscope_cmd(tmp_path / "runs", "--quiet", script), tmp_path)]
+        jobs = [
+            pool.submit(_run, [sys.executable, script], tmp_path),
+            pool.submit(_run, gradscope_cmd(tmp_path / "runs", "--quiet", script), tmp_path),
+        ]
         reference = watched_in_process(name, tmp_path / "watch")
         py, gs = (job.result() for job in jobs)
     assert py.returncode == gs.returncode == 0, gs.stderr
@@ -599,6 +695,10 @@ def test_examples_find_what_watch_finds(tmp_path, capsys, name, expected):
     assert run.meta["steps"] == reference.steps
     assert _finding_keys(run.findings) == _finding_keys(reference.findings)
     kind, layer, first_step, phase = expected
-    assert any(f["kind"] == kind and layer in (None, f["layer"])
-               and first_step in (None, f["first_step"]) and f.get("phase") == phase
-               for f in run.findings), run.findings
+    assert any(
+        f["kind"] == kind
+        and layer in (None, f["layer"])
+        and first_step in (None, f["first_step"])
+        and f.get("phase") == phase
+        for f in run.findings
+    ), run.findings

@@ -143,7 +143,8 @@ def test_kill_9_keeps_everything_up_to_the_last_flush(tmp_path):
     # nothing unreadable (findings, if any were raised, come back from events.jsonl)
     assert [p for p in run.problems if "rebuilt from events.jsonl" not in p] == [
         f"run.json says running, but its process (pid {proc.pid}) is gone: the run ended "
-        "without closing (killed?)"]
+        "without closing (killed?)"
+    ]
     steps = sorted(set(run.metrics["step"]))
     assert len(steps) >= 10 and steps == list(range(len(steps)))  # whole flushes only
 
@@ -225,7 +226,8 @@ def test_kill_9_keeps_the_findings_raised_so_far(tmp_path):
     assert not (tmp_path / "k" / "findings.json").exists()
     run = gradscope.load_run(tmp_path / "k")
     assert [(f["kind"], f["layer"], f["first_step"]) for f in run.findings] == [
-        ("dead_units", "1", 0)]
+        ("dead_units", "1", 0)
+    ]
     assert any("rebuilt from events.jsonl" in p for p in run.problems)
 
 
@@ -271,11 +273,16 @@ def test_after_kill_9_the_steps_and_the_state_come_from_the_disk(tmp_path, capsy
     assert (run.steps, run.progress.recorded) == (25, 25)
     assert run.metrics["step"].max() == 24 and run.metrics["step"].nunique() == 25
     assert run.state == "did not close" and not run.closed
-    note = (f"run.json says running, but its process (pid {proc.pid}) is gone: the run ended "
-            "without closing (killed?)")
+    note = (
+        f"run.json says running, but its process (pid {proc.pid}) is gone: the run ended "
+        "without closing (killed?)"
+    )
     assert note in run.problems
-    steps = "25" if run.meta["steps"] == 25 else \
-        f"25 (run.json said {run.meta['steps']} when last written)"
+    steps = (
+        "25"
+        if run.meta["steps"] == 25
+        else f"25 (run.json said {run.meta['steps']} when last written)"
+    )
     assert run.progress.steps_text == steps
 
     assert entry(["summary", str(run_dir)]) == 0
@@ -285,8 +292,7 @@ def test_after_kill_9_the_steps_and_the_state_come_from_the_disk(tmp_path, capsy
     assert entry(["report", str(run_dir)]) == 0
     capsys.readouterr()
     page = Page((run_dir / "report.html").read_text(encoding="utf-8"))
-    assert "status status-did-not-close" in [a.get("class") for t, a in page.tags
-                                             if t == "span"]
+    assert "status status-did-not-close" in [a.get("class") for t, a in page.tags if t == "span"]
     body = " ".join(page.text)
     assert "ended without closing (killed?)" in body and note in body
     assert f"steps {steps}" in " ".join(body.split())

@@ -36,14 +36,21 @@ def _folder(tmp_path: Path, watch: bool) -> Path:
     folder = tmp_path / "project"
     folder.mkdir()
     for name in SHADOWS:
-        body = "MINE = 'the script folder'\n" if name == "html" else \
-            f"raise ImportError('the script folder\\'s {name}.py was imported')\n"
+        body = (
+            "MINE = 'the script folder'\n"
+            if name == "html"
+            else f"raise ImportError('the script folder\\'s {name}.py was imported')\n"
+        )
         (folder / f"{name}.py").write_text(body)
-    (folder / "train.py").write_text(TRAIN.format(
-        watch="import gradscope" if watch else "",
-        open=f"scope = gradscope.watch(m, out={str(tmp_path / 'runs')!r}, name='w')"
-        if watch else "",
-        close="scope.close()" if watch else ""))
+    (folder / "train.py").write_text(
+        TRAIN.format(
+            watch="import gradscope" if watch else "",
+            open=f"scope = gradscope.watch(m, out={str(tmp_path / 'runs')!r}, name='w')"
+            if watch
+            else "",
+            close="scope.close()" if watch else "",
+        )
+    )
     return folder
 
 
@@ -60,10 +67,18 @@ def test_a_script_folder_shadowing_modules_gets_its_report(how, tmp_path):
     if how == "watch":
         args = [sys.executable, "train.py"]
     else:
-        args = [sys.executable, "-m", "gradscope", "run", "--out", str(tmp_path / "runs"),
-                "--name", "w", "train.py"]
-    got = subprocess.run(args, capture_output=True, text=True, cwd=folder, env=_env(),
-                         timeout=180)
+        args = [
+            sys.executable,
+            "-m",
+            "gradscope",
+            "run",
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "w",
+            "train.py",
+        ]
+    got = subprocess.run(args, capture_output=True, text=True, cwd=folder, env=_env(), timeout=180)
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip().splitlines()[-1] == "done the script folder"
     run = tmp_path / "runs" / "w"

@@ -22,9 +22,27 @@ SCRIPT = Path(__file__).parent / "scripts" / "signal_in_flush.py"
 def test_a_signal_inside_a_flush_loses_no_row(sig, at_call, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     got = subprocess.run(
-        [sys.executable, "-m", "gradscope", "run", "--out", str(tmp_path), "--name", "run",
-         "--flush-every", "20", "--no-report", str(SCRIPT), sig, str(at_call)],
-        capture_output=True, text=True, env=env, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "gradscope",
+            "run",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "run",
+            "--flush-every",
+            "20",
+            "--no-report",
+            str(SCRIPT),
+            sig,
+            str(at_call),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     number = getattr(signal, sig)
     assert got.returncode == -number, got.stderr  # it died by the signal, as python would
     run = gradscope.load_run(tmp_path / "run")

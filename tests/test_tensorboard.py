@@ -23,8 +23,9 @@ from models import half_dead_linear, mlp
 def _read(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"),
-                           size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
+    acc = EventAccumulator(
+        str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0}
+    )
     acc.Reload()
     return acc
 
@@ -39,8 +40,11 @@ def _layout(acc):
 
 
 def _charts(layout):
-    return {chart.title: (category.title, chart.multiline.tag)
-            for category in layout.category for chart in category.chart}
+    return {
+        chart.title: (category.title, chart.multiline.tag)
+        for category in layout.category
+        for chart in category.chart
+    }
 
 
 def _matching(patterns, tags):
@@ -71,8 +75,9 @@ def dead_run(tmp_path_factory):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.rand(64, 4)
     out = tmp_path_factory.mktemp("runs")
-    with gradscope.watch(model, opt, out=out, activation_every=1, flush_every=3,
-                         quiet=True) as scope:
+    with gradscope.watch(
+        model, opt, out=out, activation_every=1, flush_every=3, quiet=True
+    ) as scope:
         for _ in range(8):
             opt.zero_grad()
             model(x).square().mean().backward()
@@ -85,8 +90,9 @@ def test_every_record_is_a_scalar_equal_to_the_store(dead_run):
     df = _store(dead_run.run_dir)
     pairs = set(zip(df["layer"], df["metric"]))
     assert set(acc.Tags()["scalars"]) == {tag(layer, metric) for layer, metric in pairs}
-    assert {"grad_norm/0.weight", "act_dead_fraction/1", "loss", "grad_norm_total"} <= \
-        set(acc.Tags()["scalars"])
+    assert {"grad_norm/0.weight", "act_dead_fraction/1", "loss", "grad_norm_total"} <= set(
+        acc.Tags()["scalars"]
+    )
     for layer, metric in pairs:
         _assert_tag_equals_store(acc, df, layer, metric)
     assert acc.Tags()["histograms"] == []  # off by default
@@ -95,8 +101,7 @@ def test_every_record_is_a_scalar_equal_to_the_store(dead_run):
 def test_findings_are_text_at_their_first_step(dead_run):
     acc = _read(dead_run.run_dir)
     findings = gradscope.load_run(dead_run.run_dir).findings
-    assert [(f["kind"], f["layer"], f["first_step"]) for f in findings] == \
-        [("dead_units", "1", 0)]
+    assert [(f["kind"], f["layer"], f["first_step"]) for f in findings] == [("dead_units", "1", 0)]
     events = acc.Tensors("findings/dead_units/1")
     assert [e.step for e in events] == [0]
     shown, _ = _rendered(events[0].tensor_proto.string_val[0].decode())
@@ -143,11 +148,29 @@ def test_finding_and_remedy_text_shows_names_literally(tmp_path):
     (no emphasis from ``*``/``_``, no link from ``[x]``, no tag from ``<b>``)."""
     sink = TensorBoardSink(tmp_path / "tb", max_layers=5)
     message = f"50% of the units of {HOSTILE} are dead: *not* a [link](x) # or `code` & <i>"
-    sink.event({"event": "finding", "kind": "dead_units", "layer": HOSTILE,
-                "severity": "warning", "first_step": 3, "last_step": 9, "message": message,
-                "suggestion": "swap it (swap='relu->leaky_relu:0.2'); 1. lower the lr_"})
-    sink.event({"event": "remedy", "remedy": "swap", "action": "swapped", "step": 4,
-                "layer": HOSTILE, "from": "ReLU", "to": "LeakyReLU(0.2)"})
+    sink.event(
+        {
+            "event": "finding",
+            "kind": "dead_units",
+            "layer": HOSTILE,
+            "severity": "warning",
+            "first_step": 3,
+            "last_step": 9,
+            "message": message,
+            "suggestion": "swap it (swap='relu->leaky_relu:0.2'); 1. lower the lr_",
+        }
+    )
+    sink.event(
+        {
+            "event": "remedy",
+            "remedy": "swap",
+            "action": "swapped",
+            "step": 4,
+            "layer": HOSTILE,
+            "from": "ReLU",
+            "to": "LeakyReLU(0.2)",
+        }
+    )
     sink.close()
     acc = _read(tmp_path)
     (event,) = acc.Tensors(f"findings/dead_units/{HOSTILE}")
@@ -155,14 +178,19 @@ def test_finding_and_remedy_text_shows_names_literally(tmp_path):
     assert HOSTILE not in raw and "\\*\\[x\\]&lt;b&gt;" in raw  # escaped in the record
     shown, tags = _rendered(raw)
     assert tags == ["p", "strong", "p", "p"]  # **warning** is the only markup
-    assert shown == (f"warning: {message}\nlayer {HOSTILE}, from step 3\n"
-                     "swap it (swap='relu->leaky_relu:0.2'); 1. lower the lr_")
+    assert shown == (
+        f"warning: {message}\nlayer {HOSTILE}, from step 3\n"
+        "swap it (swap='relu->leaky_relu:0.2'); 1. lower the lr_"
+    )
     (remedy,) = acc.Tensors("remedies")
     assert remedy.step == 4
     shown, tags = _rendered(remedy.tensor_proto.string_val[0].decode())
     assert tags == ["p"]
-    assert shown == ('remedy: "swap"; action: "swapped"; step: 4; layer: "' + HOSTILE +
-                     '"; from: "ReLU"; to: "LeakyReLU(0.2)"')
+    assert shown == (
+        'remedy: "swap"; action: "swapped"; step: 4; layer: "'
+        + HOSTILE
+        + '"; from: "ReLU"; to: "LeakyReLU(0.2)"'
+    )
 
 
 def test_layout_has_one_chart_per_metric_naming_the_written_tags(dead_run):
@@ -172,11 +200,15 @@ def test_layout_has_one_chart_per_metric_naming_the_written_tags(dead_run):
     charts = _charts(layout)
     tags = set(acc.Tags()["scalars"])
     assert [c.title for c in layout.category] == ["gradients", "updates", "activations", "run"]
-    assert [c.title for c in layout.category[0].chart][:3] == \
-        ["grad_norm_total", "grad_norm", "grad_max_abs"]
+    assert [c.title for c in layout.category[0].chart][:3] == [
+        "grad_norm_total",
+        "grad_norm",
+        "grad_max_abs",
+    ]
     assert charts["grad_norm"][0] == "gradients"
-    assert _matching(charts["grad_norm"][1], tags) == {t for t in tags
-                                                       if t.startswith("grad_norm/")}
+    assert _matching(charts["grad_norm"][1], tags) == {
+        t for t in tags if t.startswith("grad_norm/")
+    }
     assert charts["update_ratio"][0] == "updates"
     assert _matching(charts["act_dead_fraction"][1], tags) == {"act_dead_fraction/1"}
     assert _matching(charts["loss"][1], tags) == {"loss"} and charts["loss"][0] == "run"
@@ -204,8 +236,10 @@ def test_layout_is_written_again_when_a_model_joins(out):
     layout, count = _layout(acc)
     assert count >= 2
     grad_norm = _charts(layout)["grad_norm"][1]
-    assert _matching(grad_norm, {"grad_norm/critic.0.weight", "grad_norm/0.weight"}) == \
-        {"grad_norm/critic.0.weight", "grad_norm/0.weight"}
+    assert _matching(grad_norm, {"grad_norm/critic.0.weight", "grad_norm/0.weight"}) == {
+        "grad_norm/critic.0.weight",
+        "grad_norm/0.weight",
+    }
     assert acc.Scalars("grad_norm/critic.0.weight")[0].step == 3
 
 
@@ -221,8 +255,8 @@ def _deep(n=200, width=8):
             lin.bias.zero_()
         layers += [lin, nn.ReLU()]
     with torch.no_grad():
-        lin.weight[width // 2:] = 0.0
-        lin.bias[width // 2:] = -1.0
+        lin.weight[width // 2 :] = 0.0
+        lin.bias[width // 2 :] = -1.0
     return nn.Sequential(*layers)
 
 
@@ -236,8 +270,9 @@ def deep_run(tmp_path_factory):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.rand(16, 8)
     out = tmp_path_factory.mktemp("runs")
-    with gradscope.watch(model, opt, out=out, activation_every=2, flush_every=FLUSH,
-                         quiet=True) as scope:
+    with gradscope.watch(
+        model, opt, out=out, activation_every=2, flush_every=FLUSH, quiet=True
+    ) as scope:
         for _ in range(12):
             opt.zero_grad()
             (model(x) - x).square().mean().backward()
@@ -285,17 +320,22 @@ def test_the_worst_layers_are_the_extremes_of_the_first_flush(deep_run):
     first = df[(df["step"] < FLUSH) & (df["metric"] == "grad_norm")]
     median = first.groupby("layer")["value"].median().sort_values(kind="stable")
     expected = set(median.index[:25]) | set(median.index[-25:])
-    shown = {t.split("/", 1)[1] for t in acc.Tags()["scalars"]
-             if t.startswith("grad_norm/") and t.split("/", 1)[1] not in AGGREGATES}
+    shown = {
+        t.split("/", 1)[1]
+        for t in acc.Tags()["scalars"]
+        if t.startswith("grad_norm/") and t.split("/", 1)[1] not in AGGREGATES
+    }
     assert shown == expected
     assert "act_dead_fraction/399" in acc.Tags()["scalars"]
     layout, _ = _layout(acc)
     charts = _charts(layout)
     tags = set(acc.Tags()["scalars"])
-    assert _matching(charts["grad_norm (worst layers)"][1], tags) == \
-        {f"grad_norm/{layer}" for layer in expected}
-    assert _matching(charts["grad_norm (min, median, max over layers)"][1], tags) == \
-        {f"grad_norm/{a}" for a in AGGREGATES}
+    assert _matching(charts["grad_norm (worst layers)"][1], tags) == {
+        f"grad_norm/{layer}" for layer in expected
+    }
+    assert _matching(charts["grad_norm (min, median, max over layers)"][1], tags) == {
+        f"grad_norm/{a}" for a in AGGREGATES
+    }
 
 
 # -- the sink on its own: selection rules, findings, aggregates ----------------------------------
@@ -320,9 +360,18 @@ def test_sink_picks_extremes_first_non_finite_and_adds_finding_layers(tmp_path):
     values["l5"] = [5.0, math.nan]  # non-finite: comes first
     sink = TensorBoardSink(tmp_path / "tb", max_layers=5)
     sink.write(_table(values))
-    sink.event({"event": "finding", "kind": "vanishing_gradients", "layer": "l3",
-                "severity": "warning", "first_step": 1, "last_step": 1, "message": "m",
-                "suggestion": "s"})
+    sink.event(
+        {
+            "event": "finding",
+            "kind": "vanishing_gradients",
+            "layer": "l3",
+            "severity": "warning",
+            "first_step": 1,
+            "last_step": 1,
+            "message": "m",
+            "suggestion": "s",
+        }
+    )
     sink.write(_table(values, first_step=2))
     sink.close()
     acc = _read(tmp_path)
@@ -337,11 +386,14 @@ def test_sink_picks_extremes_first_non_finite_and_adds_finding_layers(tmp_path):
     assert [e.step for e in acc.Tensors("findings/vanishing_gradients/l3")] == [1]
 
 
-@pytest.mark.parametrize("metric, expected", [
-    ("act_dead_fraction", {7, 8, 9}),  # the highest
-    ("clip_coef", {0, 1, 2}),  # the smallest: the most clipped
-    ("act_mean", {0, 9, 8}),  # the largest magnitude
-])
+@pytest.mark.parametrize(
+    "metric, expected",
+    [
+        ("act_dead_fraction", {7, 8, 9}),  # the highest
+        ("clip_coef", {0, 1, 2}),  # the smallest: the most clipped
+        ("act_mean", {0, 9, 8}),  # the largest magnitude
+    ],
+)
 def test_sink_worst_depends_on_the_metric(tmp_path, metric, expected):
     values = {f"l{i}": [float(i)] for i in range(10)}
     values["l0"] = [-100.0]
@@ -357,8 +409,9 @@ def test_sink_without_a_cap_writes_every_layer_and_no_aggregate(tmp_path):
     sink = TensorBoardSink(tmp_path / "tb", max_layers=0)
     sink.write(_table(values))
     sink.close()
-    assert set(_read(tmp_path).Tags()["scalars"]) == \
-        {f"grad_norm/l{i}" for i in range(60)} | {"loss"}
+    assert set(_read(tmp_path).Tags()["scalars"]) == {f"grad_norm/l{i}" for i in range(60)} | {
+        "loss"
+    }
 
 
 # -- histograms ----------------------------------------------------------------------------------
@@ -367,8 +420,9 @@ def test_histograms_are_the_gradients_histc_at_sampled_steps(out):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x = torch.randn(16, 8)
     grads = {}
-    with gradscope.watch(model, opt, out=out, histograms=True, update_every=2,
-                         flush_every=3, quiet=True) as scope:
+    with gradscope.watch(
+        model, opt, out=out, histograms=True, update_every=2, flush_every=3, quiet=True
+    ) as scope:
         for step in range(5):
             opt.zero_grad()
             model(x).square().mean().backward()
@@ -423,8 +477,9 @@ def test_histograms_of_constant_and_non_finite_gradients():
 def test_no_tensorboard_writes_no_tb_directory(out):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with gradscope.watch(model, opt, out=out, tensorboard=False, histograms=True,
-                         quiet=True) as scope:
+    with gradscope.watch(
+        model, opt, out=out, tensorboard=False, histograms=True, quiet=True
+    ) as scope:
         for _ in range(3):
             opt.zero_grad()
             model(torch.randn(4, 8)).sum().backward()

@@ -44,8 +44,13 @@ class Session:
     def open(self) -> bool:
         return self.scope is not None and not self.scope.closed
 
-    def start(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
-              note: str, **detail: Any) -> None:
+    def start(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        note: str,
+        **detail: Any,
+    ) -> None:
         """Watch ``model`` (and ``optimizers``; found at their first step when empty)."""
         import gradscope
 
@@ -56,8 +61,11 @@ class Session:
             self.scope = gradscope.watch(model, list(optimizers) or None, **self.config)
         except Exception as exc:
             self.scope = None
-            print(f"gradscope: not watching this {self.framework} run: {exc}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"gradscope: not watching this {self.framework} run: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         self.scope.add_event(Event.framework(self.framework, note, **detail))
         if self._state is not None:
@@ -65,8 +73,7 @@ class Session:
             try:
                 self.scope.load_state_dict(state)
             except (TypeError, ValueError) as exc:  # a checkpoint of another configuration
-                print(f"gradscope: the remedies start afresh: {exc}", file=sys.stderr,
-                      flush=True)
+                print(f"gradscope: the remedies start afresh: {exc}", file=sys.stderr, flush=True)
 
     def stop(self, status: str = RunStatus.COMPLETED) -> None:
         if self.open:

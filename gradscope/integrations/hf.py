@@ -26,7 +26,7 @@ def _callback_base() -> Any:
         return importlib.import_module("transformers").TrainerCallback
     except ImportError as exc:
         raise ImportError(
-            "gradscope.integrations.hf needs transformers: pip install \"gradscope[hf]\""
+            'gradscope.integrations.hf needs transformers: pip install "gradscope[hf]"'
         ) from exc
 
 
@@ -49,16 +49,22 @@ class GradscopeCallback(_callback_base()):  # type: ignore[misc]
     def scope(self) -> Any:
         return self._session.scope
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
         if model is None:
             return
-        note = ("gradients are read at each optimizer step: grad_norm after AMP unscaling and "
-                "before the Trainer's max_grad_norm clipping, grad_norm_clipped after it")
+        note = (
+            "gradients are read at each optimizer step: grad_norm after AMP unscaling and "
+            "before the Trainer's max_grad_norm clipping, grad_norm_clipped after it"
+        )
         # the optimizer the Trainer passes may be accelerate's wrapper: the one that steps the
         # parameters is found at its first step instead
         self._session.start(
-            model, [], note, max_grad_norm=getattr(args, "max_grad_norm", None),
+            model,
+            [],
+            note,
+            max_grad_norm=getattr(args, "max_grad_norm", None),
             gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
         )
 

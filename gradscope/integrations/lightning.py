@@ -29,7 +29,8 @@ def _callback_base() -> Any:
         except ImportError:
             continue
     raise ImportError(
-        "gradscope.integrations.lightning needs Lightning: pip install \"gradscope[lightning]\"")
+        'gradscope.integrations.lightning needs Lightning: pip install "gradscope[lightning]"'
+    )
 
 
 class GradscopeCallback(_callback_base()):  # type: ignore[misc]
@@ -58,13 +59,19 @@ class GradscopeCallback(_callback_base()):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         clip = getattr(trainer, "gradient_clip_val", None)
-        note = ("gradients are read after the backward pass of each optimizer step: after AMP "
-                "unscaling, before Lightning's gradient clipping (grad_norm); grad_norm_clipped "
-                "after it")
+        note = (
+            "gradients are read after the backward pass of each optimizer step: after AMP "
+            "unscaling, before Lightning's gradient clipping (grad_norm); grad_norm_clipped "
+            "after it"
+        )
         self._session.start(
-            pl_module, list(trainer.optimizers), note,
-            gradient_clip_val=clip, gradient_clip_algorithm=getattr(
-                trainer, "gradient_clip_algorithm", None) if clip else None,
+            pl_module,
+            list(trainer.optimizers),
+            note,
+            gradient_clip_val=clip,
+            gradient_clip_algorithm=getattr(trainer, "gradient_clip_algorithm", None)
+            if clip
+            else None,
             accumulate_grad_batches=getattr(trainer, "accumulate_grad_batches", 1),
             precision=str(getattr(trainer, "precision", "")),
         )

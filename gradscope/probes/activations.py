@@ -90,7 +90,11 @@ class ModuleProbe:
     """
 
     def __init__(
-        self, buffer: StepBuffer, table: LayerTable, config: Config, count_on_host: bool,
+        self,
+        buffer: StepBuffer,
+        table: LayerTable,
+        config: Config,
+        count_on_host: bool,
         guard: Guard | None = None,
     ) -> None:
         self.guard = guard
@@ -120,16 +124,22 @@ class ModuleProbe:
         """Hook one watched module (at attach, or when a model joins the run later)."""
         hooks = self._hooks
         assert hooks is not None
-        hook = Hook(partial(self._on_forward, entry), f"forward {entry.name}", self.guard,
-                    "module-forward")
+        hook = Hook(
+            partial(self._on_forward, entry), f"forward {entry.name}", self.guard, "module-forward"
+        )
         handles = [hooks.add(entry.module.register_forward_hook(hook), "module-forward")]
         if not entry.is_leaf:
             # a container that owns parameters (a root's positional embedding) is ordered
             # by when its forward starts, not when it ends
-            pre = Hook(partial(self._on_forward_pre, entry), f"forward-pre {entry.name}",
-                       self.guard, "module-forward-pre")
-            handles.append(hooks.add(entry.module.register_forward_pre_hook(pre),
-                                     "module-forward-pre"))
+            pre = Hook(
+                partial(self._on_forward_pre, entry),
+                f"forward-pre {entry.name}",
+                self.guard,
+                "module-forward-pre",
+            )
+            handles.append(
+                hooks.add(entry.module.register_forward_pre_hook(pre), "module-forward-pre")
+            )
         self._handles[entry.name] = handles
 
     def replace(self, entry: ModuleEntry, new: nn.Module) -> None:
@@ -211,8 +221,9 @@ class ModuleProbe:
             # created from the queue in eager code, at the end of the window.
             if entry.family is not None:
                 key, axis = self._key(entry, out, args, compiling)
-                self._traced.append((entry, key, axis, self._measure(entry, axis, out.detach(),
-                                                                     compiling)))
+                self._traced.append(
+                    (entry, key, axis, self._measure(entry, axis, out.detach(), compiling))
+                )
             return
         site = self._site(entry, out, args)
         if entry.family is not None:
@@ -248,9 +259,7 @@ class ModuleProbe:
         key, axis = self._key(entry, out, args, compiling=False)
         return self._site_for(entry, key, axis)
 
-    def _site_for(
-        self, entry: ModuleEntry, key: tuple[int, int, int], axis: int | None
-    ) -> _Site:
+    def _site_for(self, entry: ModuleEntry, key: tuple[int, int, int], axis: int | None) -> _Site:
         site = self._sites.get(key)
         if site is None:
             k = self._per_name.get(entry.name, 0)
@@ -297,8 +306,7 @@ class ModuleProbe:
         # is a false alarm that the exact count then clears).
         # is_compiling() again, not only the caller's flag: under an in-place model.compile()
         # dynamo may compile this frame on its own, called from a hook that ran eagerly
-        if not self.count_on_host or compiling or is_compiling() or \
-                not math.isfinite(l2.item()):
+        if not self.count_on_host or compiling or is_compiling() or not math.isfinite(l2.item()):
             nonfinite = torch.logical_not(torch.isfinite(o)).sum()
         return _Call(n, s, l2, peak, sat, nonfinite, rows)
 

@@ -58,19 +58,29 @@ class _FwdCall:
 
 
 def forward_info(
-    step: int, name: str, module: nn.Module, ins: list[torch.Tensor],
-    outs: list[torch.Tensor], first_flag_step: int | None,
+    step: int,
+    name: str,
+    module: nn.Module,
+    ins: list[torch.Tensor],
+    outs: list[torch.Tensor],
+    first_flag_step: int | None,
 ) -> dict[str, Any]:
     """A module whose output is non-finite while its inputs are finite (read on the host)."""
     bad_params = [
-        pname for pname, p in module.named_parameters()
+        pname
+        for pname, p in module.named_parameters()
         if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())
     ]
     summary = _summary(outs)
     info: dict[str, Any] = {
-        "step": step, "phase": "forward", "module": name, "class": type(module).__name__,
-        "inputs_finite": True, "input_max_abs": _max_abs_finite(ins),
-        "output": summary, "output_dtype": _dtype(outs[0]),
+        "step": step,
+        "phase": "forward",
+        "module": name,
+        "class": type(module).__name__,
+        "inputs_finite": True,
+        "input_max_abs": _max_abs_finite(ins),
+        "output": summary,
+        "output_dtype": _dtype(outs[0]),
     }
     if info["output_dtype"] == "float16" and summary["inf"] > 0:
         info["fp16_overflow"] = True  # finite inputs, infinite float16 outputs
@@ -82,52 +92,64 @@ def forward_info(
     return info
 
 
-def deferred_forward_info(
-    step: int, call: _FwdCall, first_flag_step: int | None
-) -> dict[str, Any]:
+def deferred_forward_info(step: int, call: _FwdCall, first_flag_step: int | None) -> dict[str, Any]:
     """As :func:`forward_info`, from the flags read on the host at once (accelerators): no
     counts are known."""
-    info: dict[str, Any] = {"step": step, "phase": "forward", "module": call.module,
-                            "class": call.cls, "inputs_finite": True,
-                            "output_dtype": call.dtype}
+    info: dict[str, Any] = {
+        "step": step,
+        "phase": "forward",
+        "module": call.module,
+        "class": call.cls,
+        "inputs_finite": True,
+        "output_dtype": call.dtype,
+    }
     if call.dtype == "float16":  # only flags were read: inf or NaN is not known
         info["fp16_overflow"] = "likely"
     if call.mod is not None:
-        bad_params = [p for p, t in call.mod.named_parameters()
-                      if not bool(torch.isfinite(t.detach()).all())]
+        bad_params = [
+            p for p, t in call.mod.named_parameters() if not bool(torch.isfinite(t.detach()).all())
+        ]
         if bad_params:
             info["phase"] = "optimizer"
             info["nonfinite_params"] = bad_params[:10]
-            info["poisoned"] = (first_flag_step is not None
-                                and first_flag_step < step)
+            info["poisoned"] = first_flag_step is not None and first_flag_step < step
     return info
 
 
 def bad_loss_info(step: int, loss: torch.Tensor) -> dict[str, Any]:
     """Every module's output was finite, the loss was not."""
     return {
-        "step": step, "phase": "forward", "module": None, "class": None,
+        "step": step,
+        "phase": "forward",
+        "module": None,
+        "class": None,
         "loss": float(loss.detach().float().reshape(-1)[0]),
-        "note": ("every module's output was finite: the loss computation (or code between "
-                 "the model and the loss) produced the non-finite value"),
+        "note": (
+            "every module's output was finite: the loss computation (or code between "
+            "the model and the loss) produced the non-finite value"
+        ),
     }
 
 
 def bad_data_info(step: int, module: str) -> dict[str, Any]:
     """The inputs of ``module`` were non-finite before it ran."""
     return {
-        "step": step, "phase": "forward", "module": None, "class": None,
+        "step": step,
+        "phase": "forward",
+        "module": None,
+        "class": None,
         "before_module": module,
-        "note": (f"the inputs of {module} were already non-finite when it ran: they came "
-                 "from the data or from code outside the watched modules"),
+        "note": (
+            f"the inputs of {module} were already non-finite when it ran: they came "
+            "from the data or from code outside the watched modules"
+        ),
     }
 
 
 def backward_verdict(events: list[_GradEvent], first_bad: int, step: int) -> dict[str, Any]:
     """The culprit of a backward pass whose first non-finite gradient is ``events[first_bad]``
     (and some parameter gradient is non-finite)."""
-    bad_out: set[str] = {ev.module for ev in events[:first_bad] if ev.which == "out"
-                         and ev.bad}
+    bad_out: set[str] = {ev.module for ev in events[:first_bad] if ev.which == "out" and ev.bad}
     # every hook on the first bad tensor: is it the input of a module whose outputs
     # received finite gradients? That module turned a finite gradient non-finite.
     key = events[first_bad].tensor
@@ -135,19 +157,23 @@ def backward_verdict(events: list[_GradEvent], first_bad: int, step: int) -> dic
     for ev in same:
         if ev.which != "in" or ev.module in bad_out:
             continue
-        got_out = [o for o in events[:first_bad] if o.module == ev.module
-                   and o.which == "out"]
+        got_out = [o for o in events[:first_bad] if o.module == ev.module and o.which == "out"]
         if got_out:
             return backward_info(step, ev, got_out)
     ev = events[first_bad]
     outs = [e for e in same if e.which == "out"]
     producer = outs[0] if outs else ev  # the innermost module whose output this is
     info: dict[str, Any] = {
-        "step": step, "phase": "backward", "module": None, "class": None,
+        "step": step,
+        "phase": "backward",
+        "module": None,
+        "class": None,
         "after_module": producer.module,
-        "note": (f"the gradient arriving at the output of {producer.module} was already "
-                 "non-finite: it was produced outside any module (the loss function or a "
-                 "functional operation applied after it)"),
+        "note": (
+            f"the gradient arriving at the output of {producer.module} was already "
+            "non-finite: it was produced outside any module (the loss function or a "
+            "functional operation applied after it)"
+        ),
     }
     if ev.values is not None:
         info["gradient"] = _summary([ev.values])
@@ -158,7 +184,10 @@ def backward_info(step: int, ev: _GradEvent, outs: list[_GradEvent]) -> dict[str
     """A module whose input gradient is non-finite while its output gradients (``outs``) were
     finite."""
     info: dict[str, Any] = {
-        "step": step, "phase": "backward", "module": ev.module, "class": ev.cls,
+        "step": step,
+        "phase": "backward",
+        "module": ev.module,
+        "class": ev.cls,
         "output_grads_finite": True,
     }
     if ev.values is not None:

@@ -141,8 +141,9 @@ class GradProbe:
             known to be non-finite (GradScaler-skipped steps) or while armed.
     """
 
-    def __init__(self, buffer: StepBuffer, count_policy: str = "host",
-                 histograms: bool = False) -> None:
+    def __init__(
+        self, buffer: StepBuffer, count_policy: str = "host", histograms: bool = False
+    ) -> None:
         self.buffer = buffer
         self.count_policy = count_policy
         self.histograms = histograms  # gradient histograms on sampled steps (TensorBoard)
@@ -203,8 +204,11 @@ class GradProbe:
             # overflow at too high a scale): it does not arm the tracer.
             # Nor do gradients still multiplied by a loss scale (read at the end of a scaled
             # backward pass, before GradScaler unscaled them): they overflow by design.
-            if self.on_nonfinite is not None and not known_nonfinite and not scaled and (
-                self.count_policy != "host" or counts.sum().item() > 0
+            if (
+                self.on_nonfinite is not None
+                and not known_nonfinite
+                and not scaled
+                and (self.count_policy != "host" or counts.sum().item() > 0)
             ):
                 self.on_nonfinite()
         return present, grads, norms
@@ -232,8 +236,9 @@ class GradProbe:
         import numpy as np
 
         col_of = {key: i for i, key in enumerate(chunk.columns)}
-        norm_all = [i for i, (_, kind, m) in enumerate(chunk.columns)
-                    if kind == KIND and m == "grad_norm"]
+        norm_all = [
+            i for i, (_, kind, m) in enumerate(chunk.columns) if kind == KIND and m == "grad_norm"
+        ]
         total_col = col_of.get((RUN_LAYER, "run", "grad_norm_total"))
         if norm_all:
             w = chunk.written[:, norm_all]

@@ -175,8 +175,9 @@ class NonfiniteTracer:
 
     def _hook(self, named: list[tuple[str, nn.Module]]) -> None:
         for name, module in named:
-            hook = Hook(partial(self._on_forward, name), f"trace {name}", self.guard,
-                        "tracer-forward")
+            hook = Hook(
+                partial(self._on_forward, name), f"trace {name}", self.guard, "tracer-forward"
+            )
             self.hooks.add(module.register_forward_hook(hook, with_kwargs=True), "trace")
 
     def replace_module(self, old: nn.Module, new: nn.Module) -> None:
@@ -228,8 +229,12 @@ class NonfiniteTracer:
         for which, group in (("out", outs), ("in", ins)):
             for t in group:
                 if t.requires_grad:
-                    hook = Hook(partial(self._on_grad, id(t), name, cls, which),
-                                f"trace-grad {name}", self.guard, "tracer-grad")
+                    hook = Hook(
+                        partial(self._on_grad, id(t), name, cls, which),
+                        f"trace-grad {name}",
+                        self.guard,
+                        "tracer-grad",
+                    )
                     t.register_hook(hook)  # type: ignore[no-untyped-call]
 
     def _forward_culprit(
@@ -244,7 +249,8 @@ class NonfiniteTracer:
         if self.immediate:
             bad = _is_bad(grad)
             self._state.grads.append(
-                _GradEvent(key, name, cls, which, bad, grad.detach() if bad else None))
+                _GradEvent(key, name, cls, which, bad, grad.detach() if bad else None)
+            )
         else:
             self._state.grads.append(_GradEvent(key, name, cls, which, _bad_flag(grad)))
 
@@ -289,9 +295,13 @@ class NonfiniteTracer:
         flags: list[torch.Tensor] = []
         for call in st.calls:
             flags.append(call.out_bad.reshape(1))
-            flags.append((call.in_bad if call.in_bad is not None
-                          else torch.zeros((), dtype=torch.bool, device=call.out_bad.device))
-                         .reshape(1))
+            flags.append(
+                (
+                    call.in_bad
+                    if call.in_bad is not None
+                    else torch.zeros((), dtype=torch.bool, device=call.out_bad.device)
+                ).reshape(1)
+            )
         flags.extend(ev.bad.reshape(1) for ev in st.grads)
         check_loss = loss is not None and loss.is_floating_point()
         if check_loss:
@@ -322,8 +332,12 @@ class NonfiniteTracer:
         for _, module in self._named:
             for p in module.parameters(recurse=False):
                 g = p.grad
-                if g is not None and g.is_floating_point() and not g.is_sparse and \
-                        not bool(torch.isfinite(g).all()):
+                if (
+                    g is not None
+                    and g.is_floating_point()
+                    and not g.is_sparse
+                    and not bool(torch.isfinite(g).all())
+                ):
                     return True
         return False
 

@@ -28,7 +28,14 @@ _CHANNEL_FIRST = ("Convolution", "BatchNorm", "Pool", "GroupNorm", "InstanceNorm
 
 # Raw per-site columns, turned into the published metrics at flush time (see complete()).
 _SUM, _L2, _PEAK, _SAT, _NF, _N, _UNITS, _ROWS = (
-    "_sum", "_l2", "_dead", "_sat", "_nonfinite", "_n", "_units", "_rows"
+    "_sum",
+    "_l2",
+    "_dead",
+    "_sat",
+    "_nonfinite",
+    "_n",
+    "_units",
+    "_rows",
 )
 
 
@@ -60,8 +67,16 @@ class _Call:
 
     __slots__ = ("l2", "n", "nonfinite", "peak", "rows", "sat", "sum")
 
-    def __init__(self, n: int, s: torch.Tensor, l2: torch.Tensor, peak: torch.Tensor | None,
-                 sat: torch.Tensor | None, nonfinite: torch.Tensor | None, rows: int) -> None:
+    def __init__(
+        self,
+        n: int,
+        s: torch.Tensor,
+        l2: torch.Tensor,
+        peak: torch.Tensor | None,
+        sat: torch.Tensor | None,
+        nonfinite: torch.Tensor | None,
+        rows: int,
+    ) -> None:
         self.n = n  # elements (host)
         self.sum = s  # 0-d float32
         self.l2 = l2  # 0-d float32: sqrt(sum of squares)
@@ -92,11 +107,30 @@ def _pool(calls: list[_Call]) -> _Call:
 class _Site:
     """Statistics of one module at one output width, pooled over the calls of a step."""
 
-    __slots__ = ("axis", "buffer", "calls", "done", "family", "grad_done", "grad_hook",
-                 "grads", "groups", "masks", "name", "units", "whole_masks")
+    __slots__ = (
+        "axis",
+        "buffer",
+        "calls",
+        "done",
+        "family",
+        "grad_done",
+        "grad_hook",
+        "grads",
+        "groups",
+        "masks",
+        "name",
+        "units",
+        "whole_masks",
+    )
 
-    def __init__(self, name: str, entry: ModuleEntry, axis: int | None, buffer: StepBuffer,
-                 guard: Guard | None = None):
+    def __init__(
+        self,
+        name: str,
+        entry: ModuleEntry,
+        axis: int | None,
+        buffer: StepBuffer,
+        guard: Guard | None = None,
+    ):
         self.name = name
         self.family = entry.family
         self.axis = axis
@@ -111,13 +145,18 @@ class _Site:
         self.whole_masks = False  # write the per-unit dead mask, not its count (distributed)
         metrics = ["output_grad_norm"]
         if self.family is not None:
-            first = "act_dead_fraction" if self.family in (Family.RECTIFIER, Family.OTHER) \
+            first = (
+                "act_dead_fraction"
+                if self.family in (Family.RECTIFIER, Family.OTHER)
                 else "act_saturation"
+            )
             metrics += [first, "act_mean", "act_std", "act_nonfinite"]
         for metric in metrics:  # the published columns must exist for complete() to fill
             buffer.column(name, KIND, metric)
-        self.groups = {raw: buffer.group(((name, KIND, raw),))
-                       for raw in (_SUM, _L2, _PEAK, _SAT, _NF, "output_grad_norm")}
+        self.groups = {
+            raw: buffer.group(((name, KIND, raw),))
+            for raw in (_SUM, _L2, _PEAK, _SAT, _NF, "output_grad_norm")
+        }
 
     def _add_grad(self, grad: torch.Tensor) -> None:
         self.grads.append(numerics.norm(grad))
@@ -149,7 +188,7 @@ class _Site:
                     buf.write(self.groups[_PEAK], dead.sum())
                 self.units = int(c.peak.numel())
                 if self.masks is not None:  # [units] bools of a statistic, not an activation
-                    self.masks = [*self.masks[-(MASKS_KEPT - 1):], dead]
+                    self.masks = [*self.masks[-(MASKS_KEPT - 1) :], dead]
                 buf.write_host(buf.column(self.name, KIND, _UNITS), float(c.peak.numel()))
             if c.sat is not None:
                 buf.write(self.groups[_SAT], c.sat)
@@ -174,7 +213,6 @@ class _Site:
         self.grad_done.clear()
 
 
-
 def complete(chunk: Chunk) -> None:
     """At flush, on the host: the published metrics from the raw sufficient statistics.
 
@@ -195,6 +233,7 @@ def complete(chunk: Chunk) -> None:
     sites = {layer for layer, kind, metric in chunk.columns if kind == KIND and metric == _N}
     with np.errstate(divide="ignore", invalid="ignore"):
         for site in sites:
+
             def col(metric: str, site: str = site) -> int | None:
                 return col_of.get((site, KIND, metric))
 

@@ -37,8 +37,11 @@ class WeightProbe:
 
     def snapshot(self, slots: Sequence[ParamSlot]) -> None:
         """Record ``weight_norm`` now and, if update ratios are on, keep a copy of the weights."""
-        pairs = [(s, s.local_weight()) for s in slots
-                 if s.param.grad is not None and s.index not in self._pending]
+        pairs = [
+            (s, s.local_weight())
+            for s in slots
+            if s.param.grad is not None and s.index not in self._pending
+        ]
         # an FSDP rank may hold no part of a parameter: nothing of it to measure here
         pairs = [(s, w) for s, w in pairs if w.numel() or not (s.dtensor or s.span)]
         if not pairs:

@@ -37,8 +37,18 @@ from .spec import (
 )
 
 __all__ = [
-    "ClipSpec", "NonfiniteStepsError", "SpecError", "StepRemedies", "SwapRule", "UnitRemedies",
-    "describe", "parse_clip", "parse_guard", "parse_recycle", "parse_swap", "swap_activations",
+    "ClipSpec",
+    "NonfiniteStepsError",
+    "SpecError",
+    "StepRemedies",
+    "SwapRule",
+    "UnitRemedies",
+    "describe",
+    "parse_clip",
+    "parse_guard",
+    "parse_recycle",
+    "parse_swap",
+    "swap_activations",
 ]
 
 
@@ -48,8 +58,9 @@ class NonfiniteStepsError(RuntimeError, Deliberate):
     raises into the training loop on purpose (see :mod:`gradscope.guard`)."""
 
 
-def describe(clip: ClipSpec | None, max_skips: int, swap: tuple[SwapRule, ...],
-             recycle: bool) -> dict[str, Any]:
+def describe(
+    clip: ClipSpec | None, max_skips: int, swap: tuple[SwapRule, ...], recycle: bool
+) -> dict[str, Any]:
     """The remedies switched on, as the ``remedies`` event tells them."""
     return {
         "clip": str(clip) if clip is not None else None,
@@ -62,9 +73,15 @@ def describe(clip: ClipSpec | None, max_skips: int, swap: tuple[SwapRule, ...],
 # The torch side loads on first access (PEP 562), so that parsing a remedy option
 # (gradscope.Config, the command line's usage errors) does not import torch.
 _TORCH_SIDE = {
-    "AGC": "clipping", "ClipResult": "clipping", "Clipper": "clipping",
-    "make_clipper": "clipping", "FUNCTIONAL_NOTE": "swap", "replace_module": "swap",
-    "swap_activations": "swap", "StepRemedies": "steps", "UnitRemedies": "units",
+    "AGC": "clipping",
+    "ClipResult": "clipping",
+    "Clipper": "clipping",
+    "make_clipper": "clipping",
+    "FUNCTIONAL_NOTE": "swap",
+    "replace_module": "swap",
+    "swap_activations": "swap",
+    "StepRemedies": "steps",
+    "UnitRemedies": "units",
 }
 
 

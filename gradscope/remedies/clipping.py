@@ -112,8 +112,13 @@ class Clipper:
         return None
 
     # -- applying it ------------------------------------------------------------------------
-    def clip(self, grads: Sequence[torch.Tensor], norms: torch.Tensor, measured: int,
-             keys: tuple[int, ...]) -> ClipResult:
+    def clip(
+        self,
+        grads: Sequence[torch.Tensor],
+        norms: torch.Tensor,
+        measured: int,
+        keys: tuple[int, ...],
+    ) -> ClipResult:
         """Clip ``grads`` in place. ``norms[i]`` is the fp32 norm of ``grads[i]``; the first
         ``measured`` are the watched ones (recorded); ``keys`` identify the tensors for per-layer
         state (stable across steps)."""
@@ -126,15 +131,17 @@ class Clipper:
             post = norms * coef
             total_post = torch.linalg.vector_norm(post)
             shown = self.boundary if self.boundary is not None else thr
-            return ClipResult(post[:measured], coef[:measured], total_pre, total_post,
-                              shown[:measured])
+            return ClipResult(
+                post[:measured], coef[:measured], total_pre, total_post, shown[:measured]
+            )
         thr = self.threshold(total_pre.reshape(1), None)[0]
         coef = _coef(self.fixed if self.fixed is not None else thr, total_pre)
         torch._foreach_mul_(list(grads), coef)
         post = norms * coef
         shown = self.boundary[0] if self.boundary is not None else thr
-        return ClipResult(post[:measured], coef.expand(measured), total_pre, total_pre * coef,
-                          shown)
+        return ClipResult(
+            post[:measured], coef.expand(measured), total_pre, total_pre * coef, shown
+        )
 
     def _rows(self, keys: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         """State rows of these tensors: None when they are all of them, in order (the usual
@@ -317,8 +324,9 @@ class ZClip(Clipper):
         # warm-up: collect, and start the EMAs from the buffer once it is full
         collect = (~ready) & ok
         slot = torch.clamp(count, max=self.warmup - 1).unsqueeze(1)
-        buf = buf.scatter(1, slot, torch.where(collect, g, buf.gather(1, slot).squeeze(1))
-                          .unsqueeze(1))
+        buf = buf.scatter(
+            1, slot, torch.where(collect, g, buf.gather(1, slot).squeeze(1)).unsqueeze(1)
+        )
         count = count + collect.long()
         started = collect & (count == self.warmup)
         mu = torch.where(started, buf.mean(dim=1), mu)
@@ -339,8 +347,12 @@ class AGC(Clipper):
     Same arithmetic as timm's ``adaptive_clip_grad``."""
 
     def clip_params(
-        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-        norms: torch.Tensor, measured: int, skip: Sequence[bool],
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        norms: torch.Tensor,
+        measured: int,
+        skip: Sequence[bool],
     ) -> ClipResult:
         """``scale_i = min(1, lam * max(||W_i||, eps) / max(||G_i||, 1e-6))``, which is timm's
         ``where(||G_i|| < max_i, G_i, G_i * max_i / max(||G_i||, 1e-6))`` bit for bit (the ratio
@@ -356,10 +368,17 @@ class AGC(Clipper):
             for i in idx:
                 g = grads[i]
                 dims = tuple(range(g.dim())) if g.dim() <= 1 else tuple(range(1, g.dim()))
-                w_n.append(torch.linalg.vector_norm(params[i].detach(), dim=dims, keepdim=True,
-                                                    dtype=accumulate_dtype(params[i])))
-                g_n.append(torch.linalg.vector_norm(g, dim=dims, keepdim=True,
-                                                    dtype=accumulate_dtype(g)))
+                w_n.append(
+                    torch.linalg.vector_norm(
+                        params[i].detach(),
+                        dim=dims,
+                        keepdim=True,
+                        dtype=accumulate_dtype(params[i]),
+                    )
+                )
+                g_n.append(
+                    torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=accumulate_dtype(g))
+                )
             max_n = torch._foreach_clamp_min(w_n, eps)
             torch._foreach_mul_(max_n, lam)
             scale = torch._foreach_div(max_n, torch._foreach_clamp_min(g_n, 1e-6))

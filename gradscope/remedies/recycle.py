@@ -27,8 +27,17 @@ from torch import nn
 Index = tuple[Union[slice, torch.Tensor], ...]
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_PER_UNIT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Dropout,
-             nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+_PER_UNIT = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.Identity,
+)
 
 
 @dataclass
@@ -50,16 +59,16 @@ def out_units(module: nn.Module) -> int | None:
     return None
 
 
-def make_plan(producer: nn.Module | None, consumer: nn.Module | None,
-              between: Sequence[nn.Module], units: int) -> Plan | str:
+def make_plan(
+    producer: nn.Module | None, consumer: nn.Module | None, between: Sequence[nn.Module], units: int
+) -> Plan | str:
     """A recycling plan, or the reason there is none."""
     if producer is None or not isinstance(producer, _PRODUCERS):
         return "no Linear/Conv layer feeds this activation directly"
     if consumer is None or not isinstance(consumer, _PRODUCERS):
         return "no Linear/Conv layer reads this activation directly (e.g. it is the output)"
     if out_units(producer) != units:
-        return (f"the layer before has {out_units(producer)} outputs, the activation "
-                f"{units} units")
+        return f"the layer before has {out_units(producer)} outputs, the activation {units} units"
     for m in between:
         if not isinstance(m, _PER_UNIT):
             return f"{type(m).__name__} sits between the layers (not a per-unit layer)"
@@ -73,8 +82,11 @@ def make_plan(producer: nn.Module | None, consumer: nn.Module | None,
         cols = consumer.in_channels
     if cols == units:
         return Plan(producer, consumer, list(between), units, 1)
-    if isinstance(consumer, nn.Linear) and not isinstance(producer, nn.Linear) and \
-            cols % units == 0:
+    if (
+        isinstance(consumer, nn.Linear)
+        and not isinstance(producer, nn.Linear)
+        and cols % units == 0
+    ):
         return Plan(producer, consumer, list(between), units, cols // units)  # conv -> flatten
     return f"the next layer reads {cols} inputs, the activation has {units} units"
 
@@ -85,8 +97,12 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def recycle(plan: Plan, dead: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
-            generator: torch.Generator | None = None) -> int:
+def recycle(
+    plan: Plan,
+    dead: torch.Tensor,
+    optimizers: Sequence[torch.optim.Optimizer],
+    generator: torch.Generator | None = None,
+) -> int:
     """Recycle units ``dead`` (long indices); returns how many."""
     if dead.numel() == 0:
         return 0

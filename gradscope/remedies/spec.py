@@ -47,28 +47,40 @@ class _Param:
 
 CLIP_METHODS: dict[str, tuple[str | None, dict[str, _Param]]] = {
     # method -> (the parameter a bare first argument sets, parameters)
-    "norm": ("max", {
-        "max": _Param(None, "float", 0.0, low_open=True, doc="the norm to clip to"),
-        "per_layer": _Param(False, "bool", doc="clip each parameter tensor on its own"),
-    }),
-    "autoclip": ("p", {
-        "p": _Param(10.0, "float", 0.0, 100.0, doc="percentile of the norm history"),
-        "history": _Param(0, "int", 0.0, doc="norms kept (0: every norm seen, as the paper)"),
-        "per_layer": _Param(False, "bool", doc="a history per parameter tensor"),
-    }),
-    "agc": ("clip", {
-        "clip": _Param(0.01, "float", 0.0, low_open=True, doc="lambda: max ||G_i|| / ||W_i||"),
-        "eps": _Param(1e-3, "float", 0.0, doc="floor of ||W_i||"),
-        "skip_last": _Param(True, "bool", doc="leave the final layer out (as NFNets do)"),
-    }),
-    "zclip": ("z", {
-        "z": _Param(2.5, "float", 0.0, low_open=True, doc="z-score that marks a spike"),
-        "alpha": _Param(0.97, "float", 0.0, 1.0, low_open=True, doc="EMA decay"),
-        "warmup": _Param(25, "int", 1.0, doc="finite norms collected before clipping"),
-        "factor": _Param(1.0, "float", 0.0, low_open=True, doc="multiplier of the threshold"),
-        "max": _Param(None, "float?", 0.0, low_open=True, doc="optional fixed cap on top"),
-        "per_layer": _Param(False, "bool", doc="statistics per parameter tensor"),
-    }),
+    "norm": (
+        "max",
+        {
+            "max": _Param(None, "float", 0.0, low_open=True, doc="the norm to clip to"),
+            "per_layer": _Param(False, "bool", doc="clip each parameter tensor on its own"),
+        },
+    ),
+    "autoclip": (
+        "p",
+        {
+            "p": _Param(10.0, "float", 0.0, 100.0, doc="percentile of the norm history"),
+            "history": _Param(0, "int", 0.0, doc="norms kept (0: every norm seen, as the paper)"),
+            "per_layer": _Param(False, "bool", doc="a history per parameter tensor"),
+        },
+    ),
+    "agc": (
+        "clip",
+        {
+            "clip": _Param(0.01, "float", 0.0, low_open=True, doc="lambda: max ||G_i|| / ||W_i||"),
+            "eps": _Param(1e-3, "float", 0.0, doc="floor of ||W_i||"),
+            "skip_last": _Param(True, "bool", doc="leave the final layer out (as NFNets do)"),
+        },
+    ),
+    "zclip": (
+        "z",
+        {
+            "z": _Param(2.5, "float", 0.0, low_open=True, doc="z-score that marks a spike"),
+            "alpha": _Param(0.97, "float", 0.0, 1.0, low_open=True, doc="EMA decay"),
+            "warmup": _Param(25, "int", 1.0, doc="finite norms collected before clipping"),
+            "factor": _Param(1.0, "float", 0.0, low_open=True, doc="multiplier of the threshold"),
+            "max": _Param(None, "float?", 0.0, low_open=True, doc="optional fixed cap on top"),
+            "per_layer": _Param(False, "bool", doc="statistics per parameter tensor"),
+        },
+    ),
 }
 
 
@@ -101,10 +113,13 @@ def _show(value: Any) -> str:
 
 def _coerce(opt: str, key: str, raw: Any, p: _Param) -> Any:
     """One parameter value, from a string (CLI/spec) or a Python value (dict form)."""
-    what = {"float": "a number", "float?": "a number or none", "int": "an integer",
-            "bool": "true or false"}[p.kind]
-    bad = SpecError(f"{opt}: {key}={raw!r} is not valid; expected {what}"
-                    + _range_text(p))
+    what = {
+        "float": "a number",
+        "float?": "a number or none",
+        "int": "an integer",
+        "bool": "true or false",
+    }[p.kind]
+    bad = SpecError(f"{opt}: {key}={raw!r} is not valid; expected {what}" + _range_text(p))
     value: Any
     if p.kind == "bool":
         if isinstance(raw, bool):
@@ -305,8 +320,12 @@ def parse_swap(value: Any) -> tuple[SwapRule, ...]:
         if arg_text.strip():
             if dst not in _SLOPED:
                 raise SpecError(f"{opt}: {dst} takes no argument (only {', '.join(_SLOPED)} do)")
-            arg = _coerce(opt, "slope" if dst == "leaky_relu" else "alpha", arg_text,
-                          _Param(None, "float", 0.0, low_open=True))
+            arg = _coerce(
+                opt,
+                "slope" if dst == "leaky_relu" else "alpha",
+                arg_text,
+                _Param(None, "float", 0.0, low_open=True),
+            )
         if any(r.source == src for r in rules):
             raise SpecError(f"{opt}: {src} is swapped twice")
         rules.append(SwapRule(src, dst, arg))
@@ -346,7 +365,13 @@ def parse_recycle(value: Any) -> bool:
         return False
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "on", "yes", "false", "off",
-                                                             "no"):
+    if isinstance(value, str) and value.strip().lower() in (
+        "true",
+        "on",
+        "yes",
+        "false",
+        "off",
+        "no",
+    ):
         return value.strip().lower() in ("true", "on", "yes")
     raise SpecError(f"recycle={value!r}: expected True or False")

@@ -63,13 +63,19 @@ class StepGuard:
             )
         # An optimizer steps only parameters that have a gradient: hide them all for this step,
         # give them back after it (restore)
-        stash = [(p, p.grad) for g in opt.param_groups for p in g["params"]
-                 if p.grad is not None]
+        stash = [(p, p.grad) for g in opt.param_groups for p in g["params"] if p.grad is not None]
         for p, _ in stash:
             p.grad = None
         self._stash[id(opt)] = stash
-        self.event(Event.remedy("guard", "skip_step", step, consecutive=self.consecutive,
-                                optimizer=type(opt).__name__))
+        self.event(
+            Event.remedy(
+                "guard",
+                "skip_step",
+                step,
+                consecutive=self.consecutive,
+                optimizer=type(opt).__name__,
+            )
+        )
         return True
 
     def restore(self, opt: torch.optim.Optimizer) -> None:
@@ -92,9 +98,14 @@ class StepRemedies:
             over all ranks (one all-reduce per step).
     """
 
-    def __init__(self, clip: ClipSpec | None, max_skips: int, table: LayerTable, event: Emit,
-                 combine: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None
-                 = None) -> None:
+    def __init__(
+        self,
+        clip: ClipSpec | None,
+        max_skips: int,
+        table: LayerTable,
+        event: Emit,
+        combine: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.clip = clip
         self.guard = StepGuard(max_skips, event) if max_skips else None
         self.table = table
@@ -109,13 +120,22 @@ class StepRemedies:
     def max_skips(self) -> int:
         return self.guard.max_skips if self.guard is not None else 0
 
-    def before_step(self, opt: torch.optim.Optimizer, measured: Measured | None,
-                    grad_scale: Any, under_scaler: bool, step: int
-                    ) -> tuple[bool, ClipResult | None]:
+    def before_step(
+        self,
+        opt: torch.optim.Optimizer,
+        measured: Measured | None,
+        grad_scale: Any,
+        under_scaler: bool,
+        step: int,
+    ) -> tuple[bool, ClipResult | None]:
         """Guard, then clip. Returns (skip this step?, what clipping did)."""
         slots, _, norms = measured if measured is not None else ([], [], None)
-        params = [p for g in opt.param_groups for p in g["params"]
-                  if p.grad is not None and not p.grad.is_sparse]
+        params = [
+            p
+            for g in opt.param_groups
+            for p in g["params"]
+            if p.grad is not None and not p.grad.is_sparse
+        ]
         if not params:
             return False, None
         by_id = {id(s.param): i for i, s in enumerate(slots)}
@@ -152,8 +172,9 @@ class StepRemedies:
         if self.guard is not None:
             self.guard.restore(opt)
 
-    def _combined(self, params: list[torch.Tensor], ordered: list[torch.Tensor],
-                  norms: torch.Tensor) -> torch.Tensor:
+    def _combined(
+        self, params: list[torch.Tensor], ordered: list[torch.Tensor], norms: torch.Tensor
+    ) -> torch.Tensor:
         """``norms`` (of this rank's parts, in ``ordered``'s order, which depends on what this
         rank measured) over all ranks: combined in the optimizer's order, the same on every
         rank, and put back."""
@@ -173,8 +194,14 @@ class StepRemedies:
             index = self._order_index[key] = to_device_index(order, device)
         return index
 
-    def _clip(self, opt: torch.optim.Optimizer, params: list[torch.Tensor],
-              grads: list[torch.Tensor], norms: torch.Tensor, measured: int) -> ClipResult:
+    def _clip(
+        self,
+        opt: torch.optim.Optimizer,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        norms: torch.Tensor,
+        measured: int,
+    ) -> ClipResult:
         assert self.clip is not None
         sig = tuple(len(g["params"]) for g in opt.param_groups)
         entry = self._clippers.get(id(opt))
@@ -186,9 +213,14 @@ class StepRemedies:
             if self._pending_state:  # a checkpoint's state, in the order optimizers first step
                 state = self._pending_state.pop(0)
                 why = entry[0].load_state_dict(state)
-                self.event(Event.remedy(
-                    "clip", "state_restored" if why is None else "state_not_restored", None,
-                    **({"reason": why} if why else {})))
+                self.event(
+                    Event.remedy(
+                        "clip",
+                        "state_restored" if why is None else "state_not_restored",
+                        None,
+                        **({"reason": why} if why else {}),
+                    )
+                )
         clipper, index, _ = entry
         if isinstance(clipper, AGC):
             last = self._last_layer_params() if self.clip["skip_last"] else set()
@@ -223,8 +255,10 @@ class StepRemedies:
             raise ValueError("load_state_dict: expected the dict Scope.state_dict() returned")
         mine = str(self.clip) if self.clip is not None else None
         if state.get("clip") != mine:
-            raise ValueError(f"load_state_dict: the state was saved with clip={state.get('clip')!r}"
-                             f", this scope has clip={mine!r}")
+            raise ValueError(
+                f"load_state_dict: the state was saved with clip={state.get('clip')!r}"
+                f", this scope has clip={mine!r}"
+            )
         self._pending_state = list(state["clippers"])
         if self.guard is not None:
             self.guard.consecutive = int(state.get("guard_consecutive", 0))

@@ -70,8 +70,9 @@ def swap_activations(
     types = source if isinstance(source, tuple) else (source,)
     for t in types:
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
-            raise TypeError(f"swap_activations: source={t!r} is not an nn.Module class "
-                            "(e.g. nn.ReLU)")
+            raise TypeError(
+                f"swap_activations: source={t!r} is not an nn.Module class (e.g. nn.ReLU)"
+            )
     if not callable(factory):
         raise TypeError(f"swap_activations: factory={factory!r} is not callable")
     targets = [(name, m) for name, m in model.named_modules() if type(m) in types and name]
@@ -82,15 +83,19 @@ def swap_activations(
             continue
         new = _call_factory(factory, old)
         if not isinstance(new, nn.Module):
-            raise TypeError(f"swap_activations: factory returned {type(new).__name__}, "
-                            "expected an nn.Module")
+            raise TypeError(
+                f"swap_activations: factory returned {type(new).__name__}, expected an nn.Module"
+            )
         replace_module(model, old, new)
         done[id(old)] = new
         swapped.append(name)
     if not swapped:
         names = ", ".join(t.__name__ for t in types)
-        warnings.warn(f"swap_activations: no {names} module in {type(model).__name__}; "
-                      + FUNCTIONAL_NOTE, UserWarning, stacklevel=2)
+        warnings.warn(
+            f"swap_activations: no {names} module in {type(model).__name__}; " + FUNCTIONAL_NOTE,
+            UserWarning,
+            stacklevel=2,
+        )
     return swapped
 
 

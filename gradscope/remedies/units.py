@@ -51,10 +51,17 @@ class UnitRemedies:
         on_replace: Told of each swap (others that hold the module: the tracer).
     """
 
-    def __init__(self, swap: tuple[SwapRule, ...], recycle: bool, table: LayerTable,
-                 probe: ModuleProbe, models: dict[str, nn.Module],
-                 event: Callable[[Event], None], patience_steps: int,
-                 on_replace: Callable[[nn.Module, nn.Module], None] | None = None) -> None:
+    def __init__(
+        self,
+        swap: tuple[SwapRule, ...],
+        recycle: bool,
+        table: LayerTable,
+        probe: ModuleProbe,
+        models: dict[str, nn.Module],
+        event: Callable[[Event], None],
+        patience_steps: int,
+        on_replace: Callable[[nn.Module, nn.Module], None] | None = None,
+    ) -> None:
         self.swap = swap
         self.recycle = recycle
         self.table = table
@@ -76,12 +83,15 @@ class UnitRemedies:
         out = []
         for rule in self.swap:
             if not any(rule.matches(m) for model in self.models.values() for m in model.modules()):
-                out.append(f"swap={str(rule)!r}: the model has no nn.{rule.source_type.__name__} "
-                           f"module; {FUNCTIONAL_NOTE}")
+                out.append(
+                    f"swap={str(rule)!r}: the model has no nn.{rule.source_type.__name__} "
+                    f"module; {FUNCTIONAL_NOTE}"
+                )
         return out
 
-    def on_findings(self, findings: Sequence[Finding], step: int,
-                    optimizers: Sequence[torch.optim.Optimizer]) -> list[Action]:
+    def on_findings(
+        self, findings: Sequence[Finding], step: int, optimizers: Sequence[torch.optim.Optimizer]
+    ) -> list[Action]:
         """Act on the findings this remedy answers; returns what was done, finding by
         finding (each also an event)."""
         actions: list[Action] = []
@@ -121,9 +131,16 @@ class UnitRemedies:
         if self.on_replace is not None:
             self.on_replace(old, new)
         self._swapped.add(id(new))
-        record: RemedyAction = {"remedy": "swap", "action": "swapped", "step": step,
-                                "layer": entry.name, "from": type(old).__name__,
-                                "to": repr(new), "rule": str(rule), "places": places}
+        record: RemedyAction = {
+            "remedy": "swap",
+            "action": "swapped",
+            "step": step,
+            "layer": entry.name,
+            "from": type(old).__name__,
+            "to": repr(new),
+            "rule": str(rule),
+            "places": places,
+        }
         self.event(Event.remedy(**record, finding=f["kind"]))
         return record
 
@@ -135,8 +152,9 @@ class UnitRemedies:
             note += f"; if {cls} calls an activation inside its forward(), " + FUNCTIONAL_NOTE
         return note
 
-    def _recycle(self, f: Finding, site: str, step: int,
-                 optimizers: Sequence[torch.optim.Optimizer]) -> RemedyAction | None:
+    def _recycle(
+        self, f: Finding, site: str, step: int, optimizers: Sequence[torch.optim.Optimizer]
+    ) -> RemedyAction | None:
         last = self._recycled_at.get(site)
         if last is not None and (f["last_step"] <= last or step - last < self.patience_steps):
             return None
@@ -158,8 +176,14 @@ class UnitRemedies:
             return self._refused("recycle", site, step, plan)
         n = recycle(plan, dead, optimizers, self.generator)
         self.probe.reset_unit_masks(site)
-        record: RemedyAction = {"remedy": "recycle", "action": "recycled", "step": step,
-                                "layer": site, "units": n, "of": plan.units}
+        record: RemedyAction = {
+            "remedy": "recycle",
+            "action": "recycled",
+            "step": step,
+            "layer": site,
+            "units": n,
+            "of": plan.units,
+        }
         self.event(Event.remedy(**record))
         return record
 

@@ -44,11 +44,21 @@ def render_compare(a: ReportData, b: ReportData) -> str:
     keys = list(dict.fromkeys([*ha, *hb]))
     header = [(k, ha.get(k, "-"), hb.get(k, "-")) for k in keys]
     problems = [f"A: {p}" for p in a.problems] + [f"B: {p}" for p in b.problems]
-    return str(_environment().get_template("compare.html").render(
-        version=__version__, a_name=a_name, b_name=b_name, header=header, problems=problems,
-        findings_a=a.findings, findings_b=b.findings, finding_rows=_finding_rows(a, b),
-        figures=_figures(a, b, ("A", "B")),  # the header names them
-    ))
+    return str(
+        _environment()
+        .get_template("compare.html")
+        .render(
+            version=__version__,
+            a_name=a_name,
+            b_name=b_name,
+            header=header,
+            problems=problems,
+            findings_a=a.findings,
+            findings_b=b.findings,
+            finding_rows=_finding_rows(a, b),
+            figures=_figures(a, b, ("A", "B")),  # the header names them
+        )
+    )
 
 
 def _finding_rows(a: ReportData, b: ReportData) -> list[dict[str, str]]:
@@ -66,12 +76,15 @@ def _finding_rows(a: ReportData, b: ReportData) -> list[dict[str, str]]:
         return f"{f.get('severity')} at steps {finding_steps(f)}: {f.get('message', '')}"
 
     keys = sorted(set(ia) | set(ib))
-    return [{"kind": k, "layer": layer, "a": cell(ia.get((k, layer))),
-             "b": cell(ib.get((k, layer)))} for k, layer in keys]
+    return [
+        {"kind": k, "layer": layer, "a": cell(ia.get((k, layer))), "b": cell(ib.get((k, layer)))}
+        for k, layer in keys
+    ]
 
 
-def _run_lines(a: ReportData, b: ReportData, metric: str, labels: tuple[str, str]
-               ) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[float]]:
+def _run_lines(
+    a: ReportData, b: ReportData, metric: str, labels: tuple[str, str]
+) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[float]]:
     """Each run's line of a run-level metric, and the steps where either had NaN/Inf."""
     out, bad = [], []
     for data, label in ((a, labels[0]), (b, labels[1])):
@@ -82,11 +95,13 @@ def _run_lines(a: ReportData, b: ReportData, metric: str, labels: tuple[str, str
     return out, sorted(set(bad))
 
 
-def _per_layer(a: ReportData, b: ReportData, metric: str, how: str
-               ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _per_layer(
+    a: ReportData, b: ReportData, metric: str, how: str
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One number per layer and run (``mean`` of the finite values over the run, or the
     ``last`` bin with data: NaN if NaN/Inf was all that bin had), whether that run had NaN/Inf
     values there, the layers of both in A's forward order, then B's extra ones."""
+
     def values(data: ReportData) -> dict[str, tuple[float, bool]]:
         names, idx = data.ordered(metric)
         if not names:
@@ -109,33 +124,74 @@ def _per_layer(a: ReportData, b: ReportData, metric: str, how: str
     va, vb = values(a), values(b)
     names = list(dict.fromkeys([*va, *vb]))
     missing = (np.nan, False)
-    return (names, np.array([va.get(n, missing)[0] for n in names]),
-            np.array([vb.get(n, missing)[0] for n in names]),
-            np.array([va.get(n, missing)[1] for n in names], dtype=bool),
-            np.array([vb.get(n, missing)[1] for n in names], dtype=bool))
+    return (
+        names,
+        np.array([va.get(n, missing)[0] for n in names]),
+        np.array([vb.get(n, missing)[0] for n in names]),
+        np.array([va.get(n, missing)[1] for n in names], dtype=bool),
+        np.array([vb.get(n, missing)[1] for n in names], dtype=bool),
+    )
 
 
 def _figures(a: ReportData, b: ReportData, labels: tuple[str, str]) -> list[Figure]:
     last = max(a.last_step, b.last_step) + 1
     figs: list[Figure] = []
-    for metric, fid, title, ylab in (("loss", "loss", "Loss", "loss"),
-                                      ("grad_norm_total", "grad-total", "Total gradient norm",
-                                       "‖g‖ total")):
+    for metric, fid, title, ylab in (
+        ("loss", "loss", "Loss", "loss"),
+        ("grad_norm_total", "grad-total", "Total gradient norm", "‖g‖ total"),
+    ):
         series, bad = _run_lines(a, b, metric, labels)
         positive = all(np.all(y[np.isfinite(y)] > 0) for _, _, y in series)
-        figs.append(Figure(fid, title, figures.line_chart(
-            series, log_y=positive, x_max=max(last, 1), y_label=ylab, title=title, bad_x=bad)
-            if series else None, "mean per step bin of each run"
-            + ("; magenta ticks: NaN/Inf in either run" if bad else "")))
+        figs.append(
+            Figure(
+                fid,
+                title,
+                figures.line_chart(
+                    series, log_y=positive, x_max=max(last, 1), y_label=ylab, title=title, bad_x=bad
+                )
+                if series
+                else None,
+                "mean per step bin of each run"
+                + ("; magenta ticks: NaN/Inf in either run" if bad else ""),
+            )
+        )
     for metric, fid, title, how, log, unit, note in (
-        ("grad_norm", "grad-bars", "Gradient norm per layer", "mean", True, "",
-         "mean of the finite values over each run"),
-        ("update_ratio", "update-bars", "Update ratio per layer", "mean", True, "",
-         "mean of the finite values over each run"),
-        ("act_dead_fraction", "dead-bars", "Dead units per activation", "last", False, "",
-         "the last sample of each run"),
-        ("act_saturation", "saturation-bars", "Saturated units per activation", "last", False,
-         "", "the last sample of each run"),
+        (
+            "grad_norm",
+            "grad-bars",
+            "Gradient norm per layer",
+            "mean",
+            True,
+            "",
+            "mean of the finite values over each run",
+        ),
+        (
+            "update_ratio",
+            "update-bars",
+            "Update ratio per layer",
+            "mean",
+            True,
+            "",
+            "mean of the finite values over each run",
+        ),
+        (
+            "act_dead_fraction",
+            "dead-bars",
+            "Dead units per activation",
+            "last",
+            False,
+            "",
+            "the last sample of each run",
+        ),
+        (
+            "act_saturation",
+            "saturation-bars",
+            "Saturated units per activation",
+            "last",
+            False,
+            "",
+            "the last sample of each run",
+        ),
     ):
         names, va, vb, bad_a, bad_b = _per_layer(a, b, metric, how)
         if not names:
@@ -147,7 +203,14 @@ def _figures(a: ReportData, b: ReportData, labels: tuple[str, str]) -> list[Figu
             note += f"; {MAX_LAYERS} layers (those with findings, then evenly spaced)"
         if bad_a.any() or bad_b.any():
             note += "; magenta: NaN/Inf values"
-        figs.append(Figure(fid, title, figures.paired_bars(
-            names, va, vb, labels, log=log, title=title, unit=unit, bad_a=bad_a,
-            bad_b=bad_b), note))
+        figs.append(
+            Figure(
+                fid,
+                title,
+                figures.paired_bars(
+                    names, va, vb, labels, log=log, title=title, unit=unit, bad_a=bad_a, bad_b=bad_b
+                ),
+                note,
+            )
+        )
     return figs

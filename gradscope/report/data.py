@@ -102,11 +102,11 @@ class Acc:
         f, v = flat[finite], values[finite]
         pos = v > 0
 
-        def fold(target: np.ndarray, idx: np.ndarray, weights: np.ndarray | None = None
-                 ) -> None:
+        def fold(target: np.ndarray, idx: np.ndarray, weights: np.ndarray | None = None) -> None:
             if len(idx):
-                target[:n, c0:c1] += np.bincount(idx, weights=weights, minlength=size
-                                                 ).reshape(n, span)
+                target[:n, c0:c1] += np.bincount(idx, weights=weights, minlength=size).reshape(
+                    n, span
+                )
 
         fold(self.bad, flat[~finite])
         fold(self.count, f)
@@ -184,8 +184,9 @@ class ReportData:
         if acc is None or not acc.rows():
             return [], np.empty(0, dtype=np.int64)
         order = {name: i for i, name in enumerate(layer_order(self.meta))}
-        idx = sorted(range(acc.rows()), key=lambda r: (order.get(acc.names[r], len(order)),
-                                                        acc.names[r]))
+        idx = sorted(
+            range(acc.rows()), key=lambda r: (order.get(acc.names[r], len(order)), acc.names[r])
+        )
         return [acc.names[i] for i in idx], np.array(idx, dtype=np.int64)
 
     def site_nonfinite(self, names: list[str]) -> np.ndarray:
@@ -219,13 +220,19 @@ def _max_step(files: list[Path]) -> int:
         try:
             with pq.ParquetFile(f) as pf:
                 md = pf.metadata
-                if schema_problem(pf.schema_arrow) is None and \
-                        pa.types.is_integer(pf.schema_arrow.field("step").type):
+                if schema_problem(pf.schema_arrow) is None and pa.types.is_integer(
+                    pf.schema_arrow.field("step").type
+                ):
                     col = md.schema.names.index("step")
                     for g in range(md.num_row_groups):
                         stats = md.row_group(g).column(col).statistics
-                        if stats is None or not stats.has_min_max or stats.null_count or \
-                                int(stats.min) < 0 or int(stats.max) > MAX_STEP:
+                        if (
+                            stats is None
+                            or not stats.has_min_max
+                            or stats.null_count
+                            or int(stats.min) < 0
+                            or int(stats.max) > MAX_STEP
+                        ):
                             top = None
                             break
                         top = max(top if top is not None else -1, int(stats.max))
@@ -257,9 +264,11 @@ def read_report_data(path: Path, max_cols: int = MAX_COLS) -> ReportData:
     width = max(1, math.ceil((last + 1) / max_cols)) if last >= 0 else 1
     cols = (last // width + 1) if last >= 0 else 0
     data = ReportData(path, meta, [], [], last, width, cols, problems=problems)
-    rows_hint = {"param": sum(1 for e in meta.get("layers", []) if e["kind"] == "param"),
-                 "module": len(meta.get("sites", [])) + len(meta.get("layers", [])),
-                 "run": 1}
+    rows_hint = {
+        "param": sum(1 for e in meta.get("layers", []) if e["kind"] == "param"),
+        "module": len(meta.get("sites", [])) + len(meta.get("layers", [])),
+        "run": 1,
+    }
     for metric, kind in DRAWN.items():
         data.acc[metric] = Acc(cols, rows_hint.get(kind, 8))
     wanted = set(DRAWN)
@@ -286,8 +295,7 @@ def read_report_data(path: Path, max_cols: int = MAX_COLS) -> ReportData:
     # the steps as load_run counts them: of the rows that passed the schema
     recorded = np.unique(np.concatenate(data._steps)) if data._steps else np.empty(0, np.int64)
     data._steps = []
-    data.progress = progress(meta, path, int(recorded[-1]) if len(recorded) else -1,
-                             len(recorded))
+    data.progress = progress(meta, path, int(recorded[-1]) if len(recorded) else -1, len(recorded))
     if data.progress.why:
         problems.append(data.progress.why)
     return data
@@ -300,8 +308,10 @@ def _codes(column: Any) -> tuple[np.ndarray, list[str]]:
     arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
     if not pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_encode()
-    return (np.asarray(arr.indices.to_numpy(zero_copy_only=False), dtype=np.int64),
-            [str(x) for x in arr.dictionary.to_pylist()])
+    return (
+        np.asarray(arr.indices.to_numpy(zero_copy_only=False), dtype=np.int64),
+        [str(x) for x in arr.dictionary.to_pylist()],
+    )
 
 
 def _fold(data: ReportData, table: Any, wanted: set[str]) -> None:
@@ -328,8 +338,9 @@ def _fold(data: ReportData, table: Any, wanted: set[str]) -> None:
         acc.add(row_of[lc], cols[sel], values[sel])
 
 
-def run_series(data: ReportData, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                       np.ndarray] | None:
+def run_series(
+    data: ReportData, metric: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """A run-level metric per bin where recorded: (first step, mean of the finite values,
     NaN/Inf seen, max of the finite values). A bin whose values were all NaN/Inf is there,
     with a NaN mean, and marked."""

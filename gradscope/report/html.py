@@ -57,27 +57,33 @@ def _environment() -> jinja2.Environment:
 
     return jinja2.Environment(
         loader=jinja2.PackageLoader("gradscope", "report"),
-        autoescape=True, undefined=jinja2.StrictUndefined,
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
     )
 
 
 def render(data: ReportData) -> str:
     template = _environment().get_template("template.html")
-    return str(template.render(
-        version=__version__,
-        title=data.path.name,
-        status=data.progress.status_text,
-        status_class=data.progress.state.replace(" ", "-"),
-        header=_header(data),
-        problems=data.problems,
-        findings=_findings(data.findings),
-        figures=_figures(data),
-        remedies=_remedies(data.events),
-        remedies_note=("No remedy acted." if _remedy_options(data.events)
-                       else "No remedy was enabled (clip, guard, swap, recycle)."),
-        records=f"{data.records:,}",
-        width=data.width,
-    ))
+    return str(
+        template.render(
+            version=__version__,
+            title=data.path.name,
+            status=data.progress.status_text,
+            status_class=data.progress.state.replace(" ", "-"),
+            header=_header(data),
+            problems=data.problems,
+            findings=_findings(data.findings),
+            figures=_figures(data),
+            remedies=_remedies(data.events),
+            remedies_note=(
+                "No remedy acted."
+                if _remedy_options(data.events)
+                else "No remedy was enabled (clip, guard, swap, recycle)."
+            ),
+            records=f"{data.records:,}",
+            width=data.width,
+        )
+    )
 
 
 def _header(data: ReportData) -> list[tuple[str, str]]:
@@ -105,8 +111,11 @@ def _header(data: ReportData) -> list[tuple[str, str]]:
     add("working directory", meta.get("cwd"))
     cfg = meta.get("config")
     if isinstance(cfg, dict):
-        chosen = [f"{k}={cfg[k]}" for k in ("clip", "guard", "swap", "recycle")
-                  if cfg.get(k) not in (None, False, 0, [], "")]
+        chosen = [
+            f"{k}={cfg[k]}"
+            for k in ("clip", "guard", "swap", "recycle")
+            if cfg.get(k) not in (None, False, 0, [], "")
+        ]
         add("remedies", ", ".join(chosen) or "none")
     add("note", meta.get("note"))
     add("run directory", str(data.path))
@@ -127,19 +136,22 @@ def _duration(start: Any, end: Any) -> str | None:
 def _findings(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     order = {"error": 0, "warning": 1, "info": 2}
     out = []
-    for f in sorted(findings, key=lambda f: (order.get(str(f.get("severity")), 3),
-                                             _int(f.get("first_step")))):
+    for f in sorted(
+        findings, key=lambda f: (order.get(str(f.get("severity")), 3), _int(f.get("first_step")))
+    ):
         evidence = f.get("evidence") if isinstance(f.get("evidence"), dict) else {}
-        out.append({
-            "severity": str(f.get("severity", "?")),
-            "kind": str(f.get("kind", "?")),
-            "layer": str(f.get("layer", "")),
-            "steps": finding_steps(f),
-            "message": str(f.get("message", "")),
-            "suggestion": str(f.get("suggestion", "")),
-            "evidence": [(str(k), _short(v)) for k, v in (evidence or {}).items()],
-            "remedies": [_short(r) for r in f.get("remedies", []) or []],
-        })
+        out.append(
+            {
+                "severity": str(f.get("severity", "?")),
+                "kind": str(f.get("kind", "?")),
+                "layer": str(f.get("layer", "")),
+                "steps": finding_steps(f),
+                "message": str(f.get("message", "")),
+                "suggestion": str(f.get("suggestion", "")),
+                "evidence": [(str(k), _short(v)) for k, v in (evidence or {}).items()],
+                "remedies": [_short(r) for r in f.get("remedies", []) or []],
+            }
+        )
     return out
 
 
@@ -164,9 +176,14 @@ def _remedies(events: list[dict[str, Any]]) -> list[dict[str, str]]:
         if e.get("event") != "remedy":
             continue
         details = {k: v for k, v in e.items() if k not in ("event", "remedy", "action", "step")}
-        out.append({"step": str(e.get("step", "")), "remedy": str(e.get("remedy", "")),
-                    "action": str(e.get("action", "")),
-                    "details": "; ".join(f"{k}={_short(v)}" for k, v in details.items())})
+        out.append(
+            {
+                "step": str(e.get("step", "")),
+                "remedy": str(e.get("remedy", "")),
+                "action": str(e.get("action", "")),
+                "details": "; ".join(f"{k}={_short(v)}" for k, v in details.items()),
+            }
+        )
     return out
 
 
@@ -174,15 +191,18 @@ def _remedy_markers(events: list[dict[str, Any]]) -> list[tuple[float, str]]:
     marks = []
     for e in events:
         step = e.get("step")
-        if e.get("event") == "remedy" and isinstance(step, int) and \
-                e.get("action") not in ("clipped",):
-            marks.append((float(step), f"{e.get('remedy')}: {e.get('action')} "
-                                       f"{e.get('layer', '')}".strip()))
+        if (
+            e.get("event") == "remedy"
+            and isinstance(step, int)
+            and e.get("action") not in ("clipped",)
+        ):
+            marks.append(
+                (float(step), f"{e.get('remedy')}: {e.get('action')} {e.get('layer', '')}".strip())
+            )
     return marks
 
 
-def _picked(names: list[str], findings: list[dict[str, Any]], limit: int = MAX_LINES
-            ) -> list[int]:
+def _picked(names: list[str], findings: list[dict[str, Any]], limit: int = MAX_LINES) -> list[int]:
     """Which rows to draw as lines: layers with findings, then evenly spaced ones in forward
     order (first and last included)."""
     flagged = {str(f.get("layer")) for f in findings}
@@ -207,23 +227,48 @@ def _figures(data: ReportData) -> list[Figure]:
     if names:
         lm = acc.log_mean()[idx]
         bad = acc.nonfinite()[idx]
-        figs.append(Figure(
-            "gradient-flow", "Gradient flow",
-            figures.heatmap(lm, bad, names, steps, data.width, cmap="viridis",
-                            label="log10 ‖g‖", title="gradient norm per parameter and step"),
-            "log10 of each parameter's gradient norm (geometric mean over each bin), "
-            "parameters in forward order from top (input) to bottom (output); magenta: a "
-            "NaN/Inf gradient in the bin; grey: not recorded."))
+        figs.append(
+            Figure(
+                "gradient-flow",
+                "Gradient flow",
+                figures.heatmap(
+                    lm,
+                    bad,
+                    names,
+                    steps,
+                    data.width,
+                    cmap="viridis",
+                    label="log10 ‖g‖",
+                    title="gradient norm per parameter and step",
+                ),
+                "log10 of each parameter's gradient norm (geometric mean over each bin), "
+                "parameters in forward order from top (input) to bottom (output); magenta: a "
+                "NaN/Inf gradient in the bin; grey: not recorded.",
+            )
+        )
         mean, peak = acc.whole_run()
         pick = _picked(names, data.findings)
         series = [(names[i], steps, 10 ** lm[i]) for i in pick]
         nf_steps = [float(s) for s in steps[bad.any(axis=0)]]
-        figs.append(Figure(
-            "grad-norms", "Gradient norm per layer",
-            figures.line_chart(series, log_y=True, x_max=last, y_label="‖g‖",
-                               title="gradient norms", markers=markers, bad_x=nf_steps),
-            f"{len(pick)} of {len(names)} parameters (those with findings, then evenly "
-            "spaced in forward order)" if len(pick) < len(names) else ""))
+        figs.append(
+            Figure(
+                "grad-norms",
+                "Gradient norm per layer",
+                figures.line_chart(
+                    series,
+                    log_y=True,
+                    x_max=last,
+                    y_label="‖g‖",
+                    title="gradient norms",
+                    markers=markers,
+                    bad_x=nf_steps,
+                ),
+                f"{len(pick)} of {len(names)} parameters (those with findings, then evenly "
+                "spaced in forward order)"
+                if len(pick) < len(names)
+                else "",
+            )
+        )
         nbad = acc.nonfinite_count()[idx]
         order = list(range(len(names)))
         note = ""
@@ -231,18 +276,31 @@ def _figures(data: ReportData) -> list[Figure]:
             # layers with NaN/Inf first, then the largest gradients
             key = np.where(nbad > 0, np.inf, np.nan_to_num(peak[idx], nan=-1.0))
             order = sorted(np.argsort(-key, kind="stable")[:MAX_BARS].tolist())
-            note = (f"the {MAX_BARS} parameters with NaN/Inf or the largest gradients, of "
-                    f"{len(names)}")
-        figs.append(Figure(
-            "grad-bars", "Mean and largest gradient norm per layer",
-            figures.bar_chart([names[i] for i in order], mean[idx][order], peak[idx][order],
-                              title="gradient norm per layer", label="‖g‖",
-                              nonfinite=nbad[order]),
-            (note + "; " if note else "") + "over the finite values; magenta: NaN/Inf "
-            "gradients (how many)" if nbad.any() else note))
+            note = (
+                f"the {MAX_BARS} parameters with NaN/Inf or the largest gradients, of {len(names)}"
+            )
+        figs.append(
+            Figure(
+                "grad-bars",
+                "Mean and largest gradient norm per layer",
+                figures.bar_chart(
+                    [names[i] for i in order],
+                    mean[idx][order],
+                    peak[idx][order],
+                    title="gradient norm per layer",
+                    label="‖g‖",
+                    nonfinite=nbad[order],
+                ),
+                (note + "; " if note else "") + "over the finite values; magenta: NaN/Inf "
+                "gradients (how many)"
+                if nbad.any()
+                else note,
+            )
+        )
     else:
-        figs.append(Figure("gradient-flow", "Gradient flow", None,
-                           empty="No gradient norms recorded."))
+        figs.append(
+            Figure("gradient-flow", "Gradient flow", None, empty="No gradient norms recorded.")
+        )
 
     total = run_series(data, "grad_norm_total")
     if total is not None:
@@ -251,11 +309,21 @@ def _figures(data: ReportData) -> list[Figure]:
         clipped = run_series(data, "grad_norm_total_clipped")
         if clipped is not None:
             series.append(("after clipping", clipped[0], clipped[1]))
-        figs.append(Figure(
-            "grad-total", "Total gradient norm",
-            figures.line_chart(series, log_y=True, x_max=last, y_label="‖g‖ total",
-                               title="total gradient norm", markers=markers,
-                               bad_x=[float(s) for s in x[bad_t]])))
+        figs.append(
+            Figure(
+                "grad-total",
+                "Total gradient norm",
+                figures.line_chart(
+                    series,
+                    log_y=True,
+                    x_max=last,
+                    y_label="‖g‖ total",
+                    title="total gradient norm",
+                    markers=markers,
+                    bad_x=[float(s) for s in x[bad_t]],
+                ),
+            )
+        )
 
     names, idx = data.ordered("update_ratio")
     if names:
@@ -263,42 +331,80 @@ def _figures(data: ReportData) -> list[Figure]:
         lm = acc.log_mean()[idx]
         pick = _picked(names, data.findings)
         bad_u = acc.nonfinite()[idx].any(axis=0)
-        figs.append(Figure(
-            "update-ratios", "Update ratio ‖Δw‖/‖w‖",
-            figures.line_chart([(names[i], steps, 10 ** lm[i]) for i in pick], log_y=True,
-                               x_max=last, y_label="‖Δw‖/‖w‖", title="update ratios",
-                               markers=markers, bad_x=[float(x) for x in steps[bad_u]]),
-            "around 1e-3 is the usual healthy band (CS231n); far above, the learning rate is "
-            "too high for the layer; far below, the layer barely learns."))
+        figs.append(
+            Figure(
+                "update-ratios",
+                "Update ratio ‖Δw‖/‖w‖",
+                figures.line_chart(
+                    [(names[i], steps, 10 ** lm[i]) for i in pick],
+                    log_y=True,
+                    x_max=last,
+                    y_label="‖Δw‖/‖w‖",
+                    title="update ratios",
+                    markers=markers,
+                    bad_x=[float(x) for x in steps[bad_u]],
+                ),
+                "around 1e-3 is the usual healthy band (CS231n); far above, the learning rate is "
+                "too high for the layer; far below, the layer barely learns.",
+            )
+        )
 
     for metric, fid, title, cmap, label in (
-        ("act_dead_fraction", "dead-units", "Dead units (fraction per activation)", "Reds",
-         "dead"),
-        ("act_saturation", "saturation", "Saturated units (fraction per activation)",
-         "Oranges", "saturated"),
+        ("act_dead_fraction", "dead-units", "Dead units (fraction per activation)", "Reds", "dead"),
+        (
+            "act_saturation",
+            "saturation",
+            "Saturated units (fraction per activation)",
+            "Oranges",
+            "saturated",
+        ),
     ):
         names, idx = data.ordered(metric)
         if not names:
             continue
         acc = data.acc[metric]
         values, bad = _held(acc.mean()[idx], acc.nonfinite()[idx] | data.site_nonfinite(names))
-        figs.append(Figure(
-            fid, title,
-            figures.heatmap(values, bad, names, steps, data.width, cmap=cmap,
-                            vmin=0.0, vmax=1.0, label=label, title=title),
-            "sampled every activation_every steps, each sample held until the next; "
-            "activations in forward order; magenta: NaN/Inf in the activation (its fraction "
-            "means nothing there); grey: not sampled yet"))
+        figs.append(
+            Figure(
+                fid,
+                title,
+                figures.heatmap(
+                    values,
+                    bad,
+                    names,
+                    steps,
+                    data.width,
+                    cmap=cmap,
+                    vmin=0.0,
+                    vmax=1.0,
+                    label=label,
+                    title=title,
+                ),
+                "sampled every activation_every steps, each sample held until the next; "
+                "activations in forward order; magenta: NaN/Inf in the activation (its fraction "
+                "means nothing there); grey: not sampled yet",
+            )
+        )
 
     loss = run_series(data, "loss")
     if loss is not None:
         x, y, bad_l, _ = loss
-        figs.append(Figure(
-            "loss", "Loss",
-            figures.line_chart([("loss", x, y)], log_y=bool(np.all(y[np.isfinite(y)] > 0)),
-                               x_max=last, y_label="loss", title="loss", markers=markers,
-                               bad_x=[float(s) for s in x[bad_l]]),
-            "mean per bin; dashed lines: remedy actions; magenta ticks: NaN/Inf loss"))
+        figs.append(
+            Figure(
+                "loss",
+                "Loss",
+                figures.line_chart(
+                    [("loss", x, y)],
+                    log_y=bool(np.all(y[np.isfinite(y)] > 0)),
+                    x_max=last,
+                    y_label="loss",
+                    title="loss",
+                    markers=markers,
+                    bad_x=[float(s) for s in x[bad_l]],
+                ),
+                "mean per bin; dashed lines: remedy actions; magenta ticks: NaN/Inf loss",
+            )
+        )
     else:
         figs.append(Figure("loss", "Loss", None, empty="No loss recorded."))
     return figs

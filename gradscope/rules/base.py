@@ -111,9 +111,7 @@ class Records:
         self._cache[key] = hit
         return hit
 
-    def aligned(
-        self, metric: str, kind: str, steps: np.ndarray, names: list[str]
-    ) -> np.ndarray:
+    def aligned(self, metric: str, kind: str, steps: np.ndarray, names: list[str]) -> np.ndarray:
         """``metric`` on the rows ``steps`` and columns ``names`` of another metric (NaN where
         it was not recorded)."""
         s2, n2, v2 = self.wide(metric, kind)
@@ -135,8 +133,9 @@ def keep_strongest(candidates: list[tuple[float, Episode]]) -> list[Episode]:
     the strongest as the finding and name the others in its evidence."""
     kept: list[Episode] = []
     for _, ep in sorted(candidates, key=lambda c: -c[0]):
-        home = next((k for k in kept if ep.first_step <= k.last_step and
-                     k.first_step <= ep.last_step), None)
+        home = next(
+            (k for k in kept if ep.first_step <= k.last_step and k.first_step <= ep.last_step), None
+        )
         if home is None:
             kept.append(ep)
         else:

@@ -31,18 +31,42 @@ from .updates import update_ratio
 
 Rule = Callable[[Records, Thresholds], list[Episode]]
 RULES: tuple[Rule, ...] = (
-    nonfinite, exploding_gradients, vanishing_gradients, dead_units, saturation, update_ratio,
+    nonfinite,
+    exploding_gradients,
+    vanishing_gradients,
+    dead_units,
+    saturation,
+    update_ratio,
     loss_spike,
 )
 FINDING_KINDS = (
-    "exploding_gradients", "vanishing_gradients", "nonfinite", "dead_units", "saturation",
-    "update_ratio_high", "update_ratio_low", "loss_spike",
+    "exploding_gradients",
+    "vanishing_gradients",
+    "nonfinite",
+    "dead_units",
+    "saturation",
+    "update_ratio_high",
+    "update_ratio_low",
+    "loss_spike",
 )
-RULE_METRICS = frozenset({
-    "grad_norm", "grad_nonfinite", "weight_norm", "update_ratio", "act_dead_fraction",
-    "act_saturation", "act_nonfinite", "output_grad_norm", "loss", "grad_norm_total",
-    "skipped_step", "guard_skipped", "_n", "_units",
-})
+RULE_METRICS = frozenset(
+    {
+        "grad_norm",
+        "grad_nonfinite",
+        "weight_norm",
+        "update_ratio",
+        "act_dead_fraction",
+        "act_saturation",
+        "act_nonfinite",
+        "output_grad_norm",
+        "loss",
+        "grad_norm_total",
+        "skipped_step",
+        "guard_skipped",
+        "_n",
+        "_units",
+    }
+)
 """What the rules read; the Diagnoser's window keeps only these."""
 FINDING_REMEDY_RULES: tuple[Rule, ...] = (dead_units, saturation)
 """The rules whose findings the swap and recycle remedies act on: run at every sample while
@@ -109,8 +133,9 @@ class Diagnoser:
         self.t = thresholds
         self.announce = announce
         self.rules = rules
-        self.keep_steps = max(1000, (thresholds.history + 2 * thresholds.patience + 2)
-                              * max(sample_every, 1))
+        self.keep_steps = max(
+            1000, (thresholds.history + 2 * thresholds.patience + 2) * max(sample_every, 1)
+        )
         self.findings: list[Finding] = []
         self.errors: list[str] = []
         self._open: dict[tuple[str, str], Finding] = {}
@@ -124,8 +149,9 @@ class Diagnoser:
         self._pending: dict[Rule, int] = {}  # rule -> first step it has not evaluated yet
 
     # -- records ----------------------------------------------------------------------------------
-    def update(self, table: LongTable, layers: LayerInfo,
-               rules: tuple[Rule, ...] | None = None) -> list[Finding]:
+    def update(
+        self, table: LongTable, layers: LayerInfo, rules: tuple[Rule, ...] | None = None
+    ) -> list[Finding]:
         """Add a flushed table and run the rules (default: all) on the window; returns new
         findings. A rule left out now sees these steps as new the next time it runs."""
         if not len(table):
@@ -135,8 +161,10 @@ class Diagnoser:
             self._pending[rule] = min(self._pending.get(rule, since), since)
         used = np.array([c[2] in RULE_METRICS for c in table.columns] + [False], dtype=bool)
         keep_rows = used[table.col]  # only what some rule reads is kept in the window
-        remap = np.array([self._column(c) if used[i] else -1
-                          for i, c in enumerate(table.columns)], dtype=np.int64)
+        remap = np.array(
+            [self._column(c) if used[i] else -1 for i, c in enumerate(table.columns)],
+            dtype=np.int64,
+        )
         steps = table.step[keep_rows]
         cid = remap[table.col[keep_rows]]
         value = table.value[keep_rows]
@@ -156,10 +184,12 @@ class Diagnoser:
         self._value = np.concatenate([self._value, value])
         keep = self._step > int(self._step.max()) - self.keep_steps
         if not keep.all():
-            self._step, self._col, self._value = self._step[keep], self._col[keep], \
-                self._value[keep]
-        rec = Records(self._step, self._col, self._value, self._columns, since, layers,
-                      self._first)
+            self._step, self._col, self._value = (
+                self._step[keep],
+                self._col[keep],
+                self._value[keep],
+            )
+        rec = Records(self._step, self._col, self._value, self._columns, since, layers, self._first)
         return self.evaluate(rec, rules)
 
     def _column(self, key: tuple[str, str, str]) -> int:
@@ -169,8 +199,7 @@ class Diagnoser:
             self._columns.append(key)
         return c
 
-    def evaluate(self, rec: Records, rules: tuple[Rule, ...] | None = None
-                 ) -> list[Finding]:
+    def evaluate(self, rec: Records, rules: tuple[Rule, ...] | None = None) -> list[Finding]:
         """Run the rules (default: all) on ``rec`` and merge the episodes into the findings.
         Each rule reports from the first step it has not evaluated yet."""
         raised: list[Finding] = []
@@ -215,8 +244,12 @@ class Diagnoser:
         old = finding["evidence"]
         new = _jsonable(ep.evidence)
         peak_key = next((k for k in _PEAKS if k in new and k in old), None)
-        higher = peak_key is not None and isinstance(new[peak_key], (int, float)) and \
-            isinstance(old[peak_key], (int, float)) and new[peak_key] > old[peak_key]
+        higher = (
+            peak_key is not None
+            and isinstance(new[peak_key], (int, float))
+            and isinstance(old[peak_key], (int, float))
+            and new[peak_key] > old[peak_key]
+        )
         for k, v in new.items():
             if k in _STICKY and k in old:
                 continue
@@ -244,7 +277,8 @@ class Diagnoser:
         f_traced = bool(f["evidence"].get("traced"))
         ep_traced = bool(ep.evidence.get("traced"))
         better = (ep_traced and not f_traced) or (
-            ep_traced == f_traced and ep.first_step < f["first_step"])
+            ep_traced == f_traced and ep.first_step < f["first_step"]
+        )
         notes = list(f["evidence"].get("notes", []))
         if better:
             old_msg = f["message"]
@@ -261,7 +295,8 @@ class Diagnoser:
         f["first_step"], f["last_step"] = first, last
         if not ep_traced and "nonfinite_steps" in ep.evidence:
             f["evidence"]["nonfinite_steps"] = max(
-                int(f["evidence"].get("nonfinite_steps", 0)), int(ep.evidence["nonfinite_steps"]))
+                int(f["evidence"].get("nonfinite_steps", 0)), int(ep.evidence["nonfinite_steps"])
+            )
         return None
 
     def attach(self, finding: Finding, action: RemedyAction) -> None:

@@ -37,8 +37,10 @@ def _clip_hint(rec: Records) -> str:
     finite = total[np.isfinite(total)]
     finite = finite[finite > 0]
     if not finite.size:
-        return ("clip gradients: gradscope.watch(..., clip='zclip') clips spikes against "
-                "their own history, or torch.nn.utils.clip_grad_norm_")
+        return (
+            "clip gradients: gradscope.watch(..., clip='zclip') clips spikes against "
+            "their own history, or torch.nn.utils.clip_grad_norm_"
+        )
     cap = 5 * float(np.median(finite))
     return (
         f"clip gradients: gradscope.watch(..., clip='zclip') (adaptive: clips spikes against "
@@ -93,7 +95,7 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
         spans = _clusters(steps[col_rows], hot[col_rows, j], t.patience, t.history)
         spans += [(int(i), int(i)) for i in np.flatnonzero(once[col_rows, j])]
         for a, b in spans:
-            rows = col_rows[a:b + 1]
+            rows = col_rows[a : b + 1]
             rows = rows[hot[rows, j] | once[rows, j]]  # the spiking steps of the cluster
             if steps[rows[-1]] < rec.since:
                 continue
@@ -102,26 +104,39 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
             base = 10 ** float(med[peak_row, j])
             peak = float(norms[peak_row, j])
             ev = {
-                "peak_norm": peak, "median_norm": base, "peak_ratio": ratio,
-                "robust_z": float(z[peak_row, j]), "peak_step": int(steps[peak_row]),
-                "history": t.history, "steps": int(rows.size),
+                "peak_norm": peak,
+                "median_norm": base,
+                "peak_ratio": ratio,
+                "robust_z": float(z[peak_row, j]),
+                "peak_step": int(steps[peak_row]),
+                "history": t.history,
+                "steps": int(rows.size),
             }
-            sustained = "once" if rows.size == 1 else \
-                f"{rows.size} spikes over steps {int(steps[rows[0]])}-{int(steps[rows[-1]])}"
+            sustained = (
+                "once"
+                if rows.size == 1
+                else f"{rows.size} spikes over steps {int(steps[rows[0]])}-{int(steps[rows[-1]])}"
+            )
             msg = (
                 f"gradient norm of {name} reached {fmt(peak)} at step {int(steps[peak_row])}, "
                 f"{fmt(ratio)}x its median of {fmt(base)} ({sustained})"
             )
             sev = "error" if ratio >= t.spike_once_ratio else "warning"
-            ep = Episode("exploding_gradients", name, int(steps[rows[0]]), int(steps[rows[-1]]),
-                         sev, ev, msg, _clip_hint(rec) + "; or lower the learning rate")
+            ep = Episode(
+                "exploding_gradients",
+                name,
+                int(steps[rows[0]]),
+                int(steps[rows[-1]]),
+                sev,
+                ev,
+                msg,
+                _clip_hint(rec) + "; or lower the learning rate",
+            )
             candidates.append((ratio, ep))
     return keep_strongest(candidates)
 
 
-def _clusters(
-    steps: np.ndarray, hot: np.ndarray, patience: int, gap: int
-) -> list[tuple[int, int]]:
+def _clusters(steps: np.ndarray, hot: np.ndarray, patience: int, gap: int) -> list[tuple[int, int]]:
     """Index ranges of clusters of hot observations: at least ``patience`` of them, each within
     ``gap`` steps of the previous one. Consecutive spikes are a cluster, and so are spikes that
     keep coming back (an RNN whose gradient explodes every few dozen steps); a single one is
@@ -149,11 +164,20 @@ def _overflow(rec: Records) -> list[Episode]:
         rows = np.flatnonzero(np.isinf(norms[:, j]) & (counts[:, j] == 0) & (steps >= rec.since))
         if rows.size:
             first, last = int(steps[rows[0]]), int(steps[rows[-1]])
-            msg = (f"gradient of {name} is so large that its norm overflows float32 although "
-                   f"every element is finite (step {first})")
-            ep = Episode("exploding_gradients", name, first, last, "error",
-                         {"overflow_steps": int(rows.size)}, msg,
-                         _clip_hint(rec) + "; lower the learning rate")
+            msg = (
+                f"gradient of {name} is so large that its norm overflows float32 although "
+                f"every element is finite (step {first})"
+            )
+            ep = Episode(
+                "exploding_gradients",
+                name,
+                first,
+                last,
+                "error",
+                {"overflow_steps": int(rows.size)},
+                msg,
+                _clip_hint(rec) + "; lower the learning rate",
+            )
             out.append((-float(first), ep))  # the earliest overflow names the finding
     return keep_strongest(out)
 
@@ -235,29 +259,40 @@ def _depth_episodes(
             fit = fits[b]
             assert fit is not None
             log_ratio, count, first, last = fit
-            ratio = 10 ** log_ratio
+            ratio = 10**log_ratio
             per_layer = 10 ** (log_ratio / max(count - 1, 1))
             layer = _site_module(names[first])
             ev: dict[str, Any] = {
-                "signal": signal, "first_last_ratio": ratio, "per_layer_factor": per_layer,
-                "layers_measured": count, "first_layer": names[first],
-                "last_layer": names[last], "checks": int(b - a + 1),
+                "signal": signal,
+                "first_last_ratio": ratio,
+                "per_layer_factor": per_layer,
+                "layers_measured": count,
+                "first_layer": names[first],
+                "last_layer": names[last],
+                "checks": int(b - a + 1),
             }
             if kind == "exploding_gradients":
-                msg = (f"{signal} grows {fmt(ratio)}x from {names[last]} back to {layer} "
-                       f"(x{fmt(per_layer)} per layer over {count} layers)")
-                hint = ("initialise with the right gain (He/Kaiming for ReLU: "
-                        "nn.init.kaiming_normal_; Xavier for tanh/sigmoid), add normalisation "
-                        "(LayerNorm/BatchNorm) or residual connections; "
-                        + _clip_hint(rec))
+                msg = (
+                    f"{signal} grows {fmt(ratio)}x from {names[last]} back to {layer} "
+                    f"(x{fmt(per_layer)} per layer over {count} layers)"
+                )
+                hint = (
+                    "initialise with the right gain (He/Kaiming for ReLU: "
+                    "nn.init.kaiming_normal_; Xavier for tanh/sigmoid), add normalisation "
+                    "(LayerNorm/BatchNorm) or residual connections; " + _clip_hint(rec)
+                )
                 sev = "warning"
             else:
-                msg = (f"{signal} shrinks to {fmt(ratio)}x from {names[last]} back to {layer} "
-                       f"(x{fmt(per_layer)} per layer over {count} layers): the first layers "
-                       "barely learn")
-                hint = ("use He/Kaiming init with ReLU (nn.init.kaiming_normal_) or Xavier with "
-                        "tanh/sigmoid (nn.init.xavier_uniform_); replace sigmoid/tanh hidden "
-                        "activations with ReLU; add normalisation or residual connections")
+                msg = (
+                    f"{signal} shrinks to {fmt(ratio)}x from {names[last]} back to {layer} "
+                    f"(x{fmt(per_layer)} per layer over {count} layers): the first layers "
+                    "barely learn"
+                )
+                hint = (
+                    "use He/Kaiming init with ReLU (nn.init.kaiming_normal_) or Xavier with "
+                    "tanh/sigmoid (nn.init.xavier_uniform_); replace sigmoid/tanh hidden "
+                    "activations with ReLU; add normalisation or residual connections"
+                )
                 sev = "warning"
             out.append(Episode(kind, layer, int(steps[a]), int(steps[b]), sev, ev, msg, hint))
     return out
@@ -289,12 +324,29 @@ def _weight_depth(rec: Records, t: Thresholds) -> list[Episode]:
             continue
         r = float(ratio[b])
         layer = rec.layers.module_of.get(names[0], names[0])
-        msg = (f"relative gradient ||g||/||w|| of {names[0]} is {fmt(r)}x that of {names[-1]}: "
-               "the first layers barely learn")
-        hint = ("use He/Kaiming init with ReLU or Xavier with tanh/sigmoid; replace "
-                "sigmoid/tanh hidden activations with ReLU; add normalisation")
-        out.append(Episode("vanishing_gradients", layer, int(steps[a]), int(steps[b]),
-                           "warning", {"signal": "weight gradients", "first_last_ratio": r,
-                                       "first_layer": names[0], "last_layer": names[-1]},
-                           msg, hint))
+        msg = (
+            f"relative gradient ||g||/||w|| of {names[0]} is {fmt(r)}x that of {names[-1]}: "
+            "the first layers barely learn"
+        )
+        hint = (
+            "use He/Kaiming init with ReLU or Xavier with tanh/sigmoid; replace "
+            "sigmoid/tanh hidden activations with ReLU; add normalisation"
+        )
+        out.append(
+            Episode(
+                "vanishing_gradients",
+                layer,
+                int(steps[a]),
+                int(steps[b]),
+                "warning",
+                {
+                    "signal": "weight gradients",
+                    "first_last_ratio": r,
+                    "first_layer": names[0],
+                    "last_layer": names[-1],
+                },
+                msg,
+                hint,
+            )
+        )
     return out

@@ -31,19 +31,30 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
     for a, b in runs(spike, 1):
         if steps[b] < rec.since:
             continue
-        peak = a + int(np.argmax(v[a:b + 1]))
-        ev = {"loss": float(v[peak]), "median_loss": float(m[peak]),
-              "ratio": float(v[peak] / m[peak]) if m[peak] > 0 else None,
-              "robust_z": float(z[peak]), "peak_step": int(steps[peak]), "steps": int(b - a + 1)}
-        when = f"at step {int(steps[a])}" if a == b else \
-            f"over steps {int(steps[a])}-{int(steps[b])}"
-        msg = (f"loss spiked to {fmt(float(v[peak]))} {when}, against a median of "
-               f"{fmt(float(m[peak]))} over the previous {t.history} steps")
-        hint = (f"inspect the batch of step {int(steps[peak])} (bad labels, unnormalised or "
-                "corrupted inputs); clip gradients so one batch cannot throw the weights far "
-                "(gradscope.watch(..., clip='zclip'), or torch.nn.utils.clip_grad_norm_); if "
-                "spikes recur, lower the learning rate")
+        peak = a + int(np.argmax(v[a : b + 1]))
+        ev = {
+            "loss": float(v[peak]),
+            "median_loss": float(m[peak]),
+            "ratio": float(v[peak] / m[peak]) if m[peak] > 0 else None,
+            "robust_z": float(z[peak]),
+            "peak_step": int(steps[peak]),
+            "steps": int(b - a + 1),
+        }
+        when = (
+            f"at step {int(steps[a])}" if a == b else f"over steps {int(steps[a])}-{int(steps[b])}"
+        )
+        msg = (
+            f"loss spiked to {fmt(float(v[peak]))} {when}, against a median of "
+            f"{fmt(float(m[peak]))} over the previous {t.history} steps"
+        )
+        hint = (
+            f"inspect the batch of step {int(steps[peak])} (bad labels, unnormalised or "
+            "corrupted inputs); clip gradients so one batch cannot throw the weights far "
+            "(gradscope.watch(..., clip='zclip'), or torch.nn.utils.clip_grad_norm_); if "
+            "spikes recur, lower the learning rate"
+        )
         sev = "error" if ev["ratio"] is not None and ev["ratio"] >= 100 else "warning"
-        out.append(Episode("loss_spike", RUN_LAYER, int(steps[a]), int(steps[b]), sev, ev,
-                           msg, hint))
+        out.append(
+            Episode("loss_spike", RUN_LAYER, int(steps[a]), int(steps[b]), sev, ev, msg, hint)
+        )
     return out

@@ -16,7 +16,7 @@ import numpy as np
 from ..records import RUN_LAYER
 from .base import Episode, Records, runs
 
-TRACE_HINT = ("run with trace_nonfinite='always' to name the module at the first occurrence")
+TRACE_HINT = "run with trace_nonfinite='always' to name the module at the first occurrence"
 
 
 def _bad(values: np.ndarray, count_metric: bool) -> np.ndarray:
@@ -82,12 +82,25 @@ def nonfinite(rec: Records, t: Any = None) -> list[Episode]:
         "traced": False,
     }
     where = "in the loss" if layer == RUN_LAYER else f"at {layer}"
-    msg = (f"non-finite values (NaN/Inf) first appeared in the {phase} pass at step {first}, "
-           f"{where} (first seen in: {', '.join(sorted(what))}); {len(bad_steps)} step(s) "
-           "affected" + (f", {guarded} skipped by the guard" if guarded else ""))
+    msg = (
+        f"non-finite values (NaN/Inf) first appeared in the {phase} pass at step {first}, "
+        f"{where} (first seen in: {', '.join(sorted(what))}); {len(bad_steps)} step(s) "
+        "affected" + (f", {guarded} skipped by the guard" if guarded else "")
+    )
     hint = phase_hint(phase, None) + "; " + TRACE_HINT
-    return [Episode("nonfinite", layer, first, bad_steps[-1], "error", ev, msg, hint,
-                    {"phase": phase, "module": module, "class": None})]
+    return [
+        Episode(
+            "nonfinite",
+            layer,
+            first,
+            bad_steps[-1],
+            "error",
+            ev,
+            msg,
+            hint,
+            {"phase": phase, "module": module, "class": None},
+        )
+    ]
 
 
 def traced_episode(info: dict[str, Any]) -> Episode:
@@ -106,53 +119,92 @@ def traced_episode(info: dict[str, Any]) -> Episode:
     layer = module or info.get("after_module") or info.get("before_module") or RUN_LAYER
     on_rank = f" (on rank {info['rank']})" if "rank" in info else ""  # torch.distributed
     if poisoned:
-        msg = (f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "
-               "update applied non-finite gradients")
+        msg = (
+            f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "
+            "update applied non-finite gradients"
+        )
     elif module is None:
         msg = f"non-finite values at step {step} ({phase} pass): {info.get('note', '')}"
     elif phase == "forward" and evidence.get("fp16_overflow"):
-        msg = (f"{module} ({cls}) produced the first non-finite output at step {step}: its "
-               "float16 output left the float16 range (|x| > 65504) although its inputs were "
-               "finite" + (" (most likely: only NaN/Inf flags were read on the device)"
-                           if evidence["fp16_overflow"] == "likely" else ""))
-        return Episode("nonfinite", layer, step, step, "error", evidence, msg + on_rank,
-                       FP16_HINT.format(module=module),
-                       {"phase": phase, "module": module, "class": cls})
+        msg = (
+            f"{module} ({cls}) produced the first non-finite output at step {step}: its "
+            "float16 output left the float16 range (|x| > 65504) although its inputs were "
+            "finite"
+            + (
+                " (most likely: only NaN/Inf flags were read on the device)"
+                if evidence["fp16_overflow"] == "likely"
+                else ""
+            )
+        )
+        return Episode(
+            "nonfinite",
+            layer,
+            step,
+            step,
+            "error",
+            evidence,
+            msg + on_rank,
+            FP16_HINT.format(module=module),
+            {"phase": phase, "module": module, "class": cls},
+        )
     elif phase == "forward":
-        msg = (f"{module} ({cls}) produced the first non-finite output at step {step}, "
-               "from finite inputs")
+        msg = (
+            f"{module} ({cls}) produced the first non-finite output at step {step}, "
+            "from finite inputs"
+        )
     elif phase == "backward":
-        msg = (f"{module} ({cls}) produced the first non-finite gradient at step {step} "
-               "(backward pass): the gradients arriving at its output were finite")
+        msg = (
+            f"{module} ({cls}) produced the first non-finite gradient at step {step} "
+            "(backward pass): the gradients arriving at its output were finite"
+        )
     else:
-        msg = (f"weights of {module} ({cls}) became non-finite in the optimizer step before "
-               f"step {step}, while the gradients were finite")
-    return Episode("nonfinite", layer, step, step, "error", evidence, msg + on_rank,
-                   phase_hint(phase, module), {"phase": phase, "module": module, "class": cls})
+        msg = (
+            f"weights of {module} ({cls}) became non-finite in the optimizer step before "
+            f"step {step}, while the gradients were finite"
+        )
+    return Episode(
+        "nonfinite",
+        layer,
+        step,
+        step,
+        "error",
+        evidence,
+        msg + on_rank,
+        phase_hint(phase, module),
+        {"phase": phase, "module": module, "class": cls},
+    )
 
 
-FP16_HINT = ("a float16 overflow under autocast: autocast to bfloat16 instead (float32's range), "
-             "or keep {module} in float32 (run it under torch.autocast(..., enabled=False) with "
-             "float32 inputs), or normalise its input (a LayerNorm before it) or scale its "
-             "weights down; GradScaler only skips such steps, it cannot fix a forward overflow")
+FP16_HINT = (
+    "a float16 overflow under autocast: autocast to bfloat16 instead (float32's range), "
+    "or keep {module} in float32 (run it under torch.autocast(..., enabled=False) with "
+    "float32 inputs), or normalise its input (a LayerNorm before it) or scale its "
+    "weights down; GradScaler only skips such steps, it cannot fix a forward overflow"
+)
 
 
 def phase_hint(phase: str, module: str | None) -> str:
     """What to try for a non-finite value born in ``phase`` (in ``module`` when known)."""
     where = f" in {module}" if module else ""
     if phase == "forward":
-        return (f"guard the operation that produced it{where}: clamp before log/sqrt/division "
-                "(torch.log(x.clamp_min(1e-12))), use log_softmax/logsumexp instead of "
-                "log(softmax); check the inputs for NaN; meanwhile gradscope.watch(..., "
-                "guard=True) skips the steps whose gradients are non-finite")
+        return (
+            f"guard the operation that produced it{where}: clamp before log/sqrt/division "
+            "(torch.log(x.clamp_min(1e-12))), use log_softmax/logsumexp instead of "
+            "log(softmax); check the inputs for NaN; meanwhile gradscope.watch(..., "
+            "guard=True) skips the steps whose gradients are non-finite"
+        )
     if phase == "backward":
-        return (f"an operation{where} has an infinite derivative at its input (sqrt or "
-                "pow < 1 at 0, log at 0, division by a small number): add an epsilon inside it "
-                "(torch.sqrt(x + 1e-12)); meanwhile gradscope.watch(..., guard=True) skips the "
-                "steps whose gradients are non-finite")
-    return ("the update made weights non-finite: lower the learning rate, clip gradients, "
-            "check the optimizer's eps (Adam eps=0 divides by zero); gradscope.watch(..., "
-            "guard=True) skips steps with non-finite gradients")
+        return (
+            f"an operation{where} has an infinite derivative at its input (sqrt or "
+            "pow < 1 at 0, log at 0, division by a small number): add an epsilon inside it "
+            "(torch.sqrt(x + 1e-12)); meanwhile gradscope.watch(..., guard=True) skips the "
+            "steps whose gradients are non-finite"
+        )
+    return (
+        "the update made weights non-finite: lower the learning rate, clip gradients, "
+        "check the optimizer's eps (Adam eps=0 divides by zero); gradscope.watch(..., "
+        "guard=True) skips steps with non-finite gradients"
+    )
 
 
 AMP_SKIPS = 20
@@ -171,5 +223,6 @@ def _handled_by_scaler(rec: Records) -> set[int]:
     g_steps, _, guard = rec.wide("guard_skipped", "run")
     if g_steps.size:  # skipped by gradscope's guard, not by a GradScaler
         by_scaler &= ~np.isin(steps, g_steps[guard[:, 0] > 0])
-    return {int(s) for a, b in runs(by_scaler, 1) if b - a + 1 < AMP_SKIPS
-            for s in steps[a:b + 1]}
+    return {
+        int(s) for a, b in runs(by_scaler, 1) if b - a + 1 < AMP_SKIPS for s in steps[a : b + 1]
+    }

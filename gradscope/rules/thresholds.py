@@ -32,8 +32,10 @@ class Range:
             return f"an integer >= {self.low:g}"
         if self.high == math.inf:
             return f"a number {'>' if self.low_open else '>='} {self.low:g}"
-        return (f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-                f"{')' if self.high_open else ']'}")
+        return (
+            f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+            f"{')' if self.high_open else ']'}"
+        )
 
     def check(self, value: object) -> float:
         """``value`` as the threshold's type: an ``int``, or a ``float`` (an integer given for
@@ -54,8 +56,13 @@ class Range:
             raise ValueError(f"expected {self}")
         if not self.integer:
             number = float(number)
-        if not math.isfinite(number) or number < self.low or number > self.high or (
-            self.low_open and number == self.low) or (self.high_open and number == self.high):
+        if (
+            not math.isfinite(number)
+            or number < self.low
+            or number > self.high
+            or (self.low_open and number == self.low)
+            or (self.high_open and number == self.high)
+        ):
             raise ValueError(f"expected {self}")
         return number
 

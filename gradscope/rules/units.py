@@ -8,8 +8,18 @@ from .base import Episode, Records, fmt, runs
 from .thresholds import Thresholds
 
 _RECTIFYING = ("rectifier", "other")
-_SOFT = ("LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish",
-         "Hardswish")  # never exactly flat below 0: a "dead" unit still passes some gradient
+_SOFT = (
+    "LeakyReLU",
+    "PReLU",
+    "RReLU",
+    "ELU",
+    "CELU",
+    "SELU",
+    "GELU",
+    "SiLU",
+    "Mish",
+    "Hardswish",
+)  # never exactly flat below 0: a "dead" unit still passes some gradient
 _BOUNDED = ("sigmoid", "tanh")  # softmax attention is peaked by design: not a pathology
 
 
@@ -43,40 +53,56 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
             latest = float(frac[b])
             kind_of = rec.layers.module_type.get(site, "activation")
             ev = {
-                "dead_fraction": latest, "peak_dead_fraction": float(frac[a:b + 1].max()),
+                "dead_fraction": latest,
+                "peak_dead_fraction": float(frac[a : b + 1].max()),
                 "units": None if np.isnan(units[rows[b], j]) else int(units[rows[b], j]),
-                "born_dead": bool(born), "since_step": first_step,
+                "born_dead": bool(born),
+                "since_step": first_step,
                 "at_first_check": None if start is None else start[1],
             }
             # a hard rectifier passes nothing below 0; LeakyReLU, ELU, GELU, SiLU... still pass
             # a small gradient where they are never positive
             hard = kind_of not in _SOFT
             if not hard:
-                what = ("they are never positive on any example, where a "
-                        f"{kind_of} passes only a small gradient")
-                msg = (f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) "
-                       + (f"are dead from the start: {what}" if born else
-                          f"died during training (since step {first_step}): {what}"))
-                hint = ("lower the learning rate, or re-initialise the layer before it "
-                        "(He/Kaiming init, a small positive bias); these units learn slowly "
-                        "rather than not at all")
+                what = (
+                    "they are never positive on any example, where a "
+                    f"{kind_of} passes only a small gradient"
+                )
+                msg = f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) " + (
+                    f"are dead from the start: {what}"
+                    if born
+                    else f"died during training (since step {first_step}): {what}"
+                )
+                hint = (
+                    "lower the learning rate, or re-initialise the layer before it "
+                    "(He/Kaiming init, a small positive bias); these units learn slowly "
+                    "rather than not at all"
+                )
             elif born:
-                msg = (f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) are dead from "
-                       "the start: they output 0 for every example, so no gradient reaches the "
-                       "layers below through them")
-                hint = (f"re-initialise: He/Kaiming init (nn.init.kaiming_normal_) and a "
-                        f"small positive bias; a deep narrow ReLU net dies at init with high "
-                        f"probability (Lu et al. 2019): widen it or make it shallower; or swap "
-                        f"{site} to nn.LeakyReLU (gradscope.watch(..., "
-                        "swap='relu->leaky_relu:0.2'))")
+                msg = (
+                    f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) are dead from "
+                    "the start: they output 0 for every example, so no gradient reaches the "
+                    "layers below through them"
+                )
+                hint = (
+                    f"re-initialise: He/Kaiming init (nn.init.kaiming_normal_) and a "
+                    f"small positive bias; a deep narrow ReLU net dies at init with high "
+                    f"probability (Lu et al. 2019): widen it or make it shallower; or swap "
+                    f"{site} to nn.LeakyReLU (gradscope.watch(..., "
+                    "swap='relu->leaky_relu:0.2'))"
+                )
             if hard and not born:
-                msg = (f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) died during "
-                       f"training (since step {first_step}): they output 0 for every example")
-                hint = (f"lower the learning rate (Adam at lr 0.1 kills 90-95% of ReLUs where "
-                        f"lr 1e-3 kills 0-2%); swap {site} to nn.LeakyReLU so dead units get a "
-                        "gradient again (gradscope.watch(..., swap='relu->leaky_relu:0.2')); "
-                        "or re-initialise the dead units (ReDo, Sokar et al. 2023: "
-                        "gradscope.watch(..., recycle=True))")
+                msg = (
+                    f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) died during "
+                    f"training (since step {first_step}): they output 0 for every example"
+                )
+                hint = (
+                    f"lower the learning rate (Adam at lr 0.1 kills 90-95% of ReLUs where "
+                    f"lr 1e-3 kills 0-2%); swap {site} to nn.LeakyReLU so dead units get a "
+                    "gradient again (gradscope.watch(..., swap='relu->leaky_relu:0.2')); "
+                    "or re-initialise the dead units (ReDo, Sokar et al. 2023: "
+                    "gradscope.watch(..., recycle=True))"
+                )
             sev = "error" if latest >= 0.9 and hard else "warning"
             out.append(Episode("dead_units", site, first_step, last_step, sev, ev, msg, hint))
     return _fold_cascades(out, rec)
@@ -90,8 +116,16 @@ def _fold_cascades(episodes: list[Episode], rec: Records) -> list[Episode]:
     episodes = sorted(episodes, key=lambda e: rec.layers.rank.get(e.layer, big))
     kept: list[Episode] = []
     for ep in episodes:
-        head = next((k for k in kept if k.evidence["peak_dead_fraction"] >= 1.0
-                     and ep.first_step <= k.last_step and k.first_step <= ep.last_step), None)
+        head = next(
+            (
+                k
+                for k in kept
+                if k.evidence["peak_dead_fraction"] >= 1.0
+                and ep.first_step <= k.last_step
+                and k.first_step <= ep.last_step
+            ),
+            None,
+        )
         if head is None:
             kept.append(ep)
         else:
@@ -123,15 +157,31 @@ def saturation(rec: Records, t: Thresholds) -> list[Episode]:
                 continue
             latest = float(sat[rows[b], j])
             kind_of = rec.layers.module_type.get(site, family)
-            ev = {"saturated_fraction": latest,
-                  "peak_saturated_fraction": float(sat[rows[a:b + 1], j].max()),
-                  "family": family}
-            msg = (f"{fmt(100 * latest)}% of the outputs of {site} ({kind_of}) are pinned at "
-                   "their limits, where the derivative is near 0")
-            hint = ("initialise the layer before it with Xavier (nn.init.xavier_uniform_) so "
-                    "pre-activations stay small (Glorot & Bengio 2010); normalise the inputs or "
-                    "add a LayerNorm before it; or use ReLU in hidden layers (gradscope.watch(..., "
-                    f"swap='{family}->relu'))")
-            out.append(Episode("saturation", site, int(steps[rows[a]]), int(steps[rows[b]]),
-                               "warning", ev, msg, hint))
+            ev = {
+                "saturated_fraction": latest,
+                "peak_saturated_fraction": float(sat[rows[a : b + 1], j].max()),
+                "family": family,
+            }
+            msg = (
+                f"{fmt(100 * latest)}% of the outputs of {site} ({kind_of}) are pinned at "
+                "their limits, where the derivative is near 0"
+            )
+            hint = (
+                "initialise the layer before it with Xavier (nn.init.xavier_uniform_) so "
+                "pre-activations stay small (Glorot & Bengio 2010); normalise the inputs or "
+                "add a LayerNorm before it; or use ReLU in hidden layers (gradscope.watch(..., "
+                f"swap='{family}->relu'))"
+            )
+            out.append(
+                Episode(
+                    "saturation",
+                    site,
+                    int(steps[rows[a]]),
+                    int(steps[rows[b]]),
+                    "warning",
+                    ev,
+                    msg,
+                    hint,
+                )
+            )
     return out

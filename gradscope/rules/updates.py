@@ -28,38 +28,53 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
         if not rows.size:
             continue
         v = r[rows, j]
-        for which, mask in (("high", np.isfinite(v) & (v > high[rows])),
-                            ("low", (v > 0) & (v < t.update_low) & late[rows])):
+        for which, mask in (
+            ("high", np.isfinite(v) & (v > high[rows])),
+            ("low", (v > 0) & (v < t.update_low) & late[rows]),
+        ):
             for a, b in runs(mask, t.patience):
                 if steps[rows[b]] < rec.since:
                     continue
-                med = float(np.median(v[a:b + 1]))
+                med = float(np.median(v[a : b + 1]))
                 ev = {"update_ratio": med, "checks": int(b - a + 1), "healthy": 1e-3}
                 if which == "high":
-                    msg = (f"updates of {name} are {fmt(med)} of its weights per step "
-                           "(about 1e-3 is typical): the learning rate is too high for it")
-                    hint = (f"lower the learning rate (roughly {fmt(med / 1e-2)}x brings the "
-                            "ratio to 1e-2), or use warm-up")
+                    msg = (
+                        f"updates of {name} are {fmt(med)} of its weights per step "
+                        "(about 1e-3 is typical): the learning rate is too high for it"
+                    )
+                    hint = (
+                        f"lower the learning rate (roughly {fmt(med / 1e-2)}x brings the "
+                        "ratio to 1e-2), or use warm-up"
+                    )
                     kind = "update_ratio_high"
                     strength = med
-                elif _others_learn(r, rows[a:b + 1], j, names, rec, t):
-                    msg = (f"updates of {name} are only {fmt(med)} of its weights per step "
-                           "while later layers move normally: the gradient that reaches it is "
-                           "too small (see vanishing_gradients)")
-                    hint = ("fix the gradient flow rather than the learning rate: He/Xavier "
-                            "init, ReLU-family hidden activations, normalisation or residual "
-                            "connections")
+                elif _others_learn(r, rows[a : b + 1], j, names, rec, t):
+                    msg = (
+                        f"updates of {name} are only {fmt(med)} of its weights per step "
+                        "while later layers move normally: the gradient that reaches it is "
+                        "too small (see vanishing_gradients)"
+                    )
+                    hint = (
+                        "fix the gradient flow rather than the learning rate: He/Xavier "
+                        "init, ReLU-family hidden activations, normalisation or residual "
+                        "connections"
+                    )
                     kind = "update_ratio_low"
                     strength = 1 / med
                 else:
-                    msg = (f"updates of {name} are only {fmt(med)} of its weights per step "
-                           "(about 1e-3 is typical): it barely learns")
-                    hint = ("raise the learning rate (or its group's lr), check that the "
-                            "scheduler did not decay it to ~0 and that this layer should train")
+                    msg = (
+                        f"updates of {name} are only {fmt(med)} of its weights per step "
+                        "(about 1e-3 is typical): it barely learns"
+                    )
+                    hint = (
+                        "raise the learning rate (or its group's lr), check that the "
+                        "scheduler did not decay it to ~0 and that this layer should train"
+                    )
                     kind = "update_ratio_low"
                     strength = 1 / med
-                ep = Episode(kind, name, int(steps[rows[a]]), int(steps[rows[b]]), "warning",
-                             ev, msg, hint)
+                ep = Episode(
+                    kind, name, int(steps[rows[a]]), int(steps[rows[b]]), "warning", ev, msg, hint
+                )
                 found[which].append((strength, ep))
     return keep_strongest(found["high"]) + keep_strongest(found["low"])
 

@@ -22,9 +22,12 @@ if TYPE_CHECKING:
 
 MIN_TEXT = 30  # narrower than this, the findings' text column makes way for stacked blocks
 COLUMNS = (  # per-layer columns: row key, header, percent
-    ("grad_norm", "grad norm", False), ("update_ratio", "upd ratio", False),
-    ("nonfinite", "nonfinite", False), ("output_grad", "out grad", False),
-    ("dead", "dead", True), ("saturated", "sat", True),
+    ("grad_norm", "grad norm", False),
+    ("update_ratio", "upd ratio", False),
+    ("nonfinite", "nonfinite", False),
+    ("output_grad", "out grad", False),
+    ("dead", "dead", True),
+    ("saturated", "sat", True),
 )
 
 
@@ -49,27 +52,43 @@ def _stats(keys: np.ndarray, values: np.ndarray) -> pd.DataFrame:
     import pandas as pd
 
     finite = np.isfinite(values)
-    frame = pd.DataFrame({"key": keys, "v": np.where(finite, values, np.nan), "bad": ~finite,
-                          "nan": np.isnan(values), "pos": values == np.inf,
-                          "neg": values == -np.inf})
+    frame = pd.DataFrame(
+        {
+            "key": keys,
+            "v": np.where(finite, values, np.nan),
+            "bad": ~finite,
+            "nan": np.isnan(values),
+            "pos": values == np.inf,
+            "neg": values == -np.inf,
+        }
+    )
     g = frame.groupby("key", sort=False)
-    out = g.agg(median=("v", "median"), n=("v", "size"), bad=("bad", "sum"), nan=("nan", "any"),
-                pos=("pos", "any"), neg=("neg", "any"))
+    out = g.agg(
+        median=("v", "median"),
+        n=("v", "size"),
+        bad=("bad", "sum"),
+        nan=("nan", "any"),
+        pos=("pos", "any"),
+        neg=("neg", "any"),
+    )
     srt = frame[finite].sort_values(["key", "v"], kind="stable")
     rank = srt.groupby("key", sort=False).cumcount().to_numpy()
     size = srt.groupby("key", sort=False)["v"].transform("size").to_numpy()
     out["upper"] = srt[rank == size // 2].set_index("key")["v"].reindex(out.index)
-    out["worst"] = np.where(out["nan"] | (out["pos"] & out["neg"]), np.nan,
-                            np.where(out["pos"], np.inf, -np.inf))
+    out["worst"] = np.where(
+        out["nan"] | (out["pos"] & out["neg"]), np.nan, np.where(out["pos"], np.inf, -np.inf)
+    )
     return out
 
 
-def _cells_of(stats: pd.DataFrame, column: str = "median"
-              ) -> dict[Any, tuple[float, tuple[int, int] | None]]:
+def _cells_of(
+    stats: pd.DataFrame, column: str = "median"
+) -> dict[Any, tuple[float, tuple[int, int] | None]]:
     """Per key: the finite aggregate, or the non-finite value and (bad, n)."""
     out: dict[Any, tuple[float, tuple[int, int] | None]] = {}
-    for key, agg, worst, bad, n in zip(stats.index, stats[column], stats["worst"],
-                                       stats["bad"], stats["n"]):
+    for key, agg, worst, bad, n in zip(
+        stats.index, stats[column], stats["worst"], stats["bad"], stats["n"]
+    ):
         out[key] = (float(worst), (int(bad), int(n))) if bad > 0 else (float(agg), None)
     return out
 
@@ -122,8 +141,9 @@ def _layer_rows(run: Run) -> list[dict[str, Any]]:
 
     # gradient norm: per module and step over its parameters, NaN if any was NaN
     g = rows_of("param", "grad_norm")
-    sq = pd.DataFrame({"m": modules(layer[g]), "s": step[g], "sq": value[g] ** 2,
-                       "nan": np.isnan(value[g])})
+    sq = pd.DataFrame(
+        {"m": modules(layer[g]), "s": step[g], "sq": value[g] ** 2, "nan": np.isnan(value[g])}
+    )
     per_step = sq.groupby(["m", "s"], sort=False).agg(sq=("sq", "sum"), nan=("nan", "any"))
     norm = np.where(per_step["nan"], np.nan, np.sqrt(per_step["sq"].to_numpy()))
     grad = _cells_of(_stats(per_step.index.get_level_values(0).to_numpy(), norm))
@@ -131,14 +151,19 @@ def _layer_rows(run: Run) -> list[dict[str, Any]]:
     u = rows_of("param", "update_ratio")
     per_param = _stats(layer[u], value[u])
     pm = per_param.assign(m=modules(per_param.index.to_numpy()))
-    ratio = _cells_of(_stats(pm["m"].to_numpy(),
-                             np.where(pm["bad"] > 0, pm["worst"], pm["median"])), "upper")
-    ratio_bad = {m: (int(b), int(n)) for m, b, n in
-                 pm.groupby("m")[["bad", "n"]].sum().itertuples() if b > 0}
+    ratio = _cells_of(
+        _stats(pm["m"].to_numpy(), np.where(pm["bad"] > 0, pm["worst"], pm["median"])), "upper"
+    )
+    ratio_bad = {
+        m: (int(b), int(n)) for m, b, n in pm.groupby("m")[["bad", "n"]].sum().itertuples() if b > 0
+    }
     # non-finite gradient elements, summed (NaN if a count itself is NaN)
     c = rows_of("param", "grad_nonfinite")
-    counts = pd.DataFrame({"m": modules(layer[c]), "v": value[c], "nan": np.isnan(value[c])}
-                          ).groupby("m", sort=False).agg(v=("v", "sum"), nan=("nan", "any"))
+    counts = (
+        pd.DataFrame({"m": modules(layer[c]), "v": value[c], "nan": np.isnan(value[c])})
+        .groupby("m", sort=False)
+        .agg(v=("v", "sum"), nan=("nan", "any"))
+    )
     nonfinite = dict(zip(counts.index, np.where(counts["nan"], np.nan, counts["v"])))
     o = rows_of("module", "output_grad_norm")
     out_grad = _cells_of(_stats(layer[o], value[o]))
@@ -161,30 +186,32 @@ def _layer_rows(run: Run) -> list[dict[str, Any]]:
         if b:
             bad["output_grad"] = b
         count = nonfinite.get(site)
-        rows.append({
-            "layer": site,
-            "type": types[base],
-            "grad_norm": norm_v,
-            "update_ratio": ratio_v,
-            "nonfinite": None if count is None else float(count),
-            "output_grad": og,
-            "dead": last.get((site, "act_dead_fraction")),
-            "saturated": last.get((site, "act_saturation")),
-            "bad": bad,
-        })
+        rows.append(
+            {
+                "layer": site,
+                "type": types[base],
+                "grad_norm": norm_v,
+                "update_ratio": ratio_v,
+                "nonfinite": None if count is None else float(count),
+                "output_grad": og,
+                "dead": last.get((site, "act_dead_fraction")),
+                "saturated": last.get((site, "act_saturation")),
+                "bad": bad,
+            }
+        )
     return rows
 
 
-def _last_samples(layer: np.ndarray, step: np.ndarray, value: np.ndarray, module: np.ndarray,
-                  metric: np.ndarray) -> dict[tuple[str, str], float]:
+def _last_samples(
+    layer: np.ndarray, step: np.ndarray, value: np.ndarray, module: np.ndarray, metric: np.ndarray
+) -> dict[tuple[str, str], float]:
     """(site, metric) -> the value at the last step it was sampled (NaN if the output had
     NaN/Inf then: a fraction of NaN outputs means nothing)."""
     import numpy as np
     import pandas as pd
 
     want = module & np.isin(metric, ["act_dead_fraction", "act_saturation", "act_nonfinite"])
-    frame = pd.DataFrame({"l": layer[want], "m": metric[want], "s": step[want],
-                          "v": value[want]})
+    frame = pd.DataFrame({"l": layer[want], "m": metric[want], "s": step[want], "v": value[want]})
     if frame.empty:
         return {}
     latest = frame.sort_values("s", kind="stable").drop_duplicates(["l", "m"], keep="last")
@@ -199,12 +226,16 @@ def _last_samples(layer: np.ndarray, step: np.ndarray, value: np.ndarray, module
 
 def _has_nonfinite(r: dict[str, Any]) -> bool:
     n = r["nonfinite"]
-    return bool(r.get("bad")) or (isinstance(n, float) and (math.isnan(n) or n > 0)) or any(
-        isinstance(r[k], float) and not math.isfinite(r[k]) for k, _, _ in COLUMNS)
+    return (
+        bool(r.get("bad"))
+        or (isinstance(n, float) and (math.isnan(n) or n > 0))
+        or any(isinstance(r[k], float) and not math.isfinite(r[k]) for k, _, _ in COLUMNS)
+    )
 
 
-def worst_rows(rows: list[dict[str, Any]], findings: list[dict[str, Any]], top: int
-               ) -> list[dict[str, Any]]:
+def worst_rows(
+    rows: list[dict[str, Any]], findings: list[dict[str, Any]], top: int
+) -> list[dict[str, Any]]:
     """The ``top`` rows that most need a look, kept in forward order: layers named by a finding
     first, then NaN/Inf, then the most dead or saturated units, then the gradient norms
     furthest (in log10) from the median layer's."""
@@ -221,10 +252,16 @@ def worst_rows(rows: list[dict[str, Any]], findings: list[dict[str, Any]], top: 
     def score(r: dict[str, Any]) -> tuple[float, ...]:
         g = r["grad_norm"]
         off = abs(math.log10(g) - mid) if finite_pos(g) else 0.0
-        frac = max((v for v in (r["dead"], r["saturated"]) if isinstance(v, float)
-                    and math.isfinite(v)), default=0.0)
-        return (float(r["layer"] in flagged or r["layer"].split("#")[0] in flagged),
-                float(_has_nonfinite(r)), frac, off)
+        frac = max(
+            (v for v in (r["dead"], r["saturated"]) if isinstance(v, float) and math.isfinite(v)),
+            default=0.0,
+        )
+        return (
+            float(r["layer"] in flagged or r["layer"].split("#")[0] in flagged),
+            float(_has_nonfinite(r)),
+            frac,
+            off,
+        )
 
     keep = set(sorted(range(len(rows)), key=lambda i: score(rows[i]), reverse=True)[:top])
     return [r for i, r in enumerate(rows) if i in keep]
@@ -283,9 +320,11 @@ def print_summary(run: Run, console: Any = None, top: int = 0) -> None:
     else:
         _stacked_layers(console, shown)
     if len(shown) < len(all_rows):
-        console.print(f"the {len(shown)} of {len(all_rows)} layers that most need a look "
-                      "(findings, NaN/Inf, dead or saturated units, extreme gradient norms), "
-                      "in forward order; --top 0 shows all")
+        console.print(
+            f"the {len(shown)} of {len(all_rows)} layers that most need a look "
+            "(findings, NaN/Inf, dead or saturated units, extreme gradient norms), "
+            "in forward order; --top 0 shows all"
+        )
     if all_rows:
         console.print(
             "grad norm, upd ratio (||Δw||/||w||), out grad (backward signal): medians over "
@@ -308,18 +347,20 @@ def _stacked_layers(console: Any, rows: list[dict[str, Any]]) -> None:
     from rich.text import Text
 
     for row in rows:
-        console.print(Text.assemble((row["layer"], "bold"), f" ({row['type']})",
-                                    overflow="fold"))
-        numbers = "   ".join(f"{title} {cell}" for (_, title, _), cell
-                               in zip(COLUMNS, _cells(row)))
+        console.print(Text.assemble((row["layer"], "bold"), f" ({row['type']})", overflow="fold"))
+        numbers = "   ".join(f"{title} {cell}" for (_, title, _), cell in zip(COLUMNS, _cells(row)))
         console.print(Padding(Text(numbers, overflow="fold"), (0, 0, 0, 2)))
 
 
 def _sorted(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     order = {"error": 0, "warning": 1, "info": 2}
-    return sorted(findings, key=lambda f: (
-        order.get(str(f.get("severity")), 3),
-        f["first_step"] if isinstance(f.get("first_step"), int) else -1))
+    return sorted(
+        findings,
+        key=lambda f: (
+            order.get(str(f.get("severity")), 3),
+            f["first_step"] if isinstance(f.get("first_step"), int) else -1,
+        ),
+    )
 
 
 def print_findings(findings: list[dict[str, Any]], console: Any = None) -> None:
@@ -341,16 +382,27 @@ def print_findings(findings: list[dict[str, Any]], console: Any = None) -> None:
         table.add_column("what happened / what to try", overflow="fold")
         for f, text in zip(_sorted(findings), texts):
             color = _color(f)
-            table.add_row(f"[{color}]{escape(str(f.get('severity')))}[/]",
-                          escape(str(f.get("kind"))), escape(str(f.get("layer"))),
-                          finding_steps(f), text)
+            table.add_row(
+                f"[{color}]{escape(str(f.get('severity')))}[/]",
+                escape(str(f.get("kind"))),
+                escape(str(f.get("layer"))),
+                finding_steps(f),
+                text,
+            )
         return table
 
     if _natural_width(console, table_of(["x" * MIN_TEXT] * len(findings))) > console.width:
         _stacked_findings(console, _sorted(findings))
         return
-    console.print(table_of([f"{escape(str(f.get('message', '')))}\n[dim]try:[/] "
-                            f"{escape(str(f.get('suggestion', '')))}" for f in _sorted(findings)]))
+    console.print(
+        table_of(
+            [
+                f"{escape(str(f.get('message', '')))}\n[dim]try:[/] "
+                f"{escape(str(f.get('suggestion', '')))}"
+                for f in _sorted(findings)
+            ]
+        )
+    )
 
 
 def _color(f: dict[str, Any]) -> str:
@@ -366,12 +418,25 @@ def _stacked_findings(console: Any, findings: list[dict[str, Any]]) -> None:
     for i, f in enumerate(findings):
         if i:
             console.print()
-        console.print(Text.assemble((str(f.get("severity")), _color(f)), "  ",
-                                    str(f.get("kind")), "  layer ", (str(f.get("layer")), "bold"),
-                                    "  steps ", finding_steps(f), overflow="fold"))
+        console.print(
+            Text.assemble(
+                (str(f.get("severity")), _color(f)),
+                "  ",
+                str(f.get("kind")),
+                "  layer ",
+                (str(f.get("layer")), "bold"),
+                "  steps ",
+                finding_steps(f),
+                overflow="fold",
+            )
+        )
         console.print(Padding(Text(str(f.get("message", "")), overflow="fold"), (0, 0, 0, 2)))
-        console.print(Padding(Text.assemble(("try: ", "dim"), str(f.get("suggestion", "")),
-                                            overflow="fold"), (0, 0, 0, 2)))
+        console.print(
+            Padding(
+                Text.assemble(("try: ", "dim"), str(f.get("suggestion", "")), overflow="fold"),
+                (0, 0, 0, 2),
+            )
+        )
 
 
 class FindingPrinter:
@@ -399,9 +464,11 @@ class FindingPrinter:
             return
         self._times.append(now)
         what = "" if new else " (update)"
-        line = (f"gradscope: {finding['severity']}{what}: {finding['kind']} at "
-                f"{finding['layer']}, step {finding['first_step']}: {finding['message']}. "
-                f"Try: {finding['suggestion']}")
+        line = (
+            f"gradscope: {finding['severity']}{what}: {finding['kind']} at "
+            f"{finding['layer']}, step {finding['first_step']}: {finding['message']}. "
+            f"Try: {finding['suggestion']}"
+        )
         print(line, file=sys.stderr, flush=True)
 
     def summary(
@@ -419,5 +486,9 @@ class FindingPrinter:
         errors = sum(f.get("severity") == "error" for f in findings)
         more = f" ({self.suppressed} not printed as they came)" if self.suppressed else ""
         with contextlib.suppress(Exception):
-            print(f"gradscope: {len(findings)} finding(s), {errors} error(s){more} in {steps} "
-                  f"steps, run {status}: {run_dir}", file=sys.stderr, flush=True)
+            print(
+                f"gradscope: {len(findings)} finding(s), {errors} error(s){more} in {steps} "
+                f"steps, run {status}: {run_dir}",
+                file=sys.stderr,
+                flush=True,
+            )

@@ -22,10 +22,18 @@ AGGREGATES = ("_min", "_median", "_max")
 LAYOUT_TAG = "custom_scalars__config__"
 
 WORST: dict[str, str] = {
-    "grad_norm": "both", "output_grad_norm": "both", "grad_norm_clipped": "both",
-    "clip_threshold": "both", "weight_norm": "both", "update_ratio": "both", "act_std": "both",
-    "grad_max_abs": "high", "grad_nonfinite": "high", "act_dead_fraction": "high",
-    "act_saturation": "high", "act_nonfinite": "high",
+    "grad_norm": "both",
+    "output_grad_norm": "both",
+    "grad_norm_clipped": "both",
+    "clip_threshold": "both",
+    "weight_norm": "both",
+    "update_ratio": "both",
+    "act_std": "both",
+    "grad_max_abs": "high",
+    "grad_nonfinite": "high",
+    "act_dead_fraction": "high",
+    "act_saturation": "high",
+    "act_nonfinite": "high",
     "act_mean": "abs",
     "clip_coef": "low",
 }
@@ -36,13 +44,22 @@ and too small are both pathologies); ``high`` the largest; ``abs`` the largest m
 the earlier layer. Other metrics: ``both``."""
 
 CATEGORY: dict[str, str] = {
-    "grad_norm_total": "gradients", "grad_norm_total_clipped": "gradients",
-    "grad_norm": "gradients", "grad_max_abs": "gradients", "grad_nonfinite": "gradients",
-    "output_grad_norm": "gradients", "grad_norm_clipped": "gradients",
-    "clip_coef": "gradients", "clip_threshold": "gradients",
-    "update_ratio": "updates", "weight_norm": "updates",
-    "act_dead_fraction": "activations", "act_saturation": "activations",
-    "act_mean": "activations", "act_std": "activations", "act_nonfinite": "activations",
+    "grad_norm_total": "gradients",
+    "grad_norm_total_clipped": "gradients",
+    "grad_norm": "gradients",
+    "grad_max_abs": "gradients",
+    "grad_nonfinite": "gradients",
+    "output_grad_norm": "gradients",
+    "grad_norm_clipped": "gradients",
+    "clip_coef": "gradients",
+    "clip_threshold": "gradients",
+    "update_ratio": "updates",
+    "weight_norm": "updates",
+    "act_dead_fraction": "activations",
+    "act_saturation": "activations",
+    "act_mean": "activations",
+    "act_std": "activations",
+    "act_nonfinite": "activations",
 }
 """The Custom Scalars category of a metric's charts, in chart order (per-layer metrics; run
 level: ``run`` unless named here). Unknown per-layer metrics: ``other``, last."""
@@ -138,8 +155,9 @@ def layout(
     def chart(category: str, title: str, tags: list[str], metric: str) -> None:
         pattern = "^(?:" + "|".join(re.escape(t) for t in tags) + ")$"
         content = layout_pb2.MultilineChartContent(tag=[pattern])
-        charts[category].append((_ORDER.get(metric, len(_ORDER)),
-                                 layout_pb2.Chart(title=title, multiline=content)))
+        charts[category].append(
+            (_ORDER.get(metric, len(_ORDER)), layout_pb2.Chart(title=title, multiline=content))
+        )
 
     for m in per_layer:
         if not m.shown:
@@ -148,8 +166,12 @@ def layout(
         tags = [tag(columns[c][0], m.name) for c in sorted(m.shown)]
         if m.capped:
             chart(category, f"{m.name} (worst layers)", tags, m.name)
-            chart(category, f"{m.name} (min, median, max over layers)",
-                  [f"{m.name}/{a}" for a in AGGREGATES], m.name)
+            chart(
+                category,
+                f"{m.name} (min, median, max over layers)",
+                [f"{m.name}/{a}" for a in AGGREGATES],
+                m.name,
+            )
         else:
             chart(category, m.name, tags, m.name)
     together: dict[str, list[str]] = {}
@@ -157,11 +179,15 @@ def layout(
         together.setdefault(_RUN_CHART.get(metric, metric), []).append(metric)
     for title, metrics in together.items():
         chart(CATEGORY.get(title, "run"), title, metrics, title)
-    return layout_pb2.Layout(category=[  # charts of a category in CATEGORY's order (stable)
-        layout_pb2.Category(title=title, chart=[c for _, c in sorted(
-            charts[title], key=lambda item: item[0])])
-        for title in CATEGORIES if charts[title]
-    ])
+    return layout_pb2.Layout(
+        category=[  # charts of a category in CATEGORY's order (stable)
+            layout_pb2.Category(
+                title=title, chart=[c for _, c in sorted(charts[title], key=lambda item: item[0])]
+            )
+            for title in CATEGORIES
+            if charts[title]
+        ]
+    )
 
 
 def layout_summary(layout_proto: Any) -> bytes:
@@ -170,10 +196,12 @@ def layout_summary(layout_proto: Any) -> bytes:
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
     from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
-        plugin_name="custom_scalars"))
-    tensor = TensorProto(dtype=7, string_val=[layout_proto.SerializeToString()],  # DT_STRING
-                         tensor_shape=TensorShapeProto())
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
+    tensor = TensorProto(
+        dtype=7,
+        string_val=[layout_proto.SerializeToString()],  # DT_STRING
+        tensor_shape=TensorShapeProto(),
+    )
     value = Summary.Value(tag=LAYOUT_TAG, tensor=tensor, metadata=meta)
     serialized: bytes = Summary(value=[value]).SerializeToString()
     return serialized
@@ -182,8 +210,9 @@ def layout_summary(layout_proto: Any) -> bytes:
 def remedy_text(record: dict[str, Any]) -> tuple[str, Any]:
     """A remedy action (or a summary of several) as text, and the step to show it at."""
     md = markdown
-    text = "; ".join(f"{md(k)}: {md(json.dumps(v, default=str))}"
-                     for k, v in record.items() if k != "event")
+    text = "; ".join(
+        f"{md(k)}: {md(json.dumps(v, default=str))}" for k, v in record.items() if k != "event"
+    )
     step = record.get("step")
     if not isinstance(step, int) and isinstance(record.get("steps"), list):
         step = record["steps"][-1]  # a summary of several steps: at the last one
@@ -197,9 +226,11 @@ def finding_text(f: dict[str, Any]) -> tuple[str, str]:
     if isinstance(layer, str) and layer != RUN_LAYER and f.get("kind") != "nonfinite":
         name += f"/{layer}"
     md = markdown
-    text = (f"**{md(f.get('severity'))}**: {md(f.get('message'))}\n\n"
-            f"layer {md(layer)}, from step {md(f.get('first_step'))}\n\n"
-            f"{md(f.get('suggestion'))}")
+    text = (
+        f"**{md(f.get('severity'))}**: {md(f.get('message'))}\n\n"
+        f"layer {md(layer)}, from step {md(f.get('first_step'))}\n\n"
+        f"{md(f.get('suggestion'))}"
+    )
     return name, text
 
 
@@ -209,8 +240,7 @@ def markdown(value: Any) -> str:
     and ``>`` as HTML entities (a layer ``w*[x]<b>`` is not emphasis, a link, or a tag)."""
     entities = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
     special = "\\`*_{}[]()#+-.!|"  # the characters Python-Markdown lets one escape
-    return "".join(entities.get(ch) or ("\\" + ch if ch in special else ch)
-                   for ch in str(value))
+    return "".join(entities.get(ch) or ("\\" + ch if ch in special else ch) for ch in str(value))
 
 
 def text_summary(name: str, text: str) -> bytes:

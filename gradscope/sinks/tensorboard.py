@@ -120,13 +120,15 @@ class TensorBoardSink:
             # every record's bytes (tag prefix + float32) joined at C speed, then cut per step
             packed = np.asarray(values, dtype="<f4").tobytes()  # TensorBoard stores float32
             floats = [packed[k : k + 4] for k in range(0, len(packed), 4)]
-            blob = b"".join(chain.from_iterable(
-                zip(map(self._prefixes.__getitem__, cols.tolist()), floats)))
+            blob = b"".join(
+                chain.from_iterable(zip(map(self._prefixes.__getitem__, cols.tolist()), floats))
+            )
             ends = np.cumsum(self._prefix_len[cols] + 4)
             bounds = np.flatnonzero(np.diff(steps)) + 1  # records are grouped by step
             start = 0
-            for step, stop in zip(steps[np.r_[0, bounds]].tolist(),
-                                  ends[np.r_[bounds - 1, len(cols) - 1]].tolist()):
+            for step, stop in zip(
+                steps[np.r_[0, bounds]].tolist(), ends[np.r_[bounds - 1, len(cols) - 1]].tolist()
+            ):
                 summary = blob[start:stop]
                 if extra:
                     summary += b"".join(extra.pop(step, ()))
@@ -163,7 +165,7 @@ class TensorBoardSink:
                 if h is None:
                     h = self._hist_index[layer] = len(self._hist_layers)
                     self._hist_layers.append(layer)
-                slot = metric[len(_HIST):]
+                slot = metric[len(_HIST) :]
                 self._hist_of[c] = h
                 self._hist_slot[c] = 0 if slot == "min" else 1 if slot == "max" else 2 + int(slot)
             elif metric.startswith("_"):  # a raw working column
@@ -220,8 +222,9 @@ class TensorBoardSink:
                 self._agg_prefixes[m.name] = [value_prefix(f"{m.name}/{a}") for a in AGGREGATES]
                 named = [c for c in ready if is_named(self._named, self._columns[c][0])]
                 rest = [c for c in ready if c not in named]
-                ready = named + worst(m.name, rest, max(room - len(named), 0), table,
-                                      len(self._columns))
+                ready = named + worst(
+                    m.name, rest, max(room - len(named), 0), table, len(self._columns)
+                )
             for c in sorted(ready):
                 self._show_column(c)
         self._update_filtered()
@@ -246,15 +249,15 @@ class TensorBoardSink:
             nan = np.bincount(row, weights=np.isnan(val), minlength=len(steps)) > 0
             mat.sort(axis=1)
             r = np.arange(len(steps))
-            agg = np.stack([mat[:, 0], (mat[r, (n - 1) // 2] + mat[r, n // 2]) / 2,
-                            mat[r, n - 1]], axis=1)  # [steps, 3]
+            agg = np.stack(
+                [mat[:, 0], (mat[r, (n - 1) // 2] + mat[r, n // 2]) / 2, mat[r, n - 1]], axis=1
+            )  # [steps, 3]
             agg[nan] = np.nan
             packed = agg.astype("<f4").tobytes()
             p_min, p_med, p_max = self._agg_prefixes[m.name]
             for i, step in enumerate(steps.tolist()):
                 b = packed[12 * i : 12 * i + 12]
-                extra.setdefault(step, []).append(
-                    p_min + b[0:4] + p_med + b[4:8] + p_max + b[8:12])
+                extra.setdefault(step, []).append(p_min + b[0:4] + p_med + b[4:8] + p_max + b[8:12])
 
     def _histograms(self, table: LongTable, extra: dict[int, list[bytes]]) -> None:
         """One histogram per parameter and sampled step, from the raw ``_hist_*`` columns;
@@ -266,8 +269,11 @@ class TensorBoardSink:
         if not sel.any():
             return
         grad = self._metric_index.get("grad_norm")
-        shown = None if grad is None or not self._metrics[grad].capped else \
-            {self._columns[c][0] for c in self._metrics[grad].shown}
+        shown = (
+            None
+            if grad is None or not self._metrics[grad].capped
+            else {self._columns[c][0] for c in self._metrics[grad].shown}
+        )
         n_layers = len(self._hist_layers)
         key = table.step[sel] * n_layers + hist[sel]
         keys, row = np.unique(key, return_inverse=True)
@@ -278,7 +284,8 @@ class TensorBoardSink:
             if (shown is not None and layer not in shown) or not np.isfinite(d).all():
                 continue  # not shown, or non-finite gradients (grad_nonfinite counts them)
             extra.setdefault(step, []).append(
-                histogram_value(f"{HIST_TAG}/{layer}", float(d[0]), float(d[1]), d[2:]))
+                histogram_value(f"{HIST_TAG}/{layer}", float(d[0]), float(d[1]), d[2:])
+            )
 
     # -- findings ---------------------------------------------------------------------------------
     def _show_named(self) -> None:
@@ -287,8 +294,11 @@ class TensorBoardSink:
             if not m.capped:
                 continue
             for c in m.cols:
-                if not self._show[c] and c not in m.undecided and \
-                        is_named(self._named, self._columns[c][0]):
+                if (
+                    not self._show[c]
+                    and c not in m.undecided
+                    and is_named(self._named, self._columns[c][0])
+                ):
                     self._show_column(c)
         self._update_filtered()
 

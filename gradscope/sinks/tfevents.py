@@ -115,10 +115,17 @@ def histogram_value(name: str, lo: float, hi: float, counts: np.ndarray) -> byte
         limits[-1] = hi
         centres = limits - (hi - lo) / (2 * bins)
     histo = (
-        b"\x09" + struct.pack("<d", lo) + b"\x11" + struct.pack("<d", hi)
-        + b"\x19" + struct.pack("<d", float(counts.sum()))
-        + b"\x21" + struct.pack("<d", float(counts @ centres))
-        + b"\x29" + struct.pack("<d", float(counts @ centres**2))
-        + _field(6, limits.astype("<f8").tobytes()) + _field(7, counts.tobytes())
+        b"\x09"
+        + struct.pack("<d", lo)
+        + b"\x11"
+        + struct.pack("<d", hi)
+        + b"\x19"
+        + struct.pack("<d", float(counts.sum()))
+        + b"\x21"
+        + struct.pack("<d", float(counts @ centres))
+        + b"\x29"
+        + struct.pack("<d", float(counts @ centres**2))
+        + _field(6, limits.astype("<f8").tobytes())
+        + _field(7, counts.tobytes())
     )
     return _field(1, _field(1, name.encode("utf-8")) + _field(5, histo))

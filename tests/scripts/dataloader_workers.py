@@ -12,8 +12,13 @@ def main() -> None:
     torch.set_num_threads(1)
     x = torch.randn(64, 4)
     y = (x.sum(dim=1, keepdim=True) > 0).float()
-    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False, num_workers=2,
-                        multiprocessing_context="fork")
+    loader = DataLoader(
+        TensorDataset(x, y),
+        batch_size=16,
+        shuffle=False,
+        num_workers=2,
+        multiprocessing_context="fork",
+    )
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = 0

@@ -36,15 +36,20 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.gain = nn.Parameter(torch.ones(3))  # owned by the root: a forward-pre hook too
-        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(),
-                                  nn.Linear(8, 3))
+        self.body = nn.Sequential(
+            nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) * self.gain
 
 
-def train(watch: Callable[[nn.Module], Any] | None = None, steps: int = 6,
-          say: Callable[[str], None] = print, stop_at: int | None = None) -> tuple[Any, Net]:
+def train(
+    watch: Callable[[nn.Module], Any] | None = None,
+    steps: int = 6,
+    say: Callable[[str], None] = print,
+    stop_at: int | None = None,
+) -> tuple[Any, Net]:
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -75,11 +80,11 @@ def train(watch: Callable[[nn.Module], Any] | None = None, steps: int = 6,
     torch.save(model, buf)
     say(f"saved {len(buf.getvalue()) > 0}")
     with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0,
-                                world_size=1)
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
         dist.destroy_process_group()
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
-                                     for p in model.parameters())).hexdigest()
+    digest = hashlib.sha256(
+        b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+    ).hexdigest()
     say(f"weights {digest[:16]}")
     return scope, model
 
@@ -91,8 +96,14 @@ if __name__ == "__main__":
         import gradscope
 
         def watch(m: nn.Module) -> Any:
-            return gradscope.watch(m, out=sys.argv[2], name="run", flush_every=2,
-                                   activation_every=1, trace_nonfinite="always", report=False)
+            return gradscope.watch(
+                m,
+                out=sys.argv[2],
+                name="run",
+                flush_every=2,
+                activation_every=1,
+                trace_nonfinite="always",
+                report=False,
+            )
 
-    train(watch, say=lambda line: print(line, flush=True),
-          stop_at=3 if mode == "sigterm" else None)
+    train(watch, say=lambda line: print(line, flush=True), stop_at=3 if mode == "sigterm" else None)

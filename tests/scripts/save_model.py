@@ -56,8 +56,13 @@ def main() -> None:
     loaded = torch.load(args.save, weights_only=False)
     print("loaded type:", type(loaded).__module__, type(loaded).__name__)
     print("loaded outputs:", probe(loaded))
-    print("hooks on loaded:", sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
-                                  + len(m._backward_hooks) for m in loaded.modules()))
+    print(
+        "hooks on loaded:",
+        sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            for m in loaded.modules()
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,7 @@ class Blow(nn.Module):
 
 def network() -> nn.Sequential:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(),
-                        nn.Linear(8, 1))
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
     with torch.no_grad():
         net[0].bias[0] = -100.0  # unit 0: dead for every input
         net[0].weight[1].zero_()
@@ -58,13 +57,19 @@ def data(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def fit(net: nn.Module, opt: torch.optim.Optimizer, steps: int, rank: int, world: int,
-        nan_at: int | None = None) -> None:
+def fit(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    rank: int,
+    world: int,
+    nan_at: int | None = None,
+) -> None:
     """``steps`` steps on this rank's share of each union batch (a NaN in rank 1's batch of
     step ``nan_at``)."""
     for step in range(steps):
         x, y = data(step, world)
-        x, y = x[rank * BATCH:(rank + 1) * BATCH].clone(), y[rank * BATCH:(rank + 1) * BATCH]
+        x, y = x[rank * BATCH : (rank + 1) * BATCH].clone(), y[rank * BATCH : (rank + 1) * BATCH]
         if step == nan_at and rank == 1:
             x[0, 0] = float("nan")
         opt.zero_grad()
@@ -94,7 +99,7 @@ def reference(world: int) -> dict[str, float]:
             out[f"grad_max_abs|{name}|{step}"] = p.grad.abs().max().item()
             out[f"weight_norm|{name}|{step}"] = torch.linalg.vector_norm(p).item()
             total += n * n
-        out[f"grad_norm_total|(run)|{step}"] = total ** 0.5
+        out[f"grad_norm_total|(run)|{step}"] = total**0.5
         relu, tanh = acts["1"], acts["3"]
         out[f"act_dead_fraction|1|{step}"] = (relu <= 0).all(0).float().mean().item()
         out[f"act_mean|1|{step}"] = relu.mean().item()
@@ -122,6 +127,7 @@ def wrap(kind: str, net: nn.Module) -> nn.Module:
         return FSDP(net, device_id=cpu, use_orig_params=orig)
     if kind == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
+
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6
@@ -136,8 +142,18 @@ def wrap(kind: str, net: nn.Module) -> nn.Module:
 
 def recorded(run: gradscope.load.Run, steps: int) -> dict[str, float]:
     out: dict[str, float] = {}
-    for metric in ("grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "grad_norm_total",
-                   "loss", "act_dead_fraction", "act_mean", "act_std", "act_saturation"):
+    for metric in (
+        "grad_norm",
+        "grad_max_abs",
+        "weight_norm",
+        "update_ratio",
+        "grad_norm_total",
+        "loss",
+        "act_dead_fraction",
+        "act_mean",
+        "act_std",
+        "act_saturation",
+    ):
         wide = run.wide(metric)
         for step in wide.index:
             for layer in wide.columns:
@@ -150,8 +166,16 @@ def recorded(run: gradscope.load.Run, steps: int) -> dict[str, float]:
 def train(kind: str, out: Path, rank: int, world: int) -> dict[str, object]:
     net = wrap(kind, network())
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    scope = gradscope.watch(net, out=str(out / kind), name="run", activation_every=1,
-                            flush_every=4, update_every=1, quiet=True, report=rank == 0)
+    scope = gradscope.watch(
+        net,
+        out=str(out / kind),
+        name="run",
+        activation_every=1,
+        flush_every=4,
+        update_every=1,
+        quiet=True,
+        report=rank == 0,
+    )
     fit(net, opt, STEPS, rank, world)
     scope.close()
     result: dict[str, object] = {"run_dir": str(scope.run_dir)}
@@ -171,8 +195,9 @@ def nonfinite(out: Path, rank: int, world: int) -> dict[str, object]:
     net = nn.Sequential(nn.Linear(6, 8), Blow(), nn.ReLU(), nn.Linear(8, 1))
     ddp = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
-    with gradscope.watch(ddp, out=str(out / "nonfinite"), name="run", quiet=True,
-                         report=False, flush_every=2) as scope:
+    with gradscope.watch(
+        ddp, out=str(out / "nonfinite"), name="run", quiet=True, report=False, flush_every=2
+    ) as scope:
         for step in range(6):
             net[1].armed = rank == 1 and step == 3
             x, y = data(step, world)
@@ -194,8 +219,15 @@ def fsdp2_remedies(out: Path, rank: int, world: int) -> dict[str, object]:
     nan_step = 3
     net = wrap("fsdp2", network())
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    with gradscope.watch(net, out=str(out / "fsdp2_remedies"), name="run", clip="norm:0.05",
-                         guard=True, quiet=True, report=False) as scope:
+    with gradscope.watch(
+        net,
+        out=str(out / "fsdp2_remedies"),
+        name="run",
+        clip="norm:0.05",
+        guard=True,
+        quiet=True,
+        report=False,
+    ) as scope:
         fit(net, opt, STEPS, rank, world, nan_at=nan_step)
     full = {n: p.full_tensor().detach() for n, p in net.named_parameters()}  # type: ignore
     ref = network()
@@ -216,8 +248,9 @@ def fsdp2_remedies(out: Path, rank: int, world: int) -> dict[str, object]:
             refusals.append(str(exc))
     result: dict[str, object] = {"refusals": refusals}
     if rank == 0:
-        result["max_diff"] = max((full[n] - p.detach()).abs().max().item()
-                                 for n, p in ref.named_parameters())
+        result["max_diff"] = max(
+            (full[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters()
+        )
         run = gradscope.load_run(scope.run_dir)
         result["skipped"] = run.wide("guard_skipped").index.tolist()
         result["clipped_total"] = run.wide("grad_norm_total_clipped")["(run)"].tolist()
@@ -242,8 +275,15 @@ def internal_error(out: Path, rank: int, world: int) -> dict[str, object]:
 
     GradProbe.record = failing  # type: ignore[method-assign]
     try:
-        with gradscope.watch(net, out=str(out / "internal_error"), name="run", flush_every=2,
-                             activation_every=1, quiet=True, report=False) as scope:
+        with gradscope.watch(
+            net,
+            out=str(out / "internal_error"),
+            name="run",
+            flush_every=2,
+            activation_every=1,
+            quiet=True,
+            report=False,
+        ) as scope:
             fit(net, opt, 8, rank, world)
     finally:
         GradProbe.record = original  # type: ignore[method-assign]
@@ -262,8 +302,15 @@ def destroyed(out: Path, rank: int, world: int) -> dict[str, object]:
     torchrun script): the records are combined in time. Run last: it ends the group."""
     net = nn.parallel.DistributedDataParallel(network())
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    scope = gradscope.watch(net, out=str(out / "destroyed"), name="run", activation_every=1,
-                            flush_every=100, quiet=True, report=False)
+    scope = gradscope.watch(
+        net,
+        out=str(out / "destroyed"),
+        name="run",
+        activation_every=1,
+        flush_every=100,
+        quiet=True,
+        report=False,
+    )
     fit(net, opt, 3, rank, world)
     dist.destroy_process_group()
     scope.close()

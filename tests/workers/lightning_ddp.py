@@ -34,8 +34,16 @@ if __name__ == "__main__":
     x = torch.randn(64, 8, generator=g)
     y = x.sum(1, keepdim=True)
     cb = GradscopeCallback(out=sys.argv[1], name="pl", report=False, activation_every=1)
-    trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=2, strategy="ddp",
-                         callbacks=[cb], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Lit(), DataLoader(TensorDataset(x, y), batch_size=8))
     print(f"rank {trainer.global_rank} steps {trainer.global_step}", flush=True)
