@@ -65,6 +65,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "anomaly_nocheck": None,
     "trace_off": {**FLOOR, "trace_nonfinite": "off"},
     "trace_auto": {**FLOOR, "trace_nonfinite": "auto"},
+    # auto as it was before replay on detection: the same, with nothing kept per forward call
+    "trace_auto_noreplay": {**FLOOR, "trace_nonfinite": "auto", "_no_replay": True},
     "trace_always": {**FLOOR, "trace_nonfinite": "always"},
     "default_auto": {"quiet": True},  # everything at its default (TensorBoard on, mode "auto")
 }
@@ -94,12 +96,20 @@ class TracingVariant(overhead.Variant):
         run_root: str,
     ) -> None:
         self.anomaly: torch.autograd.detect_anomaly | None = None
+        no_replay = bool(options and options.get("_no_replay"))
+        if options is not None:
+            options = {k: v for k, v in options.items() if k != "_no_replay"}
         if kind in ANOMALY:
             with warnings.catch_warnings():  # "Anomaly Detection has been enabled. ..."
                 warnings.simplefilter("ignore", UserWarning)
                 # one object, entered at every step: it restores the state seen at creation (off)
                 self.anomaly = torch.autograd.detect_anomaly(check_nan=ANOMALY[kind])
         super().__init__(kind, options, wl, state, batches, run_root)
+        if no_replay and self.scope is not None:  # through the documented test hook
+            rec = self.scope.parts.recorder
+            if rec.replay is not None:
+                rec.replay.close()
+                rec.replay = None
 
     def close(self) -> None:
         if self.scope is not None and not self.scope.closed:
@@ -126,7 +136,47 @@ def tracer_cost(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
         s = overhead.paired(times[kind], times[BASE])
         goal = GOALS[kind]
         out[kind] = {**s, "goal": goal, "pass": s["ratio"] <= goal}
+    out["trace_auto_noreplay"] = overhead.paired(times["trace_auto_noreplay"], times[BASE])
+    # what keeping each forward call for a replay costs a clean step (no goal: within noise)
+    out["keeping"] = overhead.paired(times["trace_auto"], times["trace_auto_noreplay"])
     return out
+
+
+def replay_cost(wl: Workload, reps: int = 7) -> dict[str, float]:
+    """The time of one replay (forward and backward with the tracer armed, then the buffers
+    and RNG put back) against a training step of the same workload, process CPU time, median
+    of ``reps``. Forced on a healthy step (the tracer names nothing, so every replay does the
+    whole work)."""
+    torch.manual_seed(SEED)
+    model = wl.build()
+    opt = wl.optimizer(model.parameters())
+    batches = wl.batches(torch.Generator().manual_seed(SEED))
+    root = tempfile.mkdtemp(prefix="gradscope-replay-")
+    steps: list[float] = []
+    replays: list[float] = []
+    try:
+        with gradscope.watch(model, opt, out=root, **FLOOR) as scope:
+            replay = scope.parts.recorder.replay
+            assert replay is not None, "replay on detection is off"
+            for i in range(2 * reps + 2):
+                x, y = batches[i % len(batches)]
+                start = time.process_time()
+                opt.zero_grad(set_to_none=True)
+                wl.loss(model(x), y).backward()
+                middle = time.process_time()
+                if i >= 2:
+                    replay.replay()
+                end = time.process_time()
+                opt.step()
+                after = time.process_time()
+                if i >= 2:
+                    steps.append((middle - start) + (after - end))
+                    replays.append(end - middle)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    step_ms = 1000 * sorted(steps)[len(steps) // 2]
+    replay_ms = 1000 * sorted(replays)[len(replays) // 2]
+    return {"step_ms": step_ms, "replay_ms": replay_ms, "ratio": replay_ms / step_ms}
 
 
 def measure(wl: Workload, rounds: int, block: int) -> dict[str, Any]:
@@ -135,6 +185,7 @@ def measure(wl: Workload, rounds: int, block: int) -> dict[str, Any]:
         res = run_workload(wl, VARIANTS, rounds, block, SEED)
     res["nonfinite_findings"] = dict(TracingVariant.nonfinite)
     res["tracer"] = tracer_cost(res["block_seconds"])
+    res["replay"] = replay_cost(wl)
     for s in res["summary"].values():  # overhead.py's targets do not apply here
         s.pop("target", None)
         s.pop("pass", None)
@@ -383,8 +434,10 @@ def fmt_scope(g: dict[str, Any]) -> str:
         when += f" (traced at step {traced})"
     if g["module"] is not None:
         return f"{when}: {g['phase']}, `{g['module']}` ({g['class']})"
-    if g["phase"] == "forward":
-        return f"{when}: forward, no module: inputs of `{g['layer']}` already non-finite (data)"
+    if g["phase"] in ("forward", "data"):
+        return f"{when}: data, no module: inputs of `{g['layer']}` already non-finite"
+    if g["phase"] == "loss":
+        return f"{when}: loss, no module: every module's output was finite"
     return f"{when}: {g['phase']}, no module: gradient at the output of `{g['layer']}` (loss)"
 
 
@@ -397,7 +450,13 @@ INTRO = (
     "untimed warm-up; no TensorBoard). `default_auto` is `gradscope.watch` "
     "with its defaults (mode `auto`, activation statistics and update ratios every 10th step, "
     "TensorBoard on). `anomaly` wraps every step in `torch.autograd.detect_anomaly()`, "
-    "`anomaly_nocheck` in `detect_anomaly(check_nan=False)` (forward tracebacks only)."
+    "`anomaly_nocheck` in `detect_anomaly(check_nan=False)` (forward tracebacks only). "
+    "`trace_auto_noreplay` is `trace_auto` without replay on detection (what `auto` was "
+    "before it: nothing kept per forward call); *auto × auto without replay* is what keeping "
+    "each forward call for a replay costs a clean step. *One replay* is the time of replaying "
+    "one step (its forward and a backward with the tracer armed, then buffers and RNG put "
+    "back), forced on a healthy step, against that workload's training step: a faulty run "
+    "pays it once, on its first flagged step."
 )
 READING = (
     "**Reading these numbers.** Every run here is healthy, so `auto` is measured as a user "
@@ -411,9 +470,10 @@ READING = (
     "which benchmarks `## Watch overhead` measures. The planted-fault table is not timed: it "
     "records what each tool names as the source of the first NaN/Inf in a plain loop (the "
     f"optimizer steps every time, so from step {FAULT_STEP + 1} on the weights may hold what "
-    "the fault step's gradients put there). `auto` arms at the first flag and traces from the "
-    "next step: it names the culprit when the fault recurs, otherwise it reports the pass the "
-    "first non-finite value was seen in; the finding's first step is the flag's."
+    "the fault step's gradients put there). On the CPU `auto` replays the flagged step with the "
+    "tracer armed before the optimizer step, so it names the culprit on the step the fault "
+    "appeared, recurring or not; where a replay cannot reproduce the step it falls back to "
+    "arming at the flag and tracing from the next step."
 )
 
 
@@ -431,18 +491,20 @@ def render(meta: dict[str, Any], results: dict[str, Any], demo: list[dict[str, A
         INTRO,
         "",
         "| workload | `anomaly` × plain | `trace_auto` × plain | `trace_always` × plain "
-        "| auto tracer × `trace_off` | always tracer × `trace_off` | goals (≤ 1.05× / ≤ 1.30×) |",
-        "|---|--:|--:|--:|--:|--:|---|",
+        "| auto tracer × `trace_off` | always tracer × `trace_off` | goals (≤ 1.05× / ≤ 1.30×) "
+        "| auto × auto without replay | one replay |",
+        "|---|--:|--:|--:|--:|--:|---|--:|--:|",
     ]
     for wl, res in results.items():
-        s, t = res["summary"], res["tracer"]
+        s, t, r = res["summary"], res["tracer"], res["replay"]
         verdict = " / ".join(
             "pass" if t[k]["pass"] else "**FAIL**" for k in ("trace_auto", "trace_always")
         )
         lines.append(
             f"| {wl} | {fmt(s['anomaly'])} | {fmt(s['trace_auto'])} | "
             f"{fmt(s['trace_always'])} | {fmt(t['trace_auto'])} | "
-            f"{fmt(t['trace_always'])} | {verdict} |"
+            f"{fmt(t['trace_always'])} | {verdict} | {fmt(t['keeping'])} | "
+            f"{r['replay_ms']:.1f} ms ({r['ratio']:.2f} step) |"
         )
     lines += [
         "",

@@ -97,8 +97,12 @@ class Config:
         diagnose: Run the rules (``gradscope.rules``) on the records at every flush and raise
             findings. Off: records only.
         trace_nonfinite: Name the module that first produced a NaN/Inf. ``"auto"``: a cheap
-            per-step check (the gradient norms, the loss); the first hit arms a tracer that
-            checks every module's outputs and gradients until it has named one. ``"always"``:
+            per-step check (the gradient norms, the loss). Where it is read before the
+            optimizer step (the CPU), a hit replays that step's forward calls with a tracer
+            that checks every module's outputs and gradients, then puts back what the replay
+            touched, so the culprit is named on the step it happened; elsewhere (or if the
+            replay names none) the hit arms the tracer for the next steps until it has
+            named one. ``"always"``:
             trace from step 0 (finds a one-off NaN at its first occurrence; costs more).
             ``"off"``: no tracer (non-finite values are still counted and reported).
         quiet: Do not print findings to stderr as they are raised, nor the end-of-run summary.

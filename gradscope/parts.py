@@ -24,6 +24,7 @@ from .hooks import HookSet
 from .listener import OptimizerHooks
 from .naming import first_device
 from .probes.nonfinite import NonfiniteTracer
+from .probes.replay import StepReplay
 from .recorder import StepRecorder
 from .remedies import describe
 
@@ -147,6 +148,9 @@ def build_parts(
         guard=guard,
     )
     stack.callback(tracer.close)
+    if config.trace_nonfinite == "auto":
+        rec.replay = StepReplay(models, tracer, rec.modules, guard)
+        stack.callback(rec.replay.close)
     rec.grads.on_nonfinite = rec.flag_nonfinite
     rec.modules.attach(hooks)
     remedies = make_remedies(config, table, models, rec, flusher, outputs, tracer, ranks, warn)

@@ -34,6 +34,7 @@ SHARD_OPS = {  # a sharded parameter's records: its parts' norms, peaks and coun
     "_delta_norm": distributed.L2,
     "grad_max_abs": distributed.MAX,
     "grad_nonfinite": distributed.SUM,
+    "weight_nonfinite": distributed.SUM,
 }
 SITE_OPS = {  # an activation site's raw statistics (ModuleProbe.complete derives the rest)
     "_sum": distributed.SUM,

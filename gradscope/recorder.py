@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .flusher import Flusher
     from .probes.nonfinite import NonfiniteTracer
+    from .probes.replay import StepReplay
     from .remedies.steps import StepRemedies
 
 RUN_COLUMNS = (
@@ -90,13 +91,15 @@ class StepRecorder:
         self.grads = GradProbe(
             self.buffer, "host" if on_cpu else "flagged-only", histograms=histograms
         )
-        self.weights = WeightProbe(self.buffer, config.update_ratio)
+        self.weights = WeightProbe(self.buffer, config.update_ratio, count_on_host=on_cpu)
         self.modules = ModuleProbe(self.buffer, table, config, count_on_host=on_cpu, guard=guard)
         self.modules.whole_masks = whole_masks
         self.cols = {name: self.buffer.group(((RUN_LAYER, "run", name),)) for name in RUN_COLUMNS}
         self.clock: Clock
         self.flusher: Flusher
         self.tracer: NonfiniteTracer
+        self.replay: StepReplay | None = None  # replay on detection (CPU, trace_nonfinite=auto)
+        self._loss_flagged = False  # a non-finite loss this step, left to the replay
         self.remedies: StepRemedies | None = None
         self.sample_findings = False
         self._loss: torch.Tensor | None = None  # sum of the step's losses
@@ -124,6 +127,9 @@ class StepRecorder:
         self._skip_noted = False
         self.weights.cancel()
         self.modules.discard()
+        if self.replay is not None:
+            self.replay.clear()
+        self._loss_flagged = False
 
     def commit_row(self) -> None:
         step = self.clock.step
@@ -139,6 +145,11 @@ class StepRecorder:
             self.buffer.write_host(self.cols["skipped_step"].cols[0], 0.0)
         self._skip_noted = False
         self.modules.finalize()
+        if self.replay is not None:
+            self.replay.clear()
+        if self._loss_flagged:
+            self._loss_flagged = False
+            self.tracer.flag(step)  # a no-op once the culprit is named
         if self.tracer.armed:
             self.tracer.end_step()
         rem = self.remedies
@@ -277,7 +288,14 @@ class StepRecorder:
             and loss.is_floating_point()
             and not bool(torch.isfinite(loss))
         ):
-            tracer.flag(self.clock.step)  # free on the CPU: no device to wait for
+            # free on the CPU: no device to wait for. The backward pass is over and the weights
+            # are still those of this step's forward: replay it now (arming would see none of
+            # this step); if the replay names none, the step's end arms the tracer.
+            if self.replay is not None and self.replay.calls and not tracer.armed:
+                self._loss_flagged = True
+                self._guard.isolate(TRACER, "tracer-flag", self.replay.replay, loss)
+            else:
+                tracer.flag(self.clock.step)
         self._loss = loss if self._loss is None else self._loss + loss.to(self._loss.dtype)
         self._loss_count += 1
 
@@ -294,8 +312,17 @@ class StepRecorder:
         self.buffer.write(self.cols["amp_scale"], scale.detach().clone())
 
     def flag_nonfinite(self) -> None:
-        """The gradient probe saw a non-finite gradient: arm the tracer (its part only)."""
-        self._guard.isolate(TRACER, "tracer-flag", self.tracer.flag, self.clock.step)
+        """The gradient probe saw a non-finite gradient. Before the optimizer step, with the
+        tracer not armed for this step: replay the step's forward calls with it armed, to
+        name the culprit now; otherwise (or if the replay named none), arm it for the next
+        steps. Errors cost the tracer only."""
+        self._guard.isolate(TRACER, "tracer-flag", self._on_flag)
+
+    def _on_flag(self) -> None:
+        tracer, replay = self.tracer, self.replay
+        if replay is not None and replay.calls and not tracer.armed:
+            replay.replay()  # the weights are still those of this step's forward
+        tracer.flag(self.clock.step)
 
     # -- the script's own clipping and GradScaler's skipped steps -----------------------------
     def user_clip(self, params: list[torch.Tensor], function: str, detail: dict[str, Any]) -> None:

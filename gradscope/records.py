@@ -18,7 +18,14 @@ LAYER_KINDS = ("param", "module", "run")
 """``param``: one parameter tensor; ``module``: one module output (activation site);
 ``run``: the whole model (layer name ``(run)``)."""
 
-PARAM_METRICS = ("grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio")
+PARAM_METRICS = (
+    "grad_norm",
+    "grad_max_abs",
+    "grad_nonfinite",
+    "weight_norm",
+    "weight_nonfinite",
+    "update_ratio",
+)
 MODULE_METRICS = (
     "act_dead_fraction",
     "act_saturation",

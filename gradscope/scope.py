@@ -240,6 +240,8 @@ class Scope:
         entries = self._table.extend({key: model}, self.config)
         self._models[key] = model
         self._tracer.add_model(key, model)
+        if self._rec.replay is not None:
+            self._rec.replay.add_model(model)
         for entry in entries:
             self._rec.modules.attach_one(entry)
         self._clock.forget_slots()

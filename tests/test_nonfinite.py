@@ -119,7 +119,7 @@ def test_nan_in_the_data_is_not_blamed_on_a_module(out):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     scope = _run(model, 6, make, out, trace_nonfinite="always", guard=True)
     f = _nonfinite(scope)
-    assert (f["phase"], f["module"], f["first_step"]) == ("forward", None, 3)
+    assert (f["phase"], f["module"], f["first_step"]) == ("data", None, 3)
     assert "data" in f["evidence"]["note"]
 
 
@@ -173,10 +173,36 @@ def test_gradient_made_non_finite_by_the_loss_is_outside_any_module(out):
     assert "outside any module" in f["evidence"]["note"]
 
 
-def test_auto_mode_arms_on_the_first_hit_and_names_the_module_when_it_recurs(out):
-    """Default mode: no tracing cost until a non-finite gradient is seen; the tracer then
-    names the module the next time it happens (here the weights stay clean: the loop skips
-    non-finite steps, as many training scripts do)."""
+def test_auto_mode_replays_the_flagged_step_and_names_the_module_on_it(out):
+    """Default mode on the CPU: no tracing cost until a non-finite gradient is seen, before the
+    optimizer step; that step's forward is replayed with the tracer armed, so the module is
+    named on the step it happened, though it never recurs (the weights are poisoned)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Identity(), Log(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4).repeat(2, 1))
+        model[0].bias.zero_()
+
+    def make(i):
+        x = torch.rand(8, 4) + 0.5
+        if i == 5:
+            x[0] = 0.0
+        return x
+
+    scope = _run(model, 10, make, out)  # no guard: the NaN step poisons the weights
+    f = _nonfinite(scope)
+    assert (f["phase"], f["module"], f["class"], f["first_step"]) == ("forward", "2", "Log", 5)
+    assert f["evidence"]["traced_at_step"] == 5 and f["evidence"]["attributed"] == "replayed"
+    assert "Log" in f["message"] and "step 5" in f["message"]
+
+
+def test_auto_mode_off_the_cpu_arms_on_the_first_hit_and_names_the_module_when_it_recurs(
+    out, monkeypatch
+):
+    """Where the flag is not read before the optimizer step (accelerators: here the deferred
+    path on the CPU), the first hit arms the tracer, which names the module the next time it
+    happens (here the weights stay clean: the loop skips non-finite steps, as many training
+    scripts do)."""
+    monkeypatch.setattr(NonfiniteTracer, "__init__", _deferred_init)
     model = nn.Sequential(nn.Linear(4, 8), nn.Identity(), Log(), nn.Linear(8, 1))
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(4).repeat(2, 1))
@@ -193,6 +219,7 @@ def test_auto_mode_arms_on_the_first_hit_and_names_the_module_when_it_recurs(out
     assert f["first_step"] == 5
     assert (f["phase"], f["module"], f["class"]) == ("forward", "2", "Log")
     assert f["evidence"]["traced_at_step"] > 5  # traced at the second occurrence
+    assert f["evidence"]["attributed"] == "traced"
     events = [
         json.loads(line) for line in (scope.run_dir / "events.jsonl").read_text().splitlines()
     ]
@@ -200,7 +227,10 @@ def test_auto_mode_arms_on_the_first_hit_and_names_the_module_when_it_recurs(out
     assert "nonfinite_traced" in kinds and "finding" in kinds
 
 
-def test_auto_mode_without_recurrence_infers_the_phase_and_says_how_to_trace(out):
+def test_auto_mode_without_recurrence_off_the_cpu_infers_the_phase_and_says_how_to_trace(
+    out, monkeypatch
+):
+    monkeypatch.setattr(NonfiniteTracer, "__init__", _deferred_init)
     model = nn.Sequential(nn.Linear(4, 8), nn.Identity(), Log(), nn.Linear(8, 1))
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(4).repeat(2, 1))
@@ -287,6 +317,7 @@ def test_auto_tracer_gives_up_when_the_problem_does_not_recur(out, monkeypatch):
     from gradscope.probes import nonfinite as tracer_module
 
     monkeypatch.setattr(tracer_module, "ARMED_STEPS", 5)
+    monkeypatch.setattr(NonfiniteTracer, "__init__", _deferred_init)  # no replay: armed
     model = nn.Sequential(nn.Linear(4, 8), nn.Identity(), Log(), nn.Linear(8, 1))
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(4).repeat(2, 1))

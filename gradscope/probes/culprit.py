@@ -84,6 +84,14 @@ def forward_info(
     }
     if info["output_dtype"] == "float16" and summary["inf"] > 0:
         info["fp16_overflow"] = True  # finite inputs, infinite float16 outputs
+    elif (
+        summary["inf"] > 0
+        and summary["nan"] == 0
+        and not any(bool((t.detach() == 0).any()) for t in ins)
+    ):
+        # infinite outputs from finite inputs with no exact 0 among them: not a log or a
+        # division at 0 but a result beyond the dtype's range (exp, pow, a product)
+        info["overflow"] = True
     if bad_params:
         info["nonfinite_params"] = bad_params[:10]
         earlier = first_flag_step is not None and first_flag_step < step
@@ -116,26 +124,29 @@ def deferred_forward_info(step: int, call: _FwdCall, first_flag_step: int | None
     return info
 
 
-def bad_loss_info(step: int, loss: torch.Tensor) -> dict[str, Any]:
-    """Every module's output was finite, the loss was not."""
-    return {
+def bad_loss_info(step: int, loss: torch.Tensor | None) -> dict[str, Any]:
+    """Every module's output was finite, the loss (or the gradient it sent back into the
+    model, when the loss itself is not at hand) was not."""
+    info: dict[str, Any] = {
         "step": step,
-        "phase": "forward",
+        "phase": "loss",
         "module": None,
         "class": None,
-        "loss": float(loss.detach().float().reshape(-1)[0]),
         "note": (
             "every module's output was finite: the loss computation (or code between "
-            "the model and the loss) produced the non-finite value"
+            "the model and the loss: the labels, a mask) produced the non-finite value"
         ),
     }
+    if loss is not None:
+        info["loss"] = float(loss.detach().float().reshape(-1)[0])
+    return info
 
 
 def bad_data_info(step: int, module: str) -> dict[str, Any]:
     """The inputs of ``module`` were non-finite before it ran."""
     return {
         "step": step,
-        "phase": "forward",
+        "phase": "data",
         "module": None,
         "class": None,
         "before_module": module,

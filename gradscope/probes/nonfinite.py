@@ -134,6 +134,9 @@ class NonfiniteTracer:
         self.first_flag_step: int | None = None
         self._armed_steps = 0
         self._state = _StepState()
+        self._replaying = False
+        self._was_armed = False
+        self.held: dict[str, Any] | None = None  # a replay's verdict, until it is accepted
         if mode == "always":
             self.arm()
 
@@ -190,6 +193,26 @@ class NonfiniteTracer:
             self.arm()
             self._armed_steps = steps
 
+    def begin_replay(self) -> None:
+        """A replay of this step's forward calls begins (:mod:`gradscope.probes.replay`): arm
+        for it, with a fresh step state."""
+        self._replaying = True
+        self._was_armed = self.armed
+        self.arm()
+        self._state = _StepState()
+
+    def end_replay(self, faithful: bool) -> None:
+        """The replay ended. Its verdict stands only if it was ``faithful`` (the replayed
+        outputs equal the original ones: the same computation ran); otherwise the tracer is
+        as it was before the replay."""
+        self._replaying = False
+        self._state = _StepState()
+        held, self.held = self.held, None
+        if held is not None and faithful:
+            self._finish(held)
+        elif self.armed and not self._was_armed:
+            self.disarm()
+
     def disarm(self) -> None:
         self.armed = False
         self.hooks.close()
@@ -244,7 +267,7 @@ class NonfiniteTracer:
 
     # -- backward ---------------------------------------------------------------------------------
     def _on_grad(self, key: int, name: str, cls: str, which: str, grad: torch.Tensor) -> None:
-        if not self.armed or self._state.forward_done:
+        if not self.armed or self._state.forward_done or self.held is not None:
             return
         if self.immediate:
             bad = _is_bad(grad)
@@ -258,13 +281,14 @@ class NonfiniteTracer:
         """A backward pass ended: name the culprit from this step's checks, if any. ``loss``
         (what backward started from) tells a loss function that overflowed on finite model
         outputs."""
-        if not self.armed:
+        if not self.armed or self.held is not None:
             return
         st = self._state
         self._state = _StepState()
         if not st.watched:
             return  # armed during this step, after its forward: nothing to conclude from it
-        self._armed_steps += 1
+        if not self._replaying:
+            self._armed_steps += 1
         if self.mode == "auto" and self._armed_steps > ARMED_STEPS:
             self.disarm()  # it did not recur: stop paying for the hooks (a new flag re-arms)
             return
@@ -276,6 +300,18 @@ class NonfiniteTracer:
             self._bad_loss(loss)
         else:
             self._resolve_backward(st.grads)
+
+    def saw_forward(self) -> bool:
+        """This step's forward ran under the tracer's hooks with no input already bad."""
+        return self._state.watched and self._state.bad_input_at is None
+
+    def bad_output_gradient(self, output_max_abs: float, loss: torch.Tensor | None = None) -> None:
+        """A replay (:mod:`gradscope.probes.replay`): every module's output was finite and the
+        gradient that arrived at the model's output (or the ``loss``) was not: the loss made
+        it."""
+        info = bad_loss_info(self._step(), loss)
+        info["output_max_abs"] = output_max_abs
+        self._finish(info)
 
     def _bad_loss(self, loss: torch.Tensor) -> None:
         self._finish(bad_loss_info(self._step(), loss))
@@ -352,6 +388,13 @@ class NonfiniteTracer:
         self._finish(backward_verdict(events, first_bad, self._step()))
 
     def _finish(self, info: dict[str, Any]) -> None:
+        # how it was named: live, as the step ran (the tracer was armed), or by a replay of the
+        # step's forward calls before the optimizer step
+        info.setdefault("attributed", "replayed" if self._replaying else "traced")
+        if self._replaying:  # held until the replay is known to be faithful
+            self.held = info
+            self._state.forward_done = True  # nothing more to check in this replay
+            return
         self.done = True
         self.disarm()
         self._report(info)

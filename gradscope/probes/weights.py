@@ -28,9 +28,15 @@ DELTA = "_delta_norm"  # raw: ||w_before - w_after||, turned into update_ratio a
 class WeightProbe:
     """Snapshot before an update, ratios after it."""
 
-    def __init__(self, buffer: StepBuffer, update_ratio: bool = True) -> None:
+    def __init__(
+        self, buffer: StepBuffer, update_ratio: bool = True, count_on_host: bool = False
+    ) -> None:
         self.buffer = buffer
         self.update_ratio = update_ratio
+        # where reading a flag is free (the CPU): a weight_norm that is not finite is checked
+        # element by element, so an overflowing norm of huge finite weights is not taken for a
+        # NaN/Inf (weight_nonfinite: exact counts, on those steps only)
+        self.count_on_host = count_on_host
         self._snap: dict[int, torch.Tensor] = {}  # slot index -> persistent copy of the weights
         self._pending: dict[int, ParamSlot] = {}  # snapshotted this step, waiting for update()
         self._group = ParamGroups(buffer)
@@ -50,6 +56,9 @@ class WeightProbe:
         params = [w for _, w in pairs]
         norms = numerics.norms(params)  # [k]
         self.buffer.write(self._group(slots, "weight_norm"), norms)
+        if self.count_on_host and not bool(torch.isfinite(norms.sum())):
+            counts = numerics.nonfinite_counts(params)
+            self.buffer.write(self._group(slots, "weight_nonfinite"), counts)
         if not self.update_ratio:
             return
         copies = [self._copy_for(s.index, w) for s, w in pairs]

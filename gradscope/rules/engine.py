@@ -53,6 +53,7 @@ RULE_METRICS = frozenset(
     {
         "grad_norm",
         "grad_nonfinite",
+        "weight_nonfinite",
         "weight_norm",
         "update_ratio",
         "act_dead_fraction",
@@ -293,6 +294,10 @@ class Diagnoser:
         if notes:
             f["evidence"]["notes"] = notes
         f["first_step"], f["last_step"] = first, last
+        if better and first < ep.first_step:
+            # traced later than the records first saw it (on an accelerator, the tracer armed
+            # at the first flag): the message says both, so it agrees with first_step
+            f["message"] += f" (non-finite values were recorded from step {first})"
         if not ep_traced and "nonfinite_steps" in ep.evidence:
             f["evidence"]["nonfinite_steps"] = max(
                 int(f["evidence"].get("nonfinite_steps", 0)), int(ep.evidence["nonfinite_steps"])

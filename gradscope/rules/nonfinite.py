@@ -40,7 +40,16 @@ def nonfinite(rec: Records, t: Any = None) -> list[Episode]:
     mark("loss", "run", "loss", False)
     mark("act_nonfinite", "module", "activations", True)
     mark("grad_nonfinite", "param", "gradients", True)
-    mark("weight_norm", "param", "weights", False)
+    mark("weight_nonfinite", "param", "weights", True)
+    # a weight norm is NaN when a weight is; infinite also when the float32 norm of huge finite
+    # weights overflows: where the elements were counted (the CPU), the counts decide
+    w_steps, w_names, w_norms = rec.wide("weight_norm", "param")
+    if w_steps.size:
+        w_counts = rec.aligned("weight_nonfinite", "param", w_steps, w_names)
+        with np.errstate(invalid="ignore"):
+            bad_w = np.isnan(w_norms) | (np.isinf(w_norms) & np.isnan(w_counts))
+        for i, j in zip(*np.nonzero(bad_w)):
+            per_step.setdefault(int(w_steps[i]), {}).setdefault("weights", []).append(w_names[j])
     steps, names, norms = rec.wide("grad_norm", "param")
     if steps.size:  # accelerators count only flagged steps: an uncounted infinite norm
         counts = rec.aligned("grad_nonfinite", "param", steps, names)
@@ -82,10 +91,11 @@ def nonfinite(rec: Records, t: Any = None) -> list[Episode]:
         "traced": False,
     }
     where = "in the loss" if layer == RUN_LAYER else f"at {layer}"
+    # no counts in the message: they grow as the finding extends (evidence.nonfinite_steps,
+    # skipped_by_guard), and a message must not contradict its own evidence and step range
     msg = (
         f"non-finite values (NaN/Inf) first appeared in the {phase} pass at step {first}, "
-        f"{where} (first seen in: {', '.join(sorted(what))}); {len(bad_steps)} step(s) "
-        "affected" + (f", {guarded} skipped by the guard" if guarded else "")
+        f"{where} (first seen in: {', '.join(sorted(what))})"
     )
     hint = phase_hint(phase, None) + "; " + TRACE_HINT
     return [
@@ -123,6 +133,27 @@ def traced_episode(info: dict[str, Any]) -> Episode:
             f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "
             "update applied non-finite gradients"
         )
+    elif module is None and phase == "data":
+        msg = f"the data held non-finite values at step {step}: {info.get('note', '')}"
+    elif module is None and phase == "loss" and _huge(info.get("output_max_abs")):
+        msg = (
+            f"the loss overflowed at step {step}: the model's outputs were finite but reached "
+            f"{info['output_max_abs']:.3g}, whose square (or exp) leaves the float32 range: "
+            "the training diverged before this step"
+        )
+        return Episode(
+            "nonfinite",
+            layer,
+            step,
+            step,
+            "error",
+            evidence,
+            msg + on_rank,
+            DIVERGED_HINT,
+            {"phase": phase, "module": module, "class": cls},
+        )
+    elif module is None and phase == "loss":
+        msg = f"the loss made the first non-finite value at step {step}: {info.get('note', '')}"
     elif module is None:
         msg = f"non-finite values at step {step} ({phase} pass): {info.get('note', '')}"
     elif phase == "forward" and evidence.get("fp16_overflow"):
@@ -145,6 +176,24 @@ def traced_episode(info: dict[str, Any]) -> Episode:
             evidence,
             msg + on_rank,
             FP16_HINT.format(module=module),
+            {"phase": phase, "module": module, "class": cls},
+        )
+    elif phase == "forward" and evidence.get("overflow"):
+        msg = (
+            f"{module} ({cls}) produced the first non-finite output at step {step}: an "
+            f"overflow, infinite values from finite inputs (largest |input| "
+            f"{evidence.get('input_max_abs', float('nan')):.3g}) beyond the "
+            f"{evidence.get('output_dtype', 'float32')} range"
+        )
+        return Episode(
+            "nonfinite",
+            layer,
+            step,
+            step,
+            "error",
+            evidence,
+            msg + on_rank,
+            OVERFLOW_HINT.format(module=module),
             {"phase": phase, "module": module, "class": cls},
         )
     elif phase == "forward":
@@ -175,6 +224,25 @@ def traced_episode(info: dict[str, Any]) -> Episode:
     )
 
 
+DIVERGED_HINT = (
+    "the training diverged: lower the learning rate (or add warm-up), clip the gradients "
+    "(gradscope.watch(..., clip='norm:1.0')), and look at the exploding_gradients finding for "
+    "where it started; guarding the loss would only hide it"
+)
+
+
+def _huge(value: Any) -> bool:
+    """Finite model outputs large enough that a loss over them overflows float32 (a square
+    above ~1.8e19, an exp above ~88)."""
+    return isinstance(value, (int, float)) and 1e15 < value < float("inf")
+
+
+OVERFLOW_HINT = (
+    "keep the input of {module} in range: an exp or a power of a large input overflows "
+    "(use the stable form: logsumexp, softplus, log_softmax, or clamp the input, e.g. "
+    "torch.exp(x.clamp_max(80))); if its inputs grew over training, lower the learning rate or "
+    "normalise them (a LayerNorm before it)"
+)
 FP16_HINT = (
     "a float16 overflow under autocast: autocast to bfloat16 instead (float32's range), "
     "or keep {module} in float32 (run it under torch.autocast(..., enabled=False) with "
@@ -191,6 +259,20 @@ def phase_hint(phase: str, module: str | None) -> str:
             f"guard the operation that produced it{where}: clamp before log/sqrt/division "
             "(torch.log(x.clamp_min(1e-12))), use log_softmax/logsumexp instead of "
             "log(softmax); check the inputs for NaN; meanwhile gradscope.watch(..., "
+            "guard=True) skips the steps whose gradients are non-finite"
+        )
+    if phase == "data":
+        return (
+            "check the data: torch.isfinite(batch).all() on each batch, missing values in "
+            "the dataset, a division in the preprocessing (normalising by a zero std); "
+            "meanwhile gradscope.watch(..., guard=True) skips the steps whose gradients are "
+            "non-finite"
+        )
+    if phase == "loss":
+        return (
+            "check the loss: the labels (NaN or out of range), log of a probability of 0 "
+            "(use cross_entropy or BCEWithLogitsLoss on logits, log_softmax instead of "
+            "log(softmax)), a mean over an empty mask; meanwhile gradscope.watch(..., "
             "guard=True) skips the steps whose gradients are non-finite"
         )
     if phase == "backward":

@@ -1,0 +1,212 @@
+"""Replay on detection: name the module that made the first NaN/Inf on the step it happened.
+
+The tracer (:mod:`gradscope.probes.nonfinite`) hooks every module only once armed, and the
+cheap per-step flag that arms it is read after the backward pass: by then the step that made the
+first non-finite value is over, and its NaN has usually poisoned the weights, so it never recurs
+on clean weights for the armed tracer to see. Replay closes that gap where the flag is known on
+the host before the optimizer steps (tensors on the CPU: the gradient probe reads it at the
+optimizer's pre-step hook, when the weights are still the finite ones that produced the NaN):
+
+* every training forward call of a watched root model keeps, for one step, its inputs (by
+  reference), the CPU random-number state at its start, and a reference to the gradient that
+  arrived at its outputs in the backward pass;
+* on a flagged step, before the optimizer step, each kept call is run again with the tracer
+  armed: the same inputs, the same random numbers (dropout), then a backward pass from the kept
+  output gradient (``torch.autograd.grad`` towards the parameters, so no ``.grad`` changes);
+* then everything the replay touched is put back: the random-number state, every buffer of the
+  watched models (BatchNorm's running statistics and counters), and gradscope's own activation
+  records (the replay is not a step). The optimizer step then proceeds as it would have (or the
+  ``guard=`` remedy skips it).
+
+What a replay cannot reproduce (the culprit is then named as before, by the armed tracer on a
+later step, or inferred from the records): Python control flow that depends on state a forward
+changed (a counter in ``forward``), side effects of user hooks (they run again), inputs the
+script changed in place after the forward, and random numbers drawn from a generator other than
+the default CPU one. The cost on clean steps: two hooks on each root model and one copy of the
+RNG state (5 KB) per forward call; nothing is read on the host. On accelerators nothing is kept
+(knowing before the step would need a host read per step: ``docs/costs.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..compat import is_compiling
+from ..hooks import Hook, HookSet
+from .nonfinite import _tensors
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+    from .activations import ModuleProbe
+    from .nonfinite import NonfiniteTracer
+
+
+@dataclass
+class _Call:
+    """One training forward call of a root model, kept for one step."""
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rng: torch.Tensor
+    outputs: list[torch.Tensor] | None = None  # detached views (no copy): the fidelity check
+    grads: list[torch.Tensor | None] | None = None  # at the outputs that require grad
+
+
+class StepReplay:
+    """Keeps the current step's forward calls of the root models; replays them on a flag.
+
+    Args:
+        models: ``{prefix: model}`` as the Scope watches them (the roots).
+        tracer: The NaN tracer (armed for the replay).
+        probe: The activation probe (paused during the replay: it is not a step).
+        guard: Runs the hooks (an error switches the tracer off, with the replay).
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module],
+        tracer: NonfiniteTracer,
+        probe: ModuleProbe,
+        guard: Guard | None = None,
+    ) -> None:
+        self.tracer = tracer
+        self.probe = probe
+        self.guard = guard
+        self.hooks = HookSet()
+        self.calls: list[_Call] = []
+        self.replays = 0
+        self._roots: list[nn.Module] = []
+        self._active = False  # replaying: the hooks keep nothing
+        for model in models.values():
+            self.add_model(model)
+
+    @property
+    def wanted(self) -> bool:
+        """Whether keeping calls can still serve: the tracer is on, has not named its culprit,
+        and verdicts are read on the host at once (the CPU)."""
+        tracer = self.tracer
+        return tracer.immediate and not tracer.done and tracer.mode == "auto"
+
+    def add_model(self, model: nn.Module) -> None:
+        if any(model is m for m in self._roots):
+            return
+        self._roots.append(model)
+        pre = Hook(partial(self._on_pre, model), "replay-keep", self.guard, "tracer-forward")
+        post = Hook(self._on_post, "replay-keep", self.guard, "tracer-forward")
+        self.hooks.add(model.register_forward_pre_hook(pre, with_kwargs=True), "replay")
+        self.hooks.add(model.register_forward_hook(post), "replay")
+
+    # -- keeping (every forward call: cheap) ---------------------------------------------------
+    def _on_pre(self, model: nn.Module, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self._active or not torch.is_grad_enabled() or not self.wanted or is_compiling():
+            return
+        self.calls.append(_Call(model, args, dict(kwargs), torch.get_rng_state()))
+
+    def _on_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._active or not self.calls or not torch.is_grad_enabled():
+            return
+        call = self.calls[-1]
+        if call.module is not module or call.outputs is not None:
+            return
+        call.outputs = [t.detach() for t in _tensors(output)]
+        outs = [t for t in _tensors(output) if t.requires_grad]
+        call.grads = [None] * len(outs)
+        for i, t in enumerate(outs):  # the gradients, not the outputs: the graph is not kept
+            t.register_hook(partial(_keep_grad, call.grads, i))  # type: ignore[no-untyped-call]
+
+    def clear(self) -> None:
+        """The step ended: nothing of it outlives it."""
+        self.calls.clear()
+
+    # -- replaying (a flagged step only) -------------------------------------------------------
+    def replay(self, loss: torch.Tensor | None = None) -> bool:
+        """Run this step's forward calls again with the tracer armed, then put back what they
+        touched. ``loss``: the non-finite loss of the last call's backward, if that is what was
+        flagged (a loss over finite outputs). Returns whether the tracer named a culprit."""
+        calls, self.calls = self.calls, []
+        tracer = self.tracer
+        if not calls or not self.wanted:
+            return False
+        self.replays += 1
+        rng = torch.get_rng_state()
+        buffers = [(b, b.detach().clone()) for m in self._roots for b in m.buffers()]
+        sampling, seen = self.probe.sampling, self.probe.forward_seen
+        self.probe.sampling = False
+        self._active = True
+        tracer.begin_replay()
+        faithful = True
+        try:
+            for call in calls:
+                torch.set_rng_state(call.rng)
+                with torch.enable_grad():
+                    out = call.module(*call.args, **call.kwargs)
+                if not _same(list(_tensors(out)), call.outputs):
+                    faithful = False  # another computation ran (state, in-place inputs)
+                    break
+                if tracer.held is not None:
+                    break
+                clean = tracer.saw_forward()
+                if clean and any(
+                    g is not None and not bool(torch.isfinite(g).all()) for g in call.grads or ()
+                ):
+                    # finite outputs, a non-finite gradient from the loss
+                    tracer.bad_output_gradient(_max_abs(list(_tensors(out))))
+                    break
+                outs = [t for t in _tensors(out) if t.requires_grad]
+                pairs = [(o, g) for o, g in zip(outs, call.grads or ()) if g is not None]
+                params = [p for p in call.module.parameters() if p.requires_grad]
+                if pairs and params:
+                    torch.autograd.grad(
+                        [o for o, _ in pairs],
+                        params,
+                        grad_outputs=[g for _, g in pairs],
+                        allow_unused=True,
+                    )
+                tracer.after_backward(None)
+                if tracer.held is not None:
+                    break
+                if clean and loss is not None and call is calls[-1]:
+                    tracer.bad_output_gradient(_max_abs(list(_tensors(out))), loss)
+        finally:
+            tracer.end_replay(faithful)
+            self._active = False
+            self.probe.sampling, self.probe.forward_seen = sampling, seen
+            torch.set_rng_state(rng)
+            with torch.no_grad():
+                for b, value in buffers:
+                    b.copy_(value)
+        return tracer.done
+
+    def close(self) -> None:
+        self.hooks.close()
+        self.calls.clear()
+        self._roots.clear()
+
+
+def _max_abs(ts: list[torch.Tensor]) -> float:
+    return max((float(t.detach().abs().max()) for t in ts if t.numel()), default=0.0)
+
+
+def _same(new: list[torch.Tensor], old: list[torch.Tensor] | None) -> bool:
+    """The replayed outputs equal the original ones, element for element (NaN where NaN)."""
+    if old is None or len(new) != len(old):
+        return False
+    for a, b in zip(new, old):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        a = a.detach()
+        if not bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all()):
+            return False
+    return True
+
+
+def _keep_grad(grads: list[torch.Tensor | None], i: int, grad: torch.Tensor) -> None:
+    """The gradient that arrived at a root output (kept by reference; not changed)."""
+    grads[i] = grad
