@@ -142,7 +142,9 @@ def test_a_nonfinite_value_on_rank_1_is_reported_with_its_rank(results):
     findings = res["nonfinite"]["findings"]
     [f] = [f for f in findings if f["kind"] == "nonfinite"]
     assert f["first_step"] == 3
-    assert "first on rank 1" in f["message"]
+    # rank 1 replayed its flagged step: the module that overflowed, named on that step
+    assert (f["phase"], f["class"], f["evidence"]["attributed"]) == ("forward", "Blow", "replayed")
+    assert "on rank 1" in f["message"]
     assert f["evidence"]["ranks"]["1"] == {"step": 3, "in": "loss"}
     # rank 0 saw it only in its gradients, which DDP averaged with rank 1's
     assert f["evidence"]["ranks"]["0"]["in"] == "gradients"
