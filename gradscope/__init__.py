@@ -65,13 +65,13 @@ def watch(
         ValueError: A config value is out of range, or the output root is not writable. Nothing
             is written when either error is raised.
     """
-    from .naming import normalize_models, normalize_optimizers
+    from .naming import compiled_callers, normalize_models, normalize_optimizers
     from .scope import Scope
 
     cfg = resolve_config(**config)
     models, label = normalize_models(model)
     optimizers = normalize_optimizers(optimizer)
-    return Scope(models, optimizers, cfg, label)
+    return Scope(models, optimizers, cfg, label, callers=compiled_callers(model))
 
 
 def resolve_config(**config: Any) -> Config:

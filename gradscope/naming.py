@@ -49,6 +49,25 @@ def model_label(m: nn.Module) -> str:
     return name
 
 
+def compiled_callers(models: Any) -> dict[int, nn.Module]:
+    """The ``torch.compile`` wrappers among ``watch()``'s models, by the id of the module each
+    runs: what the user calls, and where hooks still run eagerly (the replay keeps its calls
+    there; the module's own hooks run inside the compiled graph)."""
+    if isinstance(models, nn.Module):
+        items = [models]
+    elif isinstance(models, Mapping):
+        items = list(models.values())
+    elif isinstance(models, Iterable) and not isinstance(models, (str, bytes)):
+        items = list(models)
+    else:
+        return {}
+    return {
+        id(wrapped(m)): m
+        for m in items
+        if isinstance(m, nn.Module) and isinstance(getattr(m, "_orig_mod", None), nn.Module)
+    }
+
+
 def normalize_models(models: Any) -> tuple[dict[str, nn.Module], str]:
     """``watch()``'s first argument as ``{prefix: module}`` plus a label for the run name.
 

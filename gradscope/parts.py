@@ -10,7 +10,7 @@ them after the rules and attaches what they did to the findings.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -89,6 +89,7 @@ def build_parts(
     after_write: Callable[[], None],
     stack: contextlib.ExitStack[Any],
     hint: Callable[[str], str] | None,
+    callers: Mapping[int, nn.Module] | None = None,
 ) -> Parts:
     """Build the measuring parts of a Scope and wire them to each other: the recorder and
     its clock, the flusher (with the rules), the NaN/Inf tracer, the hooks on the model and
@@ -101,6 +102,7 @@ def build_parts(
         after_write: Called after each written flush (run.json's cadence).
         stack: The Scope's ExitStack.
         hint: Rewrites a finding's suggestion (``gradscope run``: command-line flags).
+        callers: The compiled wrappers the user calls, by the id of the module each runs.
     """
     rec = StepRecorder(
         table,
@@ -149,7 +151,7 @@ def build_parts(
     )
     stack.callback(tracer.close)
     if config.trace_nonfinite == "auto":
-        rec.replay = StepReplay(models, tracer, rec.modules, guard)
+        rec.replay = StepReplay(models, tracer, rec.modules, guard, callers)
         stack.callback(rec.replay.close)
     rec.grads.on_nonfinite = rec.flag_nonfinite
     rec.modules.attach(hooks)

@@ -72,6 +72,8 @@ class Scope:
         label: For the default run name (the model's class).
         launch: How the process was started and where, when not as ``python`` in the working
             directory now (``gradscope run``), for run.json.
+        callers: The ``torch.compile`` wrappers the user calls, by the id of the module each
+            runs (:func:`gradscope.naming.compiled_callers`).
 
     Attributes:
         run_dir: The run directory (``docs/run-directory.md``).
@@ -85,9 +87,11 @@ class Scope:
         config: Config,
         label: str,
         launch: tuple[list[str], str] | None = None,
+        callers: Mapping[int, nn.Module] | None = None,
     ) -> None:
         self.config = config
         self._launch = launch
+        self._callers = dict(callers or {})
         self._closed = False
         self._pid = os.getpid()
         self._errors: InternalErrors | None = None
@@ -150,6 +154,7 @@ class Scope:
             after_write=self._meta.due,
             stack=self._stack,
             hint=command_line_hint if self._launch is not None else None,
+            callers=self._callers,
         )
         self._clock, self._rec, self._flusher = parts.clock, parts.recorder, parts.flusher
         self._tracer, self._remedies = parts.tracer, parts.remedies

@@ -16,6 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 import gradscope
 
+from models import compile_keeps_optimizer_hooks
+
 BAD = 3  # the step every origin turns non-finite
 
 
@@ -412,3 +414,26 @@ def test_huge_finite_weights_whose_norm_overflows_are_not_non_finite(out):
     counts = run.wide("weight_nonfinite")["0.weight"]
     assert (counts == 0).all()  # the elements are finite
     assert not [f for f in scope.findings if f["kind"] == "nonfinite"], scope.findings
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not compile_keeps_optimizer_hooks(),
+    reason="this torch's compile strips optimizer hooks (2.2): no pre-step flag to replay on",
+)
+def test_under_torch_compile_the_module_is_named_on_its_step(out):
+    """The user calls the compiled wrapper, whose own hooks run eagerly: the calls are kept
+    there, and the replay runs the module eagerly (outputs compared within rounding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_eye_linear(), Log(), nn.Linear(8, 1))
+    compiled = torch.compile(model, backend="eager")  # fast; dynamo still traces the hooks
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(compiled, out=out, quiet=True) as scope:
+        for i in range(6):
+            opt.zero_grad()
+            pred = compiled(_x(i, "zero"))
+            nn.functional.mse_loss(pred, torch.zeros_like(pred)).backward()
+            opt.step()
+    [f] = [f for f in scope.findings if f["kind"] == "nonfinite"]
+    assert (f["first_step"], f["phase"], f["module"], f["class"]) == (BAD, "forward", "1", "Log")
+    assert f["evidence"]["attributed"] == "replayed"
