@@ -437,3 +437,32 @@ def test_under_torch_compile_the_module_is_named_on_its_step(out):
     [f] = [f for f in scope.findings if f["kind"] == "nonfinite"]
     assert (f["first_step"], f["phase"], f["module"], f["class"]) == (BAD, "forward", "1", "Log")
     assert f["evidence"]["attributed"] == "replayed"
+
+
+def _cpu_autocast_float16() -> bool:
+    """CPU autocast to float16 (older torch: bfloat16 only, with a warning)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast("cpu", dtype=torch.float16):
+            return torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float16
+
+
+@pytest.mark.skipif(not _cpu_autocast_float16(), reason="this torch's CPU autocast: bfloat16 only")
+def test_float16_overflow_under_cpu_autocast_is_replayed_under_autocast(out):
+    """The replay runs under the autocast the step ran under (its state is kept with the
+    call): the float16 overflow happens again, in the same module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_eye_linear(), Gain(100.0), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradscope.watch(model, out=out, quiet=True) as scope:
+        for i in range(6):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                pred = model(_x(i, "huge"))
+            nn.functional.mse_loss(pred.float(), torch.zeros(8, 1)).backward()
+            opt.step()
+    [f] = [f for f in scope.findings if f["kind"] == "nonfinite"]
+    assert (f["first_step"], f["module"], f["class"]) == (BAD, "1", "Gain")
+    assert f["evidence"]["attributed"] == "replayed" and f["evidence"]["fp16_overflow"] is True

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..compat import is_compiling
+from ..compat import cpu_autocast, is_compiling
 from ..hooks import Hook, HookSet
 from .nonfinite import _tensors
 
@@ -57,6 +57,7 @@ class _Call:
     kwargs: dict[str, Any]
     rng: torch.Tensor
     compiled: bool  # the original ran compiled: outputs compared with a tolerance
+    autocast: torch.dtype | None  # CPU autocast's dtype where the original ran under it
     outputs: list[torch.Tensor] | None = None  # detached views (no copy): the fidelity check
     grads: list[torch.Tensor | None] | None = None  # at the outputs that require grad
 
@@ -117,7 +118,15 @@ class StepReplay:
         if self._active or not torch.is_grad_enabled() or not self.wanted or is_compiling():
             return
         self.calls.append(
-            _Call(model, module, args, dict(kwargs), torch.get_rng_state(), module is not model)
+            _Call(
+                model,
+                module,
+                args,
+                dict(kwargs),
+                torch.get_rng_state(),
+                module is not model,
+                cpu_autocast(),
+            )
         )
 
     def _on_post(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -156,7 +165,14 @@ class StepReplay:
         try:
             for call in calls:
                 torch.set_rng_state(call.rng)
-                with torch.enable_grad():
+                with (
+                    torch.enable_grad(),
+                    torch.autocast(
+                        "cpu",
+                        dtype=call.autocast or torch.bfloat16,
+                        enabled=call.autocast is not None,
+                    ),
+                ):
                     out = call.module(*call.args, **call.kwargs)
                 if not _same(list(_tensors(out)), call.outputs, exact=not call.compiled):
                     faithful = False  # another computation ran (state, in-place inputs)
