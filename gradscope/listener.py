@@ -132,7 +132,12 @@ class PatchListener:
             yield  # (hooks left in place pickle to inert no-ops: hooks.InertHook)
             return
         self._guard.fault("save")  # the patch reports it: torch.save goes on
-        with self._parts.hooks.detached(), self._parts.tracer.hooks.detached():
+        replay = self._parts.recorder.replay
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._parts.hooks.detached())
+            stack.enter_context(self._parts.tracer.hooks.detached())
+            if replay is not None:
+                stack.enter_context(replay.hooks.detached())
             yield
 
     def process_group_ending(self) -> None:

@@ -47,6 +47,12 @@ if TYPE_CHECKING:
     from .nonfinite import NonfiniteTracer
 
 
+MAX_CALLS = 32
+"""Forward calls kept in one step. A step with more (gradient accumulation over more
+micro-batches, or loops that call backward without ever stepping) keeps none and is not
+replayed: the tracer then arms at the flag, as without replay."""
+
+
 @dataclass
 class _Call:
     """One training forward call of a root model, kept for one step."""
@@ -93,6 +99,7 @@ class StepReplay:
         self.replays = 0
         self._roots: list[nn.Module] = []
         self._active = False  # replaying: the hooks keep nothing
+        self._full = False  # this step had more calls than MAX_CALLS: not replayable
         for model in models.values():
             self.add_model(model)
 
@@ -115,7 +122,17 @@ class StepReplay:
 
     # -- keeping (every forward call: cheap) ---------------------------------------------------
     def _on_pre(self, model: nn.Module, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self._active or not torch.is_grad_enabled() or not self.wanted or is_compiling():
+        if (
+            self._active
+            or self._full
+            or not torch.is_grad_enabled()
+            or not self.wanted
+            or is_compiling()
+        ):
+            return
+        if len(self.calls) >= MAX_CALLS:  # a step that never ends (input-gradient loops)
+            self.calls.clear()
+            self._full = True
             return
         self.calls.append(
             _Call(
@@ -144,6 +161,7 @@ class StepReplay:
     def clear(self) -> None:
         """The step ended: nothing of it outlives it."""
         self.calls.clear()
+        self._full = False
 
     # -- replaying (a flagged step only) -------------------------------------------------------
     def replay(self, loss: torch.Tensor | None = None) -> bool:
