@@ -466,3 +466,16 @@ def test_float16_overflow_under_cpu_autocast_is_replayed_under_autocast(out):
     [f] = [f for f in scope.findings if f["kind"] == "nonfinite"]
     assert (f["first_step"], f["module"], f["class"]) == (BAD, "1", "Gain")
     assert f["evidence"]["attributed"] == "replayed" and f["evidence"]["fp16_overflow"] is True
+
+
+def test_poisoned_weights_are_not_advised_as_an_optimizer_problem():
+    """A module whose weights an earlier bad update poisoned is where the NaN shows, not where
+    it was born: its advice points back to the first step, not at the learning rate."""
+    from gradscope.rules.nonfinite import traced_episode
+
+    ep = traced_episode(
+        {"step": 7, "phase": "optimizer", "module": "body.0", "class": "Linear", "poisoned": True}
+    )
+    assert ep.evidence["traced"] is False
+    assert "earlier" in ep.message and "first step" in ep.suggestion
+    assert "learning rate" not in ep.suggestion and "Adam" not in ep.suggestion

@@ -133,6 +133,19 @@ def traced_episode(info: dict[str, Any]) -> Episode:
             f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "
             "update applied non-finite gradients"
         )
+        # where the NaN shows, not where it was born: advice about the optimizer (a lower
+        # learning rate, Adam's eps) would send the user the wrong way
+        return Episode(
+            "nonfinite",
+            layer,
+            step,
+            step,
+            "error",
+            evidence,
+            msg + on_rank,
+            POISONED_HINT,
+            {"phase": phase, "module": module, "class": cls},
+        )
     elif module is None and phase == "data":
         msg = f"the data held non-finite values at step {step}: {info.get('note', '')}"
     elif module is None and phase == "loss" and _huge(info.get("output_max_abs")):
@@ -224,6 +237,12 @@ def traced_episode(info: dict[str, Any]) -> Episode:
     )
 
 
+POISONED_HINT = (
+    "these weights carry a NaN/Inf an earlier step's gradients put there: look for where the "
+    "non-finite values were first recorded (this finding's first step); "
+    "gradscope.watch(..., guard=True) skips non-finite steps so the weights stay clean and the "
+    "tracer names the origin when it recurs, and trace_nonfinite='always' names it at once"
+)
 DIVERGED_HINT = (
     "the training diverged: lower the learning rate (or add warm-up), clip the gradients "
     "(gradscope.watch(..., clip='norm:1.0')), and look at the exploding_gradients finding for "
