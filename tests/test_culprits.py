@@ -479,3 +479,44 @@ def test_poisoned_weights_are_not_advised_as_an_optimizer_problem():
     assert ep.evidence["traced"] is False
     assert "earlier" in ep.message and "first step" in ep.suggestion
     assert "learning rate" not in ep.suggestion and "Adam" not in ep.suggestion
+
+
+class _RaisesOnReplay(nn.Module):
+    """A forward that consumes an iterator of scales: run again on the replay of the last step,
+    it raises (StopIteration), so the replay cannot reproduce the step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = _eye_linear()
+        self.scales = iter([1.0] * BAD + [0.0])  # log(0) at step BAD, the last one
+
+    def forward(self, x):
+        return torch.log(self.fc(x) * next(self.scales))
+
+
+def test_a_replay_the_users_code_refuses_names_nothing_and_stays_quiet(out, capfd):
+    """The user's code raising on the replay is not an internal error of gradscope's: nothing
+    is printed, the tracer stays on, and the finding comes from the records."""
+    torch.manual_seed(0)
+    model = _RaisesOnReplay()
+    f, scope = _train(model, out, _x, steps=BAD + 1)
+    replay = scope.parts.recorder.replay
+    assert replay is not None and replay.failed == 1
+    assert scope.parts.guard.errors == []  # not an internal error
+    assert f["first_step"] == BAD and f["evidence"].get("attributed") != "replayed"
+    assert "internal error" not in capfd.readouterr().err
+
+
+class _ReentrantCheckpointed(Checkpointed):
+    def forward(self, x):
+        return self.fc2(checkpoint(self.block, self.fc1(x), use_reentrant=True))
+
+
+def test_a_reentrant_checkpoint_is_traced_inside_its_block(out):
+    """A reentrant checkpoint runs its block without grad in the forward pass: the replay checks
+    no-grad regions too, so the module inside is named, not the model around it."""
+    torch.manual_seed(0)
+    model = _ReentrantCheckpointed()
+    model.fc1 = _eye_linear()
+    f, _ = _train(model, out, lambda i: _x(i, "zero"))
+    assert (f["first_step"], f["module"], f["class"]) == (BAD, "block.1", "Log")

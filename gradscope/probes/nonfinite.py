@@ -227,7 +227,8 @@ class NonfiniteTracer:
     def _on_forward(
         self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any
     ) -> None:
-        if not self.armed or not torch.is_grad_enabled():
+        # a replay checks no-grad regions too (a reentrant checkpoint runs its block so)
+        if not self.armed or (not torch.is_grad_enabled() and not self._replaying):
             return
         st = self._state
         st.watched = True

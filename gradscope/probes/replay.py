@@ -97,6 +97,7 @@ class StepReplay:
         self.hooks = HookSet()
         self.calls: list[_Call] = []
         self.replays = 0
+        self.failed = 0  # replays the user's code refused (they name nothing)
         self._roots: list[nn.Module] = []
         self._active = False  # replaying: the hooks keep nothing
         self._full = False  # this step had more calls than MAX_CALLS: not replayable
@@ -191,7 +192,10 @@ class StepReplay:
                         enabled=call.autocast is not None,
                     ),
                 ):
-                    out = call.module(*call.args, **call.kwargs)
+                    out = _user_code(call.module, *call.args, **call.kwargs)
+                if out is _FAILED:
+                    faithful, self.failed = False, self.failed + 1
+                    break
                 if not _same(list(_tensors(out)), call.outputs, exact=not call.compiled):
                     faithful = False  # another computation ran (state, in-place inputs)
                     break
@@ -207,13 +211,20 @@ class StepReplay:
                 outs = [t for t in _tensors(out) if t.requires_grad]
                 pairs = [(o, g) for o, g in zip(outs, call.grads or ()) if g is not None]
                 params = [p for p in call.module.parameters() if p.requires_grad]
-                if pairs and params:
-                    torch.autograd.grad(
+                if (
+                    pairs
+                    and params
+                    and _user_code(
+                        torch.autograd.grad,
                         [o for o, _ in pairs],
                         params,
                         grad_outputs=[g for _, g in pairs],
                         allow_unused=True,
                     )
+                    is _FAILED
+                ):
+                    faithful, self.failed = False, self.failed + 1
+                    break
                 tracer.after_backward(None)
                 if tracer.held is not None:
                     break
@@ -233,6 +244,20 @@ class StepReplay:
         self.hooks.close()
         self.calls.clear()
         self._roots.clear()
+
+
+_FAILED = object()
+
+
+def _user_code(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """The user's forward (or a backward through it) run again: an error there is the replay
+    not reproducing the step (``torch.autograd.grad`` through a reentrant checkpoint, inputs an
+    iterator consumed...), not a fault of gradscope's: the replay names nothing and the tracer
+    arms as without it. ``KeyboardInterrupt`` and ``SystemExit`` pass."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception:
+        return _FAILED
 
 
 def _max_abs(ts: list[torch.Tensor]) -> float:
