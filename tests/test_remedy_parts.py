@@ -156,6 +156,7 @@ def test_guard_restore_is_per_optimizer_and_once():
     for m in (a, b):
         m.weight.grad = torch.ones(2, 2)
         m.bias.grad = torch.ones(2)
+    a.weight.grad = torch.full((2, 2), float("inf"))  # the elements decide, not the norm
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
     guard = StepGuard(5, lambda e: None)
@@ -963,3 +964,21 @@ def test_a_guard_only_state_loads_into_a_scope_without_remedies():
     saved = Remedies(StepRemedies(None, 3, table, lambda e: None), None).state_dict()
     assert saved == {"clip": None, "clippers": [], "guard_consecutive": 0}
     Remedies(None, None).load_state_dict(saved)
+
+
+def test_guard_does_not_skip_huge_finite_gradients_whose_norm_overflows():
+    """A float32 norm of finite gradients around 1e20 is inf: the elements decide, and they are
+    finite, so the step is not skipped (a NaN norm still skips at once)."""
+    p = nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 1e20)
+    opt = torch.optim.SGD([p], lr=0.0)
+    events: list[Any] = []
+    guard = StepGuard(2, events.append)
+    norms = torch.linalg.vector_norm(p.grad).reshape(1)
+    assert torch.isinf(norms).all()  # the overflow
+    assert guard.check(opt, norms, 0) is False and p.grad is not None and not events
+    # sharded: the ranks decide from the combined norms alone, alike
+    assert guard.check(opt, norms, 1, exact=False) is True
+    guard.restore(opt)
+    p.grad = torch.full((4,), float("nan"))
+    assert guard.check(opt, torch.linalg.vector_norm(p.grad).reshape(1), 2) is True

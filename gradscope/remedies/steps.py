@@ -44,9 +44,17 @@ class StepGuard:
         self.skips = 0
         self._stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def check(self, opt: torch.optim.Optimizer, norms: torch.Tensor, step: int) -> bool:
-        """Whether to skip this step (the documented host read: is the gradient finite?)."""
-        if bool(torch.isfinite(norms.sum())):
+    def check(
+        self, opt: torch.optim.Optimizer, norms: torch.Tensor, step: int, exact: bool = True
+    ) -> bool:
+        """Whether to skip this step (the documented host read: is the gradient finite?).
+
+        A float32 norm of huge finite gradients overflows to inf: where a norm is not finite
+        the elements decide (``exact``; not with a sharded model, whose ranks must decide
+        alike from the combined norms)."""
+        if bool(torch.isfinite(norms.sum())) or (
+            exact and not bool(torch.isnan(norms).any()) and _grads_finite(opt)
+        ):
             self.consecutive = 0
             return False
         self.consecutive += 1
@@ -159,7 +167,11 @@ class StepRemedies:
         if self.combine is not None:  # sharded: every rank decides on the whole gradient
             all_norms = self._combined(params, ordered, all_norms)
         # GradScaler skips a non-finite step itself (and the guard would see scaled values)
-        if self.guard is not None and not under_scaler and self.guard.check(opt, all_norms, step):
+        if (
+            self.guard is not None
+            and not under_scaler
+            and self.guard.check(opt, all_norms, step, exact=self.combine is None)
+        ):
             return True, None
         if self.clip is None:
             return False, None
@@ -262,6 +274,16 @@ class StepRemedies:
         self._pending_state = list(state["clippers"])
         if self.guard is not None:
             self.guard.consecutive = int(state.get("guard_consecutive", 0))
+
+
+def _grads_finite(opt: torch.optim.Optimizer) -> bool:
+    """Every gradient element of ``opt`` is finite (the rare path: a norm was not)."""
+    return all(
+        bool(torch.isfinite(local(p.grad)).all())
+        for g in opt.param_groups
+        for p in g["params"]
+        if p.grad is not None and not p.grad.is_sparse
+    )
 
 
 def local(grad: Any) -> torch.Tensor:
