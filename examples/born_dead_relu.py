@@ -5,7 +5,7 @@ Lu, Shin, Su & Karniadakis ("Dying ReLU and initialization", arXiv:1903.06733, C
 deep narrow nets collapse to the mean or median of the target. With symmetric (He) weights and
 zero biases, a width-2 layer zeroes both units for every input with non-negligible probability,
 and once one layer outputs 0 for all inputs nothing below it gets any gradient. The project's
-Monte Carlo (notes, remedies.md section 2.2; 1-D input, He-normal weights, zero biases) gives
+Monte Carlo (docs/findings.md, `dead_units`; 1-D input, He-normal weights, zero biases) gives
 P(born dead) = 0.909 for width 2 and depth 10, this script's network.
 
 Network: 1 -> [Linear(., 2) + ReLU] x 10 -> Linear(2, 1), He-normal weights, zero biases,

@@ -6,7 +6,7 @@ a zero-bias ReLU network is positively homogeneous, each layer multiplies the gr
 layer outputs by g on its way back: over 18 hidden-to-hidden layers g = 1.5 gives
 1.5^18 ~ 1.5e3 between the last hidden layer and the first, and 1.5^19 ~ 2.2e3 between the
 output layer and the first (the project's measurement: ||dL/dh1|| / ||dL/dh20|| = 1.9e3-2.9e3
-for g = 1.5, notes remedies.md section 3.4, caveat A). The *weight*-gradient norms hardly show
+for g = 1.5, docs/findings.md, `exploding_gradients`). The *weight*-gradient norms hardly show
 it: the first/last weight-gradient ratio stays of the same order as for g = 1 (Glorot & Bengio
 2010, eq. 14: Var[dC/dw] is the same for all layers; exactly unchanged for a loss linear in the
 output, here only the softmax's saturation differs), so a tool needs the gradients w.r.t. module

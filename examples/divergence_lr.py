@@ -5,8 +5,8 @@ Gradient descent on least squares is stable only if lr < 2 / lambda_max of the H
 (377 for seed 0: lr must be < 0.0053), so lr 0.1 is ~19x past the edge: every step multiplies
 the error along the top eigenvector by |1 - lr * lambda_max| ~ 37, the loss grows ~1000x per
 step, the gradients ~30x per step, and float32 overflows. The project's measurement of this
-setup (notes, remedies.md section 4): finite loss until step 11 (7.0e34), inf at step 12, NaN
-from step 25; here the same steps (loss 2.4e36 at step 11).
+setup (docs/findings.md, "Where NaN and Inf come from"): finite loss until step 11 (7.0e34),
+inf at step 12, NaN from step 25; here the same steps (loss 2.4e36 at step 11).
 
 What gradscope should report:
     divergence / exploding gradients at linear (nn.Linear; linear.weight, linear.bias) from the

@@ -6,7 +6,7 @@ a unit that is "inactive and only output[s] 0 for any input"). A large step that
 unit's bias/weights far negative does exactly that. Adam moves every coordinate by about lr per
 step regardless of the gradient's size, so with lr = 0.1 a few steps are enough to push many
 units off the data; the project's measurement on this kind of net: Adam lr 0.1 -> 90-95% of
-layer-2 units dead after 100 steps, lr 1e-3 -> 0-2% (notes, remedies.md section 2.3).
+layer-2 units dead after 100 steps, lr 1e-3 -> 0-2% (docs/findings.md, `dead_units`).
 
 Network: 100 -> 256 -> 256 -> 10, ReLU after each hidden Linear, PyTorch default init, a fixed
 synthetic 10-class task (labels from a random linear teacher).

@@ -5,7 +5,7 @@ Standard good practice: PyTorch's default init (Kaiming-uniform weights), two hi
 examples (8 Gaussian clusters in 20-D, one class each, with overlap). The loss falls steadily, no
 unit dies, nothing is non-finite, and the gradient norm varies smoothly. (Adam's update:weight
 ratio is ~1e-2 at lr 1e-3 on layers this size, above CS231n's ~1e-3 rule of thumb; that is
-normal for Adam, notes remedies.md section 3.4, caveat B.)
+normal for Adam: docs/findings.md, `vanishing_gradients`.)
 
 What gradscope should report:
     nothing: no vanishing/exploding gradients, no spike, no dead or saturated units, no NaN/Inf.

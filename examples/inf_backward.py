@@ -1,14 +1,14 @@
 """Inf created in the backward pass: a hand-written L2 norm, sqrt(sum x^2), of an all-zero row.
 
 The forward pass of sqrt at 0 is a harmless 0, but its derivative 1 / (2 sqrt(u)) is +inf at
-u = 0 (notes, remedies.md section 4: "sqrt at 0 gives an inf gradient"). Here a regressor
-appends each embedding's Euclidean length, computed by a custom ``Magnitude`` module as
+u = 0 (docs/findings.md, "Where NaN and Inf come from": sqrt at 0 gives an inf gradient). Here
+a regressor appends each embedding's Euclidean length, computed by a custom ``Magnitude`` module as
 ``(h * h).sum(-1).sqrt()``, to the embedding. At step 30 the batch contains one all-zero
 feature row (a missing record filled with zeros); the bias-free embedding maps it to h = 0, so
 the module's forward output is 0 and the LOSS IS FINITE, but in backward the sqrt's gradient is
 inf and the chain rule multiplies it by d(h*h)/dh = 2h = 0: inf * 0 = NaN in the gradient
 w.r.t. the module's input, and embed.weight.grad is NaN. ``torch.autograd.detect_anomaly``
-misses the all-inf case (it checks backward outputs for NaN only; notes section 4).
+misses the all-inf case (it checks backward outputs for NaN only; docs/comparison.md).
 ``torch.linalg.vector_norm`` back-propagates 0 at a zero vector and is the fix. The update at
 step 30 writes NaN into embed.weight, so from step 31 the forward pass is NaN as well.
 

@@ -8,9 +8,9 @@ custom module's log(1 - p) = log(0) = -inf: the first non-finite value of the ru
 the FORWARD pass, by ``log_probs``, from finite inputs (p = 1.0). The hand-written cross
 entropy then multiplies it by a zero label weight, (1 - y) * log(1 - p) = 0 * -inf = NaN, the
 loss is NaN, backward fills every gradient with NaN, and the update writes NaN into every weight
-(notes, remedies.md section 4: log(0) = -inf, 0 * log 0 = NaN; forward hooks on leaf modules
-found the first non-finite output at the custom log module). Nothing guards against it, as in
-many real runs.
+(docs/findings.md, "Where NaN and Inf come from": log(0) = -inf, 0 * log 0 = NaN; forward
+hooks on leaf modules found the first non-finite output at the custom log module). Nothing
+guards against it, as in many real runs.
 
 What gradscope should report:
     non-finite (Inf) forward output first at log_probs (LogProbs, custom module) at step 33 for

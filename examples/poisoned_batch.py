@@ -4,7 +4,7 @@ A healthy ReLU MLP regressor trains with Adam (lr 1e-3) on fresh synthetic batch
 one batch arrives with its features scaled by 1000 (think millimetres instead of metres). For
 that one step the loss jumps ~1e6x and the weight-gradient norms ~1e6x (biases ~1e3x) above
 their running history, the kind of isolated spike that adaptive clipping (ZClip's z-score > 2.5,
-SPAM's spike score > 50, AutoClip's percentile; notes, remedies.md section 1) is built to catch.
+SPAM's spike score > 50, AutoClip's percentile; docs/remedies.md, Clipping) is built to catch.
 Adam bounds the step itself (|update| ~ lr per coordinate), so the run absorbs it: everything
 stays finite and no unit dies. It is not free, though: Adam's first moment carries the spike's
 direction for ~10 more steps and its second moment remembers it for ~1/(1 - beta2) = 1000
