@@ -62,7 +62,6 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     rng: torch.Tensor
-    compiled: bool  # the original ran compiled: outputs compared with a tolerance
     autocast: torch.dtype | None  # CPU autocast's dtype where the original ran under it
     outputs: list[torch.Tensor] | None = None  # detached views (no copy): the fidelity check
     grads: list[torch.Tensor | None] | None = None  # at the outputs that require grad
@@ -142,7 +141,6 @@ class StepReplay:
                 args,
                 dict(kwargs),
                 torch.get_rng_state(),
-                module is not model,
                 cpu_autocast(),
             )
         )
@@ -153,8 +151,9 @@ class StepReplay:
         call = self.calls[-1]
         if call.caller is not module or call.outputs is not None:
             return
-        call.outputs = [t.detach() for t in _tensors(output)]
-        outs = [t for t in _tensors(output) if t.requires_grad]
+        tensors = list(_tensors(output))
+        call.outputs = [t.detach() for t in tensors]
+        outs = [t for t in tensors if t.requires_grad]
         call.grads = [None] * len(outs)
         for i, t in enumerate(outs):  # the gradients, not the outputs: the graph is not kept
             t.register_hook(partial(_keep_grad, call.grads, i))  # type: ignore[no-untyped-call]
@@ -196,7 +195,7 @@ class StepReplay:
                 if out is _FAILED:
                     faithful, self.failed = False, self.failed + 1
                     break
-                if not _same(list(_tensors(out)), call.outputs, exact=not call.compiled):
+                if not _same(list(_tensors(out)), call.outputs, exact=call.caller is call.module):
                     faithful = False  # another computation ran (state, in-place inputs)
                     break
                 if tracer.held is not None:

@@ -128,6 +128,7 @@ def traced_episode(info: dict[str, Any]) -> Episode:
     evidence["traced_at_step"] = step
     layer = module or info.get("after_module") or info.get("before_module") or RUN_LAYER
     on_rank = f" (on rank {info['rank']})" if "rank" in info else ""  # torch.distributed
+    hint = None  # advice for a cause more specific than the phase
     if poisoned:
         msg = (
             f"weights of {module} ({cls}) are non-finite at step {step}: an earlier "
@@ -135,17 +136,7 @@ def traced_episode(info: dict[str, Any]) -> Episode:
         )
         # where the NaN shows, not where it was born: advice about the optimizer (a lower
         # learning rate, Adam's eps) would send the user the wrong way
-        return Episode(
-            "nonfinite",
-            layer,
-            step,
-            step,
-            "error",
-            evidence,
-            msg + on_rank,
-            POISONED_HINT,
-            {"phase": phase, "module": module, "class": cls},
-        )
+        hint = POISONED_HINT
     elif module is None and phase == "data":
         msg = f"the data held non-finite values at step {step}: {info.get('note', '')}"
     elif module is None and phase == "loss" and _huge(info.get("output_max_abs")):
@@ -154,17 +145,7 @@ def traced_episode(info: dict[str, Any]) -> Episode:
             f"{info['output_max_abs']:.3g}, whose square (or exp) leaves the float32 range: "
             "the training diverged before this step"
         )
-        return Episode(
-            "nonfinite",
-            layer,
-            step,
-            step,
-            "error",
-            evidence,
-            msg + on_rank,
-            DIVERGED_HINT,
-            {"phase": phase, "module": module, "class": cls},
-        )
+        hint = DIVERGED_HINT
     elif module is None and phase == "loss":
         msg = f"the loss made the first non-finite value at step {step}: {info.get('note', '')}"
     elif module is None:
@@ -180,17 +161,7 @@ def traced_episode(info: dict[str, Any]) -> Episode:
                 else ""
             )
         )
-        return Episode(
-            "nonfinite",
-            layer,
-            step,
-            step,
-            "error",
-            evidence,
-            msg + on_rank,
-            FP16_HINT.format(module=module),
-            {"phase": phase, "module": module, "class": cls},
-        )
+        hint = FP16_HINT.format(module=module)
     elif phase == "forward" and evidence.get("overflow"):
         msg = (
             f"{module} ({cls}) produced the first non-finite output at step {step}: an "
@@ -198,17 +169,7 @@ def traced_episode(info: dict[str, Any]) -> Episode:
             f"{evidence.get('input_max_abs', float('nan')):.3g}) beyond the "
             f"{evidence.get('output_dtype', 'float32')} range"
         )
-        return Episode(
-            "nonfinite",
-            layer,
-            step,
-            step,
-            "error",
-            evidence,
-            msg + on_rank,
-            OVERFLOW_HINT.format(module=module),
-            {"phase": phase, "module": module, "class": cls},
-        )
+        hint = OVERFLOW_HINT.format(module=module)
     elif phase == "forward":
         msg = (
             f"{module} ({cls}) produced the first non-finite output at step {step}, "
@@ -232,7 +193,7 @@ def traced_episode(info: dict[str, Any]) -> Episode:
         "error",
         evidence,
         msg + on_rank,
-        phase_hint(phase, module),
+        hint or phase_hint(phase, module),
         {"phase": phase, "module": module, "class": cls},
     )
 
