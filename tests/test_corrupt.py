@@ -527,7 +527,13 @@ def test_an_unreadable_file_is_a_problem_not_a_traceback(base, capsys, case):
         for p in [copy, *copy.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
         damage(d)
-        import gradscope.report  # noqa: F401  (imported while the modules are readable)
+        # the modules and the report's templates are read while they are readable (a clone in a
+        # private temporary folder is not readable by the unprivileged user)
+        import gradscope.report
+        from gradscope.report.compare import write_compare
+
+        gradscope.report.write_report(copy, out=root / "warm.html")
+        write_compare(copy, copy, root / "warm-compare.html")
 
         with _unprivileged():
             _read_everything(copy, d, root, capsys, expect)

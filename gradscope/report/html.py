@@ -4,6 +4,7 @@ nothing fetched), rendered with Jinja2 with autoescaping on, so text from the ru
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -51,14 +52,18 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return rundir.write_text(Path(out) if out is not None else path / REPORT, html)
 
 
+@functools.lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
-    """Jinja2 with autoescaping on every template (text from the run is never markup)."""
+    """Jinja2 with autoescaping on every template (text from the run is never markup). One
+    per process: the templates ship with the package and do not change while it runs, so they
+    are read once (no reload checks)."""
     import jinja2
 
     return jinja2.Environment(
         loader=jinja2.PackageLoader("gradscope", "report"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
+        auto_reload=False,
     )
 
 
