@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from .config import Config, type_matches
+from .records import ROOT as ROOT
 
-ROOT = "(root)"
-"""Display name of a watched model's root module (PyTorch names it "")."""
 
 
 class Family(enum.Enum):

@@ -47,6 +47,8 @@ RUN_METRICS = (
 REMEDY_PARAM_METRICS = ("grad_norm_clipped", "clip_coef", "clip_threshold")
 METRICS = tuple(dict.fromkeys(PARAM_METRICS + REMEDY_PARAM_METRICS + MODULE_METRICS + RUN_METRICS))
 RUN_LAYER = "(run)"
+ROOT = "(root)"
+"""Display name of a watched model's root module (PyTorch names it "")."""
 
 
 @dataclass

@@ -293,12 +293,47 @@ def test_update_ratio_high_after_warmup_only_on_weights():
         ("w.weight", "param", "update_ratio"): (s, high),
         ("w.bias", "param", "update_ratio"): (s, high),
         ("early.weight", "param", "update_ratio"): (s, np.where(s < 50, 0.5, 1e-3)),
+        ("calm.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-3)),
+        ("still.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-3)),
+        ("quiet.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-3)),
     }
-    found, _ = diagnose(
-        series, info(params=("w.weight", "w.bias", "early.weight"), ndim={"w.bias": 1})
-    )
+    params = ("w.weight", "w.bias", "early.weight", "calm.weight", "still.weight", "quiet.weight")
+    found, _ = diagnose(series, info(params=params, ndim={"w.bias": 1}))
     assert [(f["kind"], f["layer"], f["first_step"]) for f in found] == [
         ("update_ratio_high", "w.weight", 50)
+    ]
+
+
+def test_updates_broadly_too_high_at_the_start_are_raised_at_once():
+    """Most weight matrices moving by a tenth of their size on the first check is the learning
+    rate (a post-LN transformer at Adam 1e-2 without warm-up: 0.14-0.28, then collapse), even
+    inside the warm-up window and on one check; one matrix alone during warm-up is not."""
+    s = np.arange(0, 100, 10)
+    early = np.where(s == 0, 0.25, 2e-3)
+    series = {(f"l{i}.weight", "param", "update_ratio"): (s, early) for i in range(3)}
+    found, _ = diagnose(series, info(params=tuple(f"l{i}.weight" for i in range(3))))
+    assert [(f["kind"], f["first_step"], f["last_step"]) for f in found] == [
+        ("update_ratio_high", 0, 0)
+    ]
+    assert found[0]["evidence"]["also_layers"] == ["l1.weight", "l2.weight"]
+    lone = {
+        **series,
+        **{(f"l{i}.weight", "param", "update_ratio"): (s, s * 0 + 2e-3) for i in (1, 2)},
+    }
+    assert diagnose(lone, info(params=tuple(f"l{i}.weight" for i in range(3))))[0] == []
+
+
+def test_high_updates_just_before_a_divergence_count_on_one_check():
+    s = np.arange(0, 100)
+    ratio = np.where(s == 60, 0.4, 1e-3)
+    loss = np.where(s < 75, 1.0, np.inf)
+    series = {
+        ("w.weight", "param", "update_ratio"): (s[::10], ratio[::10]),
+        ("(run)", "run", "loss"): (s, loss),
+    }
+    found, _ = diagnose(series, info(params=("w.weight",)))
+    assert ("update_ratio_high", "w.weight", 60) in [
+        (f["kind"], f["layer"], f["first_step"]) for f in found
     ]
 
 

@@ -42,6 +42,9 @@ class LayerInfo:
         module_type: Class name of the module behind each site and parameter.
         module_of: Owning module of each parameter.
         ndim: Number of dimensions of each parameter.
+        containers: Modules that hold other watched modules (a model's root with a parameter of
+            its own, a block): their output is a later module's output, but they start first,
+            so they are left out of the order-based depth view.
     """
 
     rank: dict[str, int] = field(default_factory=dict)
@@ -49,6 +52,7 @@ class LayerInfo:
     module_type: dict[str, str] = field(default_factory=dict)
     module_of: dict[str, str] = field(default_factory=dict)
     ndim: dict[str, int] = field(default_factory=dict)
+    containers: set[str] = field(default_factory=set)
 
     def ordered(self, layers: list[str]) -> list[str]:
         """``layers`` in forward order (unknown ones last, in the given order)."""

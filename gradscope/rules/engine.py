@@ -20,7 +20,7 @@ from typing import Any, cast
 import numpy as np
 
 from ..events import Finding, RemedyAction
-from ..records import RUN_LAYER, LongTable
+from ..records import ROOT, RUN_LAYER, LongTable
 from .base import Episode, LayerInfo, Records
 from .gradients import exploding_gradients, vanishing_gradients
 from .loss import loss_spike
@@ -341,4 +341,10 @@ def layer_info(describe: list[dict[str, Any]], sites: list[str]) -> LayerInfo:
         if "#" not in name:
             info.rank[name] = info.rank[name] * 1000
     info.rank.setdefault(RUN_LAYER, -1)
+    modules = [e["name"] for e in describe if e["kind"] == "module"]
+    for name in modules:
+        if (name == ROOT and len(modules) > 1) or any(
+            other.startswith(name + ".") for other in modules
+        ):
+            info.containers.add(name)
     return info

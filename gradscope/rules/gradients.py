@@ -189,7 +189,10 @@ def _site_module(site: str) -> str:
 def _depth(rec: Records, t: Thresholds) -> list[Episode]:
     steps, sites, g = rec.wide("output_grad_norm", "module")
     found: list[Episode] = []
-    if steps.size:
+    keep = [j for j, s in enumerate(sites) if _site_module(s) not in rec.layers.containers]
+    if len(keep) < len(sites):  # a container's output is a later module's: not a depth point
+        sites, g = [sites[j] for j in keep], g[:, keep]
+    if steps.size and sites:
         # only the new rows and enough before them to complete a run of `patience` checks:
         # older rows were judged at an earlier flush (their findings are extended, not redone)
         first = max(0, int(np.searchsorted(steps, rec.since)) - t.patience)
@@ -249,9 +252,16 @@ def _depth_episodes(
 ) -> list[Episode]:
     logr = np.array([f[0] if f else np.nan for f in fits])
     out: list[Episode] = []
+    gap = _learning_gap(rec, steps)
     with np.errstate(invalid="ignore"):
         explode = logr >= np.log10(t.depth_explode_ratio)
-        vanish = (logr <= np.log10(t.depth_vanish_ratio)) & ~dead
+        # a collapse this deep is a finding on its own; a milder one when its consequence is
+        # seen too: the first weight matrix moves far less, relative to its size, than the last
+        starved = gap <= np.log10(t.learn_gap_ratio)
+        vanish = (
+            (logr <= np.log10(t.depth_vanish_ratio))
+            | ((logr <= np.log10(max(t.depth_starve_ratio, t.depth_vanish_ratio))) & starved)
+        ) & ~dead
     for kind, mask in (("exploding_gradients", explode), ("vanishing_gradients", vanish)):
         for a, b in runs(mask, t.patience):
             if steps[b] < rec.since:
@@ -264,6 +274,7 @@ def _depth_episodes(
             layer = _site_module(names[first])
             ev: dict[str, Any] = {
                 "signal": signal,
+                "first_last_update_ratio": None if np.isnan(gap[b]) else float(10 ** gap[b]),
                 "first_last_ratio": ratio,
                 "per_layer_factor": per_layer,
                 "layers_measured": count,
@@ -295,6 +306,24 @@ def _depth_episodes(
                 )
                 sev = "warning"
             out.append(Episode(kind, layer, int(steps[a]), int(steps[b]), sev, ev, msg, hint))
+    return out
+
+
+def _learning_gap(rec: Records, steps: np.ndarray) -> np.ndarray:
+    """For each of ``steps``: log10 of the update ratio of the earliest weight matrix over
+    that of the latest (NaN where either was not measured at that step). Near 0 when every
+    layer learns at the same relative rate; far below 0 when the first layers barely move."""
+    s2, names, r = rec.wide("update_ratio", "param")
+    out = np.full(steps.size, np.nan)
+    weights = [j for j, n in enumerate(names) if rec.layers.ndim.get(n, 0) >= 2]
+    if not s2.size or len(weights) < 2:
+        return out
+    first, last = r[:, weights[0]], r[:, weights[-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = np.where((first > 0) & (last > 0), np.log10(first / last), np.nan)
+    rows = np.searchsorted(s2, steps)
+    ok = (rows < s2.size) & (s2[np.minimum(rows, s2.size - 1)] == steps)
+    out[ok] = gap[rows[ok]]
     return out
 
 

@@ -9,11 +9,13 @@ from .base import Episode, Records, fmt, runs, trailing_stats
 from .thresholds import Thresholds
 
 _Z = 1.4826
+_LOG_MAD_FLOOR = 0.01  # log10 units: a loss that never varies still has 2% noise
 
 
 def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
     """The loss at least ``loss_spike_ratio`` x its trailing median, ``loss_spike_max`` x the
-    largest loss of the window and ``loss_spike_z`` robust deviations above the median. A spike
+    largest loss of the window, ``loss_spike_z`` robust deviations above the median, and
+    ``loss_spike_log_z`` robust deviations above it on a log scale. A spike
     is raised at once (one bad batch is the classic case); consecutive spiking steps form one
     finding. A non-finite loss is a ``nonfinite`` finding, not a spike."""
     steps, _, loss = rec.wide("loss", "run")
@@ -27,6 +29,17 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
         above = np.where(m > 0, v >= t.loss_spike_ratio * m, True)
         above_top = np.where(hi > 0, v >= t.loss_spike_max * hi, v > hi)
         spike = np.isfinite(v) & np.isfinite(m) & above & above_top & (z >= t.loss_spike_z)
+    lz = np.full(v.shape, np.nan)
+    if spike.any():
+        # judged against the loss's own noise on a log scale as well: at batch size 1 one hard
+        # example is 20x the median and still ordinary (log-scale z below 3, measured); a
+        # poisoned batch is orders of magnitude outside that spread
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logv = np.where(loss > 0, np.log10(loss), np.nan)
+        lmed, lmad, _ = trailing_stats(logv, t.history, t.min_history, need & spike)
+        with np.errstate(invalid="ignore"):
+            lz = (logv[:, 0] - lmed[:, 0]) / np.maximum(_Z * lmad[:, 0], _LOG_MAD_FLOOR)
+            spike &= ~(lz < t.loss_spike_log_z)  # no log view (a loss <= 0): the rest decides
     out: list[Episode] = []
     for a, b in runs(spike, 1):
         if steps[b] < rec.since:
@@ -37,6 +50,7 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
             "median_loss": float(m[peak]),
             "ratio": float(v[peak] / m[peak]) if m[peak] > 0 else None,
             "robust_z": float(z[peak]),
+            "log_z": float(lz[peak]) if np.isfinite(lz[peak]) else None,
             "peak_step": int(steps[peak]),
             "steps": int(b - a + 1),
         }

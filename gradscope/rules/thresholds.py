@@ -121,6 +121,13 @@ class Thresholds:
         depth_vanish_ratio: Vanishing with depth: the same ratio at or below this; 100x below
             the smallest healthy value measured (0.01, an LSTM language model), where a deep
             sigmoid MLP measures 3e-10. A number in (0, 1) (a shrinking).
+        depth_starve_ratio: Vanishing with depth, milder: the same ratio at or below this
+            counts when its consequence is measured as well (``learn_gap_ratio``). A 12-layer
+            tanh MLP with PyTorch's default init measures 1.1e-3 and learns only through its
+            last layers. A number in (0, 1) (below ``depth_vanish_ratio``: that one decides).
+        learn_gap_ratio: ...the consequence: the update ratio (``||dw||/||w||``) of the
+            earliest weight matrix at or below this fraction of the latest one's on the same
+            step (the first layers barely move while the last learn). A number in (0, 1).
         weight_vanish_ratio: Vanishing seen in weight gradients: ``||g||/||w||`` of the earliest
             weight over the latest at or below this. Glorot & Bengio 2010 (eq. 14): in the linear
             regime weight-gradient variances are equal across layers, so a thousandfold gap is
@@ -143,6 +150,9 @@ class Thresholds:
             CS231n band. A number > 0, below ``update_high``.
         update_warmup: Steps ignored by the update-ratio rules (Adam's bias-corrected first
             steps move every coordinate by about lr). An integer >= 0 (0: no warm-up).
+        learn_progress: A run is still learning while its loss (median of the last
+            ``history`` steps) is below this fraction of its first loss; tiny updates of a run
+            that has learnt are convergence, not a finding. A number in (0, 1).
         loss_spike_ratio: Loss spike: the loss at least this many times its trailing median...
             A number >= 1 (1: the other two conditions decide).
         loss_spike_z: ...with a robust z-score (median/MAD) at least this... A number > 0.
@@ -150,6 +160,10 @@ class Thresholds:
             Healthy small-batch runs measured a loss 11x its median (z 12) but never above 1.6x
             the window's maximum: a noisy loss is not a spike; a bad batch is (1e6x in the
             poisoned-batch example). A number >= 1 (1: a new maximum).
+        loss_spike_log_z: ...and a robust z-score of ``log10(loss)`` at least this: the spike
+            judged against the loss's own spread, which is wide where the batch is small. A
+            healthy run at batch size 1 measured up to 2.6 (one hard example at 3.6x the
+            median); a poisoned batch is orders of magnitude outside. A number > 0.
         merge_gap: A condition that returns within this many steps extends the same finding.
             An integer >= 0 (0: only a condition that continues without a gap).
     """
@@ -162,6 +176,8 @@ class Thresholds:
     spike_z: float = _number(3.5, _POSITIVE)
     depth_explode_ratio: float = _number(200.0, _GROWTH)
     depth_vanish_ratio: float = _number(1e-4, _SHRINK)
+    depth_starve_ratio: float = _number(1e-2, _SHRINK)
+    learn_gap_ratio: float = _number(1e-2, _SHRINK)
     weight_vanish_ratio: float = _number(1e-3, _SHRINK)
     dead_fraction: float = _number(0.4, _FRACTION)
     dead_min_samples: int = _count(8, 1)
@@ -169,9 +185,11 @@ class Thresholds:
     update_high: float = _number(0.1, _POSITIVE)
     update_low: float = _number(1e-6, _POSITIVE)
     update_warmup: int = _count(50, 0)
+    learn_progress: float = _number(0.9, _SHRINK)
     loss_spike_ratio: float = _number(3.0, _RATIO)
     loss_spike_z: float = _number(8.0, _POSITIVE)
     loss_spike_max: float = _number(2.0, _RATIO)
+    loss_spike_log_z: float = _number(5.0, _POSITIVE)
     merge_gap: int = _count(200, 0)
 
     def __post_init__(self) -> None:

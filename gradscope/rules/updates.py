@@ -2,37 +2,63 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
+from ..records import RUN_LAYER
 from .base import Episode, Records, fmt, keep_strongest, runs
+from .gradients import _dead_rows
 from .thresholds import Thresholds
 
 
 def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
-    """``||Δw|| / ||w||`` of a weight matrix above ``update_high`` or (not exactly zero) below
-    ``update_low`` for ``patience`` checks, after ``update_warmup`` steps (during warm-up only
-    ratios above ``10 * update_high`` count). Biases and gains are
-    left out: they start near zero, so their ratio says little about the learning rate."""
+    """``||Δw|| / ||w||`` of a weight matrix out of range. Biases and gains are left out: they
+    start near zero, so their ratio says little about the learning rate.
+
+    Too high: above ``update_high`` for ``patience`` checks after ``update_warmup`` steps.
+    During warm-up a check counts when the ratio is above ``10 * update_high``, or above
+    ``update_high`` on most weight matrices at once (the learning rate itself is too high, not
+    one layer's Adam start). One check is enough when the model is broadly too high during
+    warm-up, or when the run diverges (a non-finite loss or gradient) within ``history`` steps
+    after it: large early updates are the cause, whatever happens later.
+
+    Too low: below ``update_low`` (and not exactly zero: frozen) for ``patience`` checks after
+    warm-up, while the loss has not fallen by ``learn_progress`` since the start of the run
+    (a converged run moves little, and that is fine), the learning rate is not decayed by a
+    schedule (below a tenth of its peak), and no rectifier is mostly dead (dead units starve
+    the layers around them: that is the ``dead_units`` finding)."""
     steps, names, r = rec.wide("update_ratio", "param")
     if not steps.size:
         return []
+    weights = [j for j, n in enumerate(names) if rec.layers.ndim.get(n, 2) >= 2]
     late = steps >= t.update_warmup
-    # during warm-up only a step as large as a tenth of the weights (10x update_high) counts:
-    # Adam's first steps move every coordinate by about lr, by design
-    high = np.where(late, t.update_high, 10 * t.update_high)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row: no verdict
+        broad = np.nanmedian(r[:, weights], axis=1) > t.update_high if weights else late & False
+    high = np.where(late | broad, t.update_high, 10 * t.update_high)
+    at_once = (broad & ~late) | _before_divergence(rec, steps, t.history)
+    still = _not_learning(rec, steps, t) & ~_dead_rows(rec, steps, t) & ~_lr_decayed(rec, steps)
     found: dict[str, list[tuple[float, Episode]]] = {"high": [], "low": []}
-    for j, name in enumerate(names):
-        if rec.layers.ndim.get(name, 2) < 2:
-            continue
+    for j in weights:
+        name = names[j]
         rows = np.flatnonzero(~np.isnan(r[:, j]))
         if not rows.size:
             continue
         v = r[rows, j]
-        for which, mask in (
-            ("high", np.isfinite(v) & (v > high[rows])),
-            ("low", (v > 0) & (v < t.update_low) & late[rows]),
-        ):
-            for a, b in runs(mask, t.patience):
+        with np.errstate(invalid="ignore"):
+            hot = np.isfinite(v) & (v > high[rows])
+            cold = (v > 0) & (v < t.update_low) & late[rows] & still[rows]
+        spans = {
+            "high": [
+                (a, b)
+                for a, b in runs(hot, 1)
+                if b - a + 1 >= t.patience or at_once[rows[a : b + 1]].any()
+            ],
+            "low": runs(cold, t.patience),
+        }
+        for which, found_spans in spans.items():
+            for a, b in found_spans:
                 if steps[rows[b]] < rec.since:
                     continue
                 med = float(np.median(v[a : b + 1]))
@@ -92,3 +118,50 @@ def _others_learn(
         if other.size and float(np.median(other)) >= 100 * t.update_low:
             return True
     return False
+
+
+def _before_divergence(rec: Records, steps: np.ndarray, window: int) -> np.ndarray:
+    """Rows of ``steps`` within ``window`` steps before the run's first non-finite loss or
+    total gradient norm (and not after it: by then the weights are poisoned)."""
+    out = np.zeros(steps.size, dtype=bool)
+    first: float = np.inf
+    for metric in ("loss", "grad_norm_total"):
+        s2, _, v = rec.wide(metric, "run")
+        bad = np.flatnonzero(np.isinf(v[:, 0])) if s2.size else []  # NaN was stored as inf
+        if len(bad):
+            first = min(first, float(s2[bad[0]]))
+    if np.isfinite(first):
+        out = (steps <= first) & (steps > first - window)
+    return out
+
+
+def _not_learning(rec: Records, steps: np.ndarray, t: Thresholds) -> np.ndarray:
+    """Rows where the loss's median over the last ``history`` steps is still above
+    ``learn_progress`` times the run's first loss (all True where no loss was recorded: the
+    update ratios decide alone)."""
+    s2, _, loss = rec.wide("loss", "run")
+    start = rec.first_seen.get((RUN_LAYER, "run", "loss"))
+    if not s2.size or start is None or not np.isfinite(start[1]) or start[1] <= 0:
+        return np.ones(steps.size, dtype=bool)
+    v = loss[:, 0]
+    out = np.ones(steps.size, dtype=bool)
+    for i, step in enumerate(steps.tolist()):
+        sel = (s2 <= step) & (s2 > step - t.history) & np.isfinite(v)
+        if sel.any():
+            out[i] = float(np.median(v[sel])) > t.learn_progress * start[1]
+    return out
+
+
+def _lr_decayed(rec: Records, steps: np.ndarray) -> np.ndarray:
+    """Rows where the learning rate (the ``lr`` record, where the optimizer's is known) is
+    below a tenth of its peak so far: a schedule brought it down on purpose."""
+    s2, _, lr = rec.wide("lr", "run")
+    out = np.zeros(steps.size, dtype=bool)
+    if not s2.size:
+        return out
+    v = np.where(np.isfinite(lr[:, 0]), lr[:, 0], np.nan)
+    peak = np.fmax.accumulate(np.nan_to_num(v, nan=0.0))
+    rows = np.searchsorted(s2, steps, side="right") - 1
+    ok = rows >= 0
+    out[ok] = v[rows[ok]] < 0.1 * peak[rows[ok]]
+    return out
