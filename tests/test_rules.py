@@ -208,6 +208,57 @@ def test_mild_depth_profile_is_healthy():
     assert diagnose(_signal(2.5), info(sites=names))[0] == []  # 2.5^5 = 98
 
 
+def test_milder_vanishing_counts_when_the_first_layers_barely_move():
+    """0.3 per layer over 6 layers (2.4e-3, above depth_vanish_ratio) is vanishing only with its
+    consequence: the first weight matrix moving 1e-3 as fast as the last, relative to size."""
+    names = tuple(f"layer{i}" for i in range(6))
+    series = _signal(0.3)
+    s = series[("layer0", "module", "output_grad_norm")][0]
+    series[("layer0.weight", "param", "update_ratio")] = (s, np.full(s.size, 1e-6))
+    series[("layer5.weight", "param", "update_ratio")] = (s, np.full(s.size, 1e-3))
+    li = info(sites=names, params=("layer0.weight", "layer5.weight"))
+    found, _ = diagnose(series, li)
+    assert [(f["kind"], f["layer"]) for f in found] == [("vanishing_gradients", "layer0")]
+    assert found[0]["evidence"]["first_last_update_ratio"] == pytest.approx(1e-3)
+    series[("layer0.weight", "param", "update_ratio")] = (s, np.full(s.size, 1e-4))  # 0.1
+    assert diagnose(series, li)[0] == []
+
+
+def test_the_root_and_other_containers_are_not_depth_points():
+    """A root module with a parameter of its own starts first but outputs last: left out of
+    the depth fit, it cannot be named the first layer (it was "(root)" on a post-LN model)."""
+    names = tuple(f"layer{i}" for i in range(6))
+    series = _signal(0.1)
+    s = series[("layer0", "module", "output_grad_norm")][0]
+    series[("(root)", "module", "output_grad_norm")] = (s, np.full(s.size, 1.0))
+    li = info(sites=("(root)", *names))
+    li.containers.add("(root)")
+    found, _ = diagnose(series, li)
+    assert [(f["kind"], f["layer"]) for f in found] == [("vanishing_gradients", "layer0")]
+
+
+def test_one_spike_that_sets_the_loss_back_is_exploding_without_patience():
+    n = 200
+    w = noisy(n)
+    w[150] *= 16
+    loss = noisy(n, level=1.0, spread=0.02, seed=3)
+    loss[151:] *= 2.0  # the step undid training
+    series = {**grads({"rnn.weight_hh": w}), (RUN_LAYER, "run", "loss"): (np.arange(n), loss)}
+    found, _ = diagnose(series, info(params=("rnn.weight_hh",)), chunks=4)
+    assert [(f["kind"], f["first_step"]) for f in found] == [("exploding_gradients", 150)]
+    calm = {**series, (RUN_LAYER, "run", "loss"): (np.arange(n), noisy(n, spread=0.02, seed=3))}
+    assert diagnose(calm, info(params=("rnn.weight_hh",)), chunks=4)[0] == []
+
+
+def test_a_run_that_starts_with_exploding_gradients_is_judged_against_later_steps():
+    w = noisy(120, level=0.03)
+    w[:3] = [8.0, 5.0, 2.0]  # the first gradients ~100x what follows
+    found, _ = diagnose(grads({"rnn.weight_hh": w}), info(params=("rnn.weight_hh",)))
+    [f] = found
+    assert (f["kind"], f["first_step"], f["severity"]) == ("exploding_gradients", 0, "error")
+    assert f["evidence"]["peak_ratio"] == pytest.approx(8.0 / np.median(w[1:51]), rel=0.05)
+
+
 def test_dead_units_are_not_called_vanishing():
     names = tuple(f"layer{i}" for i in range(6))
     series = _signal(0.1)
@@ -349,11 +400,31 @@ def test_huge_updates_count_even_during_warmup():
     ]
 
 
+def test_tiny_updates_of_a_run_that_learnt_or_whose_schedule_ended_are_not_low():
+    s = np.arange(0, 400, 10)
+    every = np.arange(400)
+    tiny = {("w.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-7))}
+    flat = {(RUN_LAYER, "run", "loss"): (every, np.full(400, 2.3))}
+    fell = {(RUN_LAYER, "run", "loss"): (every, np.linspace(2.3, 0.2, 400))}
+    li = info(params=("w.weight",))
+    assert [f["kind"] for f in diagnose({**tiny, **flat}, li)[0]] == ["update_ratio_low"]
+    assert diagnose({**tiny, **fell}, li)[0] == []  # converged: moving little is fine
+    decayed = {(RUN_LAYER, "run", "lr"): (every, 1e-3 * np.cos(every / 400 * np.pi / 2) ** 8)}
+    [f] = diagnose({**tiny, **flat, **decayed}, li)[0]
+    # raised while the lr was near its peak; once below a tenth of it (step 184), the schedule
+    # explains the tiny updates and the finding is not extended
+    assert f["kind"] == "update_ratio_low" and f["last_step"] < 184
+    dead = {("act", "module", "act_dead_fraction"): (s, np.full(s.size, 0.9))}
+    li_dead = info(params=("w.weight",), sites=("act",), families={"act": "rectifier"})
+    kinds = [f["kind"] for f in diagnose({**tiny, **flat, **dead}, li_dead)[0]]
+    assert kinds == ["dead_units"]  # the dead units starve it: one finding, theirs
+
+
 def test_update_ratio_low_ignores_exact_zeros():
     s = np.arange(0, 200, 10)
     series = {
         ("a.weight", "param", "update_ratio"): (s, np.full(s.size, 1e-8)),
-        ("b.weight", "param", "update_ratio"): (s, np.zeros(s.size)),
+        ("b.weight", "param", "update_ratio"): (s, np.zeros(s.size)),  # frozen
     }
     found, _ = diagnose(series, info(params=("a.weight", "b.weight")))
     assert [(f["kind"], f["layer"]) for f in found] == [("update_ratio_low", "a.weight")]

@@ -61,6 +61,7 @@ RULE_METRICS = frozenset(
         "act_nonfinite",
         "output_grad_norm",
         "loss",
+        "lr",
         "grad_norm_total",
         "skipped_step",
         "guard_skipped",

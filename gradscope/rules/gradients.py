@@ -28,6 +28,8 @@ from .thresholds import Thresholds
 EARLY_HISTORY = 5
 """Observations before a single 100x jump can be judged. Measured: over the first 25 steps of 14
 healthy runs no norm exceeded 5x the median of the steps before it (from 5 on)."""
+SETBACK_STEPS = 10
+"""Steps on each side of a gradient spike whose losses tell whether it set training back."""
 _MAD_FLOOR = 0.01  # log10 units: a history that never varies still has 2% noise
 _Z = 1.4826  # MAD -> standard deviation for normal data
 
@@ -74,7 +76,8 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
     with np.errstate(divide="ignore", invalid="ignore"):
         logn = np.where(norms > 0, np.log10(norms), np.nan)  # zeros: dead or unused, no history
     logn[np.isnan(norms)] = np.nan
-    need = steps >= rec.since - t.patience * 2  # context for runs that cross `since`
+    # context for runs that cross `since`, and for a spike whose aftermath had not been seen
+    need = steps >= rec.since - max(t.patience * 2, SETBACK_STEPS)
     # a 100x jump is judged from EARLY_HISTORY observations on (a run can blow up before it
     # has min_history steps); clusters of 10x spikes wait for the full min_history
     med, mad, _ = trailing_stats(logn, t.history, min(EARLY_HISTORY, t.min_history), need)
@@ -87,17 +90,24 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
         hot = finite & (excess >= np.log10(t.spike_ratio)) & (z >= t.spike_z)
         once = hot & (excess >= np.log10(t.spike_once_ratio))
         hot &= ~early
+        # one spike that sets the loss back is a finding without patience (a recurrent net's
+        # 16x spike that undoes training); one that leaves the loss alone is noise
+        lone = hot & _loss_setback(rec, steps, hot.any(axis=1), t)[:, None]
+        start, ahead = _start_spikes(logn, t)
     candidates: list[tuple[float, Episode]] = []
     for j, name in enumerate(names):
         col_rows = np.flatnonzero(~np.isnan(norms[:, j]))
         if not col_rows.size:
             continue
         spans = _clusters(steps[col_rows], hot[col_rows, j], t.patience, t.history)
-        spans += [(int(i), int(i)) for i in np.flatnonzero(once[col_rows, j])]
+        spans += [(int(i), int(i)) for i in np.flatnonzero((once | lone)[col_rows, j])]
+        first = np.flatnonzero(start[col_rows, j])
+        if first.size and steps[col_rows[first[-1]]] >= rec.since - t.history:
+            candidates.append(_start_episode(rec, t, name, steps, col_rows[first], j, norms, ahead))
         for a, b in spans:
             rows = col_rows[a : b + 1]
             rows = rows[hot[rows, j] | once[rows, j]]  # the spiking steps of the cluster
-            if steps[rows[-1]] < rec.since:
+            if steps[rows[-1]] < rec.since - (SETBACK_STEPS if lone[rows[-1], j] else 0):
                 continue
             peak_row = rows[np.argmax(excess[rows, j])]
             ratio = 10 ** float(excess[peak_row, j])
@@ -134,6 +144,88 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
             )
             candidates.append((ratio, ep))
     return keep_strongest(candidates)
+
+
+def _loss_setback(rec: Records, steps: np.ndarray, rows: np.ndarray, t: Thresholds) -> np.ndarray:
+    """Rows (of those marked in ``rows``) after which the loss's median over the next
+    ``SETBACK_STEPS`` steps is at least ``loss_setback`` times its median over the previous
+    ones (or not finite): the step undid training."""
+    out = np.zeros(steps.size, dtype=bool)
+    s2, _, loss = rec.wide("loss", "run")
+    if not s2.size or not rows.any():
+        return out
+    v = loss[:, 0]
+    for i in np.flatnonzero(rows).tolist():
+        step = int(steps[i])
+        lo, mid, hi = np.searchsorted(s2, [step - SETBACK_STEPS, step, step + SETBACK_STEPS + 1])
+        before, after = v[lo:mid], v[mid + 1 : hi]
+        before = before[np.isfinite(before)]
+        if before.size < SETBACK_STEPS // 2 or after.size < SETBACK_STEPS // 2:
+            continue  # not enough on either side (yet): no verdict
+        with np.errstate(invalid="ignore"):
+            out[i] = not np.isfinite(after).all() or bool(
+                np.median(after) >= t.loss_setback * np.median(before) > 0
+            )
+    return out
+
+
+def _start_spikes(logn: np.ndarray, t: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``EARLY_HISTORY`` observations of each column judged against the ones *after*
+    them (there is nothing before): at least ``spike_once_ratio`` x the median of the next
+    ``history`` finite observations and ``spike_z`` robust deviations above it, once
+    ``min_history`` of them exist. Returns the mask and the median it was compared with (log10)."""
+    start = np.zeros(logn.shape, dtype=bool)
+    ahead = np.full(logn.shape, np.nan)
+    for j in range(logn.shape[1]):
+        idx = np.flatnonzero(np.isfinite(logn[:, j]))
+        for k in range(min(EARLY_HISTORY, idx.size)):
+            later = logn[idx[k + 1 : k + 1 + t.history], j]
+            if later.size < t.min_history:
+                break
+            m = float(np.median(later))
+            mad = float(np.median(np.abs(later - m)))
+            excess = float(logn[idx[k], j]) - m
+            ahead[idx[k], j] = m
+            start[idx[k], j] = excess >= np.log10(t.spike_once_ratio) and (
+                excess / max(_Z * mad, _MAD_FLOOR) >= t.spike_z
+            )
+    return start, ahead
+
+
+def _start_episode(
+    rec: Records,
+    t: Thresholds,
+    name: str,
+    steps: np.ndarray,
+    rows: np.ndarray,
+    j: int,
+    norms: np.ndarray,
+    ahead: np.ndarray,
+) -> tuple[float, Episode]:
+    peak_row = rows[np.argmax(norms[rows, j])]
+    peak = float(norms[peak_row, j])
+    base = 10 ** float(ahead[peak_row, j])
+    ratio = peak / base
+    first, last = int(steps[rows[0]]), int(steps[rows[-1]])
+    ev = {
+        "peak_norm": peak,
+        "median_norm": base,
+        "peak_ratio": ratio,
+        "peak_step": int(steps[peak_row]),
+        "compared_with": f"the next {t.history} steps",
+        "steps": int(rows.size),
+    }
+    msg = (
+        f"gradient norm of {name} was {fmt(peak)} at step {int(steps[peak_row])}, "
+        f"{fmt(ratio)}x its median of {fmt(base)} over the steps that followed: the run "
+        "starts with exploding gradients (initial weights too large, such as a recurrent "
+        "weight scaled above 1)"
+    )
+    hint = (
+        "initialise with a smaller scale (orthogonal or Xavier init for recurrent weights, "
+        "nn.init.orthogonal_), or " + _clip_hint(rec)
+    )
+    return ratio, Episode("exploding_gradients", name, first, last, "error", ev, msg, hint)
 
 
 def _clusters(steps: np.ndarray, hot: np.ndarray, patience: int, gap: int) -> list[tuple[int, int]]:

@@ -107,6 +107,9 @@ class Thresholds:
             single poisoned batch can wreck Adam's moment estimates); 3x the largest healthy
             single-step ratio measured. The step must be a spike (``spike_ratio``, ``spike_z``)
             too, so a value below ``spike_ratio`` raises every spike at once. A number >= 1.
+        loss_setback: ...or a single spike (``spike_ratio``, ``spike_z``) after which the
+            loss's median over the next 10 steps is at least this many times its median over
+            the previous 10: the step undid training. A number > 1.
         spike_z: ...and the norm's robust z-score (median/MAD of log-norms over the window) must
             be at least this (ZClip clips at z > 2.5; healthy runs measured up to 5.7, but never
             together with a 10x ratio). A number > 0.
@@ -174,6 +177,7 @@ class Thresholds:
     spike_ratio: float = _number(10.0, _RATIO)
     spike_once_ratio: float = _number(100.0, _RATIO)
     spike_z: float = _number(3.5, _POSITIVE)
+    loss_setback: float = _number(1.5, _GROWTH)
     depth_explode_ratio: float = _number(200.0, _GROWTH)
     depth_vanish_ratio: float = _number(1e-4, _SHRINK)
     depth_starve_ratio: float = _number(1e-2, _SHRINK)
