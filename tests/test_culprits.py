@@ -303,7 +303,8 @@ def test_each_cause_gets_advice_that_fits_it(out):
         nn.Sequential(_eye_linear(), Log(), nn.Linear(8, 1)), out / "log", lambda i: _x(i, "zero")
     )
     assert "overflow" not in log["evidence"]
-    assert "clamp before log/sqrt/division" in log["suggestion"]
+    assert log["evidence"]["op"]["cause"] == "log_domain"
+    assert "torch.log" in log["message"] and "clamp_min" in log["suggestion"]
     sqrt, _ = _train(
         nn.Sequential(_eye_linear(4), PairDistance(), nn.Linear(1, 1)),
         out / "sqrt",
@@ -520,3 +521,68 @@ def test_a_reentrant_checkpoint_is_traced_inside_its_block(out):
     model.fc1 = _eye_linear()
     f, _ = _train(model, out, lambda i: _x(i, "zero"))
     assert (f["first_step"], f["module"], f["class"]) == (BAD, "block.1", "Log")
+
+
+class MaskedAttention(nn.Module):
+    """Single-head attention with a padding mask over keys: a sequence whose every key is
+    padding masks a whole row with -inf, and the softmax of that row is NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+
+    def forward(self, x, pad):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(-2, -1) / 2.0
+        scores = scores.masked_fill(pad[:, None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+class AttnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = MaskedAttention()
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x, pad):
+        return self.head(self.attn(x, pad))
+
+
+@pytest.mark.parametrize(
+    ("origin", "cause", "op", "advice"),
+    [
+        ("masked softmax", "masked_row", "torch.softmax", "at least one position"),
+        ("division by a zero std", "divide_by_zero", "Tensor.div", "epsilon"),
+        ("log in the root's own forward", "log_domain", "torch.log", "clamp_min"),
+    ],
+)
+def test_the_operation_behind_a_forward_nan_decides_the_advice(out, origin, cause, op, advice):
+    """The replay watches each torch call: the finding names the operation (a functional one
+    in the model's own forward too) and advice for its cause, not the generic forward advice."""
+    torch.manual_seed(0)
+    if origin == "masked softmax":
+        model = AttnNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gradscope.watch(model, out=out, quiet=True) as scope:
+            for i in range(6):
+                x = torch.randn(2, 5, 4)
+                pad = torch.zeros(2, 5, dtype=torch.bool)
+                if i == BAD:
+                    pad[1] = True  # the second sequence is all padding
+                opt.zero_grad()
+                model(x, pad).pow(2).mean().backward()
+                opt.step()
+        [f] = [f for f in scope.findings if f["kind"] == "nonfinite"]
+        assert (f["first_step"], f["module"]) == (BAD, "attn")
+    else:
+        if origin == "division by a zero std":
+            model = nn.Sequential(nn.Linear(4, 4), BatchStandardise(), nn.Linear(4, 1))
+            make = _inputs("one_row")
+        else:
+            model = FunctionalBetween()
+            model.fc1 = _eye_linear()
+            make = _inputs("big_negative")
+        f, _ = _train(model, out, make)
+    assert f["evidence"]["op"]["cause"] == cause, f
+    assert f["evidence"]["op"]["op"] == op
+    assert op in f["message"] and advice in f["suggestion"], f

@@ -40,6 +40,7 @@ from torch import nn
 from ..compat import cpu_autocast, is_compiling
 from ..hooks import Hook, HookSet
 from .nonfinite import _tensors
+from .ops import OpWatch
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -180,6 +181,7 @@ class StepReplay:
         self._active = True
         tracer.begin_replay()
         faithful = True
+        ops = OpWatch()
         try:
             for call in calls:
                 torch.set_rng_state(call.rng)
@@ -190,7 +192,8 @@ class StepReplay:
                         dtype=call.autocast or torch.bfloat16,
                         enabled=call.autocast is not None,
                     ),
-                ):
+                    ops,
+                ):  # the operation behind a forward culprit (once per flag)
                     out = _user_code(call.module, *call.args, **call.kwargs)
                 if out is _FAILED:
                     faithful, self.failed = False, self.failed + 1
@@ -229,6 +232,9 @@ class StepReplay:
                     break
                 if clean and loss is not None and call is calls[-1]:
                     tracer.bad_output_gradient(_max_abs(list(_tensors(out))), loss)
+            held = tracer.held
+            if held is not None and held.get("phase") == "forward" and ops.first is not None:
+                held["op"] = ops.first
         finally:
             tracer.end_replay(faithful)
             self._active = False

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..records import RUN_LAYER
 from .base import Episode, Records, fmt, keep_strongest, runs, trailing_stats
 from .thresholds import Thresholds
 
@@ -94,6 +95,13 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
         # 16x spike that undoes training); one that leaves the loss alone is noise
         lone = hot & _loss_setback(rec, steps, hot.any(axis=1), t)[:, None]
         start, ahead = _start_spikes(logn, t)
+    # the later steps are a fair baseline only if nothing else made their gradients small: no
+    # rectifier died, and the loss did not fall far (large first gradients of a loss that then
+    # drops are learning, not explosion)
+    later = steps[steps > EARLY_HISTORY]
+    calm_after = bool(start.any()) and not (
+        _dead_rows(rec, later, t).any() or _loss_fell(rec, t.learn_progress)
+    )
     candidates: list[tuple[float, Episode]] = []
     for j, name in enumerate(names):
         col_rows = np.flatnonzero(~np.isnan(norms[:, j]))
@@ -102,7 +110,7 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
         spans = _clusters(steps[col_rows], hot[col_rows, j], t.patience, t.history)
         spans += [(int(i), int(i)) for i in np.flatnonzero((once | lone)[col_rows, j])]
         first = np.flatnonzero(start[col_rows, j])
-        if first.size and steps[col_rows[first[-1]]] >= rec.since - t.history:
+        if first.size and steps[col_rows[first[-1]]] >= rec.since - t.history and calm_after:
             candidates.append(_start_episode(rec, t, name, steps, col_rows[first], j, norms, ahead))
         for a, b in spans:
             rows = col_rows[a : b + 1]
@@ -167,6 +175,18 @@ def _loss_setback(rec: Records, steps: np.ndarray, rows: np.ndarray, t: Threshol
                 np.median(after) >= t.loss_setback * np.median(before) > 0
             )
     return out
+
+
+def _loss_fell(rec: Records, fraction: float) -> bool:
+    """Whether the loss's median over the window's last steps is below ``fraction`` of the
+    run's first loss."""
+    s2, _, loss = rec.wide("loss", "run")
+    start = rec.first_seen.get((RUN_LAYER, "run", "loss"))
+    if not s2.size or start is None or not np.isfinite(start[1]) or start[1] <= 0:
+        return False
+    tail = loss[-SETBACK_STEPS:, 0]
+    tail = tail[np.isfinite(tail)]
+    return bool(tail.size) and float(np.median(tail)) < fraction * start[1]
 
 
 def _start_spikes(logn: np.ndarray, t: Thresholds) -> tuple[np.ndarray, np.ndarray]:

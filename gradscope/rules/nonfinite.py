@@ -170,6 +170,13 @@ def traced_episode(info: dict[str, Any]) -> Episode:
             f"{evidence.get('output_dtype', 'float32')} range"
         )
         hint = OVERFLOW_HINT.format(module=module)
+    elif phase == "forward" and isinstance(evidence.get("op"), dict):
+        op = evidence["op"]
+        msg = (
+            f"{module} ({cls}) produced the first non-finite output at step {step}, from "
+            f"finite inputs: {op.get('op')} {op.get('why')}"
+        )
+        hint = OP_HINTS.get(str(op.get("cause")))
     elif phase == "forward":
         msg = (
             f"{module} ({cls}) produced the first non-finite output at step {step}, "
@@ -197,6 +204,38 @@ def traced_episode(info: dict[str, Any]) -> Episode:
         {"phase": phase, "module": module, "class": cls},
     )
 
+
+OP_HINTS = {
+    "masked_row": (
+        "every position of some row is masked (-inf), and a softmax over nothing is NaN: make "
+        "sure each query keeps at least one position it may attend to (a padding query whose "
+        "keys are all masked, a causal mask combined with a padding mask), or fill the mask "
+        "with torch.finfo(scores.dtype).min instead of -inf so such a row is uniform, not NaN"
+    ),
+    "log_domain": (
+        "keep the argument of the log positive: torch.log(x.clamp_min(1e-8)), or compute in "
+        "log space from logits (F.log_softmax, F.logsigmoid, nn.BCEWithLogitsLoss instead of "
+        "log(softmax(...)) or log(sigmoid(...)))"
+    ),
+    "root_domain": (
+        "keep the argument non-negative (x.clamp_min(0)) and away from 0 where it is "
+        "differentiated: torch.sqrt(x + 1e-12); sqrt'(0) is infinite"
+    ),
+    "divide_by_zero": (
+        "add an epsilon to the denominator (x / (d + 1e-8)) or clamp it (d.clamp_min(1e-8)): "
+        "a norm or standard deviation of a constant input is exactly 0"
+    ),
+    "trig_domain": (
+        "clamp the argument into the function's domain (x.clamp(-1 + 1e-7, 1 - 1e-7) for acos/asin)"
+    ),
+    "overflow": (
+        "compute in log space or subtract the maximum before exponentiating "
+        "(torch.logsumexp, F.log_softmax), clamp the argument, or lower the learning rate "
+        "if the inputs grew during training"
+    ),
+}
+"""Advice for the operation that made the first NaN/Inf in a replayed forward
+(:mod:`gradscope.probes.ops`), by its cause."""
 
 POISONED_HINT = (
     "these weights carry a NaN/Inf an earlier step's gradients put there: look for where the "
