@@ -414,6 +414,12 @@ def test_tiny_updates_of_a_run_that_learnt_or_whose_schedule_ended_are_not_low()
     # raised while the lr was near its peak; once below a tenth of it (step 184), the schedule
     # explains the tiny updates and the finding is not extended
     assert f["kind"] == "update_ratio_low" and f["last_step"] < 184
+    # a learning rate that falls 1e5x in one step (a schedule bug) is no schedule: the tiny
+    # updates after it are a finding, though the loss fell before the drop
+    bug = {(RUN_LAYER, "run", "lr"): (every, np.where(every < 100, 1e-3, 1e-8))}
+    after = {("w.weight", "param", "update_ratio"): (s, np.where(s < 100, 1e-3, 1e-8))}
+    [f] = diagnose({**after, **fell, **bug}, li)[0]
+    assert (f["kind"], f["first_step"]) == ("update_ratio_low", 100)
     dead = {("act", "module", "act_dead_fraction"): (s, np.full(s.size, 0.9))}
     li_dead = info(params=("w.weight",), sites=("act",), families={"act": "rectifier"})
     kinds = [f["kind"] for f in diagnose({**tiny, **flat, **dead}, li_dead)[0]]

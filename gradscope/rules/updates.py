@@ -38,7 +38,8 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
         broad = np.nanmedian(r[:, weights], axis=1) > t.update_high if weights else late & False
     high = np.where(late | broad, t.update_high, 10 * t.update_high)
     at_once = (broad & ~late) | _before_divergence(rec, steps, t.history)
-    still = _not_learning(rec, steps, t) & ~_dead_rows(rec, steps, t) & ~_lr_decayed(rec, steps)
+    scheduled, dropped = _lr_history(rec, steps)
+    still = (_not_learning(rec, steps, t) | dropped) & ~scheduled & ~_dead_rows(rec, steps, t)
     found: dict[str, list[tuple[float, Episode]]] = {"high": [], "low": []}
     for j in weights:
         name = names[j]
@@ -152,16 +153,30 @@ def _not_learning(rec: Records, steps: np.ndarray, t: Thresholds) -> np.ndarray:
     return out
 
 
-def _lr_decayed(rec: Records, steps: np.ndarray) -> np.ndarray:
-    """Rows where the learning rate (the ``lr`` record, where the optimizer's is known) is
-    below a tenth of its peak so far: a schedule brought it down on purpose."""
+def _lr_history(rec: Records, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From the ``lr`` record (where the optimizer's learning rate is known), for each row of
+    ``steps``: whether a schedule brought it below a tenth of its peak so far, gradually (no
+    single step divided it by more than ``LR_DROP``: cosine, linear, exponential or step
+    decay), and whether it instead fell by more than ``LR_DROP`` at once (a schedule bug, a
+    mistyped exponent in a group: tiny updates then need no further evidence)."""
+    scheduled = np.zeros(steps.size, dtype=bool)
+    dropped = np.zeros(steps.size, dtype=bool)
     s2, _, lr = rec.wide("lr", "run")
-    out = np.zeros(steps.size, dtype=bool)
     if not s2.size:
-        return out
-    v = np.where(np.isfinite(lr[:, 0]), lr[:, 0], np.nan)
+        return scheduled, dropped
+    v = np.where(np.isfinite(lr[:, 0]) & (lr[:, 0] > 0), lr[:, 0], np.nan)
     peak = np.fmax.accumulate(np.nan_to_num(v, nan=0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fall = np.concatenate([[1.0], v[:-1] / v[1:]])
+    abrupt = np.fmax.accumulate(np.nan_to_num(fall, nan=1.0)) > LR_DROP
     rows = np.searchsorted(s2, steps, side="right") - 1
     ok = rows >= 0
-    out[ok] = v[rows[ok]] < 0.1 * peak[rows[ok]]
-    return out
+    low = v[rows[ok]] < 0.1 * peak[rows[ok]]
+    scheduled[ok] = low & ~abrupt[rows[ok]]
+    dropped[ok] = low & abrupt[rows[ok]]
+    return scheduled, dropped
+
+
+LR_DROP = 1000.0
+"""A learning rate divided by more than this in one step fell, it was not scheduled down: step
+decay divides by 10 at a time, cosine and linear schedules by far less per step."""
