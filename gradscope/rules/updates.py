@@ -18,8 +18,8 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
 
     Too high: above ``update_high`` for ``patience`` checks after ``update_warmup`` steps.
     During warm-up a check counts when the ratio is above ``10 * update_high``, or above
-    ``update_high`` on most weight matrices at once (the learning rate itself is too high, not
-    one layer's Adam start). One check is enough when the model is broadly too high during
+    ``update_high`` on most weight matrices at once, two or more (the learning rate itself is
+    too high, not one layer's Adam start). One check is enough when the model is broadly too high during
     warm-up, or when the run diverges (a non-finite loss or gradient) within ``history`` steps
     after it: large early updates are the cause, whatever happens later.
 
@@ -35,7 +35,13 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
     late = steps >= t.update_warmup
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row: no verdict
-        broad = np.nanmedian(r[:, weights], axis=1) > t.update_high if weights else late & False
+        # "most of the model" needs a model of several matrices: a lone linear layer growing
+        # from a small init toward its targets moves by large fractions at first, and learns
+        broad = (
+            np.nanmedian(r[:, weights], axis=1) > t.update_high
+            if len(weights) >= 2
+            else np.zeros(steps.size, dtype=bool)
+        )
     high = np.where(late | broad, t.update_high, 10 * t.update_high)
     at_once = (broad & ~late) | _before_divergence(rec, steps, t.history)
     scheduled, dropped = _lr_history(rec, steps)
