@@ -77,6 +77,8 @@ class Flusher:
             if config.diagnose
             else None
         )
+        if self.diagnoser is not None:  # what is known before the first flush
+            self.diagnoser.context = RunContext(launcher=launcher)
         self._ranks = ranks
         self._guard = guard
         self._on_cpu = on_cpu
@@ -275,6 +277,7 @@ class Flusher:
             return
         self._out.record(Event.nonfinite_traced(info))
         if self.diagnoser is not None:
+            self.diagnoser.context = self.context()  # possibly before the first flush
             self.diagnoser.merge(traced_episode(info))
 
     def announce(self, finding: Finding, new: bool) -> None:
