@@ -26,7 +26,7 @@ if sys.version_info >= (3, 11) or TYPE_CHECKING:
 else:  # pragma: no cover - Python < 3.11: NotRequired keys are plain (total=False) keys
     from typing import TypedDict
 
-Severity = Literal["warning", "error"]
+Severity = Literal["error", "warning", "info"]
 
 
 RemedyAction = TypedDict(
@@ -53,12 +53,16 @@ if sys.version_info >= (3, 11) or TYPE_CHECKING:
 
     class Finding(TypedDict):
         """One finding: the pathology, the layer, the steps, the evidence, what to try.
-        ``nonfinite`` findings add ``phase``, ``module`` and ``class``; remedies that acted on
-        it are listed under ``remedies``."""
+        ``layer`` is the primary layer and ``layers`` every layer the finding groups (the
+        primary first; findings.json files written before 0.2 have no ``layers``: then the one
+        layer is ``layer``). ``nonfinite`` findings add
+        ``phase``, ``module`` and ``class``; remedies that acted on it are listed under
+        ``remedies``."""
 
         kind: str
         severity: Severity
         layer: str
+        layers: NotRequired[list[str]]
         first_step: int
         last_step: int
         evidence: dict[str, Any]

@@ -22,7 +22,9 @@ from .imports import own_imports
 from .outputs import Outputs
 from .probes.activations import ModuleProbe
 from .probes.weights import WeightProbe
+from .recorder import optimizer_lr
 from .records import RUN_LAYER, LongTable
+from .rules.advice import NORM_TYPES, Launcher, OptimizerInfo, RunContext
 from .rules.engine import FINDING_REMEDY_RULES, Diagnoser, layer_info
 from .rules.nonfinite import traced_episode
 
@@ -45,8 +47,8 @@ class Flusher:
         on_device: Returns whether the watched model is on the CPU now (it may move).
         after_write: Called after every written flush (run.json's cadence).
         warn: Tells the user once.
-        hint: Rewrites a finding's suggestion for where the run was started (``gradscope
-            run``: command-line flags instead of ``watch()`` keywords).
+        launcher: How the run was started (``"watch"``, or ``"run"``: ``gradscope run``):
+            advice spells gradscope's options as ``watch()`` keywords or command-line flags.
 
     The rules (:class:`~gradscope.rules.engine.Diagnoser`, None with ``diagnose=False``) are
     the flusher's: it feeds them every flushed table and announces what they raise.
@@ -62,18 +64,21 @@ class Flusher:
         on_cpu: Callable[[], bool],
         after_write: Callable[[], None],
         warn: Callable[[str], None],
-        hint: Callable[[str], str] | None = None,
+        launcher: Launcher = "watch",
     ) -> None:
         self._rec = recorder
         self._out = outputs
         self.console = console
-        self.hint = hint
+        self.launcher: Launcher = launcher
+        self._first_lr: dict[int, float] = {}  # id(optimizer) -> the first lr seen
         config = recorder.config
         self.diagnoser = (
             Diagnoser(config.thresholds, self.announce, sample_every=config.activation_every)
             if config.diagnose
             else None
         )
+        if self.diagnoser is not None:  # what is known before the first flush
+            self.diagnoser.context = RunContext(launcher=launcher)
         self._ranks = ranks
         self._guard = guard
         self._on_cpu = on_cpu
@@ -163,8 +168,10 @@ class Flusher:
         diagnoser = self.diagnoser
         assert diagnoser is not None
         rec = self._rec
-        info = layer_info(rec.table.describe(), rec.modules.site_names())
-        diagnoser.update(table, info, FINDING_REMEDY_RULES if early else None)
+        describe = rec.table.describe()
+        info = layer_info(describe, rec.modules.site_names())
+        context = self.context(describe)
+        diagnoser.update(table, info, FINDING_REMEDY_RULES if early else None, context)
         for error in diagnoser.errors:
             self._out.record(Event.internal_error("rules", error))
         diagnoser.errors.clear()
@@ -181,6 +188,53 @@ class Flusher:
             )
             for action in actions or ():
                 diagnoser.attach(action.finding, action.record)
+                self.console.remedy(action.finding, action.record)
+
+    def context(self, describe: list[dict[str, Any]] | None = None) -> RunContext:
+        """What the rules know about the run now besides its records (``describe``: the
+        layer table's, when already at hand): how it was started, the optimizers and their
+        learning rates (Python numbers in ``param_groups``: no device read), the normalisation
+        and activation modules, the remedies in force and what they did."""
+        rec = self._rec
+        describe = rec.table.describe() if describe is None else describe
+        optimizers = []
+        for opt in rec.clock.optimizers():
+            lr = optimizer_lr(opt)
+            if lr is not None:
+                self._first_lr.setdefault(id(opt), lr)
+            initial = optimizer_lr(opt, "initial_lr")
+            if initial is None:
+                initial = self._first_lr.get(id(opt))
+            optimizers.append(OptimizerInfo(type(opt).__name__, lr, initial))
+        types = [e["type"] for e in describe if e.get("kind") == "module"]
+        norms = tuple(dict.fromkeys(t for t in types if t in NORM_TYPES))
+        activations = tuple(
+            dict.fromkeys(
+                e["type"] for e in describe if e.get("kind") == "module" and e.get("family")
+            )
+        )
+        config = rec.config
+        steps = rec.remedies
+        clip = steps.clip if steps is not None else None
+        bound = None
+        if clip is not None and clip.method == "norm" and not clip.per_layer:
+            bound = float(clip["max"])
+        guard = steps.guard if steps is not None else None
+        units = self.remedies
+        return RunContext(
+            launcher=self.launcher,
+            optimizers=tuple(optimizers),
+            norms=norms,
+            activations=activations,
+            clip=str(clip) if clip is not None else None,
+            clip_bound=bound,
+            clip_from=rec.clip_from,
+            guard=guard.max_skips if guard is not None else 0,
+            guard_skipped=guard.skips if guard is not None else 0,
+            swap=tuple(str(r) for r in config.swap),
+            swapped=dict(units.swapped) if units is not None else {},
+            recycle=bool(config.recycle),
+        )
 
     def _summarize_clipping(self, table: LongTable) -> None:
         """One ``clipped`` event per flush: how many steps clipping changed, and by how much
@@ -223,23 +277,19 @@ class Flusher:
             return
         self._out.record(Event.nonfinite_traced(info))
         if self.diagnoser is not None:
+            self.diagnoser.context = self.context()  # possibly before the first flush
             self.diagnoser.merge(traced_episode(info))
 
     def announce(self, finding: Finding, new: bool) -> None:
         """A finding raised (``new``) or told again with better information: an event for
         every sink, and a line on stderr."""
-        if self.hint is not None:
-            finding = {**finding, "suggestion": self.hint(finding["suggestion"])}
         self._out.event(Event.finding(finding, new))
         self.console.announce(finding, new)
 
     def findings(self, final: bool = False) -> list[Finding]:
         """The findings so far (copies), with which rank went first where there are several;
-        ``final``: as findings.json holds them (the suggestion rewritten by :attr:`hint`)."""
+        ``final``: as findings.json holds them."""
         findings = self.diagnoser.snapshot() if self.diagnoser is not None else []
         if self._ranks is not None:
             findings = self._ranks.evidence(findings)
-        if final and self.hint is not None:
-            for f in findings:
-                f["suggestion"] = self.hint(f["suggestion"])
         return findings

@@ -26,7 +26,6 @@ from .config import Config, type_matches
 from .records import ROOT as ROOT
 
 
-
 class Family(enum.Enum):
     """How an activation's output is read: which of dead fraction and saturation apply."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import re
 import socket
 import sys
 import time
@@ -205,27 +204,6 @@ class RunJson:
             rundir.write_json(self.path, meta)
         else:
             self._write(meta)
-
-
-_WATCH_HINT = re.compile(r"gradscope\.watch\(\.\.\., (\w+)=('[^']*'|\w+)\)")
-
-
-def command_line_hint(text: str) -> str:
-    """A finding's suggestion for ``gradscope run`` users: ``gradscope.watch(..., swap='a')``
-    becomes ``gradscope run --swap 'a' ...``, ``recycle=True`` and ``guard=True`` become the
-    bare flags ``--recycle`` and ``--guard``."""
-
-    def flag(match: re.Match[str]) -> str:
-        key, value = match.group(1).replace("_", "-"), match.group(2)
-        if value != "True":
-            return f"gradscope run --{key} {value} ..."
-        return (
-            f"gradscope run --{key} ..."
-            if key in ("recycle", "guard")
-            else f"gradscope run --{key} true ..."
-        )
-
-    return _WATCH_HINT.sub(flag, text)
 
 
 def write_report_safely(run_dir: Path, quiet: bool) -> None:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .ranks import RankCoordinator
     from .remedies.steps import StepRemedies
     from .remedies.units import UnitRemedies
+    from .rules.advice import Launcher
     from .sinks.console import FindingPrinter
 
 
@@ -88,7 +89,7 @@ def build_parts(
     console: FindingPrinter,
     after_write: Callable[[], None],
     stack: contextlib.ExitStack[Any],
-    hint: Callable[[str], str] | None,
+    launcher: Launcher = "watch",
     callers: Mapping[int, nn.Module] | None = None,
 ) -> Parts:
     """Build the measuring parts of a Scope and wire them to each other: the recorder and
@@ -101,7 +102,8 @@ def build_parts(
         console: Prints findings as they are raised.
         after_write: Called after each written flush (run.json's cadence).
         stack: The Scope's ExitStack.
-        hint: Rewrites a finding's suggestion (``gradscope run``: command-line flags).
+        launcher: How the run was started (``"run"``: ``gradscope run``; advice spells
+            options as command-line flags).
         callers: The compiled wrappers the user calls, by the id of the module each runs.
     """
     rec = StepRecorder(
@@ -132,7 +134,7 @@ def build_parts(
         on_cpu=lambda: first_device(models).type == "cpu",
         after_write=after_write,
         warn=warn,
-        hint=hint,
+        launcher=launcher,
     )
     if ranks is not None:
         diagnoser = flusher.diagnoser

@@ -42,11 +42,33 @@ RUN_COLUMNS = (
     "grad_norm_total_clipped",
     "clip_coef",
     "clip_threshold",
+    "lr",
 )
 """Run-level columns the recorder writes itself (``grad_norm_total`` is derived at flush)."""
 
 Emit = Callable[[Event], None]
 Warn = Callable[[str], None]
+
+
+def group_lr(value: Any) -> float | None:
+    """One param group's ``lr`` as a float: a number as it is, a tensor on the CPU through
+    ``.item()`` (free there); a tensor on an accelerator is skipped (reading it would wait for
+    the device)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu" or value.numel() != 1:
+            return None
+        return float(value.item())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def optimizer_lr(opt: torch.optim.Optimizer, key: str = "lr") -> float | None:
+    """The largest ``key`` (``lr``, or ``initial_lr`` a scheduler set) over ``opt``'s param
+    groups; None where none is readable."""
+    values = [group_lr(g.get(key)) for g in getattr(opt, "param_groups", ())]
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
 
 
 class StepRecorder:
@@ -104,6 +126,8 @@ class StepRecorder:
         self.sample_findings = False
         self._loss: torch.Tensor | None = None  # sum of the step's losses
         self._loss_count = 0
+        self._lr: float | None = None  # the step's learning rate (max over its optimizers)
+        self.clip_from: int | None = None  # the first step clip= acted on
         self._scaler_seen = False
         self._skip_noted = False
         self._user_clipped: set[int] = set()  # slots the script clipped in this step
@@ -124,6 +148,7 @@ class StepRecorder:
         self.buffer.discard_current()
         self._user_clipped.clear()
         self._loss, self._loss_count = None, 0
+        self._lr = None
         self._skip_noted = False
         self.weights.cancel()
         self.modules.discard()
@@ -141,6 +166,9 @@ class StepRecorder:
             loss = self._loss if self._loss_count == 1 else self._loss / self._loss_count
             self.buffer.write(self.cols["loss"], loss)
             self._loss, self._loss_count = None, 0
+        if self._lr is not None:
+            self.buffer.write_host(self.cols["lr"].cols[0], self._lr)
+            self._lr = None
         if self._scaler_seen and not self._skip_noted:
             self.buffer.write_host(self.cols["skipped_step"].cols[0], 0.0)
         self._skip_noted = False
@@ -226,7 +254,8 @@ class StepRecorder:
 
     def before_update(self, opt: torch.optim.Optimizer, measured: Any, grad_scale: Any) -> bool:
         """Right before ``opt`` updates the weights, after the statistics: the guard and
-        clipping. True when the step is skipped."""
+        clipping. True when the step is skipped. Also notes the learning rate the step uses."""
+        self.note_lr(opt)
         rem = self.remedies
         if rem is None:
             return False
@@ -237,6 +266,8 @@ class StepRecorder:
             self.note_skipped(1.0)
             self.buffer.write_host(self.cols["guard_skipped"].cols[0], 1.0)
             return True
+        if result is not None and self.clip_from is None:
+            self.clip_from = self.clock.step
         if result is not None and measured is not None:
             slots = result.slots  # the watched ones, in the order the clipper saw them
             groups = self.grads.param_groups
@@ -298,6 +329,13 @@ class StepRecorder:
                 tracer.flag(self.clock.step)
         self._loss = loss if self._loss is None else self._loss + loss.to(self._loss.dtype)
         self._loss_count += 1
+
+    def note_lr(self, opt: torch.optim.Optimizer) -> None:
+        """The learning rate ``opt`` steps with (the largest of its param groups'), read as a
+        Python number: no device sync, nothing the training sees changes."""
+        lr = optimizer_lr(opt)
+        if lr is not None:
+            self._lr = lr if self._lr is None else max(self._lr, lr)
 
     def note_skipped(self, value: torch.Tensor | float) -> None:
         self._skip_noted = True

@@ -43,6 +43,7 @@ RUN_METRICS = (
     "grad_norm_total_clipped",
     "clip_coef",
     "clip_threshold",
+    "lr",
 )
 REMEDY_PARAM_METRICS = ("grad_norm_clipped", "clip_coef", "clip_threshold")
 METRICS = tuple(dict.fromkeys(PARAM_METRICS + REMEDY_PARAM_METRICS + MODULE_METRICS + RUN_METRICS))

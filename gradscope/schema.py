@@ -75,6 +75,7 @@ FINDING_FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
 should be, and the value a missing or bad one is replaced by."""
 FINDING_OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "remedies": (lambda v: isinstance(v, list), "a list"),
+    "layers": (lambda v: _str_list(v) and bool(v), "a list of layer names"),
     "module": (_or_null(_is_str), "a string"),
 }
 """Fields a finding may have; a bad one is dropped."""
@@ -189,6 +190,9 @@ def validate_finding(item: Any, where: str, tally: _Tally) -> dict[str, Any] | N
         if key in item and not check(item[key]):
             issues.append(f"{key} is {_type_name(item[key])}, expected {what}")
             del out[key]
+    if "layers" in out and out["layer"] not in out["layers"]:  # the primary is one of them
+        issues.append("layers does not hold layer")
+        out["layers"] = [out["layer"], *out["layers"]]
     first, last = out["first_step"], out["last_step"]
     if first is not None and last is not None and last < first:
         issues.append(f"last_step {last} is before first_step {first}")

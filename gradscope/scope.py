@@ -41,7 +41,7 @@ from .guard import CORE, EXIT, REPORT, Guard
 from .imports import own_imports
 from .layers import LayerTable
 from .listener import PatchListener
-from .meta import ENDED, RunJson, RunStatus, command_line_hint, status_for, write_report_safely
+from .meta import ENDED, RunJson, RunStatus, status_for, write_report_safely
 from .naming import first_device, model_key, unwrap
 from .outputs import Outputs
 from .parts import Parts, build_parts
@@ -153,7 +153,7 @@ class Scope:
             console=FindingPrinter(quiet=config.quiet or not self._writer),
             after_write=self._meta.due,
             stack=self._stack,
-            hint=command_line_hint if self._launch is not None else None,
+            launcher="run" if self._launch is not None else "watch",
             callers=self._callers,
         )
         self._clock, self._rec, self._flusher = parts.clock, parts.recorder, parts.flusher

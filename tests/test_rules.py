@@ -138,7 +138,8 @@ def test_all_layers_spiking_together_make_one_finding_naming_the_others():
         v[60] *= 200 * (i + 1)
     found, _ = diagnose(grads(layers), info(params=tuple(layers)))
     assert len(found) == 1 and found[0]["layer"] == "l3.weight"
-    assert sorted(found[0]["evidence"]["also_layers"]) == ["l0.weight", "l1.weight", "l2.weight"]
+    # grouped: the strongest names the finding, every layer is in `layers` (strongest first)
+    assert found[0]["layers"] == ["l3.weight", "l2.weight", "l1.weight", "l0.weight"]
 
 
 def test_a_nan_step_does_not_poison_the_history():
@@ -175,7 +176,7 @@ def test_overflowing_norm_of_finite_elements_is_exploding():
     assert [(f["kind"], f["severity"], f["layer"], f["first_step"]) for f in found] == [
         ("exploding_gradients", "error", "a.weight", 20)
     ]  # one finding for both layers
-    assert found[0]["evidence"]["also_layers"] == ["b.weight"]
+    assert found[0]["layers"] == ["a.weight", "b.weight"]
 
 
 # -- depth: backward signal ---------------------------------------------------------------------
@@ -366,7 +367,7 @@ def test_updates_broadly_too_high_at_the_start_are_raised_at_once():
     assert [(f["kind"], f["first_step"], f["last_step"]) for f in found] == [
         ("update_ratio_high", 0, 0)
     ]
-    assert found[0]["evidence"]["also_layers"] == ["l1.weight", "l2.weight"]
+    assert found[0]["layers"] == ["l0.weight", "l1.weight", "l2.weight"]
     lone = {
         **series,
         **{(f"l{i}.weight", "param", "update_ratio"): (s, s * 0 + 2e-3) for i in (1, 2)},

@@ -74,6 +74,7 @@ class UnitRemedies:
         self._swapped: set[int] = set()  # ids of modules put in by a swap (not swapped again)
         self._handled: set[tuple[str, str, int]] = set()  # findings acted on, or refused
         self._recycled_at: dict[str, int] = {}
+        self.swapped: dict[str, tuple[int, str, str]] = {}  # site -> (step, from, to) done
         if recycle:
             probe.keep_unit_masks = True
 
@@ -98,7 +99,16 @@ class UnitRemedies:
         for f in findings:
             if f.get("kind") not in ACTS_ON:
                 continue
-            sites = [f["layer"], *f.get("evidence", {}).get("downstream_dead", [])]
+            # every layer of a grouped finding, and the dead cascade below it
+            sites = list(
+                dict.fromkeys(
+                    [
+                        f["layer"],
+                        *f.get("layers", []),
+                        *f.get("evidence", {}).get("downstream_dead", []),
+                    ]
+                )
+            )
             for site in sites:
                 record = None
                 if self.swap:
@@ -131,6 +141,7 @@ class UnitRemedies:
         if self.on_replace is not None:
             self.on_replace(old, new)
         self._swapped.add(id(new))
+        self.swapped[entry.name] = (step, type(old).__name__, type(new).__name__)
         record: RemedyAction = {
             "remedy": "swap",
             "action": "swapped",

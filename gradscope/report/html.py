@@ -150,6 +150,7 @@ def _findings(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "severity": str(f.get("severity", "?")),
                 "kind": str(f.get("kind", "?")),
                 "layer": str(f.get("layer", "")),
+                "others": [str(x) for x in f.get("layers", []) or [] if x != f.get("layer")],
                 "steps": finding_steps(f),
                 "message": str(f.get("message", "")),
                 "suggestion": str(f.get("suggestion", "")),
@@ -210,7 +211,7 @@ def _remedy_markers(events: list[dict[str, Any]]) -> list[tuple[float, str]]:
 def _picked(names: list[str], findings: list[dict[str, Any]], limit: int = MAX_LINES) -> list[int]:
     """Which rows to draw as lines: layers with findings, then evenly spaced ones in forward
     order (first and last included)."""
-    flagged = {str(f.get("layer")) for f in findings}
+    flagged = {str(x) for f in findings for x in [f.get("layer"), *(f.get("layers") or [])]}
     chosen = [i for i, n in enumerate(names) if n in flagged or n.rsplit(".", 1)[0] in flagged]
     chosen = chosen[: limit // 2]
     rest = limit - len(chosen)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .advice import RunContext
+
 SEVERITIES = ("error", "warning", "info")
 
 
@@ -30,6 +32,14 @@ class Episode:
     message: str
     suggestion: str
     extra: dict[str, Any] = field(default_factory=dict)  # nonfinite: phase, module, class
+    cause: str = ""
+    """What episodes of one kind must share to be grouped into one finding (the Diagnoser
+    groups episodes of the same kind and cause over overlapping steps)."""
+    strength: float | None = None
+    """How strongly the condition held (set by :func:`keep_strongest`): the strongest of a
+    group names the finding; None: the first in forward order does."""
+    layers: list[str] = field(default_factory=list)
+    """Other layers the rule itself folded into this episode (a dead cascade)."""
 
 
 @dataclass
@@ -74,6 +84,8 @@ class Records:
         first_seen: First ``(step, value)`` recorded for each ``(layer, kind, metric)`` in the
             whole run (to tell "from the start" apart from "since step s" when the window no
             longer holds the start).
+        context: What is known about the run besides its records (optimizers, normalisation,
+            remedies in force, how it was started): advice is built from it.
     """
 
     def __init__(
@@ -85,8 +97,10 @@ class Records:
         since: int,
         layers: LayerInfo,
         first_seen: dict[tuple[str, str, str], tuple[int, float]] | None = None,
+        context: RunContext | None = None,
     ) -> None:
         self.since = since
+        self.context = context or RunContext()
         self.layers = layers
         self.first_seen = first_seen or {}
         self.columns = columns
@@ -133,20 +147,14 @@ class Records:
 
 
 def keep_strongest(candidates: list[tuple[float, Episode]]) -> list[Episode]:
-    """When several layers fire over the same steps (a bad batch moves every gradient), keep
-    the strongest as the finding and name the others in its evidence."""
-    kept: list[Episode] = []
-    for _, ep in sorted(candidates, key=lambda c: -c[0]):
-        home = next(
-            (k for k in kept if ep.first_step <= k.last_step and k.first_step <= ep.last_step), None
-        )
-        if home is None:
-            kept.append(ep)
-        else:
-            also = home.evidence.setdefault("also_layers", [])
-            if len(also) < 10 and ep.layer not in also:
-                also.append(ep.layer)
-    return kept
+    """Episodes with their strength, strongest first. When several layers fire over the same
+    steps (a bad batch moves every gradient), the Diagnoser groups them into one finding named
+    after the strongest (the first here), with every layer in its ``layers``."""
+    out: list[Episode] = []
+    for strength, ep in sorted(candidates, key=lambda c: -c[0]):
+        ep.strength = float(strength)
+        out.append(ep)
+    return out
 
 
 def runs(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..events import Finding, RemedyAction
 from ..records import ROOT, RUN_LAYER, LongTable
+from .advice import RunContext, render, setting
 from .base import Episode, LayerInfo, Records
 from .gradients import exploding_gradients, vanishing_gradients
 from .loss import loss_spike
@@ -61,10 +62,11 @@ RULE_METRICS = frozenset(
         "act_nonfinite",
         "output_grad_norm",
         "loss",
-        "lr",
         "grad_norm_total",
         "skipped_step",
         "guard_skipped",
+        "grad_norm_total_clipped",
+        "lr",
         "_n",
         "_units",
     }
@@ -77,23 +79,26 @@ those remedies are on (the others wait for the flush)."""
 _STICKY = ("born_dead", "since_step", "at_first_check", "first_in", "traced")
 # the measure of how bad an episode was, and the numbers that belong to its peak
 _PEAKS = ("peak_ratio", "peak_dead_fraction", "peak_saturated_fraction")
-_AT_PEAK = ("median_norm", "robust_z")
+_AT_PEAK = ("median_norm", "robust_z", "post_clip_norm")
 
 Announce = Callable[[Finding, bool], None]
 
 
-def finding_from(ep: Episode) -> Finding:
+def finding_from(ep: Episode, context: RunContext | None = None) -> Finding:
     """The JSON shape of a finding (docs/run-directory.md, "findings.json"): kind, severity,
-    layer, steps, evidence, message, suggestion; ``nonfinite`` adds phase, module and class."""
+    layer (the primary one), layers (all of them), steps, evidence, message, suggestion;
+    ``nonfinite`` adds phase, module and class. The options named in the message and the
+    suggestion are spelled for the run's launcher (:func:`~gradscope.rules.advice.render`)."""
     out: dict[str, Any] = {  # a Finding (typed where it is read)
         "kind": ep.kind,
         "severity": ep.severity,
         "layer": ep.layer,
+        "layers": list(dict.fromkeys([ep.layer, *ep.layers])),
         "first_step": ep.first_step,
         "last_step": ep.last_step,
         "evidence": _jsonable(ep.evidence),
-        "message": ep.message,
-        "suggestion": ep.suggestion,
+        "message": render(ep.message, context),
+        "suggestion": render(ep.suggestion, context),
     }
     out.update(_jsonable(ep.extra))
     return cast("Finding", out)
@@ -140,7 +145,10 @@ class Diagnoser:
         )
         self.findings: list[Finding] = []
         self.errors: list[str] = []
-        self._open: dict[tuple[str, str], Finding] = {}
+        self.context = RunContext()
+        self._open: dict[tuple[str, str, str], Finding] = {}  # (kind, layer, cause)
+        self._cause: dict[int, str] = {}  # id(finding) -> the cause its layers share
+        self._notes: dict[int, str] = {}  # id(finding) -> the remedy note ending its message
         self._columns: list[tuple[str, str, str]] = []
         self._cid: dict[tuple[str, str, str], int] = {}
         self._step = np.zeros(0, dtype=np.int64)
@@ -152,10 +160,17 @@ class Diagnoser:
 
     # -- records ----------------------------------------------------------------------------------
     def update(
-        self, table: LongTable, layers: LayerInfo, rules: tuple[Rule, ...] | None = None
+        self,
+        table: LongTable,
+        layers: LayerInfo,
+        rules: tuple[Rule, ...] | None = None,
+        context: RunContext | None = None,
     ) -> list[Finding]:
         """Add a flushed table and run the rules (default: all) on the window; returns new
-        findings. A rule left out now sees these steps as new the next time it runs."""
+        findings. A rule left out now sees these steps as new the next time it runs.
+        ``context``: what is known about the run now (advice is built from it)."""
+        if context is not None:
+            self.context = context
         if not len(table):
             return []
         since = int(table.step.min())
@@ -191,7 +206,16 @@ class Diagnoser:
                 self._col[keep],
                 self._value[keep],
             )
-        rec = Records(self._step, self._col, self._value, self._columns, since, layers, self._first)
+        rec = Records(
+            self._step,
+            self._col,
+            self._value,
+            self._columns,
+            since,
+            layers,
+            self._first,
+            self.context,
+        )
         return self.evaluate(rec, rules)
 
     def _column(self, key: tuple[str, str, str]) -> int:
@@ -203,9 +227,11 @@ class Diagnoser:
 
     def evaluate(self, rec: Records, rules: tuple[Rule, ...] | None = None) -> list[Finding]:
         """Run the rules (default: all) on ``rec`` and merge the episodes into the findings.
-        Each rule reports from the first step it has not evaluated yet."""
+        Each rule reports from the first step it has not evaluated yet. New findings are
+        announced once every episode is merged, so a group is told with all its layers."""
         raised: list[Finding] = []
         default_since = rec.since
+        big = len(rec.layers.rank) + 1
         for rule in self.rules:
             if rules is not None and rule not in rules:
                 continue
@@ -215,34 +241,81 @@ class Diagnoser:
             except Exception as exc:  # a rule bug must not stop the others (or training)
                 self.errors.append(f"{rule.__name__}: {exc!r}")
                 continue
+            # the episode that names a group comes first: the strongest where the rule
+            # measured strengths, else the first in forward order (stable otherwise)
+            episodes = sorted(
+                episodes,
+                key=lambda e: (
+                    0.0 if e.strength is None else -e.strength,
+                    rec.layers.rank.get(e.layer, big),
+                ),
+            )
             for ep in episodes:
-                new = self.merge(ep)
+                new = self.merge(ep, announce=False)
                 if new is not None:
                     raised.append(new)
+        self._settle()
+        for f in raised:
+            self.announce(f, True)
         return raised
 
     # -- findings ----------------------------------------------------------------------------------
-    def merge(self, ep: Episode) -> Finding | None:
-        """Extend the matching open finding, or raise a new one (returned, and announced)."""
+    def merge(self, ep: Episode, announce: bool = True) -> Finding | None:
+        """Extend the matching open finding, join a group of the same kind and cause over
+        overlapping steps, or raise a new finding (returned; announced unless ``announce`` is
+        False, when the caller announces it)."""
         if ep.kind == "nonfinite":
-            return self._merge_nonfinite(ep)
-        key = (ep.kind, ep.layer)
+            return self._merge_nonfinite(ep, announce)
+        key = (ep.kind, ep.layer, ep.cause)
         open_ = self._open.get(key)
         if open_ is not None and ep.first_step <= open_["last_step"] + self.t.merge_gap:
             self._extend(open_, ep)
             return None
-        finding = finding_from(ep)
+        group = self._group_for(ep)
+        if group is not None:
+            layers = group.setdefault("layers", [group["layer"]])
+            for name in [ep.layer, *ep.layers]:
+                if name not in layers:
+                    layers.append(name)
+            self._open[key] = group
+            self._extend(group, ep)
+            return None
+        finding = finding_from(ep, self.context)
         self._open[key] = finding
+        self._cause[id(finding)] = ep.cause
         self.findings.append(finding)
-        self.announce(finding, True)
+        if announce:
+            self.announce(finding, True)
         return finding
+
+    def _group_for(self, ep: Episode) -> Finding | None:
+        """The finding ``ep`` joins: same kind and cause, steps overlapping (run-level
+        findings are not grouped)."""
+        if ep.layer == RUN_LAYER:
+            return None
+        f: Finding
+        for f in reversed(self.findings):
+            if (
+                f["kind"] == ep.kind
+                and f["layer"] != RUN_LAYER
+                and self._cause.get(id(f)) == ep.cause
+                and ep.first_step <= f["last_step"]
+                and f["first_step"] <= ep.last_step
+            ):
+                return f
+        return None
 
     def _extend(self, finding: Finding, ep: Episode) -> None:
         """Move ``last_step``; evidence: what describes the start stays (``_STICKY``), the
         peak group (``peak_*`` with the numbers measured at the peak) follows the larger peak,
-        everything else is the latest value."""
+        everything else is the latest value. Another layer of a group moves the steps and the
+        severity only: the evidence and the message are the primary layer's."""
         finding["first_step"] = min(finding["first_step"], ep.first_step)
         finding["last_step"] = max(finding["last_step"], ep.last_step)
+        if ep.severity == "error":
+            finding["severity"] = "error"
+        if ep.layer != finding["layer"]:
+            return
         old = finding["evidence"]
         new = _jsonable(ep.evidence)
         peak_key = next((k for k in _PEAKS if k in new and k in old), None)
@@ -259,20 +332,45 @@ class Diagnoser:
                 continue
             old[k] = v
         if higher and peak_key == "peak_ratio":  # the message tells the peak: the larger one
-            finding["message"] = ep.message
-        if ep.severity == "error":
-            finding["severity"] = "error"
+            finding["message"] = render(ep.message, self.context)
+            self._notes.pop(id(finding), None)
 
-    def _merge_nonfinite(self, ep: Episode) -> Finding | None:
+    def _settle(self) -> None:
+        """What a remedy in force did about a finding, kept current at the end of its
+        message: the guard's skipped steps on the ``nonfinite`` finding (the count grows as the
+        run goes on, so it is rewritten, never appended twice)."""
+        ctx, f = self.context, self._nonfinite
+        if f is None or not ctx.guard:
+            return
+        skipped = max(ctx.guard_skipped, int(f["evidence"].get("skipped_by_guard", 0) or 0))
+        f["evidence"]["skipped_by_guard"] = skipped
+        note = (
+            f"; {setting('guard', True)} skipped {skipped} optimizer step(s) whose gradients "
+            "were non-finite, so the weights stayed finite"
+            if skipped
+            else f"; {setting('guard', True)} is on but skipped no step (the non-finite "
+            "values did not reach the gradients of an optimizer step)"
+        )
+        note = render(note, ctx)
+        old = self._notes.get(id(f))
+        message = f["message"]
+        if old is not None and message.endswith(old):
+            message = message[: -len(old)]
+        f["message"] = message + note
+        self._notes[id(f)] = note
+
+    def _merge_nonfinite(self, ep: Episode, announce: bool = True) -> Finding | None:
         """One ``nonfinite`` finding per run: the first occurrence is the one to fix (later
         ones usually follow from it: NaN weights make every later step NaN). Later
         occurrences extend it. A traced attribution (the tracer named the module) wins over
         the records' inference; between two of the same standing, the earlier one wins."""
         f = self._nonfinite
         if f is None:
-            f = self._nonfinite = finding_from(ep)
+            f = self._nonfinite = finding_from(ep, self.context)
             self.findings.append(f)
-            self.announce(f, True)
+            if announce:
+                self._settle()
+                self.announce(f, True)
             return f
         first = min(f["first_step"], ep.first_step)
         last = max(f["last_step"], ep.last_step)
@@ -282,16 +380,18 @@ class Diagnoser:
             ep_traced == f_traced and ep.first_step < f["first_step"]
         )
         notes = list(f["evidence"].get("notes", []))
-        if better:
+        old_note = self._notes.pop(id(f), "")
+        old_msg = f["message"][: len(f["message"]) - len(old_note)]
+        if old_note and not f["message"].endswith(old_note):
             old_msg = f["message"]
-            f.update(finding_from(ep))
+        f["message"] = old_msg
+        ep_msg = render(ep.message, self.context)
+        if better:
+            f.update(finding_from(ep, self.context))
             if len(notes) < 5:
                 notes.append(old_msg)
-            # a better attribution (traced, or an earlier step) replaces what was announced:
-            # say so, or the line printed at the time contradicts the final finding
-            self.announce(f, False)
-        elif ep.message != f["message"] and len(notes) < 5 and ep.message not in notes:
-            notes.append(ep.message)
+        elif ep_msg != old_msg and len(notes) < 5 and ep_msg not in notes:
+            notes.append(ep_msg)
         if notes:
             f["evidence"]["notes"] = notes
         f["first_step"], f["last_step"] = first, last
@@ -303,6 +403,16 @@ class Diagnoser:
             f["evidence"]["nonfinite_steps"] = max(
                 int(f["evidence"].get("nonfinite_steps", 0)), int(ep.evidence["nonfinite_steps"])
             )
+        if "skipped_by_guard" in ep.evidence:
+            f["evidence"]["skipped_by_guard"] = max(
+                int(f["evidence"].get("skipped_by_guard", 0) or 0),
+                int(ep.evidence["skipped_by_guard"]),
+            )
+        self._settle()
+        if better:
+            # a better attribution (traced, or an earlier step) replaces what was announced:
+            # say so, or the line printed at the time contradicts the final finding
+            self.announce(f, False)
         return None
 
     def attach(self, finding: Finding, action: RemedyAction) -> None:

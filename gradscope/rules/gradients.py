@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..records import RUN_LAYER
+from .advice import clip_advice, lower_lr, normalisation, setting
 from .base import Episode, Records, fmt, keep_strongest, runs, trailing_stats
 from .thresholds import Thresholds
 
@@ -35,22 +36,63 @@ _MAD_FLOOR = 0.01  # log10 units: a history that never varies still has 2% noise
 _Z = 1.4826  # MAD -> standard deviation for normal data
 
 
-def _clip_hint(rec: Records) -> str:
-    _, _, total = rec.wide("grad_norm_total", "run")
-    finite = total[np.isfinite(total)]
-    finite = finite[finite > 0]
-    if not finite.size:
-        return (
-            "clip gradients: gradscope.watch(..., clip='zclip') clips spikes against "
-            "their own history, or torch.nn.utils.clip_grad_norm_"
-        )
-    cap = 5 * float(np.median(finite))
-    return (
-        f"clip gradients: gradscope.watch(..., clip='zclip') (adaptive: clips spikes against "
-        f"the norm's own history) or clip='norm:{cap:.3g}' (= torch.nn.utils.clip_grad_norm_"
-        f"(model.parameters(), max_norm={cap:.3g}), 5x the median total norm; Pascanu et al. "
-        "2013)"
+def _clip_hint(rec: Records, before: int) -> str:
+    """Clipping advice for an episode that starts at step ``before``: a fixed bound only from
+    the healthy steps before it (:func:`~gradscope.rules.advice.clip_advice`)."""
+    return clip_advice(rec.context, healthy_norm(rec, before))
+
+
+HEALTHY_MIN = 5
+"""Finite total norms before an episode needed to call their median the healthy norm."""
+
+
+def healthy_norm(rec: Records, before: int) -> float | None:
+    """The median total gradient norm over the window's steps before ``before`` (the run
+    before the episode began), or None with fewer than :data:`HEALTHY_MIN` of them."""
+    steps, _, total = rec.wide("grad_norm_total", "run")
+    if not steps.size:
+        return None
+    v = total[steps < before, 0]
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(np.median(v)) if v.size >= HEALTHY_MIN else None
+
+
+def _clipped(rec: Records, first: int, last: int, peak: int | None) -> dict[str, Any]:
+    """Evidence of a clip in force over steps ``first``-``last``: the option, the step it acts
+    from, the total norm after clipping at ``peak`` and its largest over the episode (empty
+    when no clip acted by ``last``)."""
+    ctx = rec.context
+    if ctx.clip is None or ctx.clip_from is None or ctx.clip_from > last:
+        return {}
+    steps, _, post = rec.wide("grad_norm_total_clipped", "run")
+    ev: dict[str, Any] = {"clip": ctx.clip, "clipped_since": ctx.clip_from}
+    if steps.size:
+        sel = (steps >= first) & (steps <= last)
+        vals = post[sel, 0]
+        vals = vals[np.isfinite(vals)]
+        if vals.size:
+            ev["post_clip_norm_max"] = float(vals.max())
+        at = np.flatnonzero(steps == (last if peak is None else peak))
+        if at.size and np.isfinite(post[at[0], 0]):
+            ev["post_clip_norm"] = float(post[at[0], 0])
+    return ev
+
+
+def _clip_note(rec: Records, ev: dict[str, Any], step: int | None) -> str:
+    """The sentence a clipped episode's message ends with."""
+    if not ev:
+        return ""
+    note = (
+        f"; the gradients are clipped ({setting('clip', rec.context.clip or '')}) since step "
+        f"{ev['clipped_since']}"
     )
+    if "post_clip_norm" in ev and step is not None:
+        note += f": after clipping, the total norm was {fmt(ev['post_clip_norm'])} at step {step}"
+    return note
+
+
+def _lower_lr_hint(rec: Records) -> str:
+    return lower_lr(rec.context)
 
 
 def exploding_gradients(rec: Records, t: Thresholds) -> list[Episode]:
@@ -140,15 +182,19 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
                 f"{fmt(ratio)}x its median of {fmt(base)} ({sustained})"
             )
             sev = "error" if ratio >= t.spike_once_ratio else "warning"
+            first_step, last_step = int(steps[rows[0]]), int(steps[rows[-1]])
+            clip_ev = _clipped(rec, first_step, last_step, int(steps[peak_row]))
+            ev.update(clip_ev)
             ep = Episode(
                 "exploding_gradients",
                 name,
-                int(steps[rows[0]]),
-                int(steps[rows[-1]]),
+                first_step,
+                last_step,
                 sev,
                 ev,
-                msg,
-                _clip_hint(rec) + "; or lower the learning rate",
+                msg + _clip_note(rec, clip_ev, int(steps[peak_row])),
+                _clip_hint(rec, first_step) + "; or " + _lower_lr_hint(rec),
+                cause="spike",
             )
             candidates.append((ratio, ep))
     return keep_strongest(candidates)
@@ -243,7 +289,7 @@ def _start_episode(
     )
     hint = (
         "initialise with a smaller scale (orthogonal or Xavier init for recurrent weights, "
-        "nn.init.orthogonal_), or " + _clip_hint(rec)
+        "nn.init.orthogonal_), or " + _clip_hint(rec, first)
     )
     return ratio, Episode("exploding_gradients", name, first, last, "error", ev, msg, hint)
 
@@ -280,15 +326,17 @@ def _overflow(rec: Records) -> list[Episode]:
                 f"gradient of {name} is so large that its norm overflows float32 although "
                 f"every element is finite (step {first})"
             )
+            clip_ev = _clipped(rec, first, last, None)
             ep = Episode(
                 "exploding_gradients",
                 name,
                 first,
                 last,
                 "error",
-                {"overflow_steps": int(rows.size)},
-                msg,
-                _clip_hint(rec) + "; lower the learning rate",
+                {"overflow_steps": int(rows.size), **clip_ev},
+                msg + _clip_note(rec, clip_ev, last),
+                _clip_hint(rec, first) + "; " + _lower_lr_hint(rec),
+                cause="overflow",
             )
             out.append((-float(first), ep))  # the earliest overflow names the finding
     return keep_strongest(out)
@@ -401,8 +449,10 @@ def _depth_episodes(
                 )
                 hint = (
                     "initialise with the right gain (He/Kaiming for ReLU: "
-                    "nn.init.kaiming_normal_; Xavier for tanh/sigmoid), add normalisation "
-                    "(LayerNorm/BatchNorm) or residual connections; " + _clip_hint(rec)
+                    "nn.init.kaiming_normal_; Xavier for tanh/sigmoid); "
+                    + normalisation(rec.context)
+                    + "; add residual connections; "
+                    + _clip_hint(rec, int(steps[a]))
                 )
                 sev = "warning"
             else:
@@ -411,13 +461,13 @@ def _depth_episodes(
                     f"(x{fmt(per_layer)} per layer over {count} layers): the first layers "
                     "barely learn"
                 )
-                hint = (
-                    "use He/Kaiming init with ReLU (nn.init.kaiming_normal_) or Xavier with "
-                    "tanh/sigmoid (nn.init.xavier_uniform_); replace sigmoid/tanh hidden "
-                    "activations with ReLU; add normalisation or residual connections"
-                )
+                hint = _vanish_hint(rec)
                 sev = "warning"
-            out.append(Episode(kind, layer, int(steps[a]), int(steps[b]), sev, ev, msg, hint))
+            out.append(
+                Episode(
+                    kind, layer, int(steps[a]), int(steps[b]), sev, ev, msg, hint, cause="depth"
+                )
+            )
     return out
 
 
@@ -437,6 +487,27 @@ def _learning_gap(rec: Records, steps: np.ndarray) -> np.ndarray:
     ok = (rows < s2.size) & (s2[np.minimum(rows, s2.size - 1)] == steps)
     out[ok] = gap[rows[ok]]
     return out
+
+
+_SQUASHING = ("Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid", "Tanhshrink")
+
+
+def _vanish_hint(rec: Records) -> str:
+    """What to try for a vanishing backward signal, from the model's own activations and
+    normalisation."""
+    ctx = rec.context
+    squashing = [a for a in ctx.activations if a in _SQUASHING]
+    parts = [
+        "use He/Kaiming init with ReLU (nn.init.kaiming_normal_) or Xavier with "
+        "tanh/sigmoid (nn.init.xavier_uniform_)"
+    ]
+    if squashing:
+        parts.append(f"replace the hidden {'/'.join(squashing)} activations with ReLU")
+    elif not ctx.activations:
+        parts.append("use ReLU-family hidden activations rather than sigmoid/tanh")
+    parts.append(normalisation(ctx))
+    parts.append("add residual connections")
+    return "; ".join(parts)
 
 
 def _weight_depth(rec: Records, t: Thresholds) -> list[Episode]:
@@ -469,10 +540,7 @@ def _weight_depth(rec: Records, t: Thresholds) -> list[Episode]:
             f"relative gradient ||g||/||w|| of {names[0]} is {fmt(r)}x that of {names[-1]}: "
             "the first layers barely learn"
         )
-        hint = (
-            "use He/Kaiming init with ReLU or Xavier with tanh/sigmoid; replace "
-            "sigmoid/tanh hidden activations with ReLU; add normalisation"
-        )
+        hint = _vanish_hint(rec)
         out.append(
             Episode(
                 "vanishing_gradients",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..records import RUN_LAYER
+from .advice import lower_lr, option, setting
 from .base import Episode, Records, fmt, runs, trailing_stats
 from .thresholds import Thresholds
 
@@ -61,11 +62,17 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
             f"loss spiked to {fmt(float(v[peak]))} {when}, against a median of "
             f"{fmt(float(m[peak]))} over the previous {t.history} steps"
         )
+        ctx = rec.context
+        clip = (
+            "clip gradients so one batch cannot throw the weights far "
+            f"({option('clip', 'zclip')}, or torch.nn.utils.clip_grad_norm_)"
+            if ctx.clip is None
+            else f"clipping ({setting('clip', ctx.clip)}) already bounds how far one batch "
+            "throws the weights"
+        )
         hint = (
             f"inspect the batch of step {int(steps[peak])} (bad labels, unnormalised or "
-            "corrupted inputs); clip gradients so one batch cannot throw the weights far "
-            "(gradscope.watch(..., clip='zclip'), or torch.nn.utils.clip_grad_norm_); if "
-            "spikes recur, lower the learning rate"
+            f"corrupted inputs); {clip}; if spikes recur, {lower_lr(ctx)}"
         )
         sev = "error" if ev["ratio"] is not None and ev["ratio"] >= 100 else "warning"
         out.append(

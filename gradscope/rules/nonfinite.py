@@ -14,9 +14,13 @@ from typing import Any
 import numpy as np
 
 from ..records import RUN_LAYER
+from .advice import lower_lr, option, setting
 from .base import Episode, Records, runs
 
-TRACE_HINT = "run with trace_nonfinite='always' to name the module at the first occurrence"
+TRACE_HINT = (
+    f"run with {setting('trace_nonfinite', 'always')} to name the module at the first occurrence"
+)
+GUARD = option("guard", True)
 
 
 def _bad(values: np.ndarray, count_metric: bool) -> np.ndarray:
@@ -97,7 +101,7 @@ def nonfinite(rec: Records, t: Any = None) -> list[Episode]:
         f"non-finite values (NaN/Inf) first appeared in the {phase} pass at step {first}, "
         f"{where} (first seen in: {', '.join(sorted(what))})"
     )
-    hint = phase_hint(phase, None) + "; " + TRACE_HINT
+    hint = phase_hint(phase, None, lower_lr(rec.context)) + "; " + TRACE_HINT
     return [
         Episode(
             "nonfinite",
@@ -239,14 +243,14 @@ OP_HINTS = {
 
 POISONED_HINT = (
     "these weights carry a NaN/Inf an earlier step's gradients put there: look for where the "
-    "non-finite values were first recorded (this finding's first step); "
-    "gradscope.watch(..., guard=True) skips non-finite steps so the weights stay clean and the "
-    "tracer names the origin when it recurs, and trace_nonfinite='always' names it at once"
+    f"non-finite values were first recorded (this finding's first step); {GUARD} skips "
+    "non-finite steps so the weights stay clean and the tracer names the origin when it "
+    f"recurs, and {setting('trace_nonfinite', 'always')} names it at once"
 )
 DIVERGED_HINT = (
     "the training diverged: lower the learning rate (or add warm-up), clip the gradients "
-    "(gradscope.watch(..., clip='norm:1.0')), and look at the exploding_gradients finding for "
-    "where it started; guarding the loss would only hide it"
+    f"({option('clip', 'zclip')}, adaptive), and look at the exploding_gradients finding for "
+    "where it started and the bound it suggests; guarding the loss would only hide it"
 )
 
 
@@ -270,41 +274,40 @@ FP16_HINT = (
 )
 
 
-def phase_hint(phase: str, module: str | None) -> str:
-    """What to try for a non-finite value born in ``phase`` (in ``module`` when known)."""
+def phase_hint(phase: str, module: str | None, lower: str = "lower the learning rate") -> str:
+    """What to try for a non-finite value born in ``phase`` (in ``module`` when known;
+    ``lower``: the advice to lower the learning rate, with the run's optimizer when known)."""
     where = f" in {module}" if module else ""
     if phase == "forward":
         return (
             f"guard the operation that produced it{where}: clamp before log/sqrt/division "
             "(torch.log(x.clamp_min(1e-12))), use log_softmax/logsumexp instead of "
-            "log(softmax); check the inputs for NaN; meanwhile gradscope.watch(..., "
-            "guard=True) skips the steps whose gradients are non-finite"
+            f"log(softmax); check the inputs for NaN; meanwhile {GUARD} skips the steps "
+            "whose gradients are non-finite"
         )
     if phase == "data":
         return (
             "check the data: torch.isfinite(batch).all() on each batch, missing values in "
             "the dataset, a division in the preprocessing (normalising by a zero std); "
-            "meanwhile gradscope.watch(..., guard=True) skips the steps whose gradients are "
-            "non-finite"
+            f"meanwhile {GUARD} skips the steps whose gradients are non-finite"
         )
     if phase == "loss":
         return (
             "check the loss: the labels (NaN or out of range), log of a probability of 0 "
             "(use cross_entropy or BCEWithLogitsLoss on logits, log_softmax instead of "
-            "log(softmax)), a mean over an empty mask; meanwhile gradscope.watch(..., "
-            "guard=True) skips the steps whose gradients are non-finite"
+            f"log(softmax)), a mean over an empty mask; meanwhile {GUARD} skips the steps "
+            "whose gradients are non-finite"
         )
     if phase == "backward":
         return (
             f"an operation{where} has an infinite derivative at its input (sqrt or "
             "pow < 1 at 0, log at 0, division by a small number): add an epsilon inside it "
-            "(torch.sqrt(x + 1e-12)); meanwhile gradscope.watch(..., guard=True) skips the "
-            "steps whose gradients are non-finite"
+            f"(torch.sqrt(x + 1e-12)); meanwhile {GUARD} skips the steps whose gradients are "
+            "non-finite"
         )
     return (
-        "the update made weights non-finite: lower the learning rate, clip gradients, "
-        "check the optimizer's eps (Adam eps=0 divides by zero); gradscope.watch(..., "
-        "guard=True) skips steps with non-finite gradients"
+        f"the update made weights non-finite: {lower}, clip gradients, check the optimizer's "
+        f"eps (Adam eps=0 divides by zero); {GUARD} skips steps with non-finite gradients"
     )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from .advice import lower_lr, normalisation, option
 from .base import Episode, Records, fmt, runs
 from .thresholds import Thresholds
 
@@ -35,10 +38,14 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
     with np.errstate(divide="ignore", invalid="ignore"):
         samples = n / units
     out: list[Episode] = []
+    ctx = rec.context
     for j, site in enumerate(sites):
         if rec.layers.family.get(site) not in _RECTIFYING:
             continue
         rows = np.flatnonzero(~np.isnan(dead[:, j]))
+        swap = ctx.swapped.get(site.split("#", 1)[0])
+        if swap is not None:  # the module there now is the swap's: judge it on its own steps
+            rows = rows[steps[rows] > swap[0]]
         if not rows.size:
             continue
         frac = dead[rows, j]
@@ -52,7 +59,7 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
             born = start is not None and start[1] >= t.dead_fraction and first_step <= start[0]
             latest = float(frac[b])
             kind_of = rec.layers.module_type.get(site, "activation")
-            ev = {
+            ev: dict[str, Any] = {
                 "dead_fraction": latest,
                 "peak_dead_fraction": float(frac[a : b + 1].max()),
                 "units": None if np.isnan(units[rows[b], j]) else int(units[rows[b], j]),
@@ -74,7 +81,7 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                     else f"died during training (since step {first_step}): {what}"
                 )
                 hint = (
-                    "lower the learning rate, or re-initialise the layer before it "
+                    lower_lr(ctx) + ", or re-initialise the layer before it "
                     "(He/Kaiming init, a small positive bias); these units learn slowly "
                     "rather than not at all"
                 )
@@ -85,11 +92,10 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                     "layers below through them"
                 )
                 hint = (
-                    f"re-initialise: He/Kaiming init (nn.init.kaiming_normal_) and a "
-                    f"small positive bias; a deep narrow ReLU net dies at init with high "
-                    f"probability (Lu et al. 2019): widen it or make it shallower; or swap "
-                    f"{site} to nn.LeakyReLU (gradscope.watch(..., "
-                    "swap='relu->leaky_relu:0.2'))"
+                    "re-initialise: He/Kaiming init (nn.init.kaiming_normal_) and a "
+                    "small positive bias; a deep narrow ReLU net dies at init with high "
+                    "probability (Lu et al. 2019): widen it or make it shallower; or swap "
+                    f"{site} to nn.LeakyReLU{_swap_option(kind_of)}"
                 )
             if hard and not born:
                 msg = (
@@ -97,14 +103,31 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                     f"training (since step {first_step}): they output 0 for every example"
                 )
                 hint = (
-                    f"lower the learning rate (Adam at lr 0.1 kills 90-95% of ReLUs where "
-                    f"lr 1e-3 kills 0-2%); swap {site} to nn.LeakyReLU so dead units get a "
-                    "gradient again (gradscope.watch(..., swap='relu->leaky_relu:0.2')); "
-                    "or re-initialise the dead units (ReDo, Sokar et al. 2023: "
-                    "gradscope.watch(..., recycle=True))"
+                    f"{lower_lr(ctx)}: a large step pushes pre-activations below 0 for every "
+                    f"input, for good; swap {site} to nn.LeakyReLU so dead units get a "
+                    f"gradient again{_swap_option(kind_of)}; or re-initialise the dead units "
+                    f"(ReDo, Sokar et al. 2023: {option('recycle', True)})"
                 )
             sev = "error" if latest >= 0.9 and hard else "warning"
-            out.append(Episode("dead_units", site, first_step, last_step, sev, ev, msg, hint))
+            cause = ("born" if born else "died") + ("" if hard else "_soft")
+            if swap is not None:
+                # what the swap leaves: units a LeakyReLU (or the like) keeps below 0 on every
+                # example still learn through its small slope
+                ev["after_swap"] = {"step": swap[0], "from": swap[1], "to": swap[2]}
+                msg = (
+                    f"{fmt(100 * latest)}% of the units of {site} are never positive since "
+                    f"the swap at step {swap[0]} ({swap[1]} -> {swap[2]}): this follows from "
+                    f"the swap; {swap[2]} passes them a small gradient, so they can recover"
+                )
+                hint = (
+                    "nothing to do while the loss improves; if they stay inactive, "
+                    + lower_lr(ctx)
+                    + " or re-initialise the layer before it"
+                )
+                sev, cause = "info", "after_swap"
+            out.append(
+                Episode("dead_units", site, first_step, last_step, sev, ev, msg, hint, cause=cause)
+            )
     return _fold_cascades(out, rec)
 
 
@@ -132,7 +155,15 @@ def _fold_cascades(episodes: list[Episode], rec: Records) -> list[Episode]:
             also = head.evidence.setdefault("downstream_dead", [])
             if len(also) < 20:
                 also.append(ep.layer)
+            head.layers.append(ep.layer)
     return kept
+
+
+def _swap_option(module_type: str) -> str:
+    """The ``swap=`` option that turns ``module_type`` into a LeakyReLU, where one exists."""
+    if module_type != "ReLU":
+        return ""
+    return f" ({option('swap', 'relu->leaky_relu:0.2')})"
 
 
 def saturation(rec: Records, t: Thresholds) -> list[Episode]:
@@ -166,11 +197,16 @@ def saturation(rec: Records, t: Thresholds) -> list[Episode]:
                 f"{fmt(100 * latest)}% of the outputs of {site} ({kind_of}) are pinned at "
                 "their limits, where the derivative is near 0"
             )
+            ctx = rec.context
+            norm = (
+                "normalise the inputs or add a LayerNorm before it"
+                if not ctx.has_norm
+                else "normalise the inputs; " + normalisation(ctx)
+            )
             hint = (
                 "initialise the layer before it with Xavier (nn.init.xavier_uniform_) so "
-                "pre-activations stay small (Glorot & Bengio 2010); normalise the inputs or "
-                "add a LayerNorm before it; or use ReLU in hidden layers (gradscope.watch(..., "
-                f"swap='{family}->relu'))"
+                f"pre-activations stay small (Glorot & Bengio 2010); {norm}; or use ReLU in "
+                f"hidden layers ({option('swap', f'{family}->relu')})"
             )
             out.append(
                 Episode(
@@ -182,6 +218,7 @@ def saturation(rec: Records, t: Thresholds) -> list[Episode]:
                     ev,
                     msg,
                     hint,
+                    cause=family,
                 )
             )
     return out

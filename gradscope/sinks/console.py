@@ -241,7 +241,7 @@ def worst_rows(
     furthest (in log10) from the median layer's."""
     if top <= 0 or len(rows) <= top:
         return rows
-    flagged = {str(f.get("layer")) for f in findings}
+    flagged = {str(x) for f in findings for x in [f.get("layer"), *(f.get("layers") or [])]}
 
     def finite_pos(v: Any) -> bool:
         return isinstance(v, float) and math.isfinite(v) and v > 0
@@ -352,6 +352,17 @@ def _stacked_layers(console: Any, rows: list[dict[str, Any]]) -> None:
         console.print(Padding(Text(numbers, overflow="fold"), (0, 0, 0, 2)))
 
 
+def layers_text(f: Mapping[str, Any], show: int = 3) -> str:
+    """The layers of a finding in a few words: ``net.3``, or ``6 layers: a, b, c, …`` (the
+    primary first) for a grouped one."""
+    layers = f.get("layers")
+    if not isinstance(layers, list) or len(layers) <= 1:
+        return str(f.get("layer"))
+    names = [str(x) for x in layers]
+    more = ", …" if len(names) > show else ""
+    return f"{len(names)} layers: {', '.join(names[:show])}{more}"
+
+
 def _sorted(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(
@@ -385,7 +396,7 @@ def print_findings(findings: list[dict[str, Any]], console: Any = None) -> None:
             table.add_row(
                 f"[{color}]{escape(str(f.get('severity')))}[/]",
                 escape(str(f.get("kind"))),
-                escape(str(f.get("layer"))),
+                escape(layers_text(f)),
                 finding_steps(f),
                 text,
             )
@@ -423,8 +434,8 @@ def _stacked_findings(console: Any, findings: list[dict[str, Any]]) -> None:
                 (str(f.get("severity")), _color(f)),
                 "  ",
                 str(f.get("kind")),
-                "  layer ",
-                (str(f.get("layer")), "bold"),
+                "  layer " if len(f.get("layers") or ()) <= 1 else "  ",
+                (layers_text(f), "bold"),
                 "  steps ",
                 finding_steps(f),
                 overflow="fold",
@@ -452,23 +463,51 @@ class FindingPrinter:
         self.suppressed = 0
 
     def announce(self, finding: Mapping[str, Any], new: bool) -> None:
-        import sys
         import time
 
         if self.quiet:
             return
         now = time.monotonic()
+        what = "" if new else " (update)"
+        line = (
+            f"gradscope: {finding['severity']}{what}: {finding['kind']} at "
+            f"{layers_text(finding)}, step {finding['first_step']}: {finding['message']}. "
+            f"Try: {finding['suggestion']}"
+        )
+        self._print(line, now)
+
+    def remedy(self, finding: Mapping[str, Any], action: Mapping[str, Any]) -> None:
+        """One line when a finding-time remedy acted (a swap, a recycling), with what follows
+        from it, so that a later finding about the new module is no surprise."""
+        if self.quiet:
+            return
+        import time
+
+        kind, layer, step = finding.get("kind"), action.get("layer"), action.get("step")
+        if action.get("action") == "swapped":
+            line = (
+                f"gradscope: swapped {layer} at step {step} ({action.get('from')} -> "
+                f"{action.get('to')}) for the {kind} finding; units that stay inactive now "
+                "pass a small gradient, so dead units reported there from now on follow "
+                "from the swap (info)"
+            )
+        elif action.get("action") == "recycled":
+            line = (
+                f"gradscope: re-initialised {action.get('units')} of the {action.get('of')} "
+                f"units of {layer} at step {step} for the {kind} finding"
+            )
+        else:
+            return
+        self._print(line, time.monotonic())
+
+    def _print(self, line: str, now: float) -> None:
+        import sys
+
         self._times = [t for t in self._times if now - t < self.window]
         if len(self._times) >= self.burst:
             self.suppressed += 1
             return
         self._times.append(now)
-        what = "" if new else " (update)"
-        line = (
-            f"gradscope: {finding['severity']}{what}: {finding['kind']} at "
-            f"{finding['layer']}, step {finding['first_step']}: {finding['message']}. "
-            f"Try: {finding['suggestion']}"
-        )
         print(line, file=sys.stderr, flush=True)
 
     def summary(

@@ -230,10 +230,18 @@ def finding_text(f: dict[str, Any]) -> tuple[str, str]:
     md = markdown
     text = (
         f"**{md(f.get('severity'))}**: {md(f.get('message'))}\n\n"
-        f"layer {md(layer)}, from step {md(f.get('first_step'))}\n\n"
+        f"{md(_layers(f))}, from step {md(f.get('first_step'))}\n\n"
         f"{md(f.get('suggestion'))}"
     )
     return name, text
+
+
+def _layers(f: dict[str, Any]) -> str:
+    """``layer X``, or every layer of a grouped finding (the primary first)."""
+    layers = f.get("layers")
+    if isinstance(layers, list) and len(layers) > 1:
+        return f"{len(layers)} layers: {', '.join(str(x) for x in layers)}"
+    return f"layer {f.get('layer')}"
 
 
 def markdown(value: Any) -> str:

@@ -324,7 +324,7 @@ class TensorBoardSink:
 
     def _finding(self, f: dict[str, Any]) -> None:
         layer = f.get("layer")
-        for name in (layer, f.get("module")):
+        for name in (layer, f.get("module"), *(f.get("layers") or [])):
             if isinstance(name, str) and name != RUN_LAYER and name not in self._named:
                 self._named.add(name)
                 self._named_new = True
