@@ -42,6 +42,8 @@ class LayerInfo:
         module_type: Class name of the module behind each site and parameter.
         module_of: Owning module of each parameter.
         ndim: Number of dimensions of each parameter.
+        functional: For a functional activation site, what it is in words
+            (``"F.relu after conv1"``).
     """
 
     rank: dict[str, int] = field(default_factory=dict)
@@ -49,6 +51,7 @@ class LayerInfo:
     module_type: dict[str, str] = field(default_factory=dict)
     module_of: dict[str, str] = field(default_factory=dict)
     ndim: dict[str, int] = field(default_factory=dict)
+    functional: dict[str, str] = field(default_factory=dict)
 
     def ordered(self, layers: list[str]) -> list[str]:
         """``layers`` in forward order (unknown ones last, in the given order)."""
