@@ -103,3 +103,62 @@ def test_hooks_added_after_the_first_compiled_call_are_reported_not_trusted(out)
     fixed = _late_watch(out / "reset", reset=True)  # no warning (warnings are errors here)
     assert "act_mean" in set(fixed.metrics["metric"])
     assert not [e for e in fixed.events if e["event"] == "hooks_inactive"]
+
+
+class _Functional(nn.Module):
+    """Activations as function calls (F.relu, torch.tanh): measured by a TorchFunctionMode in
+    eager forwards, never inside a compiled one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc2(nn.functional.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("compile_when", ["before", "after", "inplace"])
+def test_a_compiled_model_with_functional_activations_neither_breaks_nor_recompiles(
+    out, compile_when
+):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = _Functional()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    target = torch.compile(model, backend="eager") if compile_when == "before" else model
+    with gradscope.watch(target, out=out, activation_every=2, quiet=True) as scope:
+        run_model = target
+        if compile_when == "after":
+            run_model = torch.compile(model, backend="eager")
+        if compile_when == "inplace":
+            model.compile(backend="eager")
+        train(run_model, opt, 4)
+        assert scope.parts.recorder.modules.functional.spans == 0  # never inside dynamo
+    assert torch._C._len_torch_function_stack() == 0
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # the sampled steps did not recompile
+    run = scope.load()
+    assert run.meta["steps"] == 4 and "grad_norm" in set(run.metrics["metric"])
+    assert not [e for e in run.meta["layers"] if e.get("functional")]
+
+
+def test_an_eager_model_holding_a_compiled_part_is_not_intercepted(out):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = _Functional()
+    model.fc2 = torch.compile(model.fc2, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, out=out, activation_every=1, quiet=True) as scope:
+        train(model, opt, 3)
+        assert scope.parts.recorder.modules.functional.spans == 0
+    assert counters["stats"]["unique_graphs"] == 1  # no second compile for a mode

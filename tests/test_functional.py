@@ -319,3 +319,11 @@ def test_the_ops_table_knows_every_form():
     for label in ("torch.sigmoid", "Tensor.sigmoid", "torch.tanh", "Tensor.tanh", "F.mish"):
         assert label in labels
     assert OPS[torch.Tensor.relu].type == "ReLU" and OPS[F.leaky_relu].type == "LeakyReLU"
+
+
+def test_recycle_reinitialises_the_dead_units_of_a_functional_site(out):
+    scope = _steps(HalfDead(), {"activation_every": 1, "recycle": True}, out, steps=6)
+    [finding] = [f for f in scope.load().findings if f["kind"] == "dead_units"]
+    recycled = [a for a in finding["remedies"] if a["action"] == "recycled"]
+    assert recycled and recycled[0]["layer"] == "fc1:relu"
+    assert (recycled[0]["units"], recycled[0]["of"]) == (4, 8)  # units 4-7, fed by fc1

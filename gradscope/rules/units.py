@@ -100,8 +100,9 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                 )
                 hint = (
                     f"lower the learning rate (Adam at lr 0.1 kills 90-95% of ReLUs where "
-                    f"lr 1e-3 kills 0-2%); {_leaky(site, called)} so dead units get a "
-                    "gradient again; or re-initialise the dead units (ReDo, Sokar et al. 2023: "
+                    f"lr 1e-3 kills 0-2%); "
+                    f"{_leaky(site, called, ' so dead units get a gradient again')}; "
+                    "or re-initialise the dead units (ReDo, Sokar et al. 2023: "
                     "gradscope.watch(..., recycle=True))"
                 )
             sev = "error" if latest >= 0.9 and hard else "warning"
@@ -109,16 +110,16 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
     return _fold_cascades(out, rec)
 
 
-def _leaky(site: str, called: str | None) -> str:
-    """The LeakyReLU advice: ``swap=`` for a module; a functional call (``F.relu after
-    conv1``) has no module to replace, so the code changes."""
+def _leaky(site: str, called: str | None, why: str = "") -> str:
+    """The LeakyReLU advice (``why``: what it brings): ``swap=`` for a module; a functional
+    call (``F.relu after conv1``) has no module to replace, so the code changes."""
     if called:
         fn = called.split(" ")[0]
         return (
-            f"call F.leaky_relu(x, 0.01) instead of {fn}(x) in forward() (a function call "
-            "has no module for swap= to replace)"
+            f"call F.leaky_relu(x, 0.01) instead of {fn}(x) in forward(){why} (a function "
+            "call has no module for swap= to replace)"
         )
-    return f"swap {site} to nn.LeakyReLU (gradscope.watch(..., swap='relu->leaky_relu:0.2'))"
+    return f"swap {site} to nn.LeakyReLU{why} (gradscope.watch(..., swap='relu->leaky_relu:0.2'))"
 
 
 def _fold_cascades(episodes: list[Episode], rec: Records) -> list[Episode]:
