@@ -8,10 +8,10 @@ check. This probe covers them, on sampled steps only:
 * a forward pre-hook on each watched model's root module (a plain check that returns at once on
   unsampled steps, under torch.compile, with gradients disabled and during an activation
   checkpoint's recompute) enters a ``torch.overrides.TorchFunctionMode`` and registers global
-  module forward pre/post hooks; a forward hook on the root registered with
-  ``always_call=True`` (torch >= 2.0) takes both away again when the forward returns *or
-  raises*. The mode never outlives the forward (``close()`` and the next sampled forward also
-  take away one left behind by a ``KeyboardInterrupt``);
+  module forward pre/post hooks, the post hook with ``always_call=True`` (torch >= 2.0): its
+  call for the root, when the root's forward returns *or raises*, takes the mode and both
+  hooks away. The mode never outlives the forward (``close()`` and the next sampled forward
+  also take away one left behind by a ``KeyboardInterrupt``);
 * the global hooks keep the stack of running modules of the watched models: the innermost one
   is the *enclosing* module, and the last watched module that finished inside it is the
   *anchor*, the layer whose output the activation reads (``conv1`` in
@@ -188,7 +188,6 @@ class FunctionalProbe:
         self.spans = 0  # sampled forwards intercepted (tests, the benchmark)
         self._mode = _Mode(self)
         self._hooks: HookSet | None = None
-        self._depth = 0  # watched roots running inside the span (nested models)
         self._stack: list[_Frame] = []
         self._seq = 0  # watched modules finished in this span
         self._last: tuple[nn.Module, str] | None = None  # the last anchor that finished
@@ -202,7 +201,9 @@ class FunctionalProbe:
         self._ignored: set[tuple[Any, ...]] = set()  # keys of sites the filters leave out
         self._roots: dict[int, nn.Module] = {}  # roots hooked, by id
         self._pre = Hook(self._on_pre, "functional-module-pre", guard, ENTRY)
-        self._post = Hook(self._on_post, "functional-module-post", guard, ENTRY)
+        # not skipped when the part is off (a Hook with a guard would be): the root's call of
+        # it ends the span, whatever happened before; it guards itself
+        self._post = Hook(self._on_post, "functional-module-post")
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, hooks: HookSet, models: Iterable[nn.Module]) -> None:
@@ -218,11 +219,10 @@ class FunctionalProbe:
             return
         self._roots[id(model)] = model
         enter = Hook(self._on_root_pre, "functional-enter", self.guard, ENTRY)
-        # not skipped when the part is off (a Hook with a guard would be): whatever happened,
-        # the forward must end without the mode; it guards itself
-        leave = Hook(self._on_root_post, "functional-leave")
         hooks.add(model.register_forward_pre_hook(enter), "functional-enter")
-        hooks.add(model.register_forward_hook(leave, always_call=True), "functional-leave")
+        # No forward hook on the root: dynamo traces a root's hooks into a compiled graph, and
+        # tracing an always_call hook's output warns (a non-leaf .grad read). The global
+        # always_call forward hook, registered only while the span is open, ends it instead.
 
     def close(self) -> None:
         """Leave the span if one is open (the Scope closes): no hook, no mode left."""
@@ -240,8 +240,7 @@ class FunctionalProbe:
     def _on_root_pre(self, module: nn.Module, args: Any) -> None:
         if is_compiling():  # traced into a compiled graph: never entered there
             return
-        if self._depth:  # a watched model called inside another's sampled forward
-            self._depth += 1
+        if self._stack:  # a watched model called inside another's sampled forward
             return
         probe = self.probe
         if not probe.sampling or not torch.is_grad_enabled() or _in_recompute():
@@ -249,17 +248,6 @@ class FunctionalProbe:
         if _holds_compiled(module):
             return
         self._enter(module)
-
-    def _on_root_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._depth:
-            return
-        self._depth -= 1
-        if self._depth:
-            return
-        try:
-            self._leave()
-        except Exception as exc:  # pragma: no cover - torch's stack calls do not raise
-            self.guard.fail(ENTRY, exc)
 
     def _enter(self, root: nn.Module) -> None:
         self._leave()  # one left behind by an interrupted forward
@@ -270,7 +258,6 @@ class FunctionalProbe:
             self._anchors.clear()
         self._stack = [_Frame(root, 0, self.table.module_name(root) is None)]
         self._seq, self._last, self._last_seq, self._after = 0, None, -1, None
-        self._depth = 1
         try:
             reg = nn.modules.module
             self._global = [
@@ -284,7 +271,6 @@ class FunctionalProbe:
         self.spans += 1
 
     def _leave(self) -> None:
-        self._depth = 0
         self._stack = []
         self._last = self._after = None
         for handle in self._global:
@@ -309,6 +295,8 @@ class FunctionalProbe:
         stack.append(_Frame(module, self._seq, skip))
 
     def _on_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        """A module's forward returned or raised (``always_call``): pop its frame; the
+        root's ends the span. Anchors the sites that follow it."""
         stack = self._stack
         for i in range(len(stack) - 1, -1, -1):
             if stack[i].module is module:
@@ -316,6 +304,18 @@ class FunctionalProbe:
                 break
         else:
             return
+        if not stack:  # the root's forward is over (or raised): no mode, no global hook
+            self._leave()
+            return
+        guard = self.guard
+        if guard.off and not guard.active(FUNCTIONAL):
+            return
+        try:
+            self._anchor(module)
+        except Exception as exc:
+            guard.fail(ENTRY, exc)
+
+    def _anchor(self, module: nn.Module) -> None:
         name = self._anchors.get(id(module), "")
         if name == "":
             name = self._anchors[id(module)] = self._anchor_name(module)
