@@ -54,6 +54,29 @@ BREAKDOWN: dict[str, dict[str, Any] | None] = {
     "+update_ratios": {"tensorboard": False},
     "+tensorboard (=default)": {},
 }
+# --functional: a model whose activations are all functional (F.relu), the interception on
+# (the default) and off, at the default sampling period and at every step
+FUNCTIONAL: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "default": {},
+    "default (functional off)": {"functional_activations": False},
+    "act_every_step": {"activation_every": 1, "update_every": 10},
+    "act_every_step (functional off)": {
+        "activation_every": 1,
+        "update_every": 10,
+        "functional_activations": False,
+    },
+}
+FUNCTIONAL_SECTION = "## Functional activations: the interception's cost (CPU)"
+FUNCTIONAL_INTRO = (
+    "pytorch/examples' MNIST net (`F.relu` after each conv and fc1, `F.max_pool2d`, dropout, "
+    "`F.log_softmax`; batch 32 of 1x28x28): no activation module at all, so every activation "
+    "statistic comes from the `TorchFunctionMode` that `functional_activations=True` (the "
+    "default) enters for the forward of sampled steps. `(functional off)`: the same without "
+    "it (no activation statistics on this model). The difference between a pair is what the "
+    "interception costs: every torch call of a sampled forward through the mode, and the "
+    "statistics of the three `F.relu` sites."
+)
 TARGETS = {"default": 1.02, "act_every_step": 1.10}  # max median paired ratio vs plain
 BREAKDOWN_SECTION = "## Where the default configuration's cost goes (CPU)"
 BLOCK = 100  # = gradscope's default flush_every: every timed block holds exactly one flush
@@ -148,6 +171,27 @@ def cnn() -> nn.Module:
     )
 
 
+class MnistNet(nn.Module):
+    """pytorch/examples' mnist/main.py ``Net``: every activation is a function call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = torch.flatten(self.dropout1(x), 1)
+        x = self.dropout2(F.relu(self.fc1(x)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
 def image_batches(shape: tuple[int, ...], n: int, gen: torch.Generator) -> list[Batch]:
     return [
         (torch.randn(shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen))
@@ -194,6 +238,16 @@ WORKLOADS = {
         lambda g: token_batches(8, g),
         lm_loss,
         rounds=20,
+    ),
+}
+FUNCTIONAL_WORKLOADS = {  # --functional
+    "mnist": Workload(
+        "mnist",
+        MnistNet,
+        lambda ps: torch.optim.Adadelta(ps, lr=1.0),
+        lambda g: image_batches((32, 1, 28, 28), 8, g),
+        F.nll_loss,
+        rounds=10,
     ),
 }
 
@@ -490,19 +544,29 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="build the default configuration up piece by piece instead",
     )
-    args = parser.parse_args(argv)
-    specs = BREAKDOWN if args.breakdown else VARIANTS
-    json_path = args.json or HERE / "results" / (
-        "breakdown.json" if args.breakdown else "overhead.json"
+    parser.add_argument(
+        "--functional",
+        action="store_true",
+        help="the functional-activation interception on and off, on an MNIST net (F.relu)",
     )
-    names = checked_workloads(parser, args)
+    args = parser.parse_args(argv)
+    specs = BREAKDOWN if args.breakdown else FUNCTIONAL if args.functional else VARIANTS
+    mode = "breakdown" if args.breakdown else "functional" if args.functional else "overhead"
+    json_path = args.json or HERE / "results" / f"{mode}.json"
+    table = FUNCTIONAL_WORKLOADS if args.functional else WORKLOADS
+    if args.functional:
+        names = list(FUNCTIONAL_WORKLOADS)
+        if args.rounds is not None and args.rounds < 1:
+            parser.error("--rounds must be >= 1")
+    else:
+        names = checked_workloads(parser, args)
 
     torch.set_num_threads(1)
     block = 10 if args.quick else BLOCK
     meta = run_meta("overhead.py", argv, args.quick, block, loadavg_start=os.getloadavg())
     results: dict[str, Any] = {}
     for name in names:
-        wl = WORKLOADS[name]
+        wl = table[name]
         rounds = args.rounds or (3 if args.quick else wl.rounds)
         print(f"{name}: {rounds} rounds x {len(specs)} variants x {block} steps", flush=True)
         results[name] = {"rounds": rounds, **run_workload(wl, specs, rounds, block, SEED)}
@@ -510,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.breakdown:
         section = render(meta, results, BREAKDOWN_SECTION, BREAKDOWN_INTRO)
+    elif args.functional:
+        section = render(meta, results, FUNCTIONAL_SECTION, FUNCTIONAL_INTRO)
     else:
         section = render(meta, results)
     print("\n" + section)

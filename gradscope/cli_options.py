@@ -201,6 +201,11 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Record each module's output-gradient norm.",
         ),
+        opt(
+            "--functional-activations/--no-functional-activations",
+            default=None,
+            help="Also measure F.relu/torch.sigmoid/x.tanh() called inside forward().",
+        ),
         opt("--tensorboard/--no-tensorboard", default=None, help="Write TensorBoard logs."),
         opt(
             "--tb-max-layers",

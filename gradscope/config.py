@@ -74,6 +74,11 @@ class Config:
             the watched parameters as a snapshot buffer; turn off to save that memory.
         backward_signal: Record the norm of the gradient with respect to each watched module's
             output on sampled steps (tensor hooks on the outputs; skipped under torch.compile).
+        functional_activations: Also measure activations called as functions inside a
+            watched model's ``forward()`` (``F.relu(self.conv1(x))``, ``torch.sigmoid(h)``,
+            ``x.tanh()``), as sites named ``<layer>:<function>`` (``conv1:relu``): on sampled
+            steps a ``TorchFunctionMode`` sees every torch call of the forward (eager models
+            only; docs/costs.md gives what it costs).
         tensorboard: Write TensorBoard logs to ``tb/`` in the run directory: scalars tagged
             ``<metric>/<layer>`` and ``<metric>`` (run level), a Custom Scalars layout (one
             chart per metric across layers), findings and remedy actions as text.
@@ -145,6 +150,7 @@ class Config:
     softmax_saturation: float = 0.99
     update_ratio: bool = True
     backward_signal: bool = True
+    functional_activations: bool = True
     tensorboard: bool = True
     tb_max_layers: int = 50
     histograms: bool = False
@@ -183,6 +189,7 @@ class Config:
         for key in (
             "update_ratio",
             "backward_signal",
+            "functional_activations",
             "tensorboard",
             "histograms",
             "diagnose",

@@ -38,6 +38,7 @@ FAULTS_ENV = "GRADSCOPE_FAULTS"
 
 # part names
 ACTIVATIONS = "activations"  # forward hooks on watched modules, output-gradient hooks
+FUNCTIONAL = "functional"  # functional activations (F.relu...) inside a sampled forward
 TRACER = "tracer"  # the NaN/Inf tracer's hooks
 CORE = "core"  # the step clock: optimizer hooks, backward, clipping, GradScaler, flushes
 SAVE = "save"  # torch.save taking gradscope's hooks out of the pickled dicts
@@ -52,6 +53,7 @@ ENTRY_POINTS: dict[str, str] = {
     "module-forward": ACTIVATIONS,
     "module-forward-pre": ACTIVATIONS,
     "output-grad": ACTIVATIONS,
+    "functional": FUNCTIONAL,
     "tracer-forward": TRACER,
     "tracer-grad": TRACER,
     "tracer-backward": TRACER,
@@ -72,7 +74,7 @@ ENTRY_POINTS: dict[str, str] = {
 }
 """Every entry point, and the part of gradscope that an error in it switches off."""
 
-MEASURING = frozenset({ACTIVATIONS, TRACER, CORE, SAVE})
+MEASURING = frozenset({ACTIVATIONS, FUNCTIONAL, TRACER, CORE, SAVE})
 """Parts that measure (or serve measuring): off as soon as :data:`STOPS_MEASURING` is."""
 STOPS_MEASURING = frozenset({CORE, STORE})
 """An error in the core leaves the step clock in an unknown state; the records cannot be

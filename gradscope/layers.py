@@ -105,6 +105,30 @@ class ParamSlot:
         return w
 
 
+@dataclass(frozen=True)
+class FunctionalSite:
+    """An activation called as a function inside a watched module's ``forward()``
+    (``F.relu(self.conv1(x))``): where it ran, for run.json and the rules.
+
+    Attributes:
+        name: The site's name, ``<anchor>:<op>`` (``conv1:relu``).
+        label: How it was called (``F.relu``, ``torch.sigmoid``, ``Tensor.tanh``).
+        type: The class name of the equivalent module (``ReLU``): what the rules read.
+        family: Its activation family.
+        anchor: The watched module whose output it activates (None: unknown, then ``within``).
+        within: The module whose ``forward()`` called it.
+        after: The watched module it runs right after, in forward order (None: before all).
+    """
+
+    name: str
+    label: str
+    type: str
+    family: Family
+    anchor: str | None
+    within: str
+    after: str | None
+
+
 @dataclass(eq=False)
 class ModuleEntry:
     """One watched module: an activation (family set) and/or the owner of watched parameters."""
@@ -125,6 +149,8 @@ class LayerTable:
     _by_param: dict[int, list[ParamSlot]] = field(default_factory=dict)  # FSDP1 flat: several
     _order: dict[str, int] = field(default_factory=dict)  # module name -> first forward rank
     _seen: dict[int, nn.Module] = field(default_factory=dict)  # every module walked, by id
+    _names: dict[int, str] = field(default_factory=dict)  # their first qualified names
+    functional: list[FunctionalSite] = field(default_factory=list)  # in order of discovery
     _indices: int = 0  # slot indices handed out (never reused)
 
     def _new_index(self) -> int:
@@ -156,6 +182,7 @@ class LayerTable:
                 if id(module) in self._seen:
                     continue  # a module reachable twice is watched once, under its first name
                 self._seen[id(module)] = module
+                self._names[id(module)] = module_name
                 if not _type_allowed(module, config):
                     continue
                 owned = adopted.pop(module_name, [])
@@ -220,6 +247,24 @@ class LayerTable:
         """Whether ``module`` belongs to a watched model (filtered out or not)."""
         return self._seen.get(id(module)) is module
 
+    def module_name(self, module: nn.Module) -> str | None:
+        """The qualified name of a module of a watched model (filtered out or not)."""
+        return self._names.get(id(module)) if self.contains(module) else None
+
+    def allows(self, name: str, module_name: str, like: nn.Module, config: Config) -> bool:
+        """Whether the filters keep a site ``name`` of module ``module_name`` that behaves like
+        the module ``like`` (a functional activation: the types match its module class)."""
+        return _type_allowed(like, config) and _name_allowed(name, module_name, config)
+
+    def functional_site(self, site: str) -> FunctionalSite | None:
+        """The functional activation behind a site (``conv1:relu`` or ``conv1:relu#k``)."""
+        name = site.split("#", 1)[0]
+        return next((f for f in self.functional if f.name == name), None)
+
+    def add_functional(self, site: FunctionalSite) -> None:
+        """Describe a functional activation site in run.json (right after ``site.after``)."""
+        self.functional.append(site)
+
     def slots_of(self, params: Iterable[torch.Tensor]) -> list[ParamSlot]:
         """The watched slots among ``params`` (an optimizer's), in the table's order, each once."""
         found = {id(s): s for p in params for s in self._by_param.get(id(p), ())}
@@ -246,7 +291,10 @@ class LayerTable:
         by_module: dict[str, list[ParamSlot]] = {}
         for slot in self.params:
             by_module.setdefault(slot.module_name, []).append(slot)
-        out: list[dict[str, Any]] = []
+        after: dict[str | None, list[FunctionalSite]] = {}
+        for site in self.functional:
+            after.setdefault(site.after, []).append(site)
+        out: list[dict[str, Any]] = [_functional(s) for s in after.pop(None, [])]
         for entry in entries:
             executed = entry.name in self._order
             out.append(
@@ -273,6 +321,8 @@ class LayerTable:
                         "executed": executed,
                     }
                 )
+            out.extend(_functional(s) for s in after.pop(entry.name, []))
+        out.extend(_functional(s) for sites in after.values() for s in sites)
         return out
 
     def check_watchable(self, optimizers: Sequence[torch.optim.Optimizer], config: Config) -> None:
@@ -347,6 +397,21 @@ class LayerTable:
         self.modules.clear()
         self._by_param.clear()
         self._seen.clear()
+        self._names.clear()
+
+
+def _functional(site: FunctionalSite) -> dict[str, Any]:
+    """run.json's entry of a functional activation site (a module entry that says so)."""
+    return {
+        "name": site.name,
+        "kind": "module",
+        "type": site.type,
+        "family": site.family.value,
+        "executed": True,
+        "functional": site.label,
+        "anchor": site.anchor,
+        "within": site.within,
+    }
 
 
 def _join(prefix: str, name: str) -> str:

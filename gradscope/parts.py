@@ -157,6 +157,11 @@ def build_parts(
         stack.callback(rec.replay.close)
     rec.grads.on_nonfinite = rec.flag_nonfinite
     rec.modules.attach(hooks)
+    if config.functional_activations:
+        from .probes.functional import attach_functional
+
+        functional = attach_functional(rec.modules, table, config, guard, hooks, models.values())
+        stack.callback(functional.close)
     remedies = make_remedies(config, table, models, rec, flusher, outputs, tracer, ranks, warn)
     optimizer_hooks = OptimizerHooks(clock, guard)
     optimizer_hooks.attach(hooks, optimizers)

@@ -249,6 +249,8 @@ class Scope:
             self._rec.replay.add_model(model)
         for entry in entries:
             self._rec.modules.attach_one(entry)
+        if self._rec.modules.functional is not None:
+            self._rec.modules.functional.attach_root(model)
         self._clock.forget_slots()
         if self._ranks is not None:
             self._ranks.map_shards()

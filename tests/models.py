@@ -73,6 +73,25 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(x))
 
 
+class MnistNet(nn.Module):
+    """pytorch/examples' MNIST net, smaller: every activation is functional (``F.relu``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.conv2 = nn.Conv2d(4, 8, 3)
+        self.dropout = nn.Dropout(0.25)
+        self.fc1 = nn.Linear(8 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(self.dropout(x), 1)
+        x = F.relu(self.fc1(x))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
 def half_dead_linear() -> nn.Sequential:
     """Linear(4, 8) + ReLU where units 0-3 are alive for every input in [0, 1) and units 4-7
     output exactly 0 for every input: a dead fraction of exactly 0.5."""

@@ -219,7 +219,9 @@ def test_layers_in_forward_order_not_definition_order(out):
     with gradscope.watch(model, out=out) as scope:
         model(torch.randn(2, 8)).sum().backward()
     run = scope.load()
-    assert [e["name"] for e in run.meta["layers"] if e["kind"] == "module"] == ["early", "late"]
+    # torch.relu is measured as a functional site, right after the layer it follows
+    names = [e["name"] for e in run.meta["layers"] if e["kind"] == "module"]
+    assert names == ["early", "early:relu", "late"]
     assert list(run.wide("grad_norm").columns) == [
         "early.weight",
         "early.bias",

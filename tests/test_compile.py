@@ -103,3 +103,58 @@ def test_hooks_added_after_the_first_compiled_call_are_reported_not_trusted(out)
     fixed = _late_watch(out / "reset", reset=True)  # no warning (warnings are errors here)
     assert "act_mean" in set(fixed.metrics["metric"])
     assert not [e for e in fixed.events if e["event"] == "hooks_inactive"]
+
+
+class _Functional(nn.Module):
+    """Activations as function calls (F.relu, torch.tanh): measured by a TorchFunctionMode in
+    eager forwards, never inside a compiled one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc2(nn.functional.relu(self.fc1(x)))))
+
+
+def _compiled_functional(out, compile_when, functional):
+    """Graphs compiled and graph breaks over 4 steps, and the run."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = _Functional()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if compile_when == "part":  # an eager model holding a compiled submodule
+        model.fc2 = torch.compile(model.fc2, backend="eager")
+    target = torch.compile(model, backend="eager") if compile_when == "before" else model
+    options = {"activation_every": 2, "quiet": True, "functional_activations": functional}
+    with gradscope.watch(target, out=out, **options) as scope:
+        run_model = target
+        if compile_when == "after":
+            run_model = torch.compile(model, backend="eager")
+        if compile_when == "inplace":
+            model.compile(backend="eager")
+        train(run_model, opt, 4)
+        if functional:
+            assert scope.parts.recorder.modules.functional.spans == 0  # never with dynamo
+    assert torch._C._len_torch_function_stack() == 0
+    graphs = counters["stats"]["unique_graphs"]
+    return graphs, sum(counters["graph_break"].values()), scope.load()
+
+
+# dynamo, tracing the hooks of a module compiled on its own, reads .grad of a non-leaf tensor
+# and warns (torch's own warning, as in the in-place case above)
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.parametrize("compile_when", ["before", "after", "inplace", "part"])
+def test_functional_activations_neither_break_nor_recompile_a_compiled_model(out, compile_when):
+    graphs_off, _, _ = _compiled_functional(out / "off", compile_when, False)
+    graphs, breaks, run = _compiled_functional(out / "on", compile_when, True)
+    assert breaks == 0
+    assert graphs == graphs_off  # the sampled steps compiled nothing more
+    assert run.meta["steps"] == 4 and "grad_norm" in set(run.metrics["metric"])
+    assert not [e for e in run.meta["layers"] if e.get("functional")]

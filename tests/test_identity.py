@@ -8,7 +8,7 @@ from torch import nn
 
 import gradscope
 
-from models import CNN, LSTMNet, TinyTransformer, mlp, train
+from models import CNN, LSTMNet, MnistNet, TinyTransformer, mlp, train
 
 
 def _data(kind, i):
@@ -17,13 +17,21 @@ def _data(kind, i):
         return torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
     if kind == "cnn":
         return torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+    if kind == "mnist":  # functional activations (F.relu): measured through a TorchFunctionMode
+        return torch.randn(8, 1, 12, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
     if kind == "lstm":
         return torch.randn(8, 5, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
     idx = torch.randint(0, 32, (4, 12), generator=g)
     return idx, torch.roll(idx, -1, dims=1)
 
 
-MODELS = {"mlp": mlp, "cnn": CNN, "lstm": LSTMNet, "transformer": TinyTransformer}
+MODELS = {
+    "mlp": mlp,
+    "cnn": CNN,
+    "lstm": LSTMNet,
+    "transformer": TinyTransformer,
+    "mnist": MnistNet,
+}
 
 
 def _loss(logits, y):  # per token for the transformer
@@ -55,3 +63,10 @@ def test_bit_identical_weights_and_rng(kind, trace, out):
     run = scope.load()
     assert run.meta["steps"] == 8 and len(run.wide("grad_norm")) == 8
     assert not run.wide("act_mean").empty
+    if kind == "mnist":  # the functional sites were measured at every step
+        assert list(run.wide("act_dead_fraction").columns) == [
+            "conv1:relu",
+            "conv2:relu",
+            "fc1:relu",
+        ]
+        assert len(run.wide("act_dead_fraction")) == 8

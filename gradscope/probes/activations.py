@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -59,6 +59,9 @@ from .sites import (
     complete,
 )
 from .sites import KIND as KIND
+
+if TYPE_CHECKING:
+    from .functional import FunctionalProbe
 
 _NONNEGATIVE = (nn.ReLU, nn.ReLU6)  # outputs >= 0: a unit is dead iff its sum is 0
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -106,7 +109,8 @@ class ModuleProbe:
         self.forward_seen = False
         self.forward_ever = False
         self._measured = False  # any site measured since the last finalize()
-        self._sites: dict[tuple[int, int, int], _Site] = {}
+        # (module, ndim, width); a functional activation's: ("fn", anchor, op, ndim, width)
+        self._sites: dict[tuple[Any, ...], _Site] = {}
         self._traced: list[tuple[ModuleEntry, tuple[int, int, int], int | None, _Call]] = []
         self._axis: dict[tuple[int, int], int | None] = {}
         self._per_name: dict[str, int] = {}
@@ -114,6 +118,8 @@ class ModuleProbe:
         self._hooks: HookSet | None = None
         self.keep_unit_masks = False
         self.whole_masks = False  # several ranks: dead masks go to the flush, to be combined
+        self.version = 0  # bumped when the watched modules change (hooked, swapped)
+        self.functional: FunctionalProbe | None = None  # F.relu & co. (functional_activations)
 
     def attach(self, hooks: HookSet) -> None:
         self._hooks = hooks
@@ -141,6 +147,7 @@ class ModuleProbe:
                 hooks.add(entry.module.register_forward_pre_hook(pre), "module-forward-pre")
             )
         self._handles[entry.name] = handles
+        self.version += 1
 
     def replace(self, entry: ModuleEntry, new: nn.Module) -> None:
         """``entry.module`` was replaced by ``new`` in the model (an activation swap): move the
@@ -155,7 +162,7 @@ class ModuleProbe:
         self.attach_one(entry)
         for key in [k for k in self._sites if k[0] == old_id]:
             site = self._sites.pop(key)
-            fresh = _Site(site.name, entry, site.axis, self.buffer, self.guard)
+            fresh = _Site(site.name, entry.family, site.axis, self.buffer, self.guard)
             if site.masks is not None:
                 fresh.masks = []
             self._sites[(id(new), key[1], key[2])] = fresh
@@ -262,20 +269,46 @@ class ModuleProbe:
     def _site_for(self, entry: ModuleEntry, key: tuple[int, int, int], axis: int | None) -> _Site:
         site = self._sites.get(key)
         if site is None:
-            k = self._per_name.get(entry.name, 0)
-            self._per_name[entry.name] = k + 1
-            name = entry.name if k == 0 else f"{entry.name}#{k}"
-            site = self._sites[key] = _Site(name, entry, axis, self.buffer, self.guard)
-            if self.keep_unit_masks:
-                site.masks = []
-            site.whole_masks = self.whole_masks
+            site = self.new_site(key, entry.name, entry.family, axis)
+        return site
+
+    def new_site(
+        self,
+        key: tuple[Any, ...],
+        base: str,
+        family: Family | None,
+        axis: int | None,
+        signal: bool = True,
+    ) -> _Site:
+        """A new site under ``key``, named ``base`` (``base#1``, ``base#2``... after the
+        first); ``signal``: it records the backward signal."""
+        k = self._per_name.get(base, 0)
+        self._per_name[base] = k + 1
+        name = base if k == 0 else f"{base}#{k}"
+        site = self._sites[key] = _Site(name, family, axis, self.buffer, self.guard, signal)
+        if self.keep_unit_masks:
+            site.masks = []
+        site.whole_masks = self.whole_masks
         return site
 
     def _measure(
         self, entry: ModuleEntry, axis: int | None, o: torch.Tensor, compiling: bool
     ) -> _Call:
+        return self.measure(
+            entry.family, isinstance(entry.module, _NONNEGATIVE), axis, o, compiling
+        )
+
+    def measure(
+        self,
+        family: Family | None,
+        nonnegative: bool,
+        axis: int | None,
+        o: torch.Tensor,
+        compiling: bool,
+    ) -> _Call:
+        """The sufficient statistics of one activation output ``o`` (``nonnegative``: a ReLU's,
+        whose per-unit sum is its dead test)."""
         cfg = self.config
-        family = entry.family
         n = o.numel()
         l2 = numerics.norm(o)  # float32, or float64 for a float64 output
         peak = sat = None
@@ -285,7 +318,7 @@ class ModuleProbe:
             if axis is None:  # every element is a unit (a copy: o may change in place later)
                 peak = o.reshape(-1).to(numerics.accumulate_dtype(o) or o.dtype, copy=True)
                 s = peak.sum()
-            elif isinstance(entry.module, _NONNEGATIVE) and cfg.dead_threshold == 0.0:
+            elif nonnegative and cfg.dead_threshold == 0.0:
                 peak = numerics.total(o, dims)  # [units]: 0 iff dead, one pass
                 s = peak.sum()
             else:

@@ -17,7 +17,7 @@ from torch import nn
 from ..buffer import Chunk, StepBuffer
 from ..guard import Guard
 from ..hooks import Hook
-from ..layers import Family, ModuleEntry
+from ..layers import Family
 from . import numerics
 
 KIND = "module"
@@ -126,13 +126,14 @@ class _Site:
     def __init__(
         self,
         name: str,
-        entry: ModuleEntry,
+        family: Family | None,
         axis: int | None,
         buffer: StepBuffer,
         guard: Guard | None = None,
+        signal: bool = True,
     ):
         self.name = name
-        self.family = entry.family
+        self.family = family
         self.axis = axis
         self.buffer = buffer
         self.calls: list[_Call] = []  # current window
@@ -143,7 +144,7 @@ class _Site:
         self.masks: list[torch.Tensor] | None = None  # recent per-unit dead masks (recycling)
         self.units: int | None = None
         self.whole_masks = False  # write the per-unit dead mask, not its count (distributed)
-        metrics = ["output_grad_norm"]
+        metrics = ["output_grad_norm"] if signal else []  # functional sites: no backward signal
         if self.family is not None:
             first = (
                 "act_dead_fraction"
@@ -155,7 +156,7 @@ class _Site:
             buffer.column(name, KIND, metric)
         self.groups = {
             raw: buffer.group(((name, KIND, raw),))
-            for raw in (_SUM, _L2, _PEAK, _SAT, _NF, "output_grad_norm")
+            for raw in (_SUM, _L2, _PEAK, _SAT, _NF, *(["output_grad_norm"] if signal else []))
         }
 
     def _add_grad(self, grad: torch.Tensor) -> None:

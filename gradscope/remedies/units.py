@@ -127,6 +127,15 @@ class UnitRemedies:
             return None
         self._handled.add(key)
         entry = self.table.entry(site)
+        called = self.table.functional_site(site)
+        if entry is None and called is not None:  # F.relu(...) inside forward(): no module
+            return self._refused(
+                "swap",
+                site,
+                step,
+                f"swap not applied: {site} is {called.label}() called inside forward(), "
+                f"not a module; edit the code instead ({FUNCTIONAL_NOTE})",
+            )
         if entry is None or id(entry.module) in self._swapped:
             return None  # not watched, or already a swap's result: not swapped again
         rule = next((r for r in self.swap if r.matches(entry.module)), None)
@@ -173,9 +182,13 @@ class UnitRemedies:
         if dead is None or dead.numel() == 0:
             return None
         entry = self.table.entry(site)
-        if entry is None:
+        called = self.table.functional_site(site)
+        if entry is None and called is not None and called.anchor is not None:
+            producer, between, consumer = self._around_anchor(called.anchor)
+        elif entry is None:
             return None
-        producer, between, consumer = self.table.neighbours(entry.name, passthrough=_NORMS)
+        else:
+            producer, between, consumer = self.table.neighbours(entry.name, passthrough=_NORMS)
         units = self.probe.site_units(site)
         plan = make_plan(producer, consumer, between, units if units is not None else -1)
         self._recycled_at[site] = step
@@ -197,6 +210,17 @@ class UnitRemedies:
         }
         self.event(Event.remedy(**record))
         return record
+
+    def _around_anchor(
+        self, anchor: str
+    ) -> tuple[nn.Module | None, list[nn.Module], nn.Module | None]:
+        """A functional activation's neighbours: it reads ``anchor``'s output (the layer, or a
+        norm right after it), and the next layer with parameters reads it."""
+        entry = self.table.entry(anchor)
+        before, between, consumer = self.table.neighbours(anchor, passthrough=_NORMS)
+        if entry is None or not isinstance(entry.module, _NORMS):
+            return (entry.module if entry is not None else None), [], consumer
+        return before, [*between, entry.module], consumer
 
     def _refused(self, remedy: str, site: str, step: int, reason: str) -> RemedyAction:
         self.event(Event.remedy(remedy, "not_applied", step, layer=site, reason=reason))

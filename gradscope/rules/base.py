@@ -55,6 +55,8 @@ class LayerInfo:
         containers: Modules that hold other watched modules (a model's root with a parameter of
             its own, a block): their output is a later module's output, but they start first,
             so they are left out of the order-based depth view.
+        functional: For a functional activation site, what it is in words
+            (``"F.relu after conv1"``).
     """
 
     rank: dict[str, int] = field(default_factory=dict)
@@ -63,6 +65,7 @@ class LayerInfo:
     module_of: dict[str, str] = field(default_factory=dict)
     ndim: dict[str, int] = field(default_factory=dict)
     containers: set[str] = field(default_factory=set)
+    functional: dict[str, str] = field(default_factory=dict)
 
     def ordered(self, layers: list[str]) -> list[str]:
         """``layers`` in forward order (unknown ones last, in the given order)."""

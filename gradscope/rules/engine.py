@@ -436,6 +436,11 @@ def layer_info(describe: list[dict[str, Any]], sites: list[str]) -> LayerInfo:
         if entry["kind"] == "module":
             module_rank[name] = rank
             info.family[name] = entry.get("family")
+            label = entry.get("functional")
+            if isinstance(label, str):  # F.relu(self.conv1(x)): "F.relu after conv1"
+                anchor = entry.get("anchor")
+                where = f"after {anchor}" if anchor else f"in {entry.get('within')}.forward()"
+                info.functional[name] = f"{label} {where}"
         else:
             info.module_of[name] = entry["module"]
             info.ndim[name] = len(entry.get("shape", []))
@@ -447,6 +452,8 @@ def layer_info(describe: list[dict[str, Any]], sites: list[str]) -> LayerInfo:
             info.rank[site] = info.rank.get(base, rank) * 1000 + int(suffix or 0)  # after base
             info.family[site] = info.family.get(base)
             info.module_type[site] = info.module_type.get(base, "")
+            if base in info.functional:
+                info.functional[site] = info.functional[base]
     # scale plain ranks so "name#k" sorts right after "name"
     for name in list(info.rank):
         if "#" not in name:

@@ -59,6 +59,9 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
             born = start is not None and start[1] >= t.dead_fraction and first_step <= start[0]
             latest = float(frac[b])
             kind_of = rec.layers.module_type.get(site, "activation")
+            # a functional call (F.relu after conv1) has no module: swap= cannot replace it
+            called = rec.layers.functional.get(site)
+            what_of = called or kind_of
             ev: dict[str, Any] = {
                 "dead_fraction": latest,
                 "peak_dead_fraction": float(frac[a : b + 1].max()),
@@ -75,7 +78,7 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                     "they are never positive on any example, where a "
                     f"{kind_of} passes only a small gradient"
                 )
-                msg = f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) " + (
+                msg = f"{fmt(100 * latest)}% of the units of {site} ({what_of}) " + (
                     f"are dead from the start: {what}"
                     if born
                     else f"died during training (since step {first_step}): {what}"
@@ -87,26 +90,27 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                 )
             elif born:
                 msg = (
-                    f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) are dead from "
+                    f"{fmt(100 * latest)}% of the units of {site} ({what_of}) are dead from "
                     "the start: they output 0 for every example, so no gradient reaches the "
                     "layers below through them"
                 )
                 hint = (
                     "re-initialise: He/Kaiming init (nn.init.kaiming_normal_) and a "
                     "small positive bias; a deep narrow ReLU net dies at init with high "
-                    "probability (Lu et al. 2019): widen it or make it shallower; or swap "
-                    f"{site} to nn.LeakyReLU{_swap_option(kind_of)}"
+                    "probability (Lu et al. 2019): widen it or make it shallower; or "
+                    + _leaky(site, called, kind_of)
                 )
             if hard and not born:
                 msg = (
-                    f"{fmt(100 * latest)}% of the units of {site} ({kind_of}) died during "
+                    f"{fmt(100 * latest)}% of the units of {site} ({what_of}) died during "
                     f"training (since step {first_step}): they output 0 for every example"
                 )
                 hint = (
                     f"{lower_lr(ctx)}: a large step pushes pre-activations below 0 for every "
-                    f"input, for good; swap {site} to nn.LeakyReLU so dead units get a "
-                    f"gradient again{_swap_option(kind_of)}; or re-initialise the dead units "
-                    f"(ReDo, Sokar et al. 2023: {option('recycle', True)})"
+                    f"input, for good; "
+                    f"{_leaky(site, called, kind_of, ' so dead units get a gradient again')}; "
+                    f"or re-initialise the dead units (ReDo, Sokar et al. 2023: "
+                    f"{option('recycle', True)})"
                 )
             sev = "error" if latest >= 0.9 and hard else "warning"
             cause = ("born" if born else "died") + ("" if hard else "_soft")
@@ -129,6 +133,18 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
                 Episode("dead_units", site, first_step, last_step, sev, ev, msg, hint, cause=cause)
             )
     return _fold_cascades(out, rec)
+
+
+def _leaky(site: str, called: str | None, module_type: str, why: str = "") -> str:
+    """The LeakyReLU advice (``why``: what it brings): ``swap=`` for a ReLU module; a
+    functional call (``F.relu after conv1``) has no module to replace, so the code changes."""
+    if called:
+        fn = called.split(" ")[0]
+        return (
+            f"call F.leaky_relu(x, 0.01) instead of {fn}(x) in forward(){why} (a function "
+            "call has no module to swap)"
+        )
+    return f"swap {site} to nn.LeakyReLU{why}{_swap_option(module_type)}"
 
 
 def _fold_cascades(episodes: list[Episode], rec: Records) -> list[Episode]:
@@ -188,14 +204,21 @@ def saturation(rec: Records, t: Thresholds) -> list[Episode]:
                 continue
             latest = float(sat[rows[b], j])
             kind_of = rec.layers.module_type.get(site, family)
+            called = rec.layers.functional.get(site)
             ev = {
                 "saturated_fraction": latest,
                 "peak_saturated_fraction": float(sat[rows[a : b + 1], j].max()),
                 "family": family,
             }
             msg = (
-                f"{fmt(100 * latest)}% of the outputs of {site} ({kind_of}) are pinned at "
-                "their limits, where the derivative is near 0"
+                f"{fmt(100 * latest)}% of the outputs of {site} ({called or kind_of}) are "
+                "pinned at their limits, where the derivative is near 0"
+            )
+            relu = (
+                # a functional call has no module for swap= to replace: the code changes
+                f"(call F.relu instead of {called.split(' ')[0]} in forward())"
+                if called
+                else f"({option('swap', f'{family}->relu')})"
             )
             ctx = rec.context
             norm = (
@@ -206,7 +229,7 @@ def saturation(rec: Records, t: Thresholds) -> list[Episode]:
             hint = (
                 "initialise the layer before it with Xavier (nn.init.xavier_uniform_) so "
                 f"pre-activations stay small (Glorot & Bengio 2010); {norm}; or use ReLU in "
-                f"hidden layers ({option('swap', f'{family}->relu')})"
+                f"hidden layers {relu}"
             )
             out.append(
                 Episode(
