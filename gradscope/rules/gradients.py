@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from ..records import RUN_LAYER
 from .advice import clip_advice, lower_lr, normalisation, setting
 from .base import Episode, Records, fmt, keep_strongest, runs, trailing_stats
 from .thresholds import Thresholds
@@ -136,14 +135,6 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
         # one spike that sets the loss back is a finding without patience (a recurrent net's
         # 16x spike that undoes training); one that leaves the loss alone is noise
         lone = hot & _loss_setback(rec, steps, hot.any(axis=1), t)[:, None]
-        start, ahead = _start_spikes(logn, t)
-    # the later steps are a fair baseline only if nothing else made their gradients small: no
-    # rectifier died, and the loss did not fall far (large first gradients of a loss that then
-    # drops are learning, not explosion)
-    later = steps[steps > EARLY_HISTORY]
-    calm_after = bool(start.any()) and not (
-        _dead_rows(rec, later, t).any() or _loss_fell(rec, t.learn_progress)
-    )
     candidates: list[tuple[float, Episode]] = []
     for j, name in enumerate(names):
         col_rows = np.flatnonzero(~np.isnan(norms[:, j]))
@@ -151,9 +142,6 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
             continue
         spans = _clusters(steps[col_rows], hot[col_rows, j], t.patience, t.history)
         spans += [(int(i), int(i)) for i in np.flatnonzero((once | lone)[col_rows, j])]
-        first = np.flatnonzero(start[col_rows, j])
-        if first.size and steps[col_rows[first[-1]]] >= rec.since - t.history and calm_after:
-            candidates.append(_start_episode(rec, t, name, steps, col_rows[first], j, norms, ahead))
         for a, b in spans:
             rows = col_rows[a : b + 1]
             rows = rows[hot[rows, j] | once[rows, j]]  # the spiking steps of the cluster
@@ -221,77 +209,6 @@ def _loss_setback(rec: Records, steps: np.ndarray, rows: np.ndarray, t: Threshol
                 np.median(after) >= t.loss_setback * np.median(before) > 0
             )
     return out
-
-
-def _loss_fell(rec: Records, fraction: float) -> bool:
-    """Whether the loss's median over the window's last steps is below ``fraction`` of the
-    run's first loss."""
-    s2, _, loss = rec.wide("loss", "run")
-    start = rec.first_seen.get((RUN_LAYER, "run", "loss"))
-    if not s2.size or start is None or not np.isfinite(start[1]) or start[1] <= 0:
-        return False
-    tail = loss[-SETBACK_STEPS:, 0]
-    tail = tail[np.isfinite(tail)]
-    return bool(tail.size) and float(np.median(tail)) < fraction * start[1]
-
-
-def _start_spikes(logn: np.ndarray, t: Thresholds) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``EARLY_HISTORY`` observations of each column judged against the ones *after*
-    them (there is nothing before): at least ``spike_once_ratio`` x the median of the next
-    ``history`` finite observations and ``spike_z`` robust deviations above it, once
-    ``min_history`` of them exist. Returns the mask and the median it was compared with (log10)."""
-    start = np.zeros(logn.shape, dtype=bool)
-    ahead = np.full(logn.shape, np.nan)
-    for j in range(logn.shape[1]):
-        idx = np.flatnonzero(np.isfinite(logn[:, j]))
-        for k in range(min(EARLY_HISTORY, idx.size)):
-            later = logn[idx[k + 1 : k + 1 + t.history], j]
-            if later.size < t.min_history:
-                break
-            m = float(np.median(later))
-            mad = float(np.median(np.abs(later - m)))
-            excess = float(logn[idx[k], j]) - m
-            ahead[idx[k], j] = m
-            start[idx[k], j] = excess >= np.log10(t.spike_once_ratio) and (
-                excess / max(_Z * mad, _MAD_FLOOR) >= t.spike_z
-            )
-    return start, ahead
-
-
-def _start_episode(
-    rec: Records,
-    t: Thresholds,
-    name: str,
-    steps: np.ndarray,
-    rows: np.ndarray,
-    j: int,
-    norms: np.ndarray,
-    ahead: np.ndarray,
-) -> tuple[float, Episode]:
-    peak_row = rows[np.argmax(norms[rows, j])]
-    peak = float(norms[peak_row, j])
-    base = 10 ** float(ahead[peak_row, j])
-    ratio = peak / base
-    first, last = int(steps[rows[0]]), int(steps[rows[-1]])
-    ev = {
-        "peak_norm": peak,
-        "median_norm": base,
-        "peak_ratio": ratio,
-        "peak_step": int(steps[peak_row]),
-        "compared_with": f"the next {t.history} steps",
-        "steps": int(rows.size),
-    }
-    msg = (
-        f"gradient norm of {name} was {fmt(peak)} at step {int(steps[peak_row])}, "
-        f"{fmt(ratio)}x its median of {fmt(base)} over the steps that followed: the run "
-        "starts with exploding gradients (initial weights too large, such as a recurrent "
-        "weight scaled above 1)"
-    )
-    hint = (
-        "initialise with a smaller scale (orthogonal or Xavier init for recurrent weights, "
-        "nn.init.orthogonal_), or " + _clip_hint(rec, first)
-    )
-    return ratio, Episode("exploding_gradients", name, first, last, "error", ev, msg, hint)
 
 
 def _clusters(steps: np.ndarray, hot: np.ndarray, patience: int, gap: int) -> list[tuple[int, int]]:
