@@ -15,6 +15,7 @@ All data is synthetic and seeded; nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Callable
@@ -954,7 +955,7 @@ FAMILIES: tuple[Family, ...] = (
         "vanishing_gradients",
         "calibration",
         b_deep_mlp,
-        grid={"depth": (10, 14), "width": (32, 64), "seed": SEEDS},
+        grid={"depth": (10, 12), "width": (32, 64), "seed": SEEDS},
         base={
             "act": "sigmoid",
             "init": "default",
@@ -974,7 +975,7 @@ FAMILIES: tuple[Family, ...] = (
         "vanishing_gradients",
         "heldout",
         b_deep_mlp,
-        grid={"depth": (12, 16), "width": (32, 64), "seed": SEEDS},
+        grid={"depth": (10, 12), "width": (32, 64), "seed": SEEDS},
         base={
             "act": "tanh",
             "init": "normal",
@@ -987,7 +988,7 @@ FAMILIES: tuple[Family, ...] = (
         sibling={"depth": 3},
         rescue={"init": "xavier", "gain": 5 / 3},
         rescue_name="Xavier init with tanh gain",
-        doc="deep tanh MLP with too small an init (0.6/sqrt(fan_in)); learns nothing",
+        doc="10-12-layer tanh MLP with too small an init (0.6/sqrt(fan_in)); learns nothing",
     ),
     Family(
         "vanish_tanh_rnn",
@@ -1009,9 +1010,9 @@ FAMILIES: tuple[Family, ...] = (
         b_relu_gain,
         grid={"depth": (12, 16), "gain": (1.6, 2.0), "seed": SEEDS},
         base={"width": 32, "opt": "sgd", "lr": 0.01, "momentum": 0.9, "steps": 200},
-        sibling={"depth": 3},
+        sibling={"gain": 1.0},
         rescue={"gain": 1.0},
-        rescue_name="He init (gain 1)",
+        rescue_name="He init (gain 1; the cause removed, so rescue = sibling)",
         doc="deep ReLU MLP, init gain 1.6-2x He, no normalisation",
     ),
     Family(
@@ -1031,7 +1032,7 @@ FAMILIES: tuple[Family, ...] = (
         "exploding_gradients",
         "calibration",
         b_lstm_lm,
-        grid={"lr": (30.0, 60.0), "hidden": (32, 64), "seed": SEEDS},
+        grid={"lr": (30.0, 40.0), "hidden": (32, 64), "seed": SEEDS},
         base={"opt": "sgd", "steps": 200, "cell": "lstm"},
         sibling={"lr": 1.0},
         rescue={"clip": 0.25},
@@ -1096,8 +1097,8 @@ FAMILIES: tuple[Family, ...] = (
         grid={"lr": (0.05, 0.1), "width": (64, 128), "seed": SEEDS},
         base={"depth": 3, "act": "relu", "opt": "adam", "steps": 200},
         sibling={"lr": 1e-3},
-        rescue={"act": "leaky"},
-        rescue_name="LeakyReLU(0.2)",
+        rescue={"lr": 3e-3},
+        rescue_name="lr 3e-3",
         doc="ReLU MLP, Adam at lr 0.05-0.1",
     ),
     Family(
@@ -1130,7 +1131,7 @@ FAMILIES: tuple[Family, ...] = (
         "saturation",
         "calibration",
         b_saturating_mlp,
-        grid={"gain": (4.0, 8.0), "width": (32, 64), "seed": SEEDS},
+        grid={"gain": (6.0, 8.0), "width": (32, 64), "seed": SEEDS},
         base={
             "depth": 6,
             "act": "tanh",
@@ -1141,9 +1142,9 @@ FAMILIES: tuple[Family, ...] = (
             "steps": 200,
         },
         sibling={"gain": 1.0},
-        rescue={"norm": "ln"},
-        rescue_name="LayerNorm before each tanh",
-        doc="tanh MLP, weights at 4-8x the LeCun scale",
+        rescue={"init": "xavier", "gain": 5 / 3},
+        rescue_name="Xavier init with tanh gain",
+        doc="tanh MLP, weights at 6-8x the LeCun scale",
     ),
     Family(
         "sat_sigmoid_unnorm",
@@ -1198,8 +1199,8 @@ FAMILIES: tuple[Family, ...] = (
         grid={"lr": (0.05, 0.1), "d": (16, 32), "seed": SEEDS},
         base={"xscale": 3.0, "opt": "sgd", "steps": 150},
         sibling={"lr": 0.002},
-        rescue={"lr": 0.01},
-        rescue_name="lr 0.01",
+        rescue={"lr": 0.004},
+        rescue_name="lr 0.004",
         doc="least squares on unnormalised features, SGD beyond the stable lr",
     ),
     Family(
@@ -1394,6 +1395,14 @@ class RunSpec:
     family: str
     split: str
     params: dict[str, Any]
+
+    def key(self) -> str:
+        """What an outcome depends on: the parameters, the sibling's and the rescue's."""
+        fam = FAMILY[self.family]
+        text = repr(
+            (sorted(self.params.items()), sorted(fam.sibling.items()), sorted(fam.rescue.items()))
+        )
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def make(self, which: str = "patho") -> tuple[Task, Label]:
         """``patho`` (the run as labelled), ``sibling`` (the cause removed) or ``rescue``."""

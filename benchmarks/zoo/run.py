@@ -144,8 +144,11 @@ def _job(args: tuple[str, Any]) -> Any:
     if what == "live":
         spec, runs_dir = payload
         return live(spec, Path(runs_dir))
+    if what == "rediagnose":
+        run_dir, overrides = payload
+        return rediagnose(Path(run_dir), overrides)
     if what == "outcome":
-        return payload.id, outcome(payload)
+        return payload.id, {**outcome(payload), "key": payload.key()}
     if what == "cure":
         spec, option, sibling, runs_dir = payload
         r = live(spec, Path(runs_dir), options=parse_option(option), keep=False)
@@ -292,8 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-outcomes", action="store_true", help="skip outcome confirmation")
     ap.add_argument("--cures", action="store_true", help="rerun with each suggested option")
     ap.add_argument("--rediagnose", action="store_true", help="rules on the kept records only")
+    ap.add_argument(
+        "--score-only", action="store_true", help="score the stored results again, run nothing"
+    )
     ap.add_argument("--thresholds", default="", help="JSON overrides for --rediagnose")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument(
+        "--results",
+        default="",
+        help="markdown file whose section to replace (default: benchmarks/RESULTS.md after a "
+        "whole run into the default --out)",
+    )
     args = ap.parse_args(argv)
     import gradscope
 
@@ -316,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     results_path = out / "runs.jsonl"
     t_all = time.perf_counter()
     previous = {r["id"]: r for r in _read_jsonl(results_path)}
+    timings_path = out / "timings.json"
+    if args.score_only:
+        timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+        md = Path(args.results) if args.results else None
+        if md is None and out.resolve() == DEFAULT_OUT.resolve():
+            md = DEFAULT_OUT.parents[1] / "RESULTS.md"
+        return _score(out, [previous[k] for k in sorted(previous)], {}, md, timings)
     if args.rediagnose:
         overrides = json.loads(args.thresholds) if args.thresholds else {}
         results = []
@@ -324,9 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             if r is None or not (runs_dir / s.id).exists():
                 print(f"  no kept run for {s.id}; run it first", file=sys.stderr)
                 continue
-            r = dict(r)
-            r["findings"] = rediagnose(runs_dir / s.id, overrides)
-            results.append(r)
+            results.append(dict(r))
+        jobs = [("rediagnose", (str(runs_dir / r["id"]), overrides)) for r in results]
+        for r, found in zip(results, _map(jobs, args.jobs, "rediagnose"), strict=True):
+            r["findings"] = found
         print(f"rediagnosed {len(results)} runs in {time.perf_counter() - t_all:.1f} s")
         target = out / ("rediagnosed.jsonl" if overrides else "runs.jsonl")
         if overrides:
@@ -336,20 +356,29 @@ def main(argv: list[str] | None = None) -> int:
             _write_jsonl(target, list(previous.values()))
         return _score(out, results, overrides)
     # live runs
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     results = _map([("live", (s, str(runs_dir))) for s in specs], args.jobs, "live")
-    print(f"live runs: {time.perf_counter() - t0:.0f} s", flush=True)
+    timings["live runs"] = time.perf_counter() - t0
+    print(f"live runs: {timings['live runs']:.0f} s", flush=True)
     previous.update({r["id"]: r for r in results})
     _write_jsonl(results_path, [previous[k] for k in sorted(previous)])
     # outcomes (cached)
     cache_path = out / "outcomes.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     if not args.no_outcomes:
-        todo = [s for s in specs if fam.FAMILY[s.family].kind != fam.HEALTHY and s.id not in cache]
+        todo = [
+            s
+            for s in specs
+            if fam.FAMILY[s.family].kind != fam.HEALTHY
+            and (cache.get(s.id) or {}).get("key") != s.key()
+        ]
         t0 = time.perf_counter()
         for rid, o in _map([("outcome", s) for s in todo], args.jobs, "outcomes"):
             cache[rid] = o
         cache_path.write_text(json.dumps(dict(sorted(cache.items())), indent=1) + "\n")
+        if todo:
+            timings["outcomes"] = time.perf_counter() - t0
         print(f"outcomes: {len(todo)} new in {time.perf_counter() - t0:.0f} s", flush=True)
     # cures
     if args.cures:
@@ -371,12 +400,24 @@ def main(argv: list[str] | None = None) -> int:
             c for c in _read_jsonl(out / "cures.jsonl") if c["id"] not in {r["id"] for r in results}
         ]
         _write_jsonl(out / "cures.jsonl", sorted(old + cures, key=lambda c: (c["id"], c["option"])))
-        print(f"cures: {len(cure_jobs)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
+        timings["cure runs"] = time.perf_counter() - t0
+        print(f"cures: {len(cure_jobs)} runs in {timings['cure runs']:.0f} s", flush=True)
     print(f"total: {time.perf_counter() - t_all:.0f} s", flush=True)
-    return _score(out, [previous[k] for k in sorted(previous)], {})
+    timings_path.write_text(json.dumps({k: round(v) for k, v in timings.items()}) + "\n")
+    whole = args.split == "all" and not names and not args.quick and not args.no_outcomes
+    md_path = Path(args.results) if args.results else None
+    if md_path is None and whole and out.resolve() == DEFAULT_OUT.resolve():
+        md_path = DEFAULT_OUT.parents[1] / "RESULTS.md"
+    return _score(out, [previous[k] for k in sorted(previous)], {}, md_path, timings)
 
 
-def _score(out: Path, results: list[dict[str, Any]], overrides: dict[str, Any]) -> int:
+def _score(
+    out: Path,
+    results: list[dict[str, Any]],
+    overrides: dict[str, Any],
+    results_md: Path | None = None,
+    timings: dict[str, float] | None = None,
+) -> int:
     from . import score
 
     cache_path = out / "outcomes.json"
@@ -390,8 +431,50 @@ def _score(out: Path, results: list[dict[str, Any]], overrides: dict[str, Any]) 
     (out / f"table{suffix}.md").write_text(md)
     if not overrides:
         score.confusion_figure(report, out.parent / "zoo_confusion.png")
+    if results_md is not None:
+        replace_section(results_md, results_section(report, md, timings or {}))
     print(md)
     return 0
+
+
+RESULTS_TITLE = "## Diagnosis on the pathology corpus"
+
+
+def results_section(report: dict[str, Any], md: str, timings: dict[str, float]) -> str:
+    took = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if k != "note")
+    if timings.get("note"):
+        took += f" ({timings['note']})"
+    return (
+        f"{RESULTS_TITLE}\n\n"
+        "The rules' default thresholds on `benchmarks/zoo` (families, labels and scoring: "
+        "[zoo/README.md](zoo/README.md)), each run under `gradscope.watch` with default settings. "
+        "Reproduce (2 worker processes, one thread each"
+        + (f"; this run took {took} on the 2-core VM" if took else "")
+        + "):\n\n"
+        "```bash\npython -m benchmarks.zoo.run --jobs 2 --cures\n```\n\n"
+        "Held-out families were never looked at while tuning; per-run results in "
+        "`results/zoo/runs.jsonl`, outcomes in `results/zoo/outcomes.json`, misses for the rule "
+        "developer in `results/zoo/misses.json`, cure runs in `results/zoo/cures.jsonl`.\n\n"
+        "![confusion matrix](results/zoo_confusion.png)\n\n" + md
+    )
+
+
+def replace_section(path: Path, section: str) -> None:
+    """Write ``section`` into ``path``, replacing the one with the same title (up to the next
+    ``## ``), as the other benchmark scripts do."""
+    title = section.splitlines()[0]
+    text = path.read_text(encoding="utf-8") if path.exists() else "# gradscope benchmarks\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == title), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    path.write_text(new, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,44 @@ def misses(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def family_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per family: runs scored, detected, and what the missed runs got instead (most common)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[r["family"]].append(r)
+    out = []
+    for name, rs in groups.items():
+        lab = rs[0]["label"]
+        if lab["kind"] == HEALTHY:
+            alarms = Counter(f["kind"] for r in rs for f in counted(r))
+            out.append(
+                {
+                    "family": name,
+                    "split": rs[0]["split"],
+                    "planted": HEALTHY,
+                    "runs": len(rs),
+                    "detected": None,
+                    "instead": dict(alarms.most_common(3)),
+                }
+            )
+            continue
+        missed = [r for r in rs if not detecting(r)]
+        instead = Counter(f["kind"] for r in missed for f in counted(r)) or Counter(
+            {"nothing": len(missed)}
+        )
+        out.append(
+            {
+                "family": name,
+                "split": rs[0]["split"],
+                "planted": lab["kind"],
+                "runs": len(rs),
+                "detected": len(rs) - len(missed),
+                "instead": dict(instead.most_common(3)) if missed else {},
+            }
+        )
+    return sorted(out, key=lambda x: (x["split"], x["planted"], x["family"]))
+
+
 def option_group(option: str) -> str:
     """``clip='norm:1.08e+10'`` -> ``clip='norm:X'``: one row per remedy, not per value."""
     return re.sub(r"norm:[0-9.e+-]+", "norm:X", option)
@@ -234,6 +272,7 @@ def report(
         "unconfirmed": dropped,
         "splits": {s: score_split([r for r in kept if r["split"] == s]) for s in SPLITS},
         "misses": misses(kept),
+        "families": family_summary(kept),
         "cures": cure_table(cures, labels),
     }
 
@@ -283,6 +322,20 @@ def markdown(rep: dict[str, Any]) -> str:
             f"{_f(sp['false_alarms_per_healthy_run'])}; healthy runs with any warning: "
             f"{sp['healthy_runs_with_alarm']} ({alarm_kinds or 'none'}).",
         ]
+    lines += [
+        "",
+        "**Per family** (detected: a finding of a primary kind at or after the onset; for "
+        "healthy families, the warnings raised)",
+        "",
+        "| family | split | planted | scored | detected | what the misses got (runs) |",
+        "|---|---|---|--:|--:|---|",
+    ]
+    for fr in rep["families"]:
+        inst = ", ".join(f"{k} {n}" for k, n in fr["instead"].items()) or "-"
+        lines.append(
+            f"| `{fr['family']}` | {fr['split']} | {fr['planted']} | {fr['runs']} | "
+            f"{_f(fr['detected'])} | {inst} |"
+        )
     if rep["cures"]:
         lines += [
             "",
