@@ -438,7 +438,7 @@ def _score(
     cache_path = out / "outcomes.json"
     outcomes = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     cures = _read_jsonl(out / "cures.jsonl")
-    report = score.report(results, outcomes, cures)
+    report = score.report(sorted(results, key=lambda r: r["id"]), outcomes, cures)
     suffix = "-rediagnosed" if overrides else ""
     (out / f"score{suffix}.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     (out / f"misses{suffix}.json").write_text(json.dumps(report["misses"], indent=1) + "\n")
