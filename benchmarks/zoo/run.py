@@ -51,14 +51,14 @@ class _Capture:
             return
         orig = engine.Diagnoser.update
 
-        def update(self: Any, table: Any, layers: Any, rules: Any = None) -> Any:
+        def update(self: Any, table: Any, layers: Any, *args: Any, **kwargs: Any) -> Any:
             if cls.rows is not None:
                 for i, (layer, kind, metric) in enumerate(table.columns):
                     if metric.startswith("_") and metric in engine.RULE_METRICS:
                         sel = table.col == i
                         for s, v in zip(table.step[sel].tolist(), table.value[sel].tolist()):
                             cls.rows.append((int(s), layer, kind, metric, float(v)))
-            return orig(self, table, layers, rules)
+            return orig(self, table, layers, *args, **kwargs)
 
         update._zoo = True  # type: ignore[attr-defined]
         engine.Diagnoser.update = update  # type: ignore[method-assign]
@@ -70,7 +70,8 @@ def _finding(f: dict[str, Any]) -> dict[str, Any]:
         "kind": f["kind"],
         "severity": f["severity"],
         "layer": f["layer"],
-        "also_layers": list(ev.get("also_layers") or []),
+        # a grouped finding lists every layer in ``layers`` (the primary first)
+        "also_layers": list(f.get("layers") or [])[1:] or list(ev.get("also_layers") or []),
         "first_step": f["first_step"],
         "last_step": f["last_step"],
         "suggestion": f.get("suggestion") or "",

@@ -18,10 +18,12 @@ Units that are dead also stop gradients; that is reported as ``dead_units``, not
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
+from ..records import RUN_LAYER
 from .advice import clip_advice, lower_lr, normalisation, setting
 from .base import Episode, Records, fmt, keep_strongest, runs, trailing_stats
 from .thresholds import Thresholds
@@ -97,10 +99,10 @@ def _lower_lr_hint(rec: Records) -> str:
 def exploding_gradients(rec: Records, t: Thresholds) -> list[Episode]:
     """A parameter's gradient norm far above its own history (``spike_ratio`` x the median and
     a robust z of ``spike_z``) on ``patience`` steps, each within ``history`` steps of the
-    previous, or ``spike_once_ratio`` x once; a norm
-    that overflowed although every element is finite; growth of the backward signal with
-    depth."""
-    out = _temporal(rec, t) + _overflow(rec)
+    previous, or ``spike_once_ratio`` x once; a norm that overflowed although every element
+    is finite; growth of the backward signal with depth; before any history exists, a weight
+    matrix's gradient ``grad_weight_ratio`` x its own norm."""
+    out = _temporal(rec, t) + _overflow(rec) + _relative(rec, t)
     out += [e for e in _depth(rec, t) if e.kind == "exploding_gradients"]
     return out
 
@@ -135,6 +137,21 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
         # one spike that sets the loss back is a finding without patience (a recurrent net's
         # 16x spike that undoes training); one that leaves the loss alone is noise
         lone = hot & _loss_setback(rec, steps, hot.any(axis=1), t)[:, None]
+        # a single spiking step whose loss jumped with it is one bad batch: the loss_spike
+        # finding (its gradients spike because its loss does); gradients explode when spikes
+        # recur or set training back
+        bad_batch = _loss_jumped(rec, steps, (once | lone).any(axis=1), t)
+        once &= ~bad_batch[:, None]
+        lone &= ~bad_batch[:, None]
+        # a spike is an explosion only where the gradient is now large for this model, not
+        # merely large for its own tiny past (a first layer waking from a vanishing plateau)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            typical = np.nanmedian(med, axis=1)  # the model's usual (log) gradient norm
+        small = logn < typical[:, None]
+        hot &= ~small
+        once &= ~small
+        lone &= ~small
     candidates: list[tuple[float, Episode]] = []
     for j, name in enumerate(names):
         col_rows = np.flatnonzero(~np.isnan(norms[:, j]))
@@ -188,6 +205,25 @@ def _temporal(rec: Records, t: Thresholds) -> list[Episode]:
     return keep_strongest(candidates)
 
 
+def _loss_jumped(rec: Records, steps: np.ndarray, rows: np.ndarray, t: Thresholds) -> np.ndarray:
+    """Rows (of those marked) whose loss is at least ``loss_spike_ratio`` x the median of the
+    ``history`` losses before it."""
+    out = np.zeros(steps.size, dtype=bool)
+    s2, _, loss = rec.wide("loss", "run")
+    if not s2.size or not rows.any():
+        return out
+    v = loss[:, 0]
+    for i in np.flatnonzero(rows).tolist():
+        at = int(np.searchsorted(s2, steps[i]))
+        if at >= s2.size or s2[at] != steps[i] or not np.isfinite(v[at]):
+            continue
+        before = v[max(0, at - t.history) : at]
+        before = before[np.isfinite(before)]
+        if before.size >= EARLY_HISTORY:
+            out[i] = bool(v[at] >= t.loss_spike_ratio * float(np.median(before)) > 0)
+    return out
+
+
 def _loss_setback(rec: Records, steps: np.ndarray, rows: np.ndarray, t: Thresholds) -> np.ndarray:
     """Rows (of those marked in ``rows``) after which the loss's median over the next
     ``SETBACK_STEPS`` steps is at least ``loss_setback`` times its median over the previous
@@ -209,6 +245,63 @@ def _loss_setback(rec: Records, steps: np.ndarray, rows: np.ndarray, t: Threshol
                 np.median(after) >= t.loss_setback * np.median(before) > 0
             )
     return out
+
+
+def _relative(rec: Records, t: Thresholds) -> list[Episode]:
+    """History-free: in the first ``min_history`` steps (the spike rules have no history to
+    compare with yet), a weight matrix whose gradient norm is at least ``grad_weight_ratio``
+    times the weight's own norm on a sampled step (a recurrent weight scaled 3x: gradients
+    hundreds of times the weights at step 0)."""
+    steps, names, w = rec.wide("weight_norm", "param")
+    if not steps.size:
+        return []
+    early = steps < t.min_history
+    if not early.any():
+        return []
+    cols = [j for j, n in enumerate(names) if rec.layers.ndim.get(n, 0) >= 2]
+    names = [names[j] for j in cols]
+    w = w[:, cols]
+    g = rec.aligned("grad_norm", "param", steps, names)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where((w > 0) & np.isfinite(w) & np.isfinite(g), g / w, np.nan)
+    out: list[tuple[float, Episode]] = []
+    for j, name in enumerate(names):
+        with np.errstate(invalid="ignore"):
+            rows = np.flatnonzero(early & (rel[:, j] >= t.grad_weight_ratio))
+        if not rows.size or steps[rows[-1]] < rec.since - t.min_history:
+            continue
+        peak = rows[np.argmax(rel[rows, j])]
+        ratio = float(rel[peak, j])
+        step = int(steps[peak])
+        ev = {
+            "grad_weight_ratio": ratio,
+            "grad_norm": float(g[peak, j]),
+            "weight_norm": float(w[peak, j]),
+            "peak_step": step,
+        }
+        msg = (
+            f"gradient of {name} is {fmt(ratio)}x the weight's own norm at step {step} "
+            f"(||g|| {fmt(float(g[peak, j]))}, ||w|| {fmt(float(w[peak, j]))}): the run starts "
+            "with exploding gradients, before any history to compare with"
+        )
+        hint = (
+            "initialise with a smaller scale (He/Xavier init; orthogonal init, nn.init."
+            "orthogonal_, for recurrent weights), add normalisation, or "
+            + _clip_hint(rec, int(steps[rows[0]]))
+        )
+        ep = Episode(
+            "exploding_gradients",
+            name,
+            int(steps[rows[0]]),
+            int(steps[rows[-1]]),
+            "error" if ratio >= 10 * t.grad_weight_ratio else "warning",
+            ev,
+            msg,
+            hint,
+            cause="relative",
+        )
+        out.append((ratio, ep))
+    return keep_strongest(out)
 
 
 def _clusters(steps: np.ndarray, hot: np.ndarray, patience: int, gap: int) -> list[tuple[int, int]]:
@@ -259,6 +352,43 @@ def _overflow(rec: Records) -> list[Episode]:
     return keep_strongest(out)
 
 
+def before_divergence(rec: Records, steps: np.ndarray, window: int) -> np.ndarray:
+    """Rows of ``steps`` within ``window`` steps before the run's first non-finite loss or
+    total gradient norm (not that step itself, whose update is made of the non-finite values,
+    nor any after it: by then the weights are poisoned)."""
+    out = np.zeros(steps.size, dtype=bool)
+    first: float = np.inf
+    for metric in ("loss", "grad_norm_total"):
+        s2, _, v = rec.wide(metric, "run")
+        bad = np.flatnonzero(np.isinf(v[:, 0])) if s2.size else np.zeros(0, dtype=np.int64)
+        if bad.size:  # (a NaN was stored as inf)
+            first = min(first, float(s2[bad[0]]))
+    if np.isfinite(first):
+        out = (steps < first) & (steps >= first - window)
+    return out
+
+
+def not_learning(
+    rec: Records, steps: np.ndarray, t: Thresholds, unknown: bool = True
+) -> np.ndarray:
+    """Rows where the loss's median over the last ``history`` steps is still above
+    ``learn_progress`` times the run's first loss (``unknown`` where no loss was recorded,
+    and in the first ``history`` steps, too early to tell)."""
+    s2, _, loss = rec.wide("loss", "run")
+    start = rec.first_seen.get((RUN_LAYER, "run", "loss"))
+    if not s2.size or start is None or not np.isfinite(start[1]) or start[1] <= 0:
+        return np.full(steps.size, unknown)
+    v = loss[:, 0]
+    out = np.full(steps.size, unknown)
+    for i, step in enumerate(steps.tolist()):
+        if step - start[0] < t.history:
+            continue  # too early to say whether the loss falls: ``unknown``
+        sel = (s2 <= step) & (s2 > step - t.history) & np.isfinite(v)
+        if sel.any():
+            out[i] = float(np.median(v[sel])) > t.learn_progress * start[1]
+    return out
+
+
 def _site_module(site: str) -> str:
     return site.split("#", 1)[0]
 
@@ -270,12 +400,24 @@ def _depth(rec: Records, t: Thresholds) -> list[Episode]:
     if len(keep) < len(sites):  # a container's output is a later module's: not a depth point
         sites, g = [sites[j] for j in keep], g[:, keep]
     if steps.size and sites:
+        # the milder vanishing view counts only from the run's first check on, without a break
+        # (a vanishing init shows at once; a later dip belongs to another pathology)
+        fits = fit_rows(g)
+        logr = np.array([f[0] if f else np.nan for f in fits])
+        with np.errstate(invalid="ignore"):
+            shallow = logr <= np.log10(t.depth_starve_ratio)
+            starved = (_learning_gap(rec, steps) <= np.log10(t.learn_gap_ratio)) | not_learning(
+                rec, steps, t, unknown=False
+            )
+        starts = [v[0] for k, v in rec.first_seen.items() if k[2] == "output_grad_norm"]
+        from_start = np.logical_and.accumulate(shallow) & (int(steps[0]) <= min(starts, default=0))
+        mild = from_start & starved
         # only the new rows and enough before them to complete a run of `patience` checks:
         # older rows were judged at an earlier flush (their findings are extended, not redone)
         first = max(0, int(np.searchsorted(steps, rec.since)) - t.patience)
-        steps, g = steps[first:], g[first:]
+        steps, fits, mild = steps[first:], fits[first:], mild[first:]
         dead = _dead_rows(rec, steps, t)
-        found += _depth_episodes(rec, t, steps, sites, fit_rows(g), dead, "backward signal")
+        found += _depth_episodes(rec, t, steps, sites, fits, dead, mild, "backward signal")
     found += _weight_depth(rec, t)
     return found
 
@@ -325,22 +467,30 @@ def _depth_episodes(
     names: list[str],
     fits: list[tuple[float, int, int, int] | None],
     dead: np.ndarray,
+    mild: np.ndarray,
     signal: str,
 ) -> list[Episode]:
+    """``mild``: rows where the milder vanishing view holds (the depth ratio at or below
+    ``depth_starve_ratio`` with its consequence, the first weight matrix barely moving, from
+    the run's first check on)."""
     logr = np.array([f[0] if f else np.nan for f in fits])
     out: list[Episode] = []
     gap = _learning_gap(rec, steps)
+    diverging = before_divergence(rec, steps, t.history)
     with np.errstate(invalid="ignore"):
         explode = logr >= np.log10(t.depth_explode_ratio)
         # a collapse this deep is a finding on its own; a milder one when its consequence is
-        # seen too: the first weight matrix moves far less, relative to its size, than the last
-        starved = gap <= np.log10(t.learn_gap_ratio)
-        vanish = (
-            (logr <= np.log10(t.depth_vanish_ratio))
-            | ((logr <= np.log10(max(t.depth_starve_ratio, t.depth_vanish_ratio))) & starved)
-        ) & ~dead
+        # seen too (``mild``)
+        vanish = ((logr <= np.log10(t.depth_vanish_ratio)) | mild) & ~dead
     for kind, mask in (("exploding_gradients", explode), ("vanishing_gradients", vanish)):
-        for a, b in runs(mask, t.patience):
+        # growth with depth right before the run diverges is the cause: no patience (a deep
+        # ReLU net at 2x the He gain turns non-finite before its third sampled check)
+        spans = [
+            (a, b)
+            for a, b in runs(mask, 1)
+            if b - a + 1 >= t.patience or (kind == "exploding_gradients" and diverging[a])
+        ]
+        for a, b in spans:
             if steps[b] < rec.since:
                 continue
             fit = fits[b]

@@ -40,7 +40,11 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
         lmed, lmad, _ = trailing_stats(logv, t.history, t.min_history, need & spike)
         with np.errstate(invalid="ignore"):
             lz = (logv[:, 0] - lmed[:, 0]) / np.maximum(_Z * lmad[:, 0], _LOG_MAD_FLOOR)
-            spike &= ~(lz < t.loss_spike_log_z)  # no log view (a loss <= 0): the rest decides
+            quiet = lz < t.loss_spike_log_z  # no log view (a loss <= 0): the rest decides
+        # within the loss's log-scale noise, a step is still a bad batch when its gradients
+        # spiked with it (a batch of mislabelled examples: the loss doubles, the total
+        # gradient norm jumps tenfold)
+        spike &= ~(quiet & ~_gradients_spiked(rec, steps, t))
     out: list[Episode] = []
     for a, b in runs(spike, 1):
         if steps[b] < rec.since:
@@ -78,4 +82,26 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
         out.append(
             Episode("loss_spike", RUN_LAYER, int(steps[a]), int(steps[b]), sev, ev, msg, hint)
         )
+    return out
+
+
+def _gradients_spiked(rec: Records, steps: np.ndarray, t: Thresholds) -> np.ndarray:
+    """Rows of ``steps`` whose total gradient norm spiked: at least ``spike_ratio`` x the
+    median of the ``history`` finite norms before it and ``spike_z`` robust deviations above
+    it, on a log scale (as the exploding-gradients rule judges a spike: a norm that already
+    swings by orders of magnitude, as a model at a loss near 0 does, does not spike)."""
+    out = np.zeros(steps.size, dtype=bool)
+    s2, _, total = rec.wide("grad_norm_total", "run")
+    if not s2.size:
+        return out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logn = np.where(total > 0, np.log10(total), np.nan)
+    med, mad, _ = trailing_stats(logn, t.history, t.min_history)
+    with np.errstate(invalid="ignore"):
+        excess = logn[:, 0] - med[:, 0]
+        z = excess / np.maximum(_Z * mad[:, 0], _LOG_MAD_FLOOR)
+        hot = np.isfinite(excess) & (excess >= np.log10(t.spike_ratio)) & (z >= t.spike_z)
+    rows = np.searchsorted(s2, steps)
+    ok = (rows < s2.size) & (s2[np.minimum(rows, s2.size - 1)] == steps)
+    out[ok] = hot[rows[ok]]
     return out

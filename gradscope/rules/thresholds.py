@@ -110,6 +110,11 @@ class Thresholds:
         loss_setback: ...or a single spike (``spike_ratio``, ``spike_z``) after which the
             loss's median over the next 10 steps is at least this many times its median over
             the previous 10: the step undid training. A number > 1.
+        grad_weight_ratio: Exploding before any history exists (the first ``min_history``
+            steps): a weight matrix's gradient norm at least this many times the weight's own
+            norm on a sampled step. Corpus (calibration): healthy runs reach 0.91 at their
+            first check, deep ReLU nets at 1.6-2x the He gain at least 35; 6 is near the middle
+            of that gap on a log scale. A number > 0.
         spike_z: ...and the norm's robust z-score (median/MAD of log-norms over the window) must
             be at least this (ZClip clips at z > 2.5; healthy runs measured up to 5.7, but never
             together with a 10x ratio). A number > 0.
@@ -125,19 +130,27 @@ class Thresholds:
             the smallest healthy value measured (0.01, an LSTM language model), where a deep
             sigmoid MLP measures 3e-10. A number in (0, 1) (a shrinking).
         depth_starve_ratio: Vanishing with depth, milder: the same ratio at or below this
-            counts when its consequence is measured as well (``learn_gap_ratio``). A 12-layer
+            counts when a consequence is measured as well: the first layers barely move
+            (``learn_gap_ratio``) or the loss does not fall (``learn_progress``). A 12-layer
             tanh MLP with PyTorch's default init measures 1.1e-3 and learns only through its
-            last layers. A number in (0, 1) (below ``depth_vanish_ratio``: that one decides).
+            last layers. Only from the run's first checks (a vanishing init or architecture shows
+            at once; a later dip is another pathology's: an LSTM at a diverging learning rate
+            measured 1e-3 at step 110). Corpus (calibration): healthy runs measure no less than
+            0.019 on their first checks. A number in (0, 1) (below ``depth_vanish_ratio``: that
+            one decides).
         learn_gap_ratio: ...the consequence: the update ratio (``||dw||/||w||``) of the
             earliest weight matrix at or below this fraction of the latest one's on the same
-            step (the first layers barely move while the last learn). A number in (0, 1).
+            step (the first layers barely move while the last learn). Corpus (calibration):
+            healthy runs no less than 0.017 (an LSTM language model). A number in (0, 1).
         weight_vanish_ratio: Vanishing seen in weight gradients: ``||g||/||w||`` of the earliest
             weight over the latest at or below this. Glorot & Bengio 2010 (eq. 14): in the linear
             regime weight-gradient variances are equal across layers, so a thousandfold gap is
             not an init artefact. A number in (0, 1).
         dead_fraction: Dead units: fraction of a rectifier's units that are zero for every
-            example of the step, at or above this. Measured: Adam at lr 1e-3 leaves 0-2% dead,
-            lr 0.1 kills 90-95%. A number in (0, 1] (1: only wholly dead layers).
+            example of the step, at or above this. Corpus (benchmarks/zoo, calibration part):
+            healthy runs reach 0.56 on a step (a CNN with BatchNorm, an autoencoder's
+            bottleneck), dying-ReLU runs at least 0.67; 0.6 is the middle of that gap on a log
+            scale. A number in (0, 1] (1: only wholly dead layers).
         dead_min_samples: Examples (and positions) per unit needed for a dead-fraction check: a
             healthy unit active half the time is zero on 8 examples with probability 0.4%.
             An integer >= 1.
@@ -151,6 +164,11 @@ class Thresholds:
             A number > 0, above ``update_low``.
         update_low: Below this (and not exactly zero) the layer barely moves: 1000x below the
             CS231n band. A number > 0, below ``update_high``.
+        update_broad: ...during warm-up, the median update ratio over the weight matrices
+            (two or more) above this is the learning rate, on one check. Corpus (calibration):
+            healthy runs reach 0.40 at their first check (a head fine-tuned at Adam 3e-2),
+            too-high learning rates at least 1.38; 0.7 is the middle of that gap on a log scale.
+            A number > 0.
         update_warmup: Steps ignored by the update-ratio rules (Adam's bias-corrected first
             steps move every coordinate by about lr). An integer >= 0 (0: no warm-up).
         learn_progress: A run is still learning while its loss (median of the last
@@ -166,7 +184,8 @@ class Thresholds:
         loss_spike_log_z: ...and a robust z-score of ``log10(loss)`` at least this: the spike
             judged against the loss's own spread, which is wide where the batch is small. A
             healthy run at batch size 1 measured up to 2.6 (one hard example at 3.6x the
-            median); a poisoned batch is orders of magnitude outside. A number > 0.
+            median). Corpus (calibration): healthy runs reach 4.4, poisoned batches at least
+            30; 10 is near the middle of that gap on a log scale. A number > 0.
         merge_gap: A condition that returns within this many steps extends the same finding.
             An integer >= 0 (0: only a condition that continues without a gap).
     """
@@ -177,23 +196,25 @@ class Thresholds:
     spike_ratio: float = _number(10.0, _RATIO)
     spike_once_ratio: float = _number(100.0, _RATIO)
     spike_z: float = _number(3.5, _POSITIVE)
+    grad_weight_ratio: float = _number(6.0, _POSITIVE)
     loss_setback: float = _number(1.5, _GROWTH)
     depth_explode_ratio: float = _number(200.0, _GROWTH)
     depth_vanish_ratio: float = _number(1e-4, _SHRINK)
     depth_starve_ratio: float = _number(1e-2, _SHRINK)
     learn_gap_ratio: float = _number(1e-2, _SHRINK)
     weight_vanish_ratio: float = _number(1e-3, _SHRINK)
-    dead_fraction: float = _number(0.4, _FRACTION)
+    dead_fraction: float = _number(0.6, _FRACTION)
     dead_min_samples: int = _count(8, 1)
     saturation_fraction: float = _number(0.5, _FRACTION)
     update_high: float = _number(0.1, _POSITIVE)
     update_low: float = _number(1e-6, _POSITIVE)
+    update_broad: float = _number(0.7, _POSITIVE)
     update_warmup: int = _count(50, 0)
     learn_progress: float = _number(0.9, _SHRINK)
     loss_spike_ratio: float = _number(3.0, _RATIO)
     loss_spike_z: float = _number(8.0, _POSITIVE)
     loss_spike_max: float = _number(2.0, _RATIO)
-    loss_spike_log_z: float = _number(5.0, _POSITIVE)
+    loss_spike_log_z: float = _number(10.0, _POSITIVE)
     merge_gap: int = _count(200, 0)
 
     def __post_init__(self) -> None:

@@ -50,7 +50,9 @@ def dead_units(rec: Records, t: Thresholds) -> list[Episode]:
             continue
         frac = dead[rows, j]
         enough = ~(samples[rows, j] < t.dead_min_samples)  # unknown counts: trust the fraction
-        mask = (frac >= t.dead_fraction) & enough
+        # a non-finite fraction is a NaN activation (stored as inf), not dead units: that is the
+        # nonfinite finding (it once raised dead_units on every NaN run of the corpus)
+        mask = np.isfinite(frac) & (frac >= t.dead_fraction) & enough
         for a, b in runs(mask, t.patience):
             if steps[rows[b]] < rec.since:
                 continue
@@ -198,7 +200,7 @@ def saturation(rec: Records, t: Thresholds) -> list[Episode]:
         if last_layer is not None and rec.layers.rank.get(site, -1) > last_layer:
             continue  # an output activation: a confident prediction is pinned by design
         rows = np.flatnonzero(~np.isnan(sat[:, j]))
-        mask = sat[rows, j] >= t.saturation_fraction
+        mask = np.isfinite(sat[rows, j]) & (sat[rows, j] >= t.saturation_fraction)
         for a, b in runs(mask, t.patience):
             if steps[rows[b]] < rec.since:
                 continue

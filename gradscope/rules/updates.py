@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ..records import RUN_LAYER
 from .advice import lr_now, normalisation
 from .base import Episode, Records, fmt, keep_strongest, runs
-from .gradients import _dead_rows
+from .gradients import _dead_rows, before_divergence, not_learning
 from .thresholds import Thresholds
 
 DECAYED = 0.01
@@ -22,11 +21,11 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
     start near zero, so their ratio says little about the learning rate.
 
     Too high: above ``update_high`` for ``patience`` checks after ``update_warmup`` steps.
-    During warm-up a check counts when the ratio is above ``10 * update_high``, or above
-    ``update_high`` on most weight matrices at once, two or more (the learning rate itself is
-    too high, not one layer's Adam start). One check is enough when the model is broadly too
-    high during warm-up, or when the run diverges (a non-finite loss or gradient) within
-    ``history`` steps after it: large early updates are the cause, whatever happens later.
+    During warm-up a check counts when the ratio is above ``10 * update_high``, or when the
+    median over the weight matrices, two or more, is above ``update_broad`` (the learning rate
+    itself is too high, not one layer's Adam start). One check is enough when the model is
+    broadly too high during warm-up, or when the run diverges (a non-finite loss or gradient)
+    within ``history`` steps after it: large early updates are the cause, whatever follows.
 
     Too low: below ``update_low`` (and not exactly zero: frozen) for ``patience`` checks after
     warm-up, while the loss has not fallen by ``learn_progress`` since the start of the run
@@ -43,14 +42,14 @@ def update_ratio(rec: Records, t: Thresholds) -> list[Episode]:
         # "most of the model" needs a model of several matrices: a lone linear layer growing
         # from a small init toward its targets moves by large fractions at first, and learns
         broad = (
-            np.nanmedian(r[:, weights], axis=1) > t.update_high
+            np.nanmedian(r[:, weights], axis=1) > t.update_broad
             if len(weights) >= 2
             else np.zeros(steps.size, dtype=bool)
         )
     high = np.where(late | broad, t.update_high, 10 * t.update_high)
-    at_once = (broad & ~late) | _before_divergence(rec, steps, t.history)
+    at_once = (broad & ~late) | before_divergence(rec, steps, t.history)
     scheduled, dropped = _lr_history(rec, steps)
-    still = (_not_learning(rec, steps, t) | dropped) & ~scheduled & ~_dead_rows(rec, steps, t)
+    still = (not_learning(rec, steps, t) | dropped) & ~scheduled & ~_dead_rows(rec, steps, t)
     found: dict[str, list[tuple[float, Episode]]] = {"high": [], "low": []}
     for j in weights:
         name = names[j]
@@ -142,38 +141,6 @@ def _others_learn(
         if other.size and float(np.median(other)) >= 100 * t.update_low:
             return True
     return False
-
-
-def _before_divergence(rec: Records, steps: np.ndarray, window: int) -> np.ndarray:
-    """Rows of ``steps`` within ``window`` steps before the run's first non-finite loss or
-    total gradient norm (and not after it: by then the weights are poisoned)."""
-    out = np.zeros(steps.size, dtype=bool)
-    first: float = np.inf
-    for metric in ("loss", "grad_norm_total"):
-        s2, _, v = rec.wide(metric, "run")
-        bad = np.flatnonzero(np.isinf(v[:, 0])) if s2.size else np.zeros(0, dtype=np.int64)
-        if bad.size:  # (a NaN was stored as inf)
-            first = min(first, float(s2[bad[0]]))
-    if np.isfinite(first):
-        out = (steps <= first) & (steps > first - window)
-    return out
-
-
-def _not_learning(rec: Records, steps: np.ndarray, t: Thresholds) -> np.ndarray:
-    """Rows where the loss's median over the last ``history`` steps is still above
-    ``learn_progress`` times the run's first loss (all True where no loss was recorded: the
-    update ratios decide alone)."""
-    s2, _, loss = rec.wide("loss", "run")
-    start = rec.first_seen.get((RUN_LAYER, "run", "loss"))
-    if not s2.size or start is None or not np.isfinite(start[1]) or start[1] <= 0:
-        return np.ones(steps.size, dtype=bool)
-    v = loss[:, 0]
-    out = np.ones(steps.size, dtype=bool)
-    for i, step in enumerate(steps.tolist()):
-        sel = (s2 <= step) & (s2 > step - t.history) & np.isfinite(v)
-        if sel.any():
-            out[i] = float(np.median(v[sel])) > t.learn_progress * start[1]
-    return out
 
 
 def _lr_history(rec: Records, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
