@@ -571,3 +571,100 @@ def test_an_earlier_origin_replacing_an_announced_nonfinite_finding_is_announced
     [f] = d.findings
     assert f["first_step"] == 33 and "step 33" in f["message"]
     assert announced == [(34, True), (33, False)]
+
+
+# -- signals calibrated on the pathology corpus ----------------------------------------------------
+def test_one_step_gradient_spike_with_its_loss_is_a_bad_batch_not_exploding():
+    """A mislabelled batch: the loss jumps 300x and the gradients 100x on one step. That is a
+    loss spike (one bad batch), not exploding gradients (they do not recur)."""
+    n = 120
+    loss = noisy(n, level=0.5, spread=0.05, seed=2)
+    loss[80] *= 300
+    w = noisy(n, seed=1)
+    w[80] *= 100
+    total = noisy(n, level=2.0, seed=4)
+    total[80] *= 100
+    series = {
+        **grads({"fc.weight": w}),
+        (RUN_LAYER, "run", "loss"): (np.arange(n), loss),
+        (RUN_LAYER, "run", "grad_norm_total"): (np.arange(n), total),
+    }
+    found, _ = diagnose(series, info(params=("fc.weight",)))
+    assert [(f["kind"], f["first_step"]) for f in found] == [("loss_spike", 80)]
+
+
+def test_a_loss_jump_within_its_log_noise_counts_when_the_gradients_spiked_with_it():
+    n = 120
+    rng = np.random.default_rng(0)
+    loss = 10 ** rng.normal(-1.0, 0.4, n)  # a loss spread over decades (a small batch)
+    loss[90] = 40 * np.median(loss[40:90])  # within ~4 robust deviations on a log scale
+    steady = noisy(n, level=1.0, spread=0.05, seed=5)
+    spiked = steady.copy()
+    spiked[90] *= 50
+    base = {(RUN_LAYER, "run", "loss"): (np.arange(n), loss)}
+    quiet = {**base, (RUN_LAYER, "run", "grad_norm_total"): (np.arange(n), steady)}
+    loud = {**base, (RUN_LAYER, "run", "grad_norm_total"): (np.arange(n), spiked)}
+    assert [f["kind"] for f in diagnose(quiet, info())[0]] == []
+    assert [(f["kind"], f["first_step"]) for f in diagnose(loud, info())[0]] == [("loss_spike", 90)]
+
+
+def test_a_gradient_many_times_its_weight_before_any_history_is_exploding():
+    """No history at step 0, but a gradient 60x the norm of its own weight (a recurrent
+    weight scaled 3x) is evidence on its own."""
+    s = np.arange(0, 60, 10)
+    series = {
+        ("rnn.weight_hh", "param", "weight_norm"): (s, np.full(s.size, 7.0)),
+        ("rnn.weight_hh", "param", "grad_norm"): (np.arange(60), np.r_[420.0, np.full(59, 0.3)]),
+        ("fc.weight", "param", "weight_norm"): (s, np.full(s.size, 3.0)),
+        ("fc.weight", "param", "grad_norm"): (np.arange(60), np.full(60, 0.5)),
+    }
+    found, _ = diagnose(series, info(params=("rnn.weight_hh", "fc.weight")))
+    [f] = found
+    assert (f["kind"], f["layer"], f["first_step"]) == ("exploding_gradients", "rnn.weight_hh", 0)
+    assert f["evidence"]["grad_weight_ratio"] == pytest.approx(60.0)
+    assert f["severity"] == "error"  # 10x grad_weight_ratio
+
+
+def test_depth_growth_right_before_a_divergence_needs_no_patience():
+    names = tuple(f"layer{i}" for i in range(6))
+    series = {
+        (n, "module", "output_grad_norm"): (np.array([0]), np.array([3.0 ** (6 - i)]))
+        for i, n in enumerate(names)
+    }
+    series[(RUN_LAYER, "run", "loss")] = (
+        np.arange(6),
+        np.r_[1.0, 2.0, 50.0, np.inf, np.inf, np.inf],
+    )
+    found, _ = diagnose(series, info(sites=names))
+    assert ("exploding_gradients", "layer0", 0) in [
+        (f["kind"], f["layer"], f["first_step"]) for f in found
+    ]
+    del series[(RUN_LAYER, "run", "loss")]
+    assert [f["kind"] for f in diagnose(series, info(sites=names))[0]] == []  # one check only
+
+
+def test_nan_activations_are_not_dead_or_saturated_units():
+    """A NaN activation's fractions are non-finite (stored as inf): the nonfinite finding's,
+    not dead units (every NaN run of the corpus once raised dead_units as well)."""
+    series = {
+        **_site("act", "act_dead_fraction", [np.inf] * 6),
+        **_site("sig", "act_saturation", [np.inf] * 6),
+    }
+    li = info(sites=("act", "sig", "out"), families={"act": "rectifier", "sig": "sigmoid"})
+    li.module_of["out.weight"] = "out"
+    assert diagnose(series, li)[0] == []
+
+
+def test_milder_vanishing_counts_when_the_loss_does_not_fall_from_the_start():
+    names = tuple(f"layer{i}" for i in range(6))
+    s = np.arange(0, 120, 10)
+    series = {
+        (n, "module", "output_grad_norm"): (s, np.full(s.size, 0.35 ** (6 - i)))
+        for i, n in enumerate(names)
+    }  # 0.35^5 = 5e-3: above depth_vanish_ratio, below depth_starve_ratio
+    flat = {**series, (RUN_LAYER, "run", "loss"): (np.arange(120), np.full(120, 2.3))}
+    found, _ = diagnose(flat, info(sites=names))
+    assert [(f["kind"], f["layer"]) for f in found] == [("vanishing_gradients", "layer0")]
+    assert found[0]["first_step"] >= 50  # the loss needs `history` steps to say it is flat
+    fell = {**series, (RUN_LAYER, "run", "loss"): (np.arange(120), np.linspace(2.3, 0.3, 120))}
+    assert diagnose(fell, info(sites=names))[0] == []
