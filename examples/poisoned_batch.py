@@ -13,8 +13,9 @@ steps, so the loss drifts up from ~0.28 to ~0.57 and the hit weights nearly stop
 effect SPAM's momentum reset targets (Huang et al. 2025).
 
 What gradscope should report:
-    one gradient spike at step 120, in every parameter (net.0.weight ... net.4.bias; total
-        grad norm ~2e6x the running median), with a loss spike at the same step (~1e6x);
+    one loss spike at step 120 (~1e6x), whose gradients spiked with it in every parameter
+        (net.0.weight ... net.4.bias; total grad norm ~2e6x the running median): one bad
+        batch, one finding (not a second, exploding-gradients one: they do not recur);
     no NaN/Inf, no dead units, no spike at any other step (the largest other total grad norm
         is ~3x the median); steps 0-119 are a healthy run.
     after step 120 (a consequence, not a second fault): the update:weight ratio of

@@ -249,10 +249,13 @@ def _exploding(context: RunContext):
 
 
 def test_an_exploding_finding_offers_a_bound_from_the_healthy_steps_only():
+    """In code, not as clip=: gradscope's clipping cured 1 of 31 of the corpus' explosions
+    (advice.SUGGESTED_OPTIONS); the bound is the healthy median total norm, never one taken
+    from the exploding steps."""
     f = _exploding(RunContext())
-    bound = float(re.search(r"clip='norm:([0-9.e+-]+)'", f["suggestion"]).group(1))
-    assert 5 < bound < 15  # 5x the healthy median of ~2, not of the exploding steps (~100)
-    assert "zclip" in f["suggestion"]
+    bound = float(re.search(r"max_norm=([0-9.e+-]+)", f["suggestion"]).group(1))
+    assert 1 < bound < 3  # the healthy median of ~2, not of the exploding steps (~100)
+    assert "zclip" not in f["suggestion"] and "clip=" not in f["suggestion"]
 
 
 @pytest.mark.parametrize("launcher", ["watch", "run"])

@@ -132,8 +132,10 @@ def test_poisoned_batch(out):
     scope = run_example("poisoned_batch", out)
     spike = one(scope, "loss_spike")
     assert (spike["first_step"], spike["last_step"]) == (120, 120)
-    assert one(scope, "exploding_gradients")["first_step"] == 120
-    assert {k for k, _ in kinds(scope)} == {"loss_spike", "exploding_gradients"}
+    # one bad batch is one finding: its gradients spike because its loss does (the evidence
+    # says so), not a second, exploding-gradients finding
+    assert spike["evidence"]["gradients_spiked"] is True and "bad batch" in spike["message"]
+    assert {k for k, _ in kinds(scope)} <= {"loss_spike", "update_ratio_low"}
 
 
 def test_saturated_tanh(out):

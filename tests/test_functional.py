@@ -54,7 +54,8 @@ def _steps(model, scope_kwargs, out, steps=4, lr=0.0, x=None):
 
 
 def test_functional_relu_after_half_dead_layer_is_exactly_half_dead(out):
-    scope = _steps(HalfDead(), {"activation_every": 1}, out)
+    # half dead is below the default dead_fraction (0.6): lowered to see the finding
+    scope = _steps(HalfDead(), {"activation_every": 1, "thresholds": {"dead_fraction": 0.5}}, out)
     run = scope.load()
     dead = run.wide("act_dead_fraction")
     assert list(dead.columns) == ["fc1:relu"]
@@ -288,7 +289,12 @@ def test_an_internal_error_returns_the_original_result_and_switches_the_part_off
 
 
 def test_swap_refuses_a_functional_site_and_says_why(out):
-    scope = _steps(HalfDead(), {"activation_every": 1, "swap": "relu->leaky_relu:0.01"}, out)
+    options = {
+        "activation_every": 1,
+        "swap": "relu->leaky_relu:0.01",
+        "thresholds": {"dead_fraction": 0.5},
+    }
+    scope = _steps(HalfDead(), options, out)
     [finding] = [f for f in scope.load().findings if f["kind"] == "dead_units"]
     [action] = finding["remedies"]
     assert action["action"] == "not_applied"
@@ -322,7 +328,8 @@ def test_the_ops_table_knows_every_form():
 
 
 def test_recycle_reinitialises_the_dead_units_of_a_functional_site(out):
-    scope = _steps(HalfDead(), {"activation_every": 1, "recycle": True}, out, steps=6)
+    options = {"activation_every": 1, "recycle": True, "thresholds": {"dead_fraction": 0.5}}
+    scope = _steps(HalfDead(), options, out, steps=6)
     [finding] = [f for f in scope.load().findings if f["kind"] == "dead_units"]
     recycled = [a for a in finding["remedies"] if a["action"] == "recycled"]
     assert recycled and recycled[0]["layer"] == "fc1:relu"

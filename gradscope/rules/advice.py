@@ -219,3 +219,37 @@ def clip_advice(ctx: RunContext, healthy_norm: float | None) -> str:
         f"clipping ({setting('clip', ctx.clip)}) already bounds each update; what makes the "
         "gradients grow is still there"
     )
+
+
+SUGGESTED_OPTIONS = {
+    "loss_spike": ("clip",),
+    "nonfinite": ("guard", "trace_nonfinite"),
+}
+"""The gradscope options a finding of each kind may suggest: those that cured the runs they were
+suggested for on the pathology corpus (benchmarks/zoo, every split: ``clip='zclip'`` 32 of 32
+loss spikes, ``guard=True`` 12 of 12 one-off NaNs). The others cured few or none and are not
+suggested (the advice names the fix in the code instead): clipping an explosion or a
+divergence (1 of 31, 0 of 52), swapping or recycling dead units (5 of 32, 0 of 20), swapping a
+saturated sigmoid/tanh to ReLU (0 of 24). docs/remedies.md, "What cures what"."""
+
+
+def clip_in_code(ctx: RunContext, healthy_norm: float | None) -> str:
+    """Clipping advice for an explosion, in code (no gradscope option: applied to the corpus'
+    explosions, ``clip=`` cured 1 of 31): a bound at the run's healthy median total norm, where
+    it had a healthy stretch, else 1.0. With a clip in force, what is left to do."""
+    if ctx.clip is not None:
+        return (
+            f"clipping ({setting('clip', ctx.clip)}) already bounds each update; what makes "
+            "the gradients grow is still there"
+        )
+    bound = f"{healthy_norm:.3g}" if healthy_norm is not None and healthy_norm > 0 else "1.0"
+    where = (
+        "the median total norm before this episode"
+        if healthy_norm is not None and healthy_norm > 0
+        else "a common default"
+    )
+    return (
+        "clip in the training loop, before optimizer.step(): torch.nn.utils.clip_grad_norm_("
+        f"model.parameters(), max_norm={bound}) ({where}); a bound taken from the exploding "
+        "steps themselves holds nothing back"
+    )

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..records import RUN_LAYER
-from .advice import clip_advice, lower_lr, normalisation, setting
+from .advice import clip_in_code, lower_lr, normalisation, setting
 from .base import Episode, Records, fmt, keep_strongest, runs, trailing_stats
 from .thresholds import Thresholds
 
@@ -38,9 +38,9 @@ _Z = 1.4826  # MAD -> standard deviation for normal data
 
 
 def _clip_hint(rec: Records, before: int) -> str:
-    """Clipping advice for an episode that starts at step ``before``: a fixed bound only from
-    the healthy steps before it (:func:`~gradscope.rules.advice.clip_advice`)."""
-    return clip_advice(rec.context, healthy_norm(rec, before))
+    """Clipping advice for an explosion that starts at step ``before``: in code, with a bound
+    from the healthy steps before it (:func:`~gradscope.rules.advice.clip_in_code`)."""
+    return clip_in_code(rec.context, healthy_norm(rec, before))
 
 
 HEALTHY_MIN = 5

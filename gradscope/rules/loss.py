@@ -45,6 +45,7 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
         # spiked with it (a batch of mislabelled examples: the loss doubles, the total
         # gradient norm jumps tenfold)
         spike &= ~(quiet & ~_gradients_spiked(rec, steps, t))
+    grads = _gradients_spiked(rec, steps, t) if spike.any() else spike
     out: list[Episode] = []
     for a, b in runs(spike, 1):
         if steps[b] < rec.since:
@@ -58,6 +59,7 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
             "log_z": float(lz[peak]) if np.isfinite(lz[peak]) else None,
             "peak_step": int(steps[peak]),
             "steps": int(b - a + 1),
+            "gradients_spiked": bool(grads[peak]),
         }
         when = (
             f"at step {int(steps[a])}" if a == b else f"over steps {int(steps[a])}-{int(steps[b])}"
@@ -65,6 +67,7 @@ def loss_spike(rec: Records, t: Thresholds) -> list[Episode]:
         msg = (
             f"loss spiked to {fmt(float(v[peak]))} {when}, against a median of "
             f"{fmt(float(m[peak]))} over the previous {t.history} steps"
+            + (", and the total gradient norm spiked with it: one bad batch" if grads[peak] else "")
         )
         ctx = rec.context
         clip = (

@@ -248,9 +248,9 @@ POISONED_HINT = (
     f"recurs, and {setting('trace_nonfinite', 'always')} names it at once"
 )
 DIVERGED_HINT = (
-    "the training diverged: lower the learning rate (or add warm-up), clip the gradients "
-    f"({option('clip', 'zclip')}, adaptive), and look at the exploding_gradients finding for "
-    "where it started and the bound it suggests; guarding the loss would only hide it"
+    "the training diverged: lower the learning rate (or add warm-up), and look at the "
+    "exploding_gradients or update_ratio_high finding for where it started; clipping or "
+    "guarding the loss would only hide it"
 )
 
 
