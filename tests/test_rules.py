@@ -369,7 +369,7 @@ def test_updates_broadly_too_high_at_the_start_are_raised_at_once():
 def test_high_updates_just_before_a_divergence_count_on_one_check():
     s = np.arange(0, 100)
     ratio = np.where(s == 60, 0.4, 1e-3)
-    loss = np.where(s < 75, 1.0, np.inf)
+    loss = np.where(s < 60, 1.0, np.where(s < 75, 1.3 ** (s - 59.0), np.inf))  # climbs, then NaN
     series = {
         ("w.weight", "param", "update_ratio"): (s[::10], ratio[::10]),
         ("(run)", "run", "loss"): (s, loss),
@@ -377,6 +377,12 @@ def test_high_updates_just_before_a_divergence_count_on_one_check():
     found, _ = diagnose(series, info(params=("w.weight",)))
     assert ("update_ratio_high", "w.weight", 60) in [
         (f["kind"], f["layer"], f["first_step"]) for f in found
+    ]
+    # a healthy loss that turns NaN at once (a sqrt at 0) is an accident, not a divergence: the
+    # update before it is judged with the usual patience
+    accident = {**series, ("(run)", "run", "loss"): (s, np.where(s < 75, 1.0, np.inf))}
+    assert "update_ratio_high" not in [
+        f["kind"] for f in diagnose(accident, info(params=("w.weight",)))[0]
     ]
 
 

@@ -468,8 +468,10 @@ def results_section(report: dict[str, Any], md: str, timings: dict[str, float]) 
         + (f"; this run took {took} on the 2-core VM" if took else "")
         + "):\n\n"
         "```bash\npython -m benchmarks.zoo.run --jobs 2 --cures\n```\n\n"
-        "The rules are to be tuned on the calibration families only; the held-out ones "
-        "measure whether a tuning generalises (this baseline tunes nothing). Per-run results in "
+        "The thresholds are chosen on the calibration families only (each one's choice and the "
+        "corpus figure behind it: docs/thresholds.md); the held-out families measure whether "
+        "that generalises. What changed against the rules before calibration, and the misses "
+        "that remain with their reasons: the next section. Per-run results in "
         "`results/zoo/runs.jsonl`, outcomes in `results/zoo/outcomes.json`, misses for the rule "
         "developer in `results/zoo/misses.json`, cure runs in `results/zoo/cures.jsonl`.\n\n"
         "![confusion matrix](results/zoo_confusion.png)\n\n" + md

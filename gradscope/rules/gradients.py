@@ -363,9 +363,25 @@ def before_divergence(rec: Records, steps: np.ndarray, window: int) -> np.ndarra
         bad = np.flatnonzero(np.isinf(v[:, 0])) if s2.size else np.zeros(0, dtype=np.int64)
         if bad.size:  # (a NaN was stored as inf)
             first = min(first, float(s2[bad[0]]))
-    if np.isfinite(first):
+    if np.isfinite(first) and _loss_rose(rec, int(first), window):
         out = (steps < first) & (steps >= first - window)
     return out
+
+
+def _loss_rose(rec: Records, first: int, window: int) -> bool:
+    """Whether the loss climbed into the non-finite step at ``first`` (a divergence: the median
+    of the last ``SETBACK_STEPS`` finite losses before it at least twice the median of the
+    ``window`` before those), rather than turning non-finite out of a healthy run (a sqrt at 0,
+    a log of 0: a numerical accident, not a learning rate). True where no loss was recorded."""
+    s2, _, loss = rec.wide("loss", "run")
+    if not s2.size:
+        return True
+    v = loss[:, 0]
+    before = v[(s2 < first) & np.isfinite(v)]
+    recent, earlier = before[-SETBACK_STEPS:], before[-SETBACK_STEPS - window : -SETBACK_STEPS]
+    if not recent.size or not earlier.size:
+        return True  # diverged before there was a history: nothing says otherwise
+    return bool(np.median(recent) >= 2 * np.median(earlier))
 
 
 def not_learning(
