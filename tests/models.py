@@ -92,16 +92,31 @@ class MnistNet(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
-def half_dead_linear() -> nn.Sequential:
-    """Linear(4, 8) + ReLU where units 0-3 are alive for every input in [0, 1) and units 4-7
-    output exactly 0 for every input: a dead fraction of exactly 0.5."""
+def dead_linear(dead: int) -> nn.Sequential:
+    """Linear(4, 8) + ReLU where the first ``8 - dead`` units are alive for every input in
+    [0, 1) (unit i copies input i % 4, plus 1) and the last ``dead`` output exactly 0 for every
+    input: a dead fraction of exactly ``dead / 8``."""
     lin = nn.Linear(4, 8)
+    alive = 8 - dead
     with torch.no_grad():
         lin.weight.zero_()
-        lin.weight[:4] = torch.eye(4)
-        lin.bias[:4] = 1.0
-        lin.bias[4:] = -1.0
+        for i in range(alive):
+            lin.weight[i, i % 4] = 1.0
+        lin.bias[:alive] = 1.0
+        lin.bias[alive:] = -1.0
     return nn.Sequential(lin, nn.ReLU(), nn.Linear(8, 2))
+
+
+def half_dead_linear() -> nn.Sequential:
+    """Units 0-3 alive, 4-7 dead: a dead fraction of exactly 0.5 (below the default
+    ``dead_fraction``, 0.6: recorded, not a finding)."""
+    return dead_linear(4)
+
+
+def mostly_dead_linear() -> nn.Sequential:
+    """Units 0-1 alive, 2-7 dead: a dead fraction of exactly 0.75, a ``dead_units`` finding at
+    the default ``dead_fraction``."""
+    return dead_linear(6)
 
 
 def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

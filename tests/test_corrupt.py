@@ -24,7 +24,7 @@ from test_report import Page
 import gradscope
 from gradscope.cli import entry
 
-from models import half_dead_linear
+from models import mostly_dead_linear
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def base(tmp_path_factory) -> Path:
     """One real run: a dead_units finding, activations, 3 Parquet chunks, events, tb/."""
     out = tmp_path_factory.mktemp("corpus")
     torch.manual_seed(0)
-    model = half_dead_linear()
+    model = mostly_dead_linear()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     with gradscope.watch(

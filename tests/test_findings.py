@@ -15,12 +15,12 @@ from torch import nn
 import gradscope
 from gradscope.sinks.console import FindingPrinter
 
-from models import half_dead_linear
+from models import mostly_dead_linear
 
 
 def _dead_run(out, steps=40, **options):
-    """A layer built with exactly half its units dead: a dead_units finding from step 0."""
-    model = half_dead_linear()
+    """A layer built with exactly 6 of its 8 units dead: a dead_units finding from step 0."""
+    model = mostly_dead_linear()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     x = torch.rand(64, model[0].in_features)
     scope = gradscope.watch(model, out=out, activation_every=1, **options)
@@ -34,13 +34,13 @@ def _steps(model, opt, x, n):
         opt.step()
 
 
-def test_half_dead_layer_is_one_finding_written_everywhere(out, capfd):
+def test_mostly_dead_layer_is_one_finding_written_everywhere(out, capfd):
     model, opt, x, scope = _dead_run(out)
     with scope:
         _steps(model, opt, x, 30)
     f = scope.findings
     assert [(d["kind"], d["first_step"], d["last_step"]) for d in f] == [("dead_units", 0, 29)]
-    assert f[0]["evidence"]["dead_fraction"] == 0.5 and f[0]["evidence"]["born_dead"] is True
+    assert f[0]["evidence"]["dead_fraction"] == 0.75 and f[0]["evidence"]["born_dead"] is True
     run = gradscope.load_run(scope.run_dir)
     assert run.findings == f
     events = [e for e in run.events if e["event"] == "finding"]
@@ -99,10 +99,10 @@ def test_quiet_prints_nothing_and_diagnose_off_finds_nothing(out, capfd):
 
 
 def test_thresholds_are_options(out):
-    model, opt, x, scope = _dead_run(out, quiet=True, thresholds={"dead_fraction": 0.6})
+    model, opt, x, scope = _dead_run(out, quiet=True, thresholds={"dead_fraction": 0.8})
     with scope:
         _steps(model, opt, x, 12)
-    assert scope.findings == []  # half dead is below the user's 60%
+    assert scope.findings == []  # three quarters dead is below the user's 80%
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import gradscope
 from gradscope.report import write_report
 from gradscope.report.data import read_report_data, run_series
 
-from models import half_dead_linear
+from models import mostly_dead_linear
 
 # the report's structure (golden): section ids in order, for a run with parameters,
 # activations and a loss (saturation appears only with sigmoid/tanh units)
@@ -94,7 +94,7 @@ def _mlp():
 
 
 def test_every_run_ends_with_a_self_contained_report(out):
-    run_dir = _train(half_dead_linear(), 30, out, activation_every=1)
+    run_dir = _train(mostly_dead_linear(), 30, out, activation_every=1)
     path = run_dir / "report.html"
     text = path.read_text(encoding="utf-8")
     page = Page(text)
@@ -283,7 +283,7 @@ def _chromium() -> str | None:
     "Debian's chromium package; the report's structure is checked above)",
 )
 def test_the_report_renders_in_headless_chromium(out, tmp_path):
-    run_dir = _train(half_dead_linear(), 30, out, activation_every=1)
+    run_dir = _train(mostly_dead_linear(), 30, out, activation_every=1)
     report = run_dir / "report.html"
     flags = [
         "--headless",
@@ -355,7 +355,7 @@ def test_the_report_of_a_gradscope_run_without_a_model(tmp_path):
 def test_compare_overlays_two_runs(out, tmp_path):
     from gradscope.report import write_compare
 
-    before = _train(half_dead_linear(), 20, out / "a", activation_every=1)
+    before = _train(mostly_dead_linear(), 20, out / "a", activation_every=1)
     after = _train(_mlp(), 30, out / "b")
     path = write_compare(before, after, tmp_path / "cmp.html")
     page = Page(path.read_text(encoding="utf-8"))

@@ -623,12 +623,17 @@ def test_a_gradient_many_times_its_weight_before_any_history_is_exploding():
         ("rnn.weight_hh", "param", "grad_norm"): (np.arange(60), np.r_[420.0, np.full(59, 0.3)]),
         ("fc.weight", "param", "weight_norm"): (s, np.full(s.size, 3.0)),
         ("fc.weight", "param", "grad_norm"): (np.arange(60), np.full(60, 0.5)),
+        ("rnn.weight_hh", "param", "update_ratio"): (s, np.r_[0.5, np.full(s.size - 1, 2e-3)]),
+        ("fc.weight", "param", "update_ratio"): (s, np.full(s.size, 2e-3)),
     }
     found, _ = diagnose(series, info(params=("rnn.weight_hh", "fc.weight")))
     [f] = found
     assert (f["kind"], f["layer"], f["first_step"]) == ("exploding_gradients", "rnn.weight_hh", 0)
     assert f["evidence"]["grad_weight_ratio"] == pytest.approx(60.0)
     assert f["severity"] == "error"  # 10x grad_weight_ratio
+    # the same gradient with no learning rate behind it (a summed loss, lr 0) moves nothing
+    still = {**series, ("rnn.weight_hh", "param", "update_ratio"): (s, np.full(s.size, 0.0))}
+    assert diagnose(still, info(params=("rnn.weight_hh", "fc.weight")))[0] == []
 
 
 def test_depth_growth_right_before_a_divergence_needs_no_patience():

@@ -150,7 +150,9 @@ class Acc:
     def whole_run(self) -> tuple[np.ndarray, np.ndarray]:
         """Per row: the mean and the maximum over the whole run (finite values)."""
         n = self.count[: self.rows()].sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        # huge finite values (a diverging run's) may overflow the sum: an infinite mean, shown
+        # as such, not a warning
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             mean = self.sum[: self.rows()].sum(axis=1) / n
         peak = self.max[: self.rows()].max(axis=1) if self.cols else np.full(self.rows(), np.nan)
         peak = np.where(np.isfinite(peak), peak, np.nan)

@@ -52,6 +52,7 @@ class LayerInfo:
         module_type: Class name of the module behind each site and parameter.
         module_of: Owning module of each parameter.
         ndim: Number of dimensions of each parameter.
+        shape: Shape of each parameter, where known.
         containers: Modules that hold other watched modules (a model's root with a parameter of
             its own, a block): their output is a later module's output, but they start first,
             so they are left out of the order-based depth view.
@@ -65,6 +66,7 @@ class LayerInfo:
     module_of: dict[str, str] = field(default_factory=dict)
     ndim: dict[str, int] = field(default_factory=dict)
     containers: set[str] = field(default_factory=set)
+    shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
     functional: dict[str, str] = field(default_factory=dict)
 
     def ordered(self, layers: list[str]) -> list[str]:

@@ -444,6 +444,7 @@ def layer_info(describe: list[dict[str, Any]], sites: list[str]) -> LayerInfo:
         else:
             info.module_of[name] = entry["module"]
             info.ndim[name] = len(entry.get("shape", []))
+            info.shape[name] = tuple(int(d) for d in entry.get("shape", []))
         info.rank[name] = rank
         rank += 1
     for site in sites:

@@ -250,7 +250,8 @@ def _loss_setback(rec: Records, steps: np.ndarray, rows: np.ndarray, t: Threshol
 def _relative(rec: Records, t: Thresholds) -> list[Episode]:
     """History-free: in the first ``min_history`` steps (the spike rules have no history to
     compare with yet), a weight matrix whose gradient norm is at least ``grad_weight_ratio``
-    times the weight's own norm on a sampled step (a recurrent weight scaled 3x: gradients
+    times the weight's own norm (at least the norm PyTorch's default init gives its shape) on
+    a sampled step where the update moved the weight by more than ``update_high`` of itself (a recurrent weight scaled 3x: gradients
     hundreds of times the weights at step 0)."""
     steps, names, w = rec.wide("weight_norm", "param")
     if not steps.size:
@@ -262,8 +263,16 @@ def _relative(rec: Records, t: Thresholds) -> list[Episode]:
     names = [names[j] for j in cols]
     w = w[:, cols]
     g = rec.aligned("grad_norm", "param", steps, names)
+    # a weight smaller than PyTorch's default init would make it (zero-initialised, LoRA's B,
+    # a layer built by hand) is measured against that init norm: sqrt(rows / 3) (a uniform
+    # init of bound 1/sqrt(fan_in)), or a small weight would make any gradient look huge
+    floor = np.array([np.sqrt(max(rec.layers.shape.get(n, (3,))[0], 1) / 3.0) for n in names])
+    # ...and the gradient must have moved the weight by a large fraction of itself (the update
+    # ratio above update_high on that step): a gradient scaled up by a summed loss, or by no
+    # learning rate at all, is not an explosion of the training
+    moved = rec.aligned("update_ratio", "param", steps, names) > t.update_high
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where((w > 0) & np.isfinite(w) & np.isfinite(g), g / w, np.nan)
+        rel = np.where(np.isfinite(w) & np.isfinite(g) & moved, g / np.maximum(w, floor), np.nan)
     out: list[tuple[float, Episode]] = []
     for j, name in enumerate(names):
         with np.errstate(invalid="ignore"):
