@@ -189,7 +189,7 @@ def _key(findings: list[dict]) -> list[tuple]:
 @pytest.mark.parametrize("family", ["dead_relu_adam", "nan_log_counts"])
 def test_rediagnose_equals_live(family: str, tmp_path: Path) -> None:
     first = fam.enumerate_runs(families=[family])[0]
-    spec = fam.RunSpec(first.id, first.family, first.split, {**first.params, "steps": 60})
+    spec = fam.RunSpec(first.id, first.family, first.split, {**first.params, "steps": 200})
     r = live(spec, tmp_path)
     assert r["error"] is None and r["findings"]
     assert _key(rediagnose(tmp_path / spec.id)) == _key(r["findings"])

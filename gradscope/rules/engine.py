@@ -81,6 +81,9 @@ _STICKY = ("born_dead", "since_step", "at_first_check", "first_in", "traced")
 _PEAKS = ("peak_ratio", "peak_dead_fraction", "peak_saturated_fraction")
 _AT_PEAK = ("median_norm", "robust_z", "post_clip_norm")
 
+_OWN_CAUSES = frozenset({"after_swap"})
+"""Causes whose episodes never extend a finding of another cause on the same layer."""
+
 Announce = Callable[[Finding, bool], None]
 
 
@@ -266,7 +269,10 @@ class Diagnoser:
         False, when the caller announces it)."""
         if ep.kind == "nonfinite":
             return self._merge_nonfinite(ep, announce)
-        key = (ep.kind, ep.layer, ep.cause)
+        # a condition that continues on the same layer extends its finding whatever the cause
+        # the later episode names (a born-dead layer judged at a later flush reads as "died");
+        # only what follows a swap is a finding of its own
+        key = (ep.kind, ep.layer, ep.cause if ep.cause in _OWN_CAUSES else "")
         open_ = self._open.get(key)
         if open_ is not None and ep.first_step <= open_["last_step"] + self.t.merge_gap:
             self._extend(open_, ep)

@@ -251,8 +251,8 @@ def _relative(rec: Records, t: Thresholds) -> list[Episode]:
     """History-free: in the first ``min_history`` steps (the spike rules have no history to
     compare with yet), a weight matrix whose gradient norm is at least ``grad_weight_ratio``
     times the weight's own norm (at least the norm PyTorch's default init gives its shape) on
-    a sampled step where the update moved the weight by more than ``update_high`` of itself (a recurrent weight scaled 3x: gradients
-    hundreds of times the weights at step 0)."""
+    a sampled step where the update moved the weight by more than ``update_high`` of itself
+    (a recurrent weight scaled 3x: gradients hundreds of times the weights at step 0)."""
     steps, names, w = rec.wide("weight_norm", "param")
     if not steps.size:
         return []
@@ -431,7 +431,9 @@ def _depth(rec: Records, t: Thresholds) -> list[Episode]:
         logr = np.array([f[0] if f else np.nan for f in fits])
         with np.errstate(invalid="ignore"):
             shallow = logr <= np.log10(t.depth_starve_ratio)
-            starved = (_learning_gap(rec, steps) <= np.log10(t.learn_gap_ratio)) | not_learning(
+            # both consequences: the early layers do not learn *while* the loss does not fall
+            # (either alone fired on a healthy 4-3-3-1 ReLU net trained one example per step)
+            starved = (_learning_gap(rec, steps) <= np.log10(t.learn_gap_ratio)) & not_learning(
                 rec, steps, t, unknown=False
             )
         starts = [v[0] for k, v in rec.first_seen.items() if k[2] == "output_grad_norm"]

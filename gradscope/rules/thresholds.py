@@ -130,8 +130,8 @@ class Thresholds:
             the smallest healthy value measured (0.01, an LSTM language model), where a deep
             sigmoid MLP measures 3e-10. A number in (0, 1) (a shrinking).
         depth_starve_ratio: Vanishing with depth, milder: the same ratio at or below this
-            counts when a consequence is measured as well: the first layers barely move
-            (``learn_gap_ratio``) or the loss does not fall (``learn_progress``). A 12-layer
+            counts when its consequence is measured as well: the first layers barely move
+            (``learn_gap_ratio``) while the loss does not fall (``learn_progress``). A 12-layer
             tanh MLP with PyTorch's default init measures 1.1e-3 and learns only through its
             last layers. Only from the run's first checks (a vanishing init or architecture shows
             at once; a later dip is another pathology's: an LSTM at a diverging learning rate
