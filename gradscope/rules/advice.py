@@ -190,37 +190,6 @@ def normalisation(ctx: RunContext, what: str = "normalisation (LayerNorm/BatchNo
     )
 
 
-def clip_advice(ctx: RunContext, healthy_norm: float | None) -> str:
-    """What to say about clipping: with no clip in force, ``clip='zclip'`` (adaptive) and,
-    where the run had a healthy stretch, a fixed bound of 5x its median total norm (a bound
-    taken from an exploding history would not hold anything). With a clip in force: no clip
-    as loose or looser than it; a tighter fixed bound only where the healthy norm gives one."""
-    cap = 5 * healthy_norm if healthy_norm is not None and healthy_norm > 0 else None
-    if ctx.clip is None:
-        text = (
-            f"clip gradients: {option('clip', 'zclip')} (adaptive: clips spikes against the "
-            "norm's own history)"
-        )
-        if cap is not None:
-            text += (
-                f", or a fixed bound {setting('clip', f'norm:{cap:.3g}')} (= torch.nn.utils."
-                f"clip_grad_norm_(model.parameters(), max_norm={cap:.3g}), 5x the median total "
-                "norm before this episode; Pascanu et al. 2013)"
-            )
-        return text
-    applied = ctx.clip_bound
-    if cap is not None and applied is not None and cap < applied:
-        return (
-            f"clipping ({setting('clip', ctx.clip)}) lets norms up to {fmt(applied)} through: "
-            f"a tighter bound {setting('clip', f'norm:{cap:.3g}')} is 5x the median total norm "
-            "before this episode"
-        )
-    return (
-        f"clipping ({setting('clip', ctx.clip)}) already bounds each update; what makes the "
-        "gradients grow is still there"
-    )
-
-
 SUGGESTED_OPTIONS = {
     "loss_spike": ("clip",),
     "nonfinite": ("guard", "trace_nonfinite"),
