@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from test_rules import noisy, table
 from torch import nn
 
 import gradscope
 from gradscope.config import Config
-from gradscope.records import RUN_LAYER, LongTable
+from gradscope.records import RUN_LAYER
 from gradscope.rules.advice import OptimizerInfo, RunContext, option, render, setting
 from gradscope.rules.base import LayerInfo
 from gradscope.rules.engine import FINDING_KINDS, Diagnoser, finding_from
@@ -29,21 +30,6 @@ from gradscope.sinks.console import FindingPrinter
 Series = dict[tuple[str, str, str], tuple[Any, Any]]
 OPTION_NAMES = tuple(f.name for f in Config.__dataclass_fields__.values())
 SGD2 = (OptimizerInfo("SGD", 2.0, 2.0),)
-
-
-def table(series: Series) -> LongTable:
-    columns = list(series)
-    steps, cols, values = [], [], []
-    for i, key in enumerate(columns):
-        s, v = series[key]
-        steps.append(np.asarray(s, dtype=np.int64))
-        cols.append(np.full(len(s), i, dtype=np.int64))
-        values.append(np.asarray(v, dtype=float))
-    return LongTable(np.concatenate(steps), np.concatenate(cols), np.concatenate(values), columns)
-
-
-def noisy(n: int, level: float = 1.0, seed: int = 0) -> np.ndarray:
-    return level * np.exp(np.random.default_rng(seed).normal(0, 0.1, n))
 
 
 def diagnose(series: Series, layers: LayerInfo, context: RunContext | None = None):

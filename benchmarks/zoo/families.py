@@ -26,16 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-KINDS = (
-    "exploding_gradients",
-    "vanishing_gradients",
-    "nonfinite",
-    "dead_units",
-    "saturation",
-    "update_ratio_high",
-    "update_ratio_low",
-    "loss_spike",
-)
+from gradscope.rules.engine import FINDING_KINDS
+
+KINDS = FINDING_KINDS  # the finding kinds a run can be planted with, as the rules name them
 HEALTHY = "healthy"
 DIVERGENCE = ("update_ratio_high", "exploding_gradients", "nonfinite")
 ANY_WEIGHT = "*"

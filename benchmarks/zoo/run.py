@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..overhead import replace_section
 from . import families as fam
 from .outcome import final_loss, outcome, rescued, train
 
@@ -476,24 +477,6 @@ def results_section(report: dict[str, Any], md: str, timings: dict[str, float]) 
         "developer in `results/zoo/misses.json`, cure runs in `results/zoo/cures.jsonl`.\n\n"
         "![confusion matrix](results/zoo_confusion.png)\n\n" + md
     )
-
-
-def replace_section(path: Path, section: str) -> None:
-    """Write ``section`` into ``path``, replacing the one with the same title (up to the next
-    ``## ``), as the other benchmark scripts do."""
-    title = section.splitlines()[0]
-    text = path.read_text(encoding="utf-8") if path.exists() else "# gradscope benchmarks\n\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == title), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    path.write_text(new, encoding="utf-8")
 
 
 if __name__ == "__main__":
