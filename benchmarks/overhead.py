@@ -192,6 +192,35 @@ class MnistNet(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
+class ManyModules(nn.Module):
+    """1,000 small ``Linear(16, 16)`` layers with a ``Tanh`` after every second one (500) and a
+    10-way head: 1,001 parameter tensors of 16x16 (+ one bias), so the cost of watching it is
+    all per-module and per-tensor bookkeeping, not bytes (a GPT-2 has ~150 modules with
+    parameters, a ViT-B ~200)."""
+
+    def __init__(self, n: int = 1000, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers.append(nn.Linear(width, width, bias=False))
+            if i % 2:
+                layers.append(nn.Tanh())
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 10)
+        with torch.no_grad():  # keep a deep stack trainable: near-orthogonal, no bias
+            for m in self.body:
+                if isinstance(m, nn.Linear):
+                    nn.init.orthogonal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def small_gpt() -> nn.Module:
+    """nanoGPT-like, ~10.7M parameters: vocab 256, d_model 384, 6 heads, 6 pre-LN blocks."""
+    return TinyGPT(vocab=256, d_model=384, n_heads=6, n_blocks=6, seq_len=64)
+
+
 def image_batches(shape: tuple[int, ...], n: int, gen: torch.Generator) -> list[Batch]:
     return [
         (torch.randn(shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen))
@@ -199,8 +228,8 @@ def image_batches(shape: tuple[int, ...], n: int, gen: torch.Generator) -> list[
     ]
 
 
-def token_batches(n: int, gen: torch.Generator) -> list[Batch]:
-    seqs = [torch.randint(0, 256, (16, 65), generator=gen) for _ in range(n)]
+def token_batches(n: int, gen: torch.Generator, batch: int = 16) -> list[Batch]:
+    seqs = [torch.randint(0, 256, (batch, 65), generator=gen) for _ in range(n)]
     return [(s[:, :-1].contiguous(), s[:, 1:].contiguous()) for s in seqs]  # next-token targets
 
 
@@ -238,6 +267,22 @@ WORKLOADS = {
         lambda g: token_batches(8, g),
         lm_loss,
         rounds=20,
+    ),
+    "many_modules": Workload(
+        "many_modules",
+        ManyModules,
+        sgd,
+        lambda g: image_batches((32, 16), 8, g),
+        F.cross_entropy,
+        rounds=10,
+    ),
+    "small_gpt": Workload(
+        "small_gpt",
+        small_gpt,
+        lambda ps: torch.optim.AdamW(ps, lr=3e-4),
+        lambda g: token_batches(8, g, batch=4),
+        lm_loss,
+        rounds=5,
     ),
 }
 FUNCTIONAL_WORKLOADS = {  # --functional
@@ -489,7 +534,7 @@ def add_common_args(
     benchmark script here."""
     parser.add_argument(
         "--workloads",
-        default="mlp,cnn,transformer",
+        default=",".join(WORKLOADS),
         help="comma-separated subset of: " + ", ".join(WORKLOADS),
     )
     parser.add_argument("--rounds", type=int, help=rounds_help)
