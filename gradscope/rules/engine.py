@@ -467,9 +467,9 @@ def layer_info(describe: list[dict[str, Any]], sites: list[str]) -> LayerInfo:
             info.rank[name] = info.rank[name] * 1000
     info.rank.setdefault(RUN_LAYER, -1)
     modules = [e["name"] for e in describe if e["kind"] == "module"]
+    # every proper prefix "a", "a.b" of a name "a.b.c": linear in the names, not quadratic
+    parents = {name[:i] for name in modules for i, ch in enumerate(name) if ch == "."}
     for name in modules:
-        if (name == ROOT and len(modules) > 1) or any(
-            other.startswith(name + ".") for other in modules
-        ):
+        if (name == ROOT and len(modules) > 1) or name in parents:
             info.containers.add(name)
     return info
