@@ -27,6 +27,10 @@ from .remedies.spec import (
 )
 from .rules.thresholds import Thresholds
 
+FLUSH_STEPS = 100  # the default cadence: steps between flushes...
+FLUSH_MIN_SECS = 5.0  # ...but no sooner than this after the previous one...
+FLUSH_MAX_STEPS = 2000  # ...and at the latest after this many steps
+
 TypeSpec = Union[type, str]
 """A module type given as a class (``nn.ReLU``) or as its class name (``"ReLU"``)."""
 
@@ -48,7 +52,13 @@ class Config:
             already taken gets a ``-1``, ``-2`` ... suffix; it is never overwritten. One plain
             directory name of at most 240 bytes in the file system encoding.
         flush_every: Steps buffered on the device between two host transfers (and Parquet
-            chunks). A ``kill -9`` loses at most this many steps.
+            chunks); a ``kill -9`` loses at most the steps since the last flush. Default (None):
+            every ``FLUSH_STEPS`` (100) steps, but no sooner than ``FLUSH_MIN_SECS`` (5) seconds
+            after the previous flush, and at the latest after ``FLUSH_MAX_STEPS`` (2,000)
+            steps: a flush costs the same whatever the step costs (the rules, the sinks), so
+            fast steps would pay it often for nothing new (docs/costs.md, "Flush cadence").
+            With several processes (the flushes are collectives) the default is every 100
+            steps. An integer: exactly every that many steps.
         flush_secs: Also flush when this many seconds have passed since the last flush, so slow
             steps do not hold data back for long.
         activation_every: Activation statistics and the backward signal are taken every this
@@ -135,7 +145,7 @@ class Config:
 
     out: Path = Path("reports")
     name: str | None = None
-    flush_every: int = 100
+    flush_every: int | None = None
     flush_secs: float = 10.0
     activation_every: int = 10
     update_every: int | None = None
@@ -172,8 +182,9 @@ class Config:
         set_(self, "out", Path(self.out).expanduser())
         if self.name is not None:
             set_(self, "name", _check_run_name(self.name))
-        for key in ("flush_every", "activation_every"):
-            _check_int(key, getattr(self, key), minimum=1)
+        if self.flush_every is not None:
+            _check_int("flush_every", self.flush_every, minimum=1)
+        _check_int("activation_every", self.activation_every, minimum=1)
         if self.update_every is not None:
             _check_int("update_every", self.update_every, minimum=1)
         _check_number("flush_secs", self.flush_secs, low=0.0, low_open=True)

@@ -1,6 +1,7 @@
 """The flush: buffered steps → one host transfer → a record table → the rules → every sink.
 
-Every ``flush_every`` steps (or ``flush_secs`` seconds, in a single process) the step buffer's
+Every ``flush_every`` steps (or ``flush_secs`` seconds, in a single process; by default every 100
+steps but at most once in 5 seconds, see :meth:`Flusher.due`) the step buffer's
 rows are copied to the host in one transfer, their derived metrics completed (``grad_norm_total``
 and the exact non-finite counts, update ratios, activation means, stds and fractions), combined
 with the other ranks' where there are several, diagnosed, and written.
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .config import FLUSH_MAX_STEPS, FLUSH_MIN_SECS, FLUSH_STEPS
 from .events import Event, Finding
 from .guard import REMEDIES, Guard
 from .imports import own_imports
@@ -91,8 +93,21 @@ class Flusher:
         self.remedies: UnitRemedies | None = None  # wired by the Scope: swap, recycle
 
     def due(self) -> bool:
-        """The buffer (with what waits for a sink) holds ``flush_every`` steps."""
-        return len(self._rec.buffer.rows) + self._pending_rows >= self._rec.config.flush_every
+        """The buffer (with what waits for a sink) holds ``flush_every`` steps; by default
+        (None) ``FLUSH_STEPS`` steps and ``FLUSH_MIN_SECS`` since the last flush, or
+        ``FLUSH_MAX_STEPS`` steps (several processes: ``FLUSH_STEPS``, the flush is a
+        collective at the same step on every rank)."""
+        held = len(self._rec.buffer.rows) + self._pending_rows
+        every = self._rec.config.flush_every
+        if every is not None:
+            return held >= every
+        if held < FLUSH_STEPS:
+            return False
+        return (
+            self._ranks is not None
+            or held >= FLUSH_MAX_STEPS
+            or time.monotonic() - self.last >= FLUSH_MIN_SECS
+        )
 
     def overdue(self) -> bool:
         """``flush_secs`` passed since the last flush (a single process only: with several

@@ -14,7 +14,7 @@ pickles to an inert no-op, so a saved or copied watched model loads as a plain, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from torch.utils.hooks import RemovableHandle
@@ -107,29 +107,51 @@ class HookSet:
         also keys are dicts we take from too), and is rebuilt in that order afterwards. A hook
         registered while ours were out keeps its place relative to the hooks that stayed: after
         ours when it was appended, first when it was prepended."""
-        # id(dict) -> (dict, its keys before we took anything, {handle id: value taken})
-        touched: dict[int, tuple[dict[int, Any], list[int], dict[int, Any]]] = {}
-        for handle, _ in self._handles:
-            dicts = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
-            for ref in dicts:
-                hooks = ref()
-                if hooks is None or handle.id not in hooks:
-                    continue
-                entry = touched.get(id(hooks))
-                if entry is None:
-                    entry = touched[id(hooks)] = (hooks, list(hooks), {})
-                entry[2][handle.id] = hooks.pop(handle.id)
+        touched = take_out(handle for handle, _ in self._handles)
         try:
             yield
         finally:
-            for hooks, order, taken in touched.values():
-                _put_back(hooks, order, taken)
+            put_back(touched)
 
     def close(self) -> None:
         """Remove every handle, newest first. Safe to call twice."""
         while self._handles:
             handle, _ = self._handles.pop()
             handle.remove()
+
+
+Taken = dict[int, tuple[dict[int, Any], list[int], dict[int, Any]]]
+"""Hooks out of their dicts: id(dict) -> (the dict, its keys before anything was taken,
+{handle id: the hook taken})."""
+
+
+def take_out(handles: Iterable[RemovableHandle]) -> Taken:
+    """Take the hooks of ``handles`` out of every dict that holds them (a forward hook's
+    ``*_with_kwargs``/``*_always_called`` entries too), recording each dict's order first;
+    :func:`put_back` restores them. A handle whose hook is not in its dict (removed, or taken
+    already) is skipped."""
+    touched: Taken = {}
+    for handle in handles:
+        hid = handle.id
+        refs = getattr(handle, "extra_dict_ref", ())
+        for ref in (handle.hooks_dict_ref, *refs) if refs else (handle.hooks_dict_ref,):
+            hooks = ref()
+            if hooks is None or hid not in hooks:
+                continue
+            entry = touched.get(id(hooks))
+            if entry is None:
+                entry = touched[id(hooks)] = (hooks, list(hooks), {})
+            entry[2][hid] = hooks.pop(hid)
+    return touched
+
+
+def put_back(touched: Taken) -> None:
+    """Put what :func:`take_out` took back where it was (see :func:`_put_back`)."""
+    for hooks, order, taken in touched.values():
+        if not hooks and len(taken) == len(order):  # the usual case: only ours were there
+            hooks.update((key, taken[key]) for key in order)
+        else:
+            _put_back(hooks, order, taken)
 
 
 def _put_back(hooks: dict[int, Any], order: list[int], taken: dict[int, Any]) -> None:

@@ -49,6 +49,15 @@ def model_label(m: nn.Module) -> str:
     return name
 
 
+def holds_compiled(root: nn.Module) -> bool:
+    """Whether ``root`` is compiled in place or holds a compiled submodule (an
+    ``OptimizedModule``, or one compiled with ``Module.compile()``)."""
+    for m in root.modules():
+        if "_orig_mod" in m._modules or m.__dict__.get("_compiled_call_impl") is not None:
+            return True
+    return False
+
+
 def compiled_callers(models: Any) -> dict[int, nn.Module]:
     """The ``torch.compile`` wrappers among ``watch()``'s models, by the id of the module each
     runs: what the user calls, and where hooks still run eagerly (the replay keeps its calls

@@ -22,7 +22,7 @@ from .failures import warn
 from .flusher import Flusher
 from .hooks import HookSet
 from .listener import OptimizerHooks
-from .naming import first_device
+from .naming import first_device, holds_compiled
 from .probes.nonfinite import NonfiniteTracer
 from .probes.replay import StepReplay
 from .recorder import StepRecorder
@@ -156,7 +156,9 @@ def build_parts(
         rec.replay = StepReplay(models, tracer, rec.modules, guard, callers)
         stack.callback(rec.replay.close)
     rec.grads.on_nonfinite = rec.flag_nonfinite
-    rec.modules.attach(hooks)
+    if callers or any(holds_compiled(m) for m in models.values()):
+        rec.modules.stop_parking("a compiled model: dynamo guards on the hook dicts")
+    rec.modules.attach(hooks, models.values())
     if config.functional_activations:
         from .probes.functional import attach_functional
 

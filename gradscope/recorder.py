@@ -18,6 +18,7 @@ import torch
 
 from . import patches
 from .buffer import StepBuffer
+from .config import FLUSH_STEPS
 from .events import Event
 from .guard import ACTIVATIONS, TRACER, Guard
 from .layers import LayerTable, ParamSlot
@@ -109,7 +110,7 @@ class StepRecorder:
         self._record = record
         self._warn = warn
         self.on_cpu = on_cpu
-        self.buffer = StepBuffer(config.flush_every)
+        self.buffer = StepBuffer(config.flush_every or FLUSH_STEPS)
         self.grads = GradProbe(
             self.buffer, "host" if on_cpu else "flagged-only", histograms=histograms
         )
@@ -160,7 +161,7 @@ class StepRecorder:
         step = self.clock.step
         if not self._hooks_verified:
             self._check_hooks_run(step)
-        self.modules.forward_seen = False
+        self.modules.new_step()
         self._user_clipped.clear()
         if self._loss is not None:
             loss = self._loss if self._loss_count == 1 else self._loss / self._loss_count

@@ -247,6 +247,7 @@ class Scope:
         self._tracer.add_model(key, model)
         if self._rec.replay is not None:
             self._rec.replay.add_model(model)
+        self._rec.modules.attach_root(model)
         for entry in entries:
             self._rec.modules.attach_one(entry)
         if self._rec.modules.functional is not None:

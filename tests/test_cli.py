@@ -174,7 +174,7 @@ def test_run_config_precedence_file_then_flags(monkeypatch, tmp_path):
     )
     assert result.exit_code == 0, result.output
     cfg = seen["config"]
-    assert (cfg.activation_every, cfg.guard, cfg.flush_every) == (3, 4, 100)  # no pyproject
+    assert (cfg.activation_every, cfg.guard, cfg.flush_every) == (3, 4, None)  # no pyproject
     assert cfg.quiet and not cfg.tensorboard and cfg.thresholds.dead_fraction == 0.6
     (tmp_path / "bad.toml").write_text("flush_every = 0\n")
     result, _ = _run_parse(["--config", "bad.toml", "train.py"], monkeypatch, tmp_path)

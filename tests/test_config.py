@@ -15,7 +15,7 @@ from gradscope.config import type_matches
 
 def test_defaults():
     cfg = Config()
-    assert cfg.out == Path("reports") and cfg.flush_every == 100 and cfg.activation_every == 10
+    assert cfg.out == Path("reports") and cfg.flush_every is None and cfg.activation_every == 10
     assert cfg.update_every is None and cfg.step_on == "auto"
 
 

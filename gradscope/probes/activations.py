@@ -45,7 +45,7 @@ from ..buffer import StepBuffer
 from ..compat import is_compiling
 from ..config import Config
 from ..guard import Guard
-from ..hooks import Hook, HookSet
+from ..hooks import Hook, HookSet, Taken, put_back, take_out
 from ..layers import Family, LayerTable, ModuleEntry
 from . import numerics
 from .sites import (
@@ -105,7 +105,17 @@ class ModuleProbe:
         self.table = table
         self.config = config
         self.count_on_host = count_on_host
-        self.sampling = True
+        self._sampling = True
+        # Steps that are not sampled measure nothing, so the per-module hooks leave the modules'
+        # hook dicts then (a module with any hook takes torch's slow call path on every call)
+        # and come back for the next sampled step, in their places. Not for compiled models:
+        # dynamo guards on the hook dicts, so toggling them would recompile; nor when the
+        # watched modules run without their roots (only their own hooks see those forwards).
+        self.parking = True
+        self._parked: Taken | None = None
+        self._roots: dict[int, nn.Module] = {}
+        self._root_seen = False  # a root's forward ran with gradients in this step
+        self.stopped_parking: str | None = None
         self.forward_seen = False
         self.forward_ever = False
         self._measured = False  # any site measured since the last finalize()
@@ -121,15 +131,62 @@ class ModuleProbe:
         self.version = 0  # bumped when the watched modules change (hooked, swapped)
         self.functional: FunctionalProbe | None = None  # F.relu & co. (functional_activations)
 
-    def attach(self, hooks: HookSet) -> None:
+    def attach(self, hooks: HookSet, roots: Any = ()) -> None:
         self._hooks = hooks
+        for root in roots:
+            self.attach_root(root)
         for entry in self.table.modules:
             self.attach_one(entry)
+
+    def attach_root(self, root: nn.Module) -> None:
+        """The hook that stays on a watched model's root on every step: it tells a training
+        forward of this model (so the backward pass that follows is this scope's) while the
+        per-module hooks are parked."""
+        hooks = self._hooks
+        assert hooks is not None
+        if id(root) in self._roots:
+            return
+        self._roots[id(root)] = root
+        seen = Hook(self._on_root, "root-forward", self.guard, "module-forward")
+        hooks.add(root.register_forward_pre_hook(seen), "root-forward")
+
+    # -- parking: per-module hooks only on sampled steps ----------------------------------------
+    @property
+    def sampling(self) -> bool:
+        """Whether this step is sampled (statistics are taken). Set between steps."""
+        return self._sampling
+
+    @sampling.setter
+    def sampling(self, value: bool) -> None:
+        self._sampling = value
+        if value or not self.parking:
+            self.unpark()
+        elif self._parked is None and self._hooks is not None:
+            self._parked = take_out(h for hs in self._handles.values() for h in hs)
+
+    @property
+    def parked(self) -> bool:
+        """Whether the per-module hooks are out of the modules now (tests)."""
+        return self._parked is not None
+
+    def unpark(self) -> None:
+        """Put the per-module hooks back where they were."""
+        parked, self._parked = self._parked, None
+        if parked is not None:
+            put_back(parked)
+
+    def stop_parking(self, why: str) -> None:
+        """Keep the per-module hooks in place from now on (``why``: for debugging)."""
+        self.parking = False
+        self.stopped_parking = why
+        self.unpark()
 
     def attach_one(self, entry: ModuleEntry) -> None:
         """Hook one watched module (at attach, or when a model joins the run later)."""
         hooks = self._hooks
         assert hooks is not None
+        parked = self._parked is not None
+        self.unpark()  # parked or not, all of them together
         hook = Hook(
             partial(self._on_forward, entry), f"forward {entry.name}", self.guard, "module-forward"
         )
@@ -148,12 +205,16 @@ class ModuleProbe:
             )
         self._handles[entry.name] = handles
         self.version += 1
+        if parked:
+            self.sampling = False
 
     def replace(self, entry: ModuleEntry, new: nn.Module) -> None:
         """``entry.module`` was replaced by ``new`` in the model (an activation swap): move the
         hooks to it, and keep its sites' names so the records continue under the same layer."""
         from ..layers import activation_family
 
+        parked = self._parked is not None
+        self.unpark()
         for handle in self._handles.pop(entry.name, []):
             handle.remove()
         old_id = id(entry.module)
@@ -168,9 +229,13 @@ class ModuleProbe:
             self._sites[(id(new), key[1], key[2])] = fresh
         for akey in [k for k in self._axis if k[0] == old_id]:
             self._axis[(id(new), akey[1])] = self._axis.pop(akey)
+        if parked:
+            self.sampling = False
 
     def started(self, module: nn.Module) -> None:
         """``module``'s forward began before its pre-hook existed: order it now."""
+        if id(module) in self._roots:
+            self._on_root(module, ())
         for entry in self.table.modules:
             if entry.module is module and not entry.is_leaf:
                 self._on_forward_pre(entry, module, ())
@@ -205,6 +270,14 @@ class ModuleProbe:
         if self.sampling and torch.is_grad_enabled() and not is_compiling():
             self.table.mark_executed(entry.name)
 
+    def _on_root(self, module: nn.Module, args: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self.forward_seen = True  # a training forward of this model: its backward is ours
+        self._root_seen = True
+        if self.parking and is_compiling():
+            self.parking = False  # traced: from the next step on, the hooks stay in place
+
     def _on_forward(self, entry: ModuleEntry, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
@@ -213,7 +286,11 @@ class ModuleProbe:
         if not self.sampling:
             return
         compiling = is_compiling()
-        if not compiling:
+        if compiling:
+            self.parking = False  # dynamo guards on the hook dicts: leave them in place
+        else:
+            if not self._root_seen and self.parking:
+                self.stop_parking("a watched module ran outside its root's forward")
             if _in_recompute():
                 return
             self.table.mark_executed(entry.name)
@@ -380,7 +457,14 @@ class ModuleProbe:
         self._traced.clear()
         self._measured = False
 
+    def new_step(self) -> None:
+        """A step was written: the next one starts with no forward seen."""
+        self.forward_seen = False
+        self._root_seen = False
+
     def release(self) -> None:
+        self._parked = None  # the Scope removed its handles: nothing goes back
+        self._roots.clear()
         for site in self._sites.values():
             site.clear()
         self._sites.clear()

@@ -37,7 +37,10 @@ each as a module entry with ``"functional"`` (how it was called), ``"anchor"`` a
 place.
 
 Cost: one Python call per torch call of the forward on sampled steps (docs/costs.md,
-"Functional activations"), none on the others.
+"Functional activations"), none on the others. A root whose first ``QUIET_AFTER`` sampled
+forwards call no activation function (its activations are all modules) is not intercepted
+again: on a model of many modules the interception alone cost more than everything else a
+sampled step measures.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from ..config import Config
 from ..guard import FUNCTIONAL, Guard
 from ..hooks import Hook, HookSet
 from ..layers import Family, FunctionalSite, LayerTable, ModuleEntry, activation_family
+from ..naming import holds_compiled
 from .activations import ModuleProbe, _in_recompute
 from .sites import COMPACT_AT, _pool, _unit_axis
 
@@ -119,6 +123,11 @@ def _default_bounds(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return bool(lo == -1.0 and hi == 1.0)
 
 
+QUIET_AFTER = 2
+"""Sampled forwards of a root with no activation function called (outside activation modules)
+after which the mode is no longer entered for that root."""
+
+
 class _Frame:
     """One running module of a watched model: where its forward began (in finished watched
     modules) and whether activations called inside it are skipped."""
@@ -156,15 +165,6 @@ class _Mode(TorchFunctionMode):
         return self.probe.call(op, func, args, kwargs)
 
 
-def _holds_compiled(root: nn.Module) -> bool:
-    """Whether ``root`` is compiled in place or holds a compiled submodule (an
-    ``OptimizedModule``, or one compiled with ``Module.compile()``)."""
-    for m in root.modules():
-        if "_orig_mod" in m._modules or m.__dict__.get("_compiled_call_impl") is not None:
-            return True
-    return False
-
-
 def _mode_stack() -> list[Any]:
     return [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
 
@@ -198,6 +198,14 @@ class FunctionalProbe:
         self._entries: dict[int, ModuleEntry] = {}
         self._entries_of: tuple[int, int] = (-1, -1)
         self._acts: dict[int, bool] = {}
+        # roots whose sampled forwards call no activation function: after QUIET_AFTER such
+        # spans the mode is no longer entered for them (it costs one Python call per torch
+        # call of the forward, for nothing)
+        self._span_root: int | None = None
+        self._span_found = False
+        self._spans_of: dict[int, int] = {}
+        self._found: set[int] = set()
+        self.quiet: set[int] = set()
         self._ignored: set[tuple[Any, ...]] = set()  # keys of sites the filters leave out
         self._roots: dict[int, nn.Module] = {}  # roots hooked, by id
         self._pre = Hook(self._on_pre, "functional-module-pre", guard, ENTRY)
@@ -245,7 +253,7 @@ class FunctionalProbe:
         probe = self.probe
         if not probe.sampling or not torch.is_grad_enabled() or _in_recompute():
             return
-        if _holds_compiled(module):
+        if id(module) in self.quiet or holds_compiled(module):
             return
         self._enter(module)
 
@@ -257,6 +265,7 @@ class FunctionalProbe:
             self._entries_of = shape
             self._anchors.clear()
         self._stack = [_Frame(root, 0, self.table.module_name(root) is None)]
+        self._span_root, self._span_found = id(root), False
         self._seq, self._last, self._last_seq, self._after = 0, None, -1, None
         try:
             reg = nn.modules.module
@@ -271,6 +280,14 @@ class FunctionalProbe:
         self.spans += 1
 
     def _leave(self) -> None:
+        root, self._span_root = self._span_root, None
+        if root is not None:
+            if self._span_found:
+                self._found.add(root)
+            elif root not in self._found:
+                spans = self._spans_of[root] = self._spans_of.get(root, 0) + 1
+                if spans >= QUIET_AFTER:
+                    self.quiet.add(root)
         self._stack = []
         self._last = self._after = None
         for handle in self._global:
@@ -359,6 +376,7 @@ class FunctionalProbe:
         ):
             return func(*args, **kwargs)
         frame = stack[-1]
+        self._span_found = True
         try:
             if guard.faults:
                 guard.fault(ENTRY)
