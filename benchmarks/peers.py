@@ -64,12 +64,22 @@ COLUMNS = {
     "wandb_every_step": '`wandb.watch(log="all")` every step',
     "detect_anomaly": "`detect_anomaly`",
 }
-# ~50 min in all on a 2-core VM (README: peers.py); a round is one 100-step block of each of
-# the 10 variants: about 10 s (mlp), 80 s (cnn), 60 s (transformer), 2 min (many_modules,
-# most of it wandb every step) and 6 min (small_gpt), plus one warm-up block per variant
+# about an hour in all on a 2-core VM under another tenant's load (load average ~2; estimated
+# from --quick step times): a round, one 100-step block of each variant, takes ~14 s (mlp),
+# 90 s (cnn), 75 s (transformer), 2.5 min (many_modules) and 5.5 min (small_gpt), and each
+# workload adds one warm-up block per variant (README: peers.py)
 ROUNDS = {"mlp": 20, "cnn": 4, "transformer": 5, "many_modules": 4, "small_gpt": 3}
 QUICK_ROUNDS, QUICK_BLOCK = 3, 5
 NOT_INSTALLED = "not installed"
+# workload -> variant -> why it is left out of that workload
+NOT_RUN = {
+    "many_modules": {
+        "wandb_every_step": "2,002 histograms a step (every gradient and every parameter of "
+        "1,001 tensors): a --quick run measured ~1 s of CPU in this process, 0.5 s in wandb's "
+        "service and 6.7 MB of run directory per step (17x plain), so ~8 min and ~3 GB in a "
+        "default run",
+    },
+}
 
 wandb: Any = None  # the wandb module, once main() has imported it (None: not installed)
 
@@ -193,7 +203,6 @@ def measure(
     }
     res["wandb_run_bytes"] = dict(PeersVariant.written)
     res["nonfinite_findings"] = dict(PeersVariant.nonfinite)
-    res["not_installed"] = [k for k in VARIANTS if k not in specs]
     return res
 
 
@@ -232,6 +241,10 @@ def fmt_bytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
+def missing(res: dict[str, Any], kind: str) -> str:
+    return "not run" if kind in res["not_run"] else NOT_INSTALLED
+
+
 def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
     head = overhead.provenance(
         meta,
@@ -252,7 +265,7 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
     ]
     for wl, res in results.items():
         cells = [
-            f"{res['summary'][k]['ratio']:.3f}×" if k in res["summary"] else NOT_INSTALLED
+            f"{res['summary'][k]['ratio']:.3f}×" if k in res["summary"] else missing(res, k)
             for k in COLUMNS
         ]
         lines.append(f"| {wl} | " + " | ".join(cells) + " |")
@@ -268,7 +281,7 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
         for kind in VARIANTS:
             s = res["summary"].get(kind)
             if s is None:
-                lines.append(f"| {wl} | {kind} | {NOT_INSTALLED} | — | — | — |")
+                lines.append(f"| {wl} | {kind} | {missing(res, kind)} | — | — | — |")
                 continue
             lines.append(
                 f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {s['ratio']:.3f}× | "
@@ -282,6 +295,11 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
     ]
     if written:
         lines += ["", "wandb's offline run directories when finished: " + ", ".join(written) + "."]
+    lines += [
+        f"\n*Not run*, {wl} {kind}: {why}."
+        for wl, res in results.items()
+        for kind, why in res["not_run"].items()
+    ]
     lines += tracing.nonfinite_warning(results, "`always_trace` is")
     lines += ["", READING]
     return "\n".join(lines) + "\n"
@@ -295,12 +313,11 @@ def main(argv: list[str] | None = None) -> None:
     home = tempfile.mkdtemp(prefix="gradscope-peers-wandb-")  # every wandb file, deleted below
     try:
         wandb = import_wandb(home)
-        missing = [k for k, pkg in PEERS.items() if pkg == "wandb" and wandb is None]
-        if missing:  # one line, then "not installed" rows
+        absent = [k for k, pkg in PEERS.items() if pkg == "wandb" and wandb is None]
+        if absent:  # one line, then "not installed" rows
             print(
-                f"wandb is {NOT_INSTALLED}: skipping {', '.join(missing)} (pip install -e .[bench])"
+                f"wandb is {NOT_INSTALLED}: skipping {', '.join(absent)} (pip install -e .[bench])"
             )
-        specs = {k: v for k, v in VARIANTS.items() if k not in missing}
         meta = overhead.run_meta(
             "peers.py",
             argv,
@@ -312,8 +329,15 @@ def main(argv: list[str] | None = None) -> None:
         )
         results: dict[str, Any] = {}
         for name, rounds in plan.items():
+            not_run = {k: v for k, v in NOT_RUN.get(name, {}).items() if k not in absent}
+            specs = {k: v for k, v in VARIANTS.items() if k not in absent and k not in not_run}
             print(f"{name}: {rounds} rounds x {len(specs)} variants x {block} steps", flush=True)
-            results[name] = {"rounds": rounds, **measure(WORKLOADS[name], specs, rounds, block)}
+            results[name] = {
+                "rounds": rounds,
+                **measure(WORKLOADS[name], specs, rounds, block),
+                "not_installed": absent,
+                "not_run": not_run,
+            }
         meta["loadavg_end"] = os.getloadavg()
     finally:
         if wandb is not None:
