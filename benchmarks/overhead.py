@@ -335,6 +335,7 @@ class Variant:
         self.model.train()
         self.opt = wl.optimizer(self.model.parameters())
         self.grad_norms: list[list[float]] = []  # naive_loop's record
+        self.loss: torch.Tensor | None = None  # the last step's loss
         self.scope: gradscope.Scope | None = None
         if options is not None:
             safe = re.sub(r"[^\w.-]+", "_", kind)
@@ -348,6 +349,7 @@ class Variant:
         self.opt.zero_grad(set_to_none=True)
         loss = self.wl.loss(self.model(x), y)
         loss.backward()
+        self.loss = loss  # for a subclass that logs it (benchmarks/peers.py)
         if self.kind == "norm_floor":  # the least any per-layer monitor must do: read each
             # gradient once (one batched on-device norm per step, no host read, no bookkeeping)
             self.floor = torch._foreach_norm([p.grad for p in self.model.parameters()])
@@ -535,6 +537,23 @@ def using_variant(cls: type[Variant]) -> Iterator[None]:
         Variant = saved  # type: ignore[misc]
 
 
+def run_as(
+    cls: type[Variant],
+    wl: Workload,
+    specs: dict[str, dict[str, Any] | None],
+    rounds: int,
+    block: int,
+) -> dict[str, Any]:
+    """:func:`run_workload` with ``cls`` (a Variant subclass) as the variant, and without this
+    script's targets in the summary (they are for its own table)."""
+    with using_variant(cls):
+        res = run_workload(wl, specs, rounds, block, SEED)
+    for s in res["summary"].values():
+        s.pop("target", None)
+        s.pop("pass", None)
+    return res
+
+
 def paired(num: list[float], den: list[float]) -> dict[str, float]:
     """Median and p25/p75 of per-round ratios num[i] / den[i]."""
     ratios = [n / d for n, d in zip(num, den)]
@@ -571,6 +590,31 @@ def checked_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
     return names
+
+
+def parse_plan(
+    doc: str,
+    argv: list[str] | None,
+    rounds: dict[str, int],
+    quick_rounds: int,
+    quick_block: int,
+    json_default: Path,
+) -> tuple[argparse.Namespace, dict[str, int], int]:
+    """The command line of a benchmark with default rounds per workload (``rounds``): its
+    arguments (:func:`add_common_args`), the rounds of each workload asked for, and the block
+    size (``quick_block`` steps with ``--quick``, else :data:`BLOCK`). Sets one torch thread."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_common_args(
+        parser,
+        "rounds per workload (default: " + ", ".join(f"{k} {v}" for k, v in rounds.items()) + ")",
+        f"smoke run: {quick_rounds} rounds of {quick_block} steps",
+        json_default,
+    )
+    args = parser.parse_args(argv)
+    names = checked_workloads(parser, args)
+    torch.set_num_threads(1)
+    plan = {n: args.rounds or (quick_rounds if args.quick else rounds[n]) for n in names}
+    return args, plan, quick_block if args.quick else BLOCK
 
 
 def run_meta(

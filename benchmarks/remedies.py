@@ -13,7 +13,6 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -36,12 +35,10 @@ if str(HERE) not in sys.path:  # already there when run as a script
 import overhead  # noqa: E402
 from overhead import (  # noqa: E402
     BLOCK,
-    SEED,
     WORKLOADS,
     Batch,
     Workload,
     replace_section,
-    run_workload,
 )
 
 SECTION = "## Remedies: cost on a healthy run (CPU)"
@@ -157,11 +154,7 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def measure(wl: Workload, rounds: int, block: int) -> dict[str, Any]:
     RemedyVariant.report.clear()
     RemedyVariant.weights.clear()
-    with overhead.using_variant(RemedyVariant):
-        res = run_workload(wl, VARIANTS, rounds, block, SEED)
-    for s in res["summary"].values():  # overhead.py's targets do not apply here
-        s.pop("target", None)
-        s.pop("pass", None)
+    res = overhead.run_as(RemedyVariant, wl, VARIANTS, rounds, block)
     times = res["block_seconds"]
     res["vs_default"] = {k: overhead.paired(times[k], times[BASE]) for k in VARIANTS}
     res["clip_grad_norm_vs_plain"] = overhead.paired(times["plain_clip_grad_norm"], times["plain"])
@@ -364,18 +357,9 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    overhead.add_common_args(
-        parser,
-        "rounds per workload (default: " + ", ".join(f"{k} {v}" for k, v in ROUNDS.items()) + ")",
-        f"smoke run: {QUICK_ROUNDS} rounds of {QUICK_BLOCK} steps",
-        HERE / "results" / "remedies.json",
+    args, plan, block = overhead.parse_plan(
+        __doc__, argv, ROUNDS, QUICK_ROUNDS, QUICK_BLOCK, HERE / "results" / "remedies.json"
     )
-    args = parser.parse_args(argv)
-    names = overhead.checked_workloads(parser, args)
-
-    torch.set_num_threads(1)
-    block = QUICK_BLOCK if args.quick else BLOCK
     meta = overhead.run_meta(
         "remedies.py",
         argv,
@@ -387,8 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     started = time.monotonic()
     results: dict[str, Any] = {}
-    for name in names:
-        rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS[name])
+    for name, rounds in plan.items():
         print(f"{name}: {rounds} rounds x {len(VARIANTS)} variants x {block} steps", flush=True)
         t0 = time.monotonic()
         results[name] = {"rounds": rounds, **measure(WORKLOADS[name], rounds, block)}

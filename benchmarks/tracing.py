@@ -12,7 +12,6 @@ ratio to ``trace_off``, paired within a round. See benchmarks/README.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -39,14 +38,12 @@ if str(HERE) not in sys.path:  # already there when run as a script
 
 import overhead  # noqa: E402
 from overhead import (  # noqa: E402
-    BLOCK,
     NEVER,
     SEED,
     WORKLOADS,
     Batch,
     Workload,
     replace_section,
-    run_workload,
 )
 
 SECTION = "## Non-finite tracing vs detect_anomaly (CPU)"
@@ -85,6 +82,9 @@ class TracingVariant(overhead.Variant):
 
     # variant -> `nonfinite` findings of its scope at close (healthy runs: expected 0)
     nonfinite: ClassVar[dict[str, int]] = {}
+    # variant -> detect_anomaly(check_nan=) for the variants that run inside anomaly mode
+    # (benchmarks/peers.py names its own)
+    anomaly_modes: ClassVar[dict[str, bool]] = ANOMALY
 
     def __init__(
         self,
@@ -99,11 +99,11 @@ class TracingVariant(overhead.Variant):
         no_replay = bool(options and options.get("_no_replay"))
         if options is not None:
             options = {k: v for k, v in options.items() if k != "_no_replay"}
-        if kind in ANOMALY:
+        if kind in self.anomaly_modes:
             with warnings.catch_warnings():  # "Anomaly Detection has been enabled. ..."
                 warnings.simplefilter("ignore", UserWarning)
                 # one object, entered at every step: it restores the state seen at creation (off)
-                self.anomaly = torch.autograd.detect_anomaly(check_nan=ANOMALY[kind])
+                self.anomaly = torch.autograd.detect_anomaly(check_nan=self.anomaly_modes[kind])
         super().__init__(kind, options, wl, state, batches, run_root)
         if no_replay and self.scope is not None:  # through the documented test hook
             rec = self.scope.parts.recorder
@@ -181,14 +181,10 @@ def replay_cost(wl: Workload, reps: int = 7) -> dict[str, float]:
 
 def measure(wl: Workload, rounds: int, block: int) -> dict[str, Any]:
     TracingVariant.nonfinite.clear()
-    with overhead.using_variant(TracingVariant):
-        res = run_workload(wl, VARIANTS, rounds, block, SEED)
+    res = overhead.run_as(TracingVariant, wl, VARIANTS, rounds, block)
     res["nonfinite_findings"] = dict(TracingVariant.nonfinite)
     res["tracer"] = tracer_cost(res["block_seconds"])
     res["replay"] = replay_cost(wl)
-    for s in res["summary"].values():  # overhead.py's targets do not apply here
-        s.pop("target", None)
-        s.pop("pass", None)
     return res
 
 
@@ -477,6 +473,23 @@ READING = (
 )
 
 
+def nonfinite_warning(results: dict[str, Any], understated: str) -> list[str]:
+    """Lines that warn of `nonfinite` findings on the (healthy) timing runs, if there were."""
+    bad = {
+        f"{wl}/{k}": n
+        for wl, res in results.items()
+        for k, n in res["nonfinite_findings"].items()
+        if n
+    }
+    if not bad:
+        return []
+    return [
+        "",
+        f"**Warning:** non-finite findings on the healthy timing runs: {bad}; "
+        f"a tracer that named a culprit stopped tracing, so {understated} understated.",
+    ]
+
+
 def render(meta: dict[str, Any], results: dict[str, Any], demo: list[dict[str, Any]]) -> str:
     lines = [
         SECTION,
@@ -536,35 +549,15 @@ def render(meta: dict[str, Any], results: dict[str, Any], demo: list[dict[str, A
             f"| {row['what']} | {row['truth']} | {fmt_anomaly(row['anomaly'])} | "
             f"{fmt_scope(row['always'])} | {fmt_scope(row['auto'])} |"
         )
-    bad = {
-        f"{wl}/{k}": n
-        for wl, res in results.items()
-        for k, n in res["nonfinite_findings"].items()
-        if n
-    }
-    if bad:
-        lines += [
-            "",
-            f"**Warning:** non-finite findings on the healthy timing runs: {bad}; "
-            "a tracer that named a culprit stopped tracing, so its cost is understated.",
-        ]
+    lines += nonfinite_warning(results, "its cost is")
     lines += ["", READING]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    overhead.add_common_args(
-        parser,
-        "rounds per workload (default: " + ", ".join(f"{k} {v}" for k, v in ROUNDS.items()) + ")",
-        f"smoke run: {QUICK_ROUNDS} rounds of {QUICK_BLOCK} steps",
-        HERE / "results" / "tracing.json",
+    args, plan, block = overhead.parse_plan(
+        __doc__, argv, ROUNDS, QUICK_ROUNDS, QUICK_BLOCK, HERE / "results" / "tracing.json"
     )
-    args = parser.parse_args(argv)
-    names = overhead.checked_workloads(parser, args)
-
-    torch.set_num_threads(1)
-    block = QUICK_BLOCK if args.quick else BLOCK
     meta = overhead.run_meta(
         "tracing.py",
         argv,
@@ -576,8 +569,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     started = time.monotonic()
     results: dict[str, Any] = {}
-    for name in names:
-        rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS[name])
+    for name, rounds in plan.items():
         print(f"{name}: {rounds} rounds x {len(VARIANTS)} variants x {block} steps", flush=True)
         results[name] = {"rounds": rounds, **measure(WORKLOADS[name], rounds, block)}
     meta["loadavg_end"] = os.getloadavg()
