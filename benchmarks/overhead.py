@@ -78,7 +78,9 @@ FUNCTIONAL_INTRO = (
     "interception costs: every torch call of a sampled forward through the mode, and the "
     "statistics of the three `F.relu` sites."
 )
-TARGETS = {"default": 1.02, "act_every_step": 1.10}  # max median paired ratio vs plain
+# max whole-run ratio to plain; "default" is judged against the floor of the same run instead
+TARGETS = {"default": 1.02, "act_every_step": 1.10}
+FLOOR_MARGIN = 0.02  # default <= norm_floor + this (issue: "at most 2 points above the floor")
 BREAKDOWN_SECTION = "## Where the default configuration's cost goes (CPU)"
 BLOCK = 100  # = gradscope's default flush_every: every timed block holds exactly one flush
 SEED = 0
@@ -407,19 +409,31 @@ def run_workload(
 
 
 def summarize(times: dict[str, list[float]], block: int) -> dict[str, dict[str, Any]]:
-    """Median ms/step, and the median and p25/p75 of per-round ratios to ``plain``."""
+    """Per variant: median ms/step; ``total``, the whole-run ratio to ``plain`` (sum of its
+    blocks over the sum of ``plain``'s: a flush or a sampled step counts wherever it falls,
+    and the default flushes at most once in 5 s, so most 100-step blocks hold none); and the
+    median and p25/p75 of the per-round paired ratios (``ratio``), the spread.
+
+    Pass/fail: ``default`` against ``norm_floor`` + ``FLOOR_MARGIN`` when the floor ran,
+    otherwise against ``TARGETS``; other variants against ``TARGETS``."""
     out: dict[str, dict[str, Any]] = {}
+    plain_total = sum(times["plain"])
+    floor = sum(times["norm_floor"]) / plain_total if "norm_floor" in times else None
     for kind, ts in times.items():
         ratios = [t / p for t, p in zip(ts, times["plain"])]
         p25, med, p75 = (float(q) for q in np.percentile(ratios, [25, 50, 75]))
+        total = sum(ts) / plain_total
         target = TARGETS.get(kind)
+        if kind == "default" and floor is not None:
+            target = floor + FLOOR_MARGIN
         out[kind] = {
             "ms_per_step": 1000 * statistics.median(ts) / block,
+            "total": total,
             "ratio": med,
             "ratio_p25": p25,
             "ratio_p75": p75,
             "target": target,
-            "pass": None if target is None else med <= target,
+            "pass": None if target is None else total <= target,
         }
     return out
 
@@ -436,10 +450,14 @@ def cpu_model() -> str:
 
 
 INTRO = (
-    "Targets: `default` ≤ 1.02×, `act_every_step` (activation stats every step) ≤ 1.10×. "
-    "No target, for comparison: `norm_floor` (one `torch._foreach_norm` over all gradients "
-    "per step, kept on the device: the work any per-layer gradient monitor cannot avoid) and "
-    "`naive_loop` (per-parameter `p.grad.norm().item()`, what users write today)."
+    "Targets: `default` ≤ `norm_floor` + 0.02 (at most 2 points above the floor, in the same "
+    "run), `act_every_step` (activation stats every step) ≤ 1.10×. `norm_floor`: one "
+    "`torch._foreach_norm` over all gradients per step, kept on the device: the work any "
+    "per-layer gradient monitor cannot avoid. `naive_loop` (per-parameter "
+    "`p.grad.norm().item()`, what users write today): no target, for comparison. Workloads: "
+    "`many_modules` is 1,000 `Linear(16,16)` in 500 residual blocks with 500 `Tanh` (cost "
+    "per module, not per byte); `small_gpt` a 10.7M-parameter nanoGPT-like model (6 blocks, "
+    "d 384, batch 4 x 64 tokens)."
 )
 BREAKDOWN_INTRO = (
     "The default configuration built up one piece at a time: `grad_norms` records only what "
@@ -486,21 +504,27 @@ def render(
             meta,
             results,
             "quick smoke run (blocks shorter than flush_every)",
-            "ratio = median over rounds of (variant block / `plain` block in the same "
-            "round); spread = p25–p75 of those paired ratios",
+            "× plain = the variant's CPU time over `plain`'s, summed over all rounds (what "
+            "a run costs: flushes and sampled steps count wherever they fall); per round = "
+            "median and p25–p75 of the per-round paired ratios (the spread)",
         ),
         intro,
         "",
-        "| workload | variant | ms/step (median) | × plain (median) | p25–p75 | target | result |",
+        "| workload | variant | ms/step (median) | × plain | per round: median (p25–p75) "
+        "| target | result |",
         "|---|---|--:|--:|--:|--:|---|",
     ]
     for wl, res in results.items():
         for kind, s in res["summary"].items():
-            target = "—" if s["target"] is None else f"≤ {s['target']:.2f}×"
+            target = "—" if s["target"] is None else f"≤ {s['target']:.3f}×"
+            if kind == "default" and "norm_floor" in res["summary"] and s["target"] is not None:
+                target += " (floor + 0.02)"
             verdict = "—" if s["pass"] is None else ("pass" if s["pass"] else "**FAIL**")
+            total = s.get("total", s["ratio"])
             lines.append(
-                f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {s['ratio']:.3f}× | "
-                f"{s['ratio_p25']:.3f}–{s['ratio_p75']:.3f} | {target} | {verdict} |"
+                f"| {wl} | {kind} | {s['ms_per_step']:.2f} | {total:.3f}× | "
+                f"{s['ratio']:.3f}× ({s['ratio_p25']:.3f}–{s['ratio_p75']:.3f}) | {target} "
+                f"| {verdict} |"
             )
     return "\n".join(lines) + "\n"
 
