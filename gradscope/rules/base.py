@@ -196,15 +196,7 @@ def trailing_stats(
     mad = np.full((t, n_cols), np.nan)
     top = np.full((t, n_cols), np.nan)
     rows_needed = np.ones(t, dtype=bool) if need is None else need
-    # Columns finite on every row (the usual case: every gradient norm of every step) have
-    # the rows before i as their history: all of them at once, one median per target row
-    # instead of one per row and column (a 1,000-layer model spent most of a flush here).
-    dense = np.flatnonzero(np.isfinite(values).all(axis=0)) if t else np.zeros(0, dtype=np.int64)
-    if dense.size:
-        _dense_stats(values[:, dense], dense, window, min_obs, rows_needed, med, mad, top)
-    sparse = np.ones(n_cols, dtype=bool)
-    sparse[dense] = False
-    for j in np.flatnonzero(sparse).tolist():
+    for j in range(n_cols):
         col = values[:, j]
         finite_mask = np.isfinite(col)
         idx = np.flatnonzero(finite_mask)
@@ -233,39 +225,6 @@ def trailing_stats(
             mad[i, j] = float(np.median(np.abs(hist - m0)))
             top[i, j] = float(hist.max())
     return med, mad, top
-
-
-def _dense_stats(
-    block: np.ndarray,
-    cols: np.ndarray,
-    window: int,
-    min_obs: int,
-    rows_needed: np.ndarray,
-    med: np.ndarray,
-    mad: np.ndarray,
-    top: np.ndarray,
-) -> None:
-    """:func:`trailing_stats` for columns with no missing or non-finite value: row i's
-    history is rows ``max(0, i - window) .. i - 1`` of every column alike."""
-    t = block.shape[0]
-    targets = np.flatnonzero(rows_needed & (np.arange(t) >= min_obs))
-    if not targets.size:
-        return
-    full = targets[targets >= window]
-    if full.size:
-        # [rows, cols, window]: windows[r] holds rows r .. r + window - 1
-        windows = np.lib.stride_tricks.sliding_window_view(block, window, axis=0)[full - window]
-        m = np.median(windows, axis=2)
-        rows = full[:, None]
-        med[rows, cols] = m
-        mad[rows, cols] = np.median(np.abs(windows - m[:, :, None]), axis=2)
-        top[rows, cols] = windows.max(axis=2)
-    for i in targets[targets < window].tolist():
-        hist = block[:i]
-        m0 = np.median(hist, axis=0)
-        med[i, cols] = m0
-        mad[i, cols] = np.median(np.abs(hist - m0), axis=0)
-        top[i, cols] = hist.max(axis=0)
 
 
 def fmt(x: float) -> str:
