@@ -94,6 +94,13 @@ class StepBuffer:
             grp = self._groups[cols] = Group(cols)
         return grp
 
+    def group_of(self, cols: tuple[int, ...]) -> Group:
+        """The group for these column indices (created on first use; cached)."""
+        grp = self._groups.get(cols)
+        if grp is None:
+            grp = self._groups[cols] = Group(cols)
+        return grp
+
     # -- rows ---------------------------------------------------------------------------------
     @property
     def full(self) -> bool:

@@ -213,3 +213,32 @@ def test_trailing_stats_of_dense_columns_match_the_definition():
             m = np.median(h, axis=0)
             assert (med[i] == m).all() and (top[i] == h.max(axis=0)).all()
             assert (mad[i] == np.median(np.abs(h - m), axis=0)).all()
+
+
+def test_max_abs_of_many_small_tensors_matches_a_loop():
+    from gradscope.probes import numerics
+
+    ts = [torch.randn(16, 16) for _ in range(6)]
+    ts += [torch.randn(3, dtype=torch.bfloat16), torch.zeros(0), torch.randn(5000)]
+    ts += [torch.randn(4, dtype=torch.complex64), torch.randn(7, dtype=torch.float64)]
+    ts[0][0, 0] = float("nan")
+    ts[1][0, 0] = -float("inf")
+    got = numerics.max_abs(ts)
+    want = [t.abs().max().item() if t.numel() else 0.0 for t in ts]
+    assert torch.isnan(got[0]) and got[1].item() == float("inf")
+    assert got[2:].tolist() == pytest.approx(want[2:], rel=0, abs=0)
+
+
+def test_site_statistics_of_a_step_are_one_write(out):
+    """Every site's raw statistics of a sampled step go to the buffer as one stacked tensor
+    (per device), whatever the number of sites."""
+    model = mlp(depth=12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, out=out, flush_every=1000, tensorboard=False) as scope:
+        train(model, opt, 1)
+        row = scope._rec.buffer.rows[0]
+        site_writes = [v for g, v in row.writes.items() if v.numel() > 40]
+        assert len(site_writes) == 1  # (the other writes: gradient norms, weights, loss...)
+    run = gradscope.load_run(scope.run_dir)
+    fracs = run.wide("act_dead_fraction").iloc[0]
+    assert fracs.notna().all() and ((fracs >= 0) & (fracs <= 1)).all()

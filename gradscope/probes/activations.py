@@ -437,9 +437,17 @@ class ModuleProbe:
             return
         thr = self.config.dead_threshold
         pending = bool(self._traced)
+        into: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
         for site in self._sites.values():
-            site.write(thr)
+            site.write(thr, into)
             pending = pending or bool(site.calls or site.grads)
+        # every site's statistics of the step in one group per device: one tensor for the
+        # flush to read, not a handful per site (a model of 1,500 modules wrote ~9,000)
+        for cols, values in into.values():
+            # (stack promotes: int64 counts beside float32 statistics become float32, which is
+            # what the flush made of each of them alone)
+            stacked = values[0].reshape(1) if len(values) == 1 else torch.stack(values)
+            self.buffer.write(self.buffer.group_of(tuple(cols)), stacked)
         # A step closed by the next backward pass (no optimizer) already holds the next
         # step's forward in the open window: it is still measured, for the next row.
         self._measured = pending

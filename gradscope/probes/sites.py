@@ -174,27 +174,36 @@ class _Site:
         if len(self.grad_done) >= COMPACT_AT:
             self.grad_done[:] = [torch.linalg.vector_norm(torch.stack(self.grad_done))]
 
-    def write(self, thr: float) -> None:
-        """Write the step's raw statistics: a few 0-d tensors, host values where known."""
+    def write(
+        self, thr: float, into: dict[torch.device, tuple[list[int], list[torch.Tensor]]]
+    ) -> None:
+        """The step's raw statistics: 0-d tensors go into ``into`` (column, value, by device:
+        the probe writes every site's in one stacked group), host values to the buffer."""
         buf = self.buffer
+
+        def put(raw: str, value: torch.Tensor) -> None:
+            cols, values = into.setdefault(value.device, ([], []))
+            cols.append(self.groups[raw].cols[0])
+            values.append(value)
+
         if self.done:
             c = _pool(self.done)
-            buf.write(self.groups[_SUM], c.sum)
-            buf.write(self.groups[_L2], c.l2)
+            put(_SUM, c.sum)
+            put(_L2, c.l2)
             if c.peak is not None:
                 dead = c.peak <= thr
                 if self.whole_masks:  # the ranks' masks are combined at flush: dead on all
                     buf.write_vector(self.groups[_PEAK].cols[0], dead)
                 else:
-                    buf.write(self.groups[_PEAK], dead.sum())
+                    put(_PEAK, dead.sum())
                 self.units = int(c.peak.numel())
                 if self.masks is not None:  # [units] bools of a statistic, not an activation
                     self.masks = [*self.masks[-(MASKS_KEPT - 1) :], dead]
                 buf.write_host(buf.column(self.name, KIND, _UNITS), float(c.peak.numel()))
             if c.sat is not None:
-                buf.write(self.groups[_SAT], c.sat)
+                put(_SAT, c.sat)
             if c.nonfinite is not None:
-                buf.write(self.groups[_NF], c.nonfinite)
+                put(_NF, c.nonfinite)
             else:
                 buf.write_host(self.groups[_NF].cols[0], 0.0)
             buf.write_host(buf.column(self.name, KIND, _N), float(c.n))
@@ -203,7 +212,7 @@ class _Site:
         if self.grad_done:
             norms = self.grad_done
             total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-            buf.write(self.groups["output_grad_norm"], total)
+            put("output_grad_norm", total)
         self.done.clear()
         self.grad_done.clear()
 
