@@ -30,6 +30,8 @@ from .rules.thresholds import Thresholds
 FLUSH_STEPS = 100  # the default cadence: steps between flushes...
 FLUSH_MIN_SECS = 5.0  # ...but no sooner than this after the previous one...
 FLUSH_MAX_STEPS = 2000  # ...and at the latest after this many steps
+FLUSH_SHARE = 0.02  # a flush that costs more than this share of the gap widens the gap...
+FLUSH_MAX_SECS = 120.0  # ...up to this
 
 TypeSpec = Union[type, str]
 """A module type given as a class (``nn.ReLU``) or as its class name (``"ReLU"``)."""
@@ -54,9 +56,11 @@ class Config:
         flush_every: Steps buffered on the device between two host transfers (and Parquet
             chunks); a ``kill -9`` loses at most the steps since the last flush. Default (None):
             every ``FLUSH_STEPS`` (100) steps, but no sooner than ``FLUSH_MIN_SECS`` (5) seconds
-            after the previous flush, and at the latest after ``FLUSH_MAX_STEPS`` (2,000)
-            steps: a flush costs the same whatever the step costs (the rules, the sinks), so
-            fast steps would pay it often for nothing new (docs/costs.md, "Flush cadence").
+            after the previous flush (longer when the last flush took more than
+            ``FLUSH_SHARE``, 2%, of that time, up to ``FLUSH_MAX_SECS``, 120 s), and at the
+            latest after ``FLUSH_MAX_STEPS`` (2,000) steps: a flush costs the same whatever
+            the step costs (the rules, the sinks), so fast steps would pay it often for
+            nothing new (docs/costs.md, "Flush cadence").
             With several processes (the flushes are collectives) the default is every 100
             steps. An integer: exactly every that many steps.
         flush_secs: Also flush when this many seconds have passed since the last flush, so slow

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .config import FLUSH_MAX_STEPS, FLUSH_MIN_SECS, FLUSH_STEPS
+from .config import FLUSH_MAX_SECS, FLUSH_MAX_STEPS, FLUSH_MIN_SECS, FLUSH_SHARE, FLUSH_STEPS
 from .events import Event, Finding
 from .guard import REMEDIES, Guard
 from .imports import own_imports
@@ -87,6 +87,8 @@ class Flusher:
         self._after_write = after_write
         self._warn = warn
         self.last = time.monotonic()
+        self.cost = 0.0  # CPU seconds of the last written flush (the first one's not counted)
+        self.flushes = 0
         # flushed from the buffer, not yet written by every sink: (table, sinks done, rows)
         self._pending: list[tuple[LongTable, set[int], int]] = []
         self._pending_rows = 0
@@ -94,7 +96,7 @@ class Flusher:
 
     def due(self) -> bool:
         """The buffer (with what waits for a sink) holds ``flush_every`` steps; by default
-        (None) ``FLUSH_STEPS`` steps and ``FLUSH_MIN_SECS`` since the last flush, or
+        (None) ``FLUSH_STEPS`` steps and :meth:`gap` seconds since the last flush, or
         ``FLUSH_MAX_STEPS`` steps (several processes: ``FLUSH_STEPS``, the flush is a
         collective at the same step on every rank)."""
         held = len(self._rec.buffer.rows) + self._pending_rows
@@ -106,20 +108,36 @@ class Flusher:
         return (
             self._ranks is not None
             or held >= FLUSH_MAX_STEPS
-            or time.monotonic() - self.last >= FLUSH_MIN_SECS
+            or time.monotonic() - self.last >= self.gap()
         )
 
+    def gap(self) -> float:
+        """The default's least time between two flushes: ``FLUSH_MIN_SECS``, or longer where
+        the last flush took more than ``FLUSH_SHARE`` of that (a model of thousands of layers:
+        the rules' and sinks' work grows with the layers, not with the step's cost), at most
+        ``FLUSH_MAX_SECS``."""
+        return min(max(FLUSH_MIN_SECS, self.cost / FLUSH_SHARE), FLUSH_MAX_SECS)
+
     def overdue(self) -> bool:
-        """``flush_secs`` passed since the last flush (a single process only: with several
-        ranks the flushes are collectives, so they go by steps)."""
-        return self._ranks is None and time.monotonic() - self.last >= self._rec.config.flush_secs
+        """``flush_secs`` passed since the last flush (by default also :meth:`gap`; a single
+        process only: with several ranks the flushes are collectives, so they go by steps)."""
+        if self._ranks is not None:
+            return False
+        since = time.monotonic() - self.last
+        if self._rec.config.flush_every is None and since < self.gap():
+            return False
+        return since >= self._rec.config.flush_secs
 
     def flush(self, write: bool = True) -> None:
         """Copy the buffered steps to the host and diagnose them; ``write``: also write them
         (and everything diagnosed early) to the sinks. Early diagnosis (``write=False``)
         serves the remedies that act on findings, without a Parquet file per sample."""
+        start = time.process_time()
         with own_imports():  # the first flush imports pyarrow: never the script's modules
             self._flush(write)
+        if write and self.flushes:  # (not the first: its one-time imports are not a cadence)
+            self.cost = time.process_time() - start
+        self.flushes += write
 
     def _flush(self, write: bool) -> None:
         rec = self._rec

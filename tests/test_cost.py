@@ -175,6 +175,11 @@ def test_default_flush_waits_for_min_secs(out, monkeypatch):
     with gradscope.watch(model, opt, out=out, name="due", tensorboard=False) as scope:
         train(model, opt, 150)
         assert _chunks(scope) == 1  # at step 100
+    with gradscope.watch(model, opt, out=out, name="costly", tensorboard=False) as scope:
+        scope._flusher.cost = 1.0  # the last flush took 1 s: no other within 1 / 2% = 50 s
+        assert scope._flusher.gap() == 50.0
+        train(model, opt, 150)
+        assert _chunks(scope) == 0
     monkeypatch.setattr(flusher_mod, "FLUSH_MIN_SECS", 1e9)
     monkeypatch.setattr(flusher_mod, "FLUSH_MAX_STEPS", 120)
     with gradscope.watch(model, opt, out=out, name="cap", tensorboard=False) as scope:
