@@ -72,7 +72,10 @@ class LayerInfo:
     def ordered(self, layers: list[str]) -> list[str]:
         """``layers`` in forward order (unknown ones last, in the given order)."""
         big = len(self.rank) + 1
-        return sorted(layers, key=lambda name: (self.rank.get(name, big), layers.index(name)))
+        given: dict[str, int] = {}
+        for i, name in enumerate(layers):
+            given.setdefault(name, i)  # (list.index per key made this quadratic)
+        return sorted(layers, key=lambda name: (self.rank.get(name, big), given[name]))
 
 
 class Records:
