@@ -23,7 +23,11 @@ to a watched model later (a new layer) joins under the model's names.
 
 The hook runs for every module call in the process. For a module already watched it costs one
 ``is_compiling()`` call and one dictionary lookup; the search runs only for modules not yet
-classified, and its verdict is cached.
+classified, and its verdict is cached. Once every parameter of every optimizer that steps
+belongs to a watched model the hook is taken away (a global hook sends every module call
+through ``nn.Module``'s slow path), and put back at the step of an optimizer that holds a
+parameter no watched model owns; a module that is called but trained by no optimizer is then
+not found (a layer added to a model later is found when its parameters join an optimizer).
 """
 
 from __future__ import annotations
@@ -82,12 +86,14 @@ class Attach:
         # the discovery hooks run inside the script: an error stops the search, not the script
         self.guard = Guard(self._internal_error)
         self._hooks = HookSet()
-        self._hooks.add(
-            nn.modules.module.register_module_forward_pre_hook(
-                Hook(self._on_forward_pre, "discover", self.guard, "discover")
-            ),
-            "discover",
+        self._discover_hook = Hook(self._on_forward_pre, "discover", self.guard, "discover")
+        self._discovering: Any = None  # the global forward pre-hook's handle, while it is on
+        self._resume()
+        # optimizer -> ((models found, params per group), every parameter watched?)
+        self._coverage: weakref.WeakKeyDictionary[Any, tuple[Any, bool]] = (
+            weakref.WeakKeyDictionary()
         )
+        self.pauses = 0  # times the search was paused (tests)
         self._stepping: list[tuple[Any, Any, Any]] = []  # optimizers inside step(), with args
         self._hooks.add(
             _optim_mod.register_optimizer_step_pre_hook(
@@ -151,10 +157,71 @@ class Attach:
         # (a step that raised never reached its post-hook: drop what it left)
         self._stepping = [e for e in self._stepping if e[0] is not opt]
         self._stepping.append((opt, args, kwargs))
+        if self._discovering is None and not self._covered(opt):
+            self._resume()  # this optimizer trains something not watched yet: look again
 
     def _on_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._stepping = [e for e in self._stepping if e[0] is not opt]
         self._frozen.clear()  # a frozen module may have been unfrozen: look again
+        if (
+            self._discovering is not None
+            and self.scope is not None
+            and not self._stepping
+            and all(self._covered(o) for o in [*self._coverage.keys(), opt])
+        ):
+            self._pause()
+
+    # -- pausing the search -------------------------------------------------------------------
+    # The discovery hook is global: while it is on, every module call in the process takes
+    # nn.Module's slow call path and one Python call, which on a model of thousands of modules
+    # costs more than watching it. Once every parameter of every optimizer that steps belongs
+    # to a watched model, there is nothing left to find: the hook is taken away, and put back
+    # at the step of an optimizer that holds a parameter no watched model owns (a new
+    # parameter group, a second model's optimizer). Loops with no optimizer keep it.
+    def _covered(self, opt: Any) -> bool:
+        """Whether every parameter ``opt`` steps belongs to a watched model (cached by the
+        models found and the optimizer's group sizes)."""
+        groups = getattr(opt, "param_groups", None)
+        if not isinstance(groups, list):
+            return False
+        sig = (len(self.models), tuple(len(g.get("params", ())) for g in groups))
+        known = self._coverage.get(opt)
+        if known is not None and known[0] == sig:
+            return known[1]
+        self._regrow()  # a new or changed optimizer: a model found earlier may have grown
+        watched = {id(p) for _, m in self.models for p in m.parameters()}
+        ok = bool(watched) and all(id(p) in watched for g in groups for p in g.get("params", ()))
+        self._coverage[opt] = (sig, ok)
+        return ok
+
+    def _regrow(self) -> None:
+        """Models found earlier that hold modules not seen yet (the script added a layer while
+        the search was paused): they join now, under the model's names, before this step's
+        gradients are read."""
+        if self.scope is None:
+            return
+        for key, root in self.models:
+            if any(self._known.get(id(m)) is not m for m in root.modules()):
+                self.scope.add_model(root, key)
+                self._remember(root, root)
+
+    def _pause(self) -> None:
+        handle, self._discovering = self._discovering, None
+        if handle is not None:
+            handle.remove()
+            self.pauses += 1
+
+    def _resume(self) -> None:
+        if self._discovering is None:
+            self._discovering = self._hooks.add(
+                nn.modules.module.register_module_forward_pre_hook(self._discover_hook),
+                "discover",
+            )
+
+    @property
+    def discovering(self) -> bool:
+        """Whether the search for models is on (its global hook installed)."""
+        return self._discovering is not None
 
     # -- discovery --------------------------------------------------------------------------------
     def _consider(self, module: nn.Module) -> None:

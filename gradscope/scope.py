@@ -196,7 +196,8 @@ class Scope:
         """Findings raised so far (JSON-shaped dicts, :data:`gradscope.events.Finding`;
         ``docs/run-directory.md``).
 
-        Rules run at every flush (every ``flush_every`` steps or ``flush_secs`` seconds) and at
+        Rules run at every flush (``flush_every``: by default every 100 steps, at most once in
+        5 s; or ``flush_secs`` seconds) and at
         ``close()``; call :meth:`flush` first for an up-to-date list in the middle of a run."""
         return self._flusher.findings()
 

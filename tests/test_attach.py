@@ -374,3 +374,32 @@ def test_modules_made_per_call_do_not_grow_the_cache_without_bound(out, monkeypa
         model(torch.randn(2, 6)).sum().backward()
     assert attach.remembered_modules <= 9
     attach.close("completed", 0)
+
+
+def test_the_search_pauses_once_every_optimizer_trains_watched_models_only(out):
+    """The global discovery hook sends every module call through the slow path: once every
+    parameter every optimizer steps is watched it goes, and comes back for an optimizer
+    that trains something else (here, a second model found after the pause)."""
+    first, second = _mlp(), _mlp()
+    opt1 = torch.optim.SGD(first.parameters(), lr=0.1)
+    opt2 = torch.optim.SGD(second.parameters(), lr=0.1)
+    x, y = _data()
+    attach = _attach(out)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(3):
+        opt1.zero_grad()
+        loss_fn(first(x), y).backward()
+        opt1.step()
+    assert not attach.discovering and attach.pauses == 1
+    assert not module_globals._global_forward_pre_hooks  # no global hook left on the path
+    for _ in range(4):  # a second model and its optimizer join
+        opt2.zero_grad()
+        loss_fn(second(x), y).backward()
+        opt2.step()
+        opt1.zero_grad()
+        loss_fn(first(x), y).backward()
+        opt1.step()
+    assert not attach.discovering and attach.pauses == 2
+    run = gradscope.load_run(attach.close("completed", 0))
+    assert run.meta["models"] == {"": "Sequential", "Sequential": "Sequential"}
+    assert _param_names(run) >= {"0.weight", "Sequential.0.weight"}

@@ -12,6 +12,7 @@ Memory: one copy of the watched parameters (``Config.update_ratio=False`` saves 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -56,7 +57,7 @@ class WeightProbe:
         params = [w for _, w in pairs]
         norms = numerics.norms(params)  # [k]
         self.buffer.write(self._group(slots, "weight_norm"), norms)
-        if self.count_on_host and not bool(torch.isfinite(norms.sum())):
+        if self.count_on_host and not math.isfinite(norms.sum().item()):
             counts = numerics.nonfinite_counts(params)
             self.buffer.write(self._group(slots, "weight_nonfinite"), counts)
         if not self.update_ratio:
