@@ -55,8 +55,8 @@ class Config:
             directory name of at most 240 bytes in the file system encoding.
         flush_every: Steps buffered on the device between two host transfers (and Parquet
             chunks); a ``kill -9`` loses at most the steps since the last flush. Default (None):
-            every ``FLUSH_STEPS`` (100) steps, but no sooner than ``FLUSH_MIN_SECS`` (5) seconds
-            after the previous flush (longer when the last flush took more than
+            every ``FLUSH_STEPS`` (100) steps, the first at once, each later one no sooner than
+            ``FLUSH_MIN_SECS`` (5) seconds after the previous flush (longer when the last flush took more than
             ``FLUSH_SHARE``, 2%, of that time, up to ``FLUSH_MAX_SECS``, 120 s), and at the
             latest after ``FLUSH_MAX_STEPS`` (2,000) steps: a flush costs the same whatever
             the step costs (the rules, the sinks), so fast steps would pay it often for

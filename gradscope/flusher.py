@@ -96,7 +96,8 @@ class Flusher:
 
     def due(self) -> bool:
         """The buffer (with what waits for a sink) holds ``flush_every`` steps; by default
-        (None) ``FLUSH_STEPS`` steps and :meth:`gap` seconds since the last flush, or
+        (None) ``FLUSH_STEPS`` steps (the first flush: at once) and :meth:`gap` seconds since
+        the last flush, or
         ``FLUSH_MAX_STEPS`` steps (several processes: ``FLUSH_STEPS``, the flush is a
         collective at the same step on every rank)."""
         held = len(self._rec.buffer.rows) + self._pending_rows
@@ -107,6 +108,7 @@ class Flusher:
             return False
         return (
             self._ranks is not None
+            or not self.flushes  # the first: early findings, run.json's layers, one-time imports
             or held >= FLUSH_MAX_STEPS
             or time.monotonic() - self.last >= self.gap()
         )

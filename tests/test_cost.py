@@ -168,23 +168,26 @@ def test_default_flush_waits_for_min_secs(out, monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     monkeypatch.setattr(flusher_mod, "FLUSH_MIN_SECS", 1e9)
     with gradscope.watch(model, opt, out=out, name="slow", tensorboard=False) as scope:
-        train(model, opt, 150)
-        assert _chunks(scope) == 0  # 150 fast steps: not yet
-    assert _chunks(scope) == 1 and len(gradscope.load_run(scope.run_dir).wide("grad_norm")) == 150
+        train(model, opt, 90)
+        assert _chunks(scope) == 0
+        train(model, opt, 160)
+        assert _chunks(scope) == 1  # the first flush at step 100; the next waits for 5 s
+    assert _chunks(scope) == 2 and len(gradscope.load_run(scope.run_dir).wide("grad_norm")) == 250
     monkeypatch.setattr(flusher_mod, "FLUSH_MIN_SECS", 0.0)
     with gradscope.watch(model, opt, out=out, name="due", tensorboard=False) as scope:
-        train(model, opt, 150)
-        assert _chunks(scope) == 1  # at step 100
+        train(model, opt, 250)
+        assert _chunks(scope) == 2  # at steps 100 and 200
     with gradscope.watch(model, opt, out=out, name="costly", tensorboard=False) as scope:
+        train(model, opt, 100)
         scope._flusher.cost = 1.0  # the last flush took 1 s: no other within 1 / 2% = 50 s
         assert scope._flusher.gap() == 50.0
         train(model, opt, 150)
-        assert _chunks(scope) == 0
+        assert _chunks(scope) == 1
     monkeypatch.setattr(flusher_mod, "FLUSH_MIN_SECS", 1e9)
     monkeypatch.setattr(flusher_mod, "FLUSH_MAX_STEPS", 120)
     with gradscope.watch(model, opt, out=out, name="cap", tensorboard=False) as scope:
-        train(model, opt, 130)
-        assert _chunks(scope) == 1  # at step 120, however little time passed
+        train(model, opt, 230)
+        assert _chunks(scope) == 2  # at 100 (the first) and 220, however little time passed
 
 
 def test_explicit_flush_every_is_exact(out, monkeypatch):
