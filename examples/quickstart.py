@@ -21,5 +21,5 @@ run = scope.load()  # the run directory, read back with pandas
 print(f"{run.meta['steps']} steps, status {run.meta['status']}")
 fmt = "{:.3g}".format
 print(run.wide("grad_norm").loc[[0, 50, 99]].to_string(float_format=fmt))
-print(run.wide("update_ratio").loc[[0, 50, 90]].to_string(float_format=fmt))
+print(run.wide("update_ratio").loc[[0, 40, 80]].to_string(float_format=fmt))
 print(run.wide("act_dead_fraction").loc[[0, 50, 90]].to_string(float_format=fmt))

@@ -56,21 +56,23 @@ class Config:
         flush_every: Steps buffered on the device between two host transfers (and Parquet
             chunks); a ``kill -9`` loses at most the steps since the last flush. Default (None):
             every ``FLUSH_STEPS`` (100) steps, the first at once, each later one no sooner than
-            ``FLUSH_MIN_SECS`` (5) seconds after the previous flush (longer when the last flush took more than
-            ``FLUSH_SHARE``, 2%, of that time, up to ``FLUSH_MAX_SECS``, 120 s), and at the
-            latest after ``FLUSH_MAX_STEPS`` (2,000) steps: a flush costs the same whatever
-            the step costs (the rules, the sinks), so fast steps would pay it often for
-            nothing new (docs/costs.md, "Flush cadence").
-            With several processes (the flushes are collectives) the default is every 100
-            steps. An integer: exactly every that many steps.
+            ``FLUSH_MIN_SECS`` (5) seconds after the previous flush (longer when the last flush
+            took more than ``FLUSH_SHARE``, 2%, of that time, up to ``FLUSH_MAX_SECS``, 120 s),
+            and at the latest after ``FLUSH_MAX_STEPS`` (2,000) steps: a flush costs the same
+            whatever the step costs (the rules, the sinks), so fast steps would pay it often
+            for nothing new (docs/costs.md, "The step buffer and the flush"). With several
+            processes (the flushes are collectives) the default is every 100 steps. An
+            integer: exactly every that many steps.
         flush_secs: Also flush when this many seconds have passed since the last flush, so slow
             steps do not hold data back for long.
         activation_every: Activation statistics and the backward signal are taken every this
             many steps (step 0 included). Gradient norms are taken every step.
         update_every: Update ratios, weight norms and maximum absolute gradients are taken every
-            this many steps. Default (None): ``activation_every``. They cost several passes over
-            the weights (a copy, a difference, norms), the largest per-sample cost on
-            parameter-heavy models, hence a separate setting.
+            this many steps. Default (None): twice ``activation_every`` (20). They cost several
+            passes over the weights (a copy, a difference, norms), the largest per-sample cost
+            on parameter-heavy models, hence a separate setting; every 20 rather than 10 steps
+            halves that cost and found the same pathologies on the corpus
+            (docs/costs.md, "What you can turn down").
         include: Glob patterns (``fnmatch``) on qualified names; when given, only parameters and
             activation modules whose own name or owning module's name matches are watched.
         exclude: Glob patterns that remove parameters and modules, applied after ``include``.
@@ -178,6 +180,11 @@ class Config:
     guard: int = 0
     swap: tuple[SwapRule, ...] = ()
     recycle: bool = False
+
+    @property
+    def resolved_update_every(self) -> int:
+        """``update_every``, or its default: twice ``activation_every``."""
+        return self.update_every or 2 * self.activation_every
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

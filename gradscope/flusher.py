@@ -75,7 +75,11 @@ class Flusher:
         self._first_lr: dict[int, float] = {}  # id(optimizer) -> the first lr seen
         config = recorder.config
         self.diagnoser = (
-            Diagnoser(config.thresholds, self.announce, sample_every=config.activation_every)
+            Diagnoser(
+                config.thresholds,
+                self.announce,
+                sample_every=max(config.activation_every, config.resolved_update_every),
+            )
             if config.diagnose
             else None
         )

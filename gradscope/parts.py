@@ -122,7 +122,7 @@ def build_parts(
         rec,
         config.step_on,
         config.activation_every,
-        config.update_every or config.activation_every,
+        config.resolved_update_every,
         optimizers,
     )
     flusher = rec.flusher = Flusher(
