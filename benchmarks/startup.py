@@ -18,9 +18,10 @@ Then, for the breakdown, each variant runs once more per round (``--probe-rounds
 script's ``--probe`` mode: it runs the same command in-process and records the CPU time of every
 import (per module, less the imports it triggered: thread CPU time) and of gradscope's stages
 (``Scope.__init__``; in ``Scope.close``: the last flush with its Parquet write and TensorBoard,
-and ``write_report_safely``), less the imports inside them. Imports are counted for the modules
-that plain ``python run_target.py`` never loads, each under the outermost such non-gradscope
-package that loaded it (PIL loaded by matplotlib counts as matplotlib).
+and ``write_report_safely``), less the imports inside them, and the garbage collector's passes
+(``gc.callbacks``) apart, wherever they fall. Imports are counted for the modules that plain
+``python run_target.py`` never loads, each under the outermost such non-gradscope package that
+loaded it (PIL loaded by matplotlib counts as matplotlib).
 
 Bytecode: this VM sets PYTHONDONTWRITEBYTECODE=1, so every process would compile gradscope from
 source; an installed package has its .pyc files, so the children run without it (the first,
@@ -77,6 +78,7 @@ ROWS: tuple[tuple[str, Callable[[dict[str, float]], float]], ...] = (
         lambda s: s.get("close", 0.0) - s.get("flush", 0.0) - s.get("report", 0.0),
     ),
 )
+GC_ROW = "garbage collection (more than python's)"
 IMPORT_GROUPS = ("matplotlib", "pandas", "pyarrow", "jinja2", "tensorboard", "PIL", "gradscope")
 
 
@@ -84,6 +86,7 @@ IMPORT_GROUPS = ("matplotlib", "pandas", "pyarrow", "jinja2", "tensorboard", "PI
 def probe(out: str, argv: list[str]) -> None:
     """Run ``python argv...`` in this process, timing imports and gradscope's stages; write
     what was measured to ``out`` (JSON) at the end, however the command ended."""
+    import gc
     import importlib._bootstrap as bootstrap  # type: ignore[import-not-found]
     import runpy
     import threading
@@ -91,8 +94,9 @@ def probe(out: str, argv: list[str]) -> None:
     local = threading.local()
     imports: dict[str, list[Any]] = {}  # module -> [self CPU, root package, stage]
     stages: dict[str, float] = {}  # stage -> CPU, imports inside excluded
-    stage_imports: dict[str, float] = {}  # stage -> CPU of the imports inside
+    apart: dict[str, float] = {}  # stage -> CPU of the imports and collections inside
     active: list[str] = []  # stages entered (main thread), outermost first
+    collected = [0.0]  # CPU of the garbage collector's passes
     load = bootstrap._load_unlocked
 
     def stack() -> list[list[Any]]:
@@ -118,24 +122,41 @@ def probe(out: str, argv: list[str]) -> None:
             imports[spec.name] = [own, root, active[-1] if active else ""]
             if not frames and active:
                 for name in active:
-                    stage_imports[name] = stage_imports.get(name, 0.0) + spent
+                    apart[name] = apart.get(name, 0.0) + spent
             _patch(spec.name)
 
     bootstrap._load_unlocked = timed_load
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        """A collection's CPU is the collector's, not that of the import or stage it fell in
+        (a full pass over torch's objects takes ~0.1 s, wherever the allocations tip it)."""
+        if phase == "start":
+            local.gc_start = time.thread_time()
+            return
+        spent = time.thread_time() - getattr(local, "gc_start", time.thread_time())
+        collected[0] += spent
+        frames = stack()
+        if frames:
+            frames[-1][2] += spent
+        elif threading.current_thread() is threading.main_thread():
+            for name in active:
+                apart[name] = apart.get(name, 0.0) + spent
+
+    gc.callbacks.append(on_gc)
 
     def wrap(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             if threading.current_thread() is not threading.main_thread() or stage in active:
                 return fn(*args, **kwargs)
             active.append(stage)
-            before = stage_imports.get(stage, 0.0)
+            before = apart.get(stage, 0.0)
             start = time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 spent = time.process_time() - start
                 active.pop()
-                inner = stage_imports.get(stage, 0.0) - before
+                inner = apart.get(stage, 0.0) - before
                 stages[stage] = stages.get(stage, 0.0) + spent - inner
 
         timed.__wrapped__ = fn  # type: ignore[attr-defined]
@@ -167,6 +188,7 @@ def probe(out: str, argv: list[str]) -> None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         bootstrap._load_unlocked = load
+        gc.callbacks.remove(on_gc)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         gs = sys.modules.get("gradscope")
         Path(out).write_text(
@@ -176,7 +198,8 @@ def probe(out: str, argv: list[str]) -> None:
                     "imports": imports,
                     "modules": sorted(sys.modules),
                     "stages": stages,
-                    "stage_imports": stage_imports,
+                    "apart": apart,
+                    "gc": collected[0],
                     "gradscope": getattr(gs, "__file__", None),
                 }
             )
@@ -244,6 +267,7 @@ def breakdown(probe_run: dict[str, Any], plain: dict[str, Any]) -> dict[str, flo
         groups[group] += own
     out["imports"] = sum(groups.values())
     out.update({f"imports: {g}": v for g, v in groups.items()})
+    out[GC_ROW] = probe_run["gc"] - plain["gc"]
     return out
 
 
@@ -263,6 +287,7 @@ def measure(
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     parts: dict[str, list[dict[str, float]]] = {v: [] for v in variants if v != "plain"}
     where: dict[str, str] = {}
+    plain_gc: list[float] = []
     with tempfile.TemporaryDirectory(prefix="gs-bench-startup-") as tmp:
         out = os.path.join(tmp, "runs")
 
@@ -279,6 +304,7 @@ def measure(
             print(f"  round {r + 1}/{rounds}", flush=True)
         for r in range(probe_rounds):
             plain = probed(command("plain", out), env_of("plain"), tmp)
+            plain_gc.append(plain["gc"])
             order = [v for v in variants if v != "plain"]
             rng.shuffle(order)
             for variant in order:
@@ -300,6 +326,7 @@ def measure(
             if ps
         },
         "gradscope_from": where,
+        "plain_gc": statistics.median(plain_gc) if plain_gc else 0.0,
     }
 
 
@@ -346,16 +373,18 @@ def render(meta: dict[str, Any], res: dict[str, Any]) -> str:
     lines += [
         "",
         f"Where it goes: CPU seconds, medians of {res['probe_rounds']} probed runs per "
-        "variant (`--probe`: imports timed per module, stages less the imports inside them; "
-        "the probe itself adds a little). *Imports* are those of modules that plain `python "
-        "run_target.py` never loads, each under the outermost such package that loaded it "
-        "(PIL loaded by matplotlib is matplotlib's; loaded by gradscope itself, PIL).",
+        "variant (`--probe`: imports timed per module, stages less the imports inside them, "
+        "the garbage collector's passes apart; the probe itself adds a little). *Imports* are "
+        "those of modules that plain `python run_target.py` never loads, each under the "
+        "outermost such package that loaded it (PIL loaded by matplotlib is matplotlib's; "
+        "loaded by gradscope itself, PIL). Garbage collection: the probed run's less plain "
+        f"python's in the same round (python's own passes: {res['plain_gc']:.2f} s).",
         "",
         "| part | " + " | ".join(label_of(v) for v in shown) + " |",
         "|---|" + "---|" * len(shown),
     ]
     keys = ["imports"] + [f"imports: {g}" for g in (*IMPORT_GROUPS, "other")]
-    keys += [row for row, _ in ROWS]
+    keys += [row for row, _ in ROWS] + [GC_ROW]
     for key in keys:
         name = f"  {key.split(': ', 1)[1]}" if key.startswith("imports: ") else key
         name = name.replace("  ", "&nbsp;&nbsp;&nbsp;")
