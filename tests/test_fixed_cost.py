@@ -1,16 +1,21 @@
 """What a short run costs beyond its training (benchmarks/startup.py): the Parquet chunks are
-written without pandas (the same bytes as before)."""
+written without pandas, the report's heatmaps without matplotlib. Each keeps the output as it
+was: the same Parquet bytes, the same pixels."""
 
 from __future__ import annotations
 
+import base64
 import io
+import struct
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import gradscope
 from gradscope.records import LongTable
+from gradscope.report import figures
 from gradscope.sinks.store import arrow_table
 
 
@@ -78,3 +83,51 @@ def test_writing_a_chunk_does_not_import_pandas(tmp_path):
     assert proc.stdout.strip() == "False"
     run = gradscope.load_run(tmp_path / "r")
     assert run.metrics["value"].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", ["viridis", "Reds", "Oranges"])
+def test_the_report_colormaps_are_matplotlibs(name):
+    import matplotlib
+
+    cmap = matplotlib.colormaps[name]
+    assert cmap.N == 256
+    expected = (cmap(np.arange(256))[:, :3] * 255).astype(np.uint8)
+    assert np.array_equal(figures._lut(name), expected)
+
+
+def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    out, i = [], 8
+    while i < len(png):
+        (n,) = struct.unpack(">I", png[i : i + 4])
+        out.append((png[i + 4 : i + 8], png[i + 8 : i + 8 + n]))
+        i += 12 + n
+    return out
+
+
+@pytest.mark.parametrize("name", ["viridis", "Reds", "Oranges", "magma"])
+def test_a_heatmap_png_is_the_one_matplotlib_wrote(name):
+    """The pixels as matplotlib's colormap and ``imsave`` made them before: the same PNG, less
+    the "Software: Matplotlib" text chunk. ``magma`` is not kept: it comes from matplotlib."""
+    import matplotlib
+    from matplotlib import image as mpimg
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(37, 123)) * 3
+    values[rng.random(values.shape) < 0.05] = np.nan
+    values[0, :3] = [np.inf, -np.inf, 1.0]
+    values[1] = np.linspace(-1, 1, 257)[:123]  # every bin edge: x * 256 is exact there
+    bad = rng.random(values.shape) < 0.03
+    lo, hi = -1.0, 1.0
+
+    norm = np.clip((values - lo) / (hi - lo), 0.0, 1.0)  # how colorize() did it before
+    rgb = matplotlib.colormaps[name](np.nan_to_num(norm))[..., :3]
+    rgb[np.isnan(values)] = figures.NAN_RGB
+    rgb[bad] = figures.BAD_RGB
+    buf = io.BytesIO()
+    mpimg.imsave(buf, np.ascontiguousarray(rgb), format="png")
+    before = [c for c in _chunks(buf.getvalue()) if c[0] != b"tEXt"]
+
+    uri = figures.png_data_uri(figures.colorize(values, bad, name, lo, hi))
+    now = _chunks(base64.b64decode(uri.split(",", 1)[1]))
+    assert [c[0] for c in now] == [b"IHDR", b"pHYs", b"IDAT", b"IEND"]
+    assert now == before
