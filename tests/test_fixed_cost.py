@@ -1,6 +1,7 @@
 """What a short run costs beyond its training (benchmarks/startup.py): the Parquet chunks are
-written without pandas, the report's heatmaps without matplotlib. Each keeps the output as it
-was: the same Parquet bytes, the same pixels."""
+written without pandas, the report's heatmaps without matplotlib, and the report at close is
+built from the records the store kept in memory, not read back from disk. Each keeps the
+output as it was: the same Parquet bytes, the same pixels, the same report."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 import gradscope
+from gradscope import rundir
 from gradscope.records import LongTable
-from gradscope.report import figures
-from gradscope.sinks.store import arrow_table
+from gradscope.report import data as report_data
+from gradscope.report import figures, write_report
+from gradscope.report.data import read_report_data
+from gradscope.sinks.store import Store, arrow_table
 
 
 def _table() -> LongTable:
@@ -85,6 +91,35 @@ def test_writing_a_chunk_does_not_import_pandas(tmp_path):
     assert run.metrics["value"].tolist() == [1.0, 1.0, 1.0]
 
 
+def test_the_store_keeps_what_it_wrote_up_to_its_limit(tmp_path):
+    table = _table()
+    store = Store(rundir.create(tmp_path, "r"), keep=12)
+    try:
+        store.write(table)
+        assert store.written is not None
+        ((name, size, kept),) = store.written
+        assert name == "part-000001.parquet"
+        assert size == (tmp_path / "r" / rundir.METRICS / name).stat().st_size
+        # the flush's own arrays, no copy; the column list copied (the buffer's grows)
+        assert kept.step is table.step and kept.value is table.value
+        assert kept.columns == table.columns and kept.columns is not table.columns
+        store.write(table)  # 16 records > 12: the report reads the chunks instead
+        assert store.written is None
+    finally:
+        store.close()
+    store = Store(rundir.create(tmp_path, "r"), keep=0)  # report=False keeps nothing
+    try:
+        store.write(table)
+        assert store.written is None
+    finally:
+        store.close()
+    store = Store(rundir.create(tmp_path, "r"))
+    store.write(table)
+    assert store.written is not None
+    store.close()  # the report took them before
+    assert store.written is None
+
+
 @pytest.mark.parametrize("name", ["viridis", "Reds", "Oranges"])
 def test_the_report_colormaps_are_matplotlibs(name):
     import matplotlib
@@ -131,3 +166,141 @@ def test_a_heatmap_png_is_the_one_matplotlib_wrote(name):
     now = _chunks(base64.b64decode(uri.split(",", 1)[1]))
     assert [c[0] for c in now] == [b"IHDR", b"pHYs", b"IDAT", b"IEND"]
     assert now == before
+
+
+def _train(out, steps: int, nan_at: int | None = None, **options):
+    """Several flushes (every 10 steps), activations every step, a tanh to saturate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    with gradscope.watch(
+        model, out=out, quiet=True, flush_every=10, activation_every=1, **options
+    ) as scope:
+        for step in range(steps):
+            x = torch.randn(32, 8, generator=gen) * 4
+            if step == nan_at:
+                x[0, 0] = float("nan")
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    return scope.run_dir
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The times a report read the Parquet chunks back from disk."""
+    calls: list[object] = []
+    real = report_data._read_chunks
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(report_data, "_read_chunks", spy)
+    return calls
+
+
+@pytest.fixture
+def kept(monkeypatch):
+    """What each report at close was given of the store's memory."""
+    import gradscope.scope
+
+    given: list[object] = []
+    real = gradscope.scope.write_report_safely
+
+    def spy(run_dir, quiet, written=None):
+        given.append(written)
+        return real(run_dir, quiet, written)
+
+    monkeypatch.setattr(gradscope.scope, "write_report_safely", spy)
+    return given
+
+
+def _same_data(a, b) -> None:
+    assert (a.last_step, a.width, a.cols, a.records) == (b.last_step, b.width, b.cols, b.records)
+    assert a.problems == b.problems and a.progress == b.progress
+    assert a.meta == b.meta and a.events == b.events and a.findings == b.findings
+    assert set(a.acc) == set(b.acc)
+    for metric in a.acc:
+        names_a, idx_a = a.ordered(metric)
+        names_b, idx_b = b.ordered(metric)
+        assert names_a == names_b, metric
+        for field in ("count", "sum", "logsum", "logcount", "max", "bad"):
+            x = getattr(a.acc[metric], field)[idx_a]
+            y = getattr(b.acc[metric], field)[idx_b]
+            assert np.array_equal(x, y, equal_nan=True), (metric, field)
+
+
+@pytest.mark.parametrize("nan_at", [None, 17])
+def test_the_report_at_close_comes_from_memory_and_equals_the_one_from_disk(
+    out, reads, kept, nan_at
+):
+    run_dir = _train(out, 35, nan_at)
+    assert reads == []  # nothing read back at close
+    (written,) = kept
+    assert written is not None and [n for n, _, _ in written] == [
+        f"part-{i:06d}.parquet" for i in range(1, 5)
+    ]
+    _same_data(read_report_data(run_dir, written=written), read_report_data(run_dir))
+    at_close = (run_dir / "report.html").read_text(encoding="utf-8")
+    again = write_report(run_dir, run_dir / "again.html").read_text(encoding="utf-8")
+    assert again == at_close
+    if nan_at is not None:
+        assert "NaN/Inf at step 17" in at_close
+
+
+def test_the_report_reads_the_disk_when_memory_is_not_what_it_holds(out, reads, kept):
+    run_dir = _train(out, 25)
+    (written,) = kept
+    assert written is not None and reads == []
+    from_disk = read_report_data(run_dir)
+    assert len(reads) == 1
+    # another size, a missing chunk, a chunk the store never wrote, rows the disk drops
+    name, size, table = written[0]
+    bad_step = LongTable(table.step - 1, table.col, table.value, table.columns)
+    bad_kind = LongTable(table.step, table.col, table.value, [("x", "?", "grad_norm")] * 99)
+    for other in (
+        [(name, size + 1, table), *written[1:]],
+        written[1:],
+        [*written, ("part-000009.parquet", 1, table)],
+        [(name, size, bad_step), *written[1:]],
+        [(name, size, bad_kind), *written[1:]],
+    ):
+        _same_data(read_report_data(run_dir, written=other), from_disk)
+    assert len(reads) == 6
+    (run_dir / "metrics" / name).unlink()  # the disk changed: what the report says follows it
+    data = read_report_data(run_dir, written=written)
+    assert len(reads) == 7 and data.records < from_disk.records
+
+
+def test_a_run_over_the_memory_limit_has_its_report_read_from_disk(out, reads, kept, monkeypatch):
+    monkeypatch.setattr("gradscope.sinks.store.KEEP_RECORDS", 100)
+    run_dir = _train(out, 25)
+    assert kept == [None] and len(reads) == 1
+    assert "Gradient flow" in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_short_run_loads_neither_pandas_nor_matplotlib(tmp_path):
+    code = (
+        "import sys, torch, gradscope\n"
+        "from torch import nn\n"
+        "model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "with gradscope.watch(model, out=sys.argv[1], quiet=True) as scope:\n"
+        "    for _ in range(2):\n"
+        "        opt.zero_grad()\n"
+        "        model(torch.randn(4, 4)).sum().backward()\n"
+        "        opt.step()\n"
+        "assert (scope.run_dir / 'report.html').is_file()\n"
+        f"assert any((scope.run_dir / {rundir.TB!r}).iterdir())\n"
+        "print(','.join(m for m in ('pandas', 'matplotlib') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""

@@ -57,14 +57,28 @@ def arrow_table(table: LongTable) -> pa.Table:
     )
 
 
-class Store:
-    """Appends metric chunks and events to a run directory."""
+KEEP_RECORDS = 500_000
+"""Records the Store keeps in memory for the report (24 bytes each, about 12 MB): a run that
+writes more has its report read from the Parquet chunks instead."""
 
-    def __init__(self, run_dir: Path) -> None:
+
+class Store:
+    """Appends metric chunks and events to a run directory.
+
+    Attributes:
+        written: Each chunk written, as ``(file name, size in bytes, the records)``, for the
+            report at the end of the run (read from memory, not back from disk); None once
+            more than ``keep`` records were written.
+    """
+
+    def __init__(self, run_dir: Path, keep: int = KEEP_RECORDS) -> None:
         self.run_dir = run_dir
         self.metrics_dir = run_dir / rundir.METRICS
         self._seq = 0
         self._events = open(run_dir / rundir.EVENTS, "a", encoding="utf-8")  # noqa: SIM115
+        self.written: list[tuple[str, int, LongTable]] | None = []
+        self._keep = keep
+        self._kept = 0
 
     def write(self, table: LongTable) -> None:
         if not len(table):
@@ -82,6 +96,23 @@ class Store:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        self._remember(final, table)
+
+    def _remember(self, final: Path, table: LongTable) -> None:
+        """Keep the chunk just written for the report, while under ``keep`` records (the
+        arrays are the flush's own; the column list is the buffer's, which grows: copied)."""
+        if self.written is None:
+            return
+        self._kept += len(table)
+        try:
+            size = final.stat().st_size
+        except OSError:
+            size = -1
+        if self._kept > self._keep or size < 0:
+            self.written = None
+            return
+        kept = LongTable(table.step, table.col, table.value, list(table.columns))
+        self.written.append((final.name, size, kept))
 
     def event(self, record: dict[str, Any]) -> None:
         self._events.write(json.dumps(record, allow_nan=True, default=str) + "\n")
@@ -91,5 +122,6 @@ class Store:
         rundir.write_json(self.run_dir / rundir.FINDINGS, findings)
 
     def close(self) -> None:
+        self.written = None  # the report has taken them (Outputs.written), or needs none
         if not self._events.closed:
             self._events.close()
