@@ -124,9 +124,13 @@ class Outputs:
 
     def written(self) -> list[tuple[str, int, LongTable]] | None:
         """The chunks the store kept in memory for the report (``Store.written``); None
-        where it kept none (a rank's outbox, too many records, a store closed)."""
-        kept = getattr(self.store, "written", None)
-        return list(kept) if kept is not None else None
+        where it kept none (a rank's outbox, too many records, a store closed). Never
+        raises: without them, the report reads the chunks."""
+        try:
+            kept = getattr(self.store, "written", None)
+            return list(kept) if kept is not None else None
+        except Exception:
+            return None
 
     def write_findings(self, findings: list[Finding]) -> None:
         self.call(self.store, "write_findings", findings)

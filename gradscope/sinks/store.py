@@ -100,19 +100,19 @@ class Store:
 
     def _remember(self, final: Path, table: LongTable) -> None:
         """Keep the chunk just written for the report, while under ``keep`` records (the
-        arrays are the flush's own; the column list is the buffer's, which grows: copied)."""
+        arrays are the flush's own; the column list is the buffer's, which grows: copied).
+        Never raises: the chunk is on disk, and the report can read it there."""
         if self.written is None:
             return
-        self._kept += len(table)
         try:
-            size = final.stat().st_size
-        except OSError:
-            size = -1
-        if self._kept > self._keep or size < 0:
-            self.written = None
-            return
-        kept = LongTable(table.step, table.col, table.value, list(table.columns))
-        self.written.append((final.name, size, kept))
+            self._kept += len(table)
+            if self._kept <= self._keep:
+                kept = LongTable(table.step, table.col, table.value, list(table.columns))
+                self.written.append((final.name, final.stat().st_size, kept))
+                return
+        except Exception:
+            pass
+        self.written = None  # the report reads the chunks
 
     def event(self, record: dict[str, Any]) -> None:
         self._events.write(json.dumps(record, allow_nan=True, default=str) + "\n")
