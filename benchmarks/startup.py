@@ -179,6 +179,7 @@ def probe(out: str, argv: list[str]) -> None:
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
+            sys.path[0] = os.getcwd()  # as python -m does
             runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(argv)
@@ -226,11 +227,12 @@ def environment(tree: Path | None) -> dict[str, str]:
     return env
 
 
-def once(argv: list[str], env: dict[str, str]) -> float:
-    """The CPU seconds (user + system) of one child process."""
+def once(argv: list[str], env: dict[str, str], cwd: str) -> float:
+    """The CPU seconds (user + system) of one child process. ``cwd``: a folder without a
+    gradscope package (``python -m gradscope`` looks in the working directory first)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
-        [sys.executable, *argv], capture_output=True, text=True, env=env, check=False
+        [sys.executable, *argv], capture_output=True, text=True, env=env, cwd=cwd, check=False
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -240,7 +242,7 @@ def once(argv: list[str], env: dict[str, str]) -> float:
 
 def probed(argv: list[str], env: dict[str, str], where: str) -> dict[str, Any]:
     out = os.path.join(where, "probe.json")
-    once([str(Path(__file__).resolve()), "--probe", out, "--", *argv], env)
+    once([str(Path(__file__).resolve()), "--probe", out, "--", *argv], env, where)
     return dict(json.loads(Path(out).read_text()))
 
 
@@ -295,12 +297,12 @@ def measure(
             return environment(None if variant == "plain" else trees[variant.split(":")[1]])
 
         for variant in variants:  # untimed: writes the .pyc files, warms the page cache
-            once(command(variant, out), env_of(variant))
+            once(command(variant, out), env_of(variant), tmp)
         for r in range(rounds):
             order = list(variants)
             rng.shuffle(order)
             for variant in order:
-                cpu[variant].append(once(command(variant, out), env_of(variant)))
+                cpu[variant].append(once(command(variant, out), env_of(variant), tmp))
             print(f"  round {r + 1}/{rounds}", flush=True)
         for r in range(probe_rounds):
             plain = probed(command("plain", out), env_of("plain"), tmp)
@@ -310,6 +312,9 @@ def measure(
             for variant in order:
                 res = probed(command(variant, out), env_of(variant), tmp)
                 where[variant] = str(res["gradscope"])
+                tree = trees[variant.split(":")[1]]
+                if tree is not None and not where[variant].startswith(str(tree) + os.sep):
+                    raise SystemExit(f"{variant} ran the gradscope of {where[variant]}, not {tree}")
                 parts[variant].append(breakdown(res, plain))
             print(f"  probe round {r + 1}/{probe_rounds}", flush=True)
     extra = {v: [c - p for c, p in zip(cpu[v], cpu["plain"])] for v in variants if v != "plain"}
