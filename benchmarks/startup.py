@@ -79,6 +79,7 @@ ROWS: tuple[tuple[str, Callable[[dict[str, float]], float]], ...] = (
     ),
 )
 GC_ROW = "garbage collection (more than python's)"
+SUM_ROW = "**the parts above**"
 IMPORT_GROUPS = ("matplotlib", "pandas", "pyarrow", "jinja2", "tensorboard", "PIL", "gradscope")
 
 
@@ -242,8 +243,10 @@ def once(argv: list[str], env: dict[str, str], cwd: str) -> float:
 
 def probed(argv: list[str], env: dict[str, str], where: str) -> dict[str, Any]:
     out = os.path.join(where, "probe.json")
-    once([str(Path(__file__).resolve()), "--probe", out, "--", *argv], env, where)
-    return dict(json.loads(Path(out).read_text()))
+    total = once([str(Path(__file__).resolve()), "--probe", out, "--", *argv], env, where)
+    res = dict(json.loads(Path(out).read_text()))
+    res["exit"] = total - res["cpu"]  # the interpreter's exit, after the command
+    return res
 
 
 def extract(rev: str, where: Path) -> Path:
@@ -270,6 +273,7 @@ def breakdown(probe_run: dict[str, Any], plain: dict[str, Any]) -> dict[str, flo
     out["imports"] = sum(groups.values())
     out.update({f"imports: {g}": v for g, v in groups.items()})
     out[GC_ROW] = probe_run["gc"] - plain["gc"]
+    out[SUM_ROW] = out["imports"] + sum(out[row] for row, _ in ROWS) + out[GC_ROW]
     return out
 
 
@@ -290,6 +294,7 @@ def measure(
     parts: dict[str, list[dict[str, float]]] = {v: [] for v in variants if v != "plain"}
     where: dict[str, str] = {}
     plain_gc: list[float] = []
+    plain_exit: list[float] = []
     with tempfile.TemporaryDirectory(prefix="gs-bench-startup-") as tmp:
         out = os.path.join(tmp, "runs")
 
@@ -307,6 +312,7 @@ def measure(
         for r in range(probe_rounds):
             plain = probed(command("plain", out), env_of("plain"), tmp)
             plain_gc.append(plain["gc"])
+            plain_exit.append(plain["exit"])
             order = [v for v in variants if v != "plain"]
             rng.shuffle(order)
             for variant in order:
@@ -332,6 +338,7 @@ def measure(
         },
         "gradscope_from": where,
         "plain_gc": statistics.median(plain_gc) if plain_gc else 0.0,
+        "plain_exit": statistics.median(plain_exit) if plain_exit else 0.0,
     }
 
 
@@ -383,19 +390,22 @@ def render(meta: dict[str, Any], res: dict[str, Any]) -> str:
         "those of modules that plain `python run_target.py` never loads, each under the "
         "outermost such package that loaded it (PIL loaded by matplotlib is matplotlib's; "
         "loaded by gradscope itself, PIL). Garbage collection: the probed run's less plain "
-        f"python's in the same round (python's own passes: {res['plain_gc']:.2f} s).",
+        f"python's in the same round (python's own passes: {res['plain_gc']:.2f} s). The timed "
+        "total also holds what the probe does not see: the interpreter's exit (python's own: "
+        f"{res['plain_exit']:.2f} s, torch's teardown; more modules, more to tear down), the "
+        "steps' hooks, and the noise of separate processes.",
         "",
         "| part | " + " | ".join(label_of(v) for v in shown) + " |",
         "|---|" + "---|" * len(shown),
     ]
     keys = ["imports"] + [f"imports: {g}" for g in (*IMPORT_GROUPS, "other")]
-    keys += [row for row, _ in ROWS] + [GC_ROW]
+    keys += [row for row, _ in ROWS] + [GC_ROW, SUM_ROW]
     for key in keys:
         name = f"  {key.split(': ', 1)[1]}" if key.startswith("imports: ") else key
         name = name.replace("  ", "&nbsp;&nbsp;&nbsp;")
         lines.append(f"| {name} | " + " | ".join(f"{parts[v][key]:.3f}" for v in shown) + " |")
     lines.append(
-        "| total beyond python (timed rounds) | "
+        "| **total beyond python** (timed rounds, whole process) | "
         + " | ".join(f"{res['beyond_summary'][v][0]:.3f}" for v in shown)
         + " |"
     )
