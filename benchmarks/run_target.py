@@ -7,7 +7,9 @@ Workloads:
   lstmcell  an ``nn.LSTMCell`` called once per time step (64 steps) in a Python loop, then a
             linear head: ~130 module calls per training step, the per-call hook cost's worst
             case the `gradscope run` issue names;
-  mlp       benchmarks/overhead.py's MLP (784-512-256-10, batch 128): few, larger calls.
+  mlp       benchmarks/overhead.py's MLP (784-512-256-10, batch 128): few, larger calls;
+  tiny      a 32-64-10 MLP at batch 16, for benchmarks/startup.py: with ``--steps 2 --warmup 0``
+            the process is almost all fixed cost (interpreter, imports, attaching, closing).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class CellRNN(nn.Module):
 
 def build(workload: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
+    if workload == "tiny":
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+        return model, torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     if workload == "lstmcell":
         return (
             CellRNN(),
@@ -57,12 +62,13 @@ def build(workload: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--workload", choices=["lstmcell", "mlp"], required=True)
+    parser.add_argument("--workload", choices=["lstmcell", "mlp", "tiny"], required=True)
     parser.add_argument("--steps", type=int, default=100)
     # past gradscope's first flush (flush_every=100), which imports pandas and pyarrow once:
     # a start-up cost, not a per-step one
     parser.add_argument("--warmup", type=int, default=110)
     parser.add_argument("--watch", action="store_true")
+    parser.add_argument("--out", help="--watch: the output root (default: a new temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -72,7 +78,9 @@ def main() -> None:
     if args.watch:
         import gradscope
 
-        scope = gradscope.watch(model, out=tempfile.mkdtemp(prefix="gs-bench-"), quiet=True)
+        scope = gradscope.watch(
+            model, out=args.out or tempfile.mkdtemp(prefix="gs-bench-"), quiet=True
+        )
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

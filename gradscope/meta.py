@@ -13,7 +13,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .layers import LayerTable
     from .ranks import RankCoordinator
+    from .records import LongTable
 
 
 class RunStatus(str, Enum):
@@ -206,13 +207,16 @@ class RunJson:
             self._write(meta)
 
 
-def write_report_safely(run_dir: Path, quiet: bool) -> None:
-    """report.html, from what was just written; a failure costs the report, not the run
-    (an ``internal_error`` event, and ``gradscope report RUN`` can write it again)."""
+def write_report_safely(
+    run_dir: Path, quiet: bool, written: Sequence[tuple[str, int, LongTable]] | None = None
+) -> None:
+    """report.html, from what was just written (the metrics from ``written``, the chunks the
+    store kept in memory, when they are what metrics/ holds); a failure costs the report, not
+    the run (an ``internal_error`` event, and ``gradscope report RUN`` can write it again)."""
     try:
         from .report import write_report
 
-        write_report(run_dir)
+        write_report(run_dir, written=written)
     except Exception as exc:
         with contextlib.suppress(Exception):
             rundir.append_event(run_dir, Event.internal_error("report", exc))

@@ -52,11 +52,14 @@ class Outputs:
         """The sinks ``config`` asks for: the store (on a rank other than 0, the outbox to
         rank 0) and, where this process writes, TensorBoard."""
         from .ranks import RankOutbox
-        from .sinks.store import Store
+        from .sinks.store import KEEP_RECORDS, Store
 
         writer = ranks is None or ranks.writer
+        # the store keeps what it writes in memory for the report (none when there is none)
         store: RunStore = (
-            Store(run_dir) if ranks is None or ranks.writer else RankOutbox(ranks.dist)
+            Store(run_dir, keep=KEEP_RECORDS if config.report else 0)
+            if ranks is None or ranks.writer
+            else RankOutbox(ranks.dist)
         )
         out = cls(guard, run_dir, store, writer)
         # a shard's histogram is not a part of the whole one: none under FSDP
@@ -118,6 +121,16 @@ class Outputs:
             if self.writer:
                 with contextlib.suppress(Exception):
                     rundir.append_event(self.run_dir, record)
+
+    def written(self) -> list[tuple[str, int, LongTable]] | None:
+        """The chunks the store kept in memory for the report (``Store.written``); None
+        where it kept none (a rank's outbox, too many records, a store closed). Never
+        raises: without them, the report reads the chunks."""
+        try:
+            kept = getattr(self.store, "written", None)
+            return list(kept) if kept is not None else None
+        except Exception:
+            return None
 
     def write_findings(self, findings: list[Finding]) -> None:
         self.call(self.store, "write_findings", findings)

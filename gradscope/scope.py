@@ -369,9 +369,10 @@ class Scope:
         findings = guard.isolate(CORE, "close", self._flusher.findings, True) or []
         self._out.write_findings(findings)
         self._meta.write(status)
+        written = self._out.written()  # before the store closes: closing forgets them
         self._out.close()
         if self.config.report and self._writer:
-            guard.call("report", write_report_safely, self.run_dir, self.config.quiet)
+            guard.call("report", write_report_safely, self.run_dir, self.config.quiet, written)
         if self._writer:
             guard.isolate(
                 REPORT,

@@ -1,7 +1,7 @@
 """The HTML report of a run directory (``report.html``; ``gradscope report RUN``).
 
-Imported on demand: it needs numpy, pyarrow, matplotlib and Jinja2, none of which ``import
-gradscope`` loads.
+Imported on demand: it needs numpy, pyarrow (to read the run back), Pillow (the heatmaps' PNGs)
+and Jinja2, none of which ``import gradscope`` loads.
 """
 
 from __future__ import annotations

@@ -7,14 +7,20 @@ bins*: at most ``max_cols`` columns, each covering ``width`` consecutive steps. 
 it keeps the count, the sum, the sum of log10 (for a geometric mean of norms and ratios), the
 maximum, and the number of non-finite values, so a NaN at one step of a bin still marks the bin.
 Memory is rows x bins per metric, whatever the run's length.
+
+At the end of a run the records come from memory instead, when the store kept them
+(``Store.written``: up to ``KEEP_RECORDS``) and they are exactly the chunks in ``metrics/``: the
+same arrays, folded the same way, without reading the files back (nor importing pandas, which
+pyarrow's ``to_numpy`` loads): most of what a short run's report cost.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,7 +37,10 @@ from ..load import (
     read_meta,
     schema_problem,
 )
-from ..records import RUN_LAYER
+from ..records import LAYER_KINDS, RUN_LAYER
+
+if TYPE_CHECKING:
+    from ..records import LongTable
 
 MAX_COLS = 400  # step bins: columns of a heatmap, points of a line
 
@@ -249,9 +258,20 @@ def _max_step(files: list[Path]) -> int:
     return last
 
 
-def read_report_data(path: Path, max_cols: int = MAX_COLS) -> ReportData:
+def read_report_data(
+    path: Path,
+    max_cols: int = MAX_COLS,
+    written: Sequence[tuple[str, int, LongTable]] | None = None,
+) -> ReportData:
     """Read and reduce the run directory at ``path`` (validated by :mod:`gradscope.load`:
     what is invalid is dropped and listed in ``problems``).
+
+    Args:
+        written: The chunks this process wrote, as the store kept them (``Store.written``):
+            when they are exactly the chunks in ``metrics/`` (the same files, of the same
+            sizes) and valid, their records are reduced from memory instead of read back from
+            disk (the same numbers: the Parquet files hold these arrays). Whatever else the
+            report shows (run.json, events, findings) is read from the run directory.
 
     Raises:
         FileNotFoundError: ``path`` is not a directory, or holds neither run.json nor metrics/.
@@ -262,7 +282,11 @@ def read_report_data(path: Path, max_cols: int = MAX_COLS) -> ReportData:
     files = chunk_files(path, problems)
     if not files and not any(p.startswith("metrics") for p in problems):
         problems.append("no metrics recorded (metrics/ is empty)")
-    last = _max_step(files)
+    kept = _in_memory(files, written)
+    if kept is None:
+        last = _max_step(files)
+    else:
+        last = max((int(t.step.max()) for t in kept if len(t)), default=-1)
     width = max(1, math.ceil((last + 1) / max_cols)) if last >= 0 else 1
     cols = (last // width + 1) if last >= 0 else 0
     data = ReportData(path, meta, [], [], last, width, cols, problems=problems)
@@ -274,7 +298,27 @@ def read_report_data(path: Path, max_cols: int = MAX_COLS) -> ReportData:
     for metric, kind in DRAWN.items():
         data.acc[metric] = Acc(cols, rows_hint.get(kind, 8))
     wanted = set(DRAWN)
+    if kept is not None:
+        for t in kept:
+            m_codes, m_names = _distinct([c[2] for c in t.columns], t.col)
+            l_codes, l_names = _distinct([c[0] for c in t.columns], t.col)
+            _fold_arrays(data, m_codes, m_names, l_codes, l_names, t.step, t.value, wanted)
+    else:
+        _read_chunks(data, files, problems, wanted)
+    data.events = read_events(path, problems)
+    data.findings = read_findings(path, data.events, problems)
+    # the steps as load_run counts them: of the rows that passed the schema
+    recorded = np.unique(np.concatenate(data._steps)) if data._steps else np.empty(0, np.int64)
+    data._steps = []
+    data.progress = progress(meta, path, int(recorded[-1]) if len(recorded) else -1, len(recorded))
+    if data.progress.why:
+        problems.append(data.progress.why)
+    return data
 
+
+def _read_chunks(
+    data: ReportData, files: list[Path], problems: list[str], wanted: set[str]
+) -> None:
     def read(f: Path) -> tuple[Any, list[str]]:
         found: list[str] = []
         return read_chunk(f, found), found
@@ -292,15 +336,50 @@ def read_report_data(path: Path, max_cols: int = MAX_COLS) -> ReportData:
             problems.extend(found)
             if table is not None:
                 _fold(data, table, wanted)
-    data.events = read_events(path, problems)
-    data.findings = read_findings(path, data.events, problems)
-    # the steps as load_run counts them: of the rows that passed the schema
-    recorded = np.unique(np.concatenate(data._steps)) if data._steps else np.empty(0, np.int64)
-    data._steps = []
-    data.progress = progress(meta, path, int(recorded[-1]) if len(recorded) else -1, len(recorded))
-    if data.progress.why:
-        problems.append(data.progress.why)
-    return data
+
+
+def _in_memory(
+    files: list[Path], written: Sequence[tuple[str, int, LongTable]] | None
+) -> list[LongTable] | None:
+    """The tables of ``written`` when they are what ``files`` hold: the same names in the same
+    order, the same sizes, and every row one that reading the file back keeps (a valid step, a
+    known kind, names that are strings); None otherwise (then the files are read)."""
+    if written is None or [f.name for f in files] != [name for name, _, _ in written]:
+        return None
+    tables = []
+    for f, (_, size, table) in zip(files, written):
+        try:
+            if f.stat().st_size != size:
+                return None
+        except OSError:
+            return None
+        step = np.asarray(table.step)
+        if step.dtype.kind not in "iu" or (
+            len(step) and (int(step.min()) < 0 or int(step.max()) > MAX_STEP)
+        ):
+            return None
+        col = np.asarray(table.col, dtype=np.int64)
+        if len(col) and (int(col.min()) < 0 or int(col.max()) >= len(table.columns)):
+            return None
+        valid = np.array(
+            [
+                k in LAYER_KINDS and isinstance(n, str) and isinstance(m, str)
+                for n, k, m in table.columns
+            ],
+            dtype=bool,
+        )
+        if not valid[col].all():
+            return None
+        tables.append(table)
+    return tables
+
+
+def _distinct(names: list[str], col: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Per-column names (repeated across columns) as each row's code into their distinct
+    values, as a Parquet chunk read back holds them."""
+    index: dict[str, int] = {}
+    remap = np.array([index.setdefault(n, len(index)) for n in names], dtype=np.int64)
+    return remap[np.asarray(col, dtype=np.int64)], list(index)
 
 
 def _codes(column: Any) -> tuple[np.ndarray, list[str]]:
@@ -319,12 +398,30 @@ def _codes(column: Any) -> tuple[np.ndarray, list[str]]:
 def _fold(data: ReportData, table: Any, wanted: set[str]) -> None:
     if table.num_rows == 0 or data.cols == 0:
         return
-    data.records += table.num_rows
     m_codes, m_names = _codes(table.column("metric"))
     l_codes, l_names = _codes(table.column("layer"))
-    steps = np.asarray(table.column("step").to_numpy(), dtype=np.int64)
+    steps = table.column("step").to_numpy()
+    values = table.column("value").to_numpy()
+    _fold_arrays(data, m_codes, m_names, l_codes, l_names, steps, values, wanted)
+
+
+def _fold_arrays(
+    data: ReportData,
+    m_codes: np.ndarray,
+    m_names: list[str],
+    l_codes: np.ndarray,
+    l_names: list[str],
+    steps: np.ndarray,
+    values: np.ndarray,
+    wanted: set[str],
+) -> None:
+    """Fold one chunk's rows (metric and layer as codes into their names) into the grid."""
+    if len(steps) == 0 or data.cols == 0:
+        return
+    data.records += len(steps)
+    steps = np.asarray(steps, dtype=np.int64)
     data._steps.append(np.unique(steps))
-    values = np.asarray(table.column("value").to_numpy(), dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
     cols = np.minimum(steps // data.width, data.cols - 1)
     for code, metric in enumerate(m_names):
         if metric not in wanted:

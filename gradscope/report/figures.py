@@ -3,13 +3,15 @@
 Every figure is a self-contained string: an ``<svg>`` element whose heatmap pixels are a
 base64 PNG in an ``<image href="data:...">``. Nothing is fetched. Text that comes from the run
 (layer names: a ``ModuleDict`` key can be anything) is escaped here, because these strings
-reach the template as markup. Heatmap pixels are coloured with matplotlib's colormaps and
-encoded by its PNG writer; no figure is built (fast: milliseconds per heatmap).
+reach the template as markup. Heatmap pixels are coloured with matplotlib's colormaps (kept
+here as tables: matplotlib is not imported) and encoded as its ``imsave`` does, with Pillow; no
+figure is built (fast: milliseconds per heatmap).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 from collections.abc import Sequence
@@ -61,23 +63,129 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return out
 
 
-def png_data_uri(rgb: np.ndarray) -> str:
-    """An ``[H, W, 3|4]`` float image (0-1) as a ``data:image/png;base64,...`` URI."""
-    from matplotlib import image as mpimg
+# matplotlib's colormaps as the 8-bit RGB its ``Colormap.__call__(x, bytes=True)`` gives, 256
+# entries each (viridis; ColorBrewer's Reds and Oranges), kept here so that writing a report
+# does not import matplotlib (about half a second of CPU, most of what a short run's report
+# cost). tests/test_fixed_cost.py checks them against matplotlib's.
+_LUTS = {
+    "viridis": (
+        "44015444025544035745055845065a45085b46095c460b5e460c5f460e61470f62471163471265471466"
+        "47156747166947186a48196b481a6c481c6e481d6f481e70482071482172482273482374472575472676"
+        "472777472878472a79472b7a472c7b462d7c462f7c46307d46317e45327f45347f453580453681443781"
+        "443982433a83433b83433c84423d84423e854240854141864142864043874044873f45873f47883e4888"
+        "3e49893d4a893d4b893d4c893c4d8a3c4e8a3b508a3b518a3a528b3a538b39548b39558b38568b38578c"
+        "37588c37598c365a8c365b8c355c8c355d8c345e8d345f8d33608d33618d32628d32638d31648d31658d"
+        "31668d30678d30688d2f698d2f6a8d2e6b8e2e6c8e2e6d8e2d6e8e2d6f8e2c708e2c718e2c728e2b738e"
+        "2b748e2a758e2a768e2a778e29788e29798e287a8e287a8e287b8e277c8e277d8e277e8e267f8e26808e"
+        "26818e25828e25838d24848d24858d24868d23878d23888d23898d22898d228a8d228b8d218c8d218d8c"
+        "218e8c208f8c20908c20918c1f928c1f938b1f948b1f958b1f968b1e978a1e988a1e998a1e998a1e9a89"
+        "1e9b891e9c891e9d881e9e881e9f881ea0871fa1871fa2861fa38620a48520a58521a68521a78422a784"
+        "23a88323a98224aa8225ab8126ac8127ad8028ae7f29af7f2ab07e2bb17d2cb17d2eb27c2fb37b30b47a"
+        "32b57a33b67935b77836b87738b97639b9763bba753dbb743ebc7340bd7242be7144be7045bf6f47c06e"
+        "49c16d4bc26c4dc26b4fc36951c46853c56755c66657c66559c7645bc8625ec96160c96062ca5f64cb5d"
+        "67cc5c69cc5b6bcd596dce5870ce5672cf5574d05477d05279d1517cd24f7ed24e81d34c83d34b86d449"
+        "88d5478bd5468dd64490d64392d74195d73f97d83e9ad83c9dd93a9fd938a2da37a5da35a7db33aadb32"
+        "addc30afdc2eb2dd2cb5dd2bb7dd29bade27bdde26bfdf24c2df22c5df21c7e01fcae01ecde01dcfe11c"
+        "d2e11bd4e11ad7e219dae218dce218dfe318e1e318e4e318e7e419e9e419ece41aeee51bf1e51cf3e51e"
+        "f6e61ff8e621fae622fde724"
+    ),
+    "Reds": (
+        "fff5f0fef4effef3eefef3edfef2ecfef1ebfef1eafef0e9feefe8feefe7feeee6feede5feede4feece3"
+        "feebe2feebe1feeae0fee9e0fee9dffee8defee7ddfee7dcfee6dbfee5dafee5d9fee4d8fee3d7fee3d6"
+        "fee2d5fee1d4fee1d3fee0d2fddfd1fdded0fdddcefddccdfddbcbfddacafdd8c8fdd7c7fdd6c5fdd5c3"
+        "fdd4c2fdd3c0fdd1bffdd0bdfdcfbcfdcebafccdb9fcccb7fccab6fcc9b4fcc8b3fcc7b1fcc6affcc5ae"
+        "fcc3acfcc2abfcc1a9fcc0a8fcbfa6fcbea5fcbda3fcbba2fcbaa0fcb99ffcb89dfcb69cfcb59afcb499"
+        "fcb297fcb196fcb094fcaf93fcad91fcac90fcab8efca98dfca88bfca78afca689fca487fca386fca284"
+        "fca083fc9f81fc9e80fc9d7efc9b7dfc9a7bfc997afc9778fc9677fc9575fc9474fc9272fb9171fb9070"
+        "fb8f6ffb8d6dfb8c6cfb8b6bfb8a6afb8868fb8767fb8666fb8464fb8363fb8262fb8161fb7f5ffb7e5e"
+        "fb7d5dfb7c5cfb7a5afb7959fb7858fb7757fb7555fb7454fb7353fb7252fb7050fb6f4ffb6e4efb6d4d"
+        "fb6b4bfb6a4afa6949fa6748fa6647f96446f96345f86144f86043f85e42f75d42f75b41f75a40f6593f"
+        "f6573ef5563df5543cf5533bf4513af45039f44e38f34d37f34b36f24a35f24834f24733f14532f14432"
+        "f14231f04130f03f2fef3e2eef3d2def3b2cee3a2bed392bec382aea372ae93529e83429e73328e63228"
+        "e53127e43027e32f27e12e26e02d26df2c25de2a25dd2924dc2824db2723d92623d82522d72422d62321"
+        "d52221d42120d31f20d21e1fd01d1fcf1c1fce1b1ecd1a1ecc191dcb181dca171cc8171cc7171cc6161c"
+        "c5161bc4161bc2161bc1151bc0151abf151abe141abc141abb1419ba1419b91319b81319b71318b51218"
+        "b41218b31218b21217b11117af1117ae1117ad1116ac1016ab1016a91016a80f15a70f15a60f15a50f15"
+        "a30e14a10e149f0d149d0d149b0c13990c13970b13950b13930a12910a128f09128d09128b08118a0811"
+        "8808118607118407108206108006107e05107c050f7a040f78040f76030f74030e72020e70020e6e010e"
+        "6c010d6a000d68000d67000c"
+    ),
+    "Oranges": (
+        "fff5ebfef4eafef4e9fef3e8fef3e7fef2e6fef2e5fef1e4fef1e3fef0e2fef0e1feefe0feefe0feeedf"
+        "feeedefeedddfeeddcfeeddbfeecdafeecd9feebd8feebd7feead6feead6fee9d5fee9d4fee8d3fee8d2"
+        "fee7d1fee7d0fee6cffee6cefde5cdfde5ccfde4cbfde3c9fde3c8fde2c6fde1c5fde1c4fde0c2fddfc1"
+        "fddfc0fddebefdddbdfddcbbfddcbafddbb9fddab7fddab6fdd9b4fdd8b3fdd8b2fdd7b0fdd6affdd6ae"
+        "fdd5acfdd4abfdd3a9fdd3a8fdd2a7fdd1a5fdd1a4fdd0a3fdcfa1fdce9ffdcd9efdcc9cfdcb9afdca98"
+        "fdc997fdc895fdc793fdc692fdc590fdc48efdc28cfdc18bfdc089fdbf87fdbe85fdbd84fdbc82fdbb80"
+        "fdba7ffdb97dfdb87bfdb779fdb678fdb576fdb474fdb272fdb171fdb06ffdaf6dfdae6cfdad6afdac68"
+        "fdab67fdaa66fda964fda863fda761fda660fda55efda45dfda35bfda25afda158fda057fd9f55fd9e54"
+        "fd9d52fd9c51fd9a4ffd994efd984cfd974bfd964afd9548fd9447fd9345fd9244fd9142fd9041fd8f3f"
+        "fd8e3efd8d3cfc8c3bfc8b3afc8a38fb8937fb8736fa8634fa8533fa8432f98331f9822ff9812ef8802d"
+        "f87e2bf77d2af77c29f77b28f67a26f67925f67824f57622f57521f47420f4731ff4721df3711cf3701b"
+        "f36f19f26d18f26c17f16b16f16a14f16913f06812ef6712ef6611ee6510ed6410ec630fec620feb610e"
+        "ea600ee95f0de95d0de85c0ce75b0be65a0be5590ae5580ae45709e35609e25508e25407e15307e05206"
+        "df5106df5005de4f05dd4e04dc4d03dc4c03db4b02da4a02d94901d94801d74701d64701d44601d34501"
+        "d14501cf4401ce4401cc4301cb4301c94201c74101c64101c44001c34001c13f01bf3f01be3e02bc3d02"
+        "bb3d02b93c02b73c02b63b02b43b02b33a02b13a02af3902ae3802ac3802ab3702a93702a73602a63602"
+        "a43503a33503a23403a13403a033039e33039d32039c32039b3103993103983003973003962f03952f03"
+        "932f03922e03912e03902d038e2d038d2c038c2c038b2b038a2b03882a03872a03862903852903832803"
+        "8228038127038027037f2704"
+    ),
+}
 
+
+@functools.cache
+def _lut(cmap: str) -> np.ndarray:
+    """The colormap ``cmap`` as ``[N, 3]`` uint8 (another name than those of ``_LUTS``: from
+    matplotlib)."""
+    hexed = _LUTS.get(cmap)
+    if hexed is not None:
+        return np.frombuffer(bytes.fromhex(hexed), dtype=np.uint8).reshape(-1, 3)
+    import matplotlib
+
+    cm = matplotlib.colormaps[cmap]
+    lut = (cm(np.arange(cm.N))[:, :3] * 255).astype(np.uint8)
+    lut.flags.writeable = False  # shared by every call (cached)
+    return lut
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    """An ``[H, W, 3|4]`` float image (0-1) as a ``data:image/png;base64,...`` URI: the PNG
+    that matplotlib's ``imsave`` writes (8-bit RGBA, 100 dpi, Pillow's encoder), without its
+    "Software" text chunk. Pillow is matplotlib's own dependency."""
+    from PIL import Image
+
+    img = np.asarray(rgb)
+    if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype.kind != "f":
+        raise ValueError(f"expected an [H, W, 3|4] float image, got {img.dtype} {img.shape}")
+    h, w, channels = img.shape
+    rgba = np.empty((h, w, 4), dtype=img.dtype)
+    rgba[..., :channels] = img
+    if channels == 3:
+        rgba[..., 3] = 1
+    rgba[np.isnan(img).any(axis=2)] = 0
+    if rgba.max(initial=0) > 1 or rgba.min(initial=0) < 0:
+        raise ValueError("image values must be in the [0, 1] range")
+    data = np.ascontiguousarray((rgba * 255).astype(np.uint8))
     buf = io.BytesIO()
-    mpimg.imsave(buf, np.ascontiguousarray(rgb), format="png")
+    Image.frombuffer("RGBA", (w, h), data, "raw", "RGBA", 0, 1).save(
+        buf, format="png", dpi=(100, 100)
+    )
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def colorize(
     values: np.ndarray, bad: np.ndarray | None, cmap: str, vmin: float, vmax: float
 ) -> np.ndarray:
-    import matplotlib
-
+    """``values`` in ``cmap`` between ``vmin`` and ``vmax``, as floats (0-1) ``[..., 3]``:
+    each value takes the colormap entry matplotlib gives it (``x * N``, truncated; the top of
+    the range takes the last); grey where NaN, magenta where ``bad``."""
+    lut = _lut(cmap)
+    n = len(lut)
     span = vmax - vmin if vmax > vmin else 1.0
-    norm = np.clip((values - vmin) / span, 0.0, 1.0)
-    rgb = matplotlib.colormaps[cmap](np.nan_to_num(norm))[..., :3]
+    idx = np.nan_to_num(np.clip((values - vmin) / span, 0.0, 1.0)) * n
+    idx[idx == n] = n - 1
+    rgb: np.ndarray = lut[idx.astype(int)] / 255.0
     rgb[np.isnan(values)] = NAN_RGB
     if bad is not None:
         rgb[bad] = BAD_RGB

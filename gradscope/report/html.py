@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ from .data import ReportData, read_report_data, run_series
 if TYPE_CHECKING:
     import jinja2
 
+    from ..records import LongTable
+
 MAX_LINES = 8  # layers drawn as lines in a per-layer chart
 MAX_BARS = 60  # layers in the bar chart
 REPORT = "report.html"
@@ -36,18 +39,24 @@ class Figure:
     empty: str = "Nothing recorded."
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def write_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    written: Sequence[tuple[str, int, LongTable]] | None = None,
+) -> Path:
     """Render the report of the run directory ``run_dir`` to ``out`` (default:
     ``run_dir/report.html``). Returns the file. A regular file is replaced atomically, a link
     is written through, ``/dev/stdout`` or a FIFO is written as a stream
-    (:func:`gradscope.rundir.write_text`).
+    (:func:`gradscope.rundir.write_text`). ``written``: the chunks as the run's store kept them
+    in memory (:func:`gradscope.report.data.read_report_data`).
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a run directory (a one-line message).
         OSError: ``out`` cannot be written.
     """
     path = Path(run_dir)
-    data = read_report_data(path)
+    data = read_report_data(path, written=written)
     html = render(data)
     return rundir.write_text(Path(out) if out is not None else path / REPORT, html)
 
