@@ -279,7 +279,7 @@ WORKLOADS = {
         "mlp", mlp, sgd, lambda g: image_batches((128, 784), 8, g), F.cross_entropy, rounds=30
     ),
     "cnn": Workload(
-        "cnn", cnn, sgd, lambda g: image_batches((128, 1, 28, 28), 8, g), F.cross_entropy, rounds=10
+        "cnn", cnn, sgd, lambda g: image_batches((128, 1, 28, 28), 8, g), F.cross_entropy, rounds=6
     ),  # ~10x slower per step than the MLP
     "transformer": Workload(
         "transformer",
@@ -287,7 +287,7 @@ WORKLOADS = {
         lambda ps: torch.optim.AdamW(ps, lr=3e-4),
         lambda g: token_batches(8, g),
         lm_loss,
-        rounds=20,
+        rounds=10,
     ),
     "many_modules": Workload(
         "many_modules",
@@ -295,7 +295,7 @@ WORKLOADS = {
         sgd,
         lambda g: image_batches((32, 16), 8, g),
         F.cross_entropy,
-        rounds=10,
+        rounds=6,
     ),
     "small_gpt": Workload(
         "small_gpt",
@@ -303,7 +303,7 @@ WORKLOADS = {
         lambda ps: torch.optim.AdamW(ps, lr=3e-4),
         lambda g: token_batches(8, g, batch=4),
         lm_loss,
-        rounds=5,
+        rounds=3,  # ~25 s a block: 3 rounds of 5 variants is ~8 minutes
     ),
 }
 FUNCTIONAL_WORKLOADS = {  # --functional
