@@ -548,6 +548,16 @@ def replace_section(path: Path, section: str) -> None:
     path.write_text(new, encoding="utf-8")
 
 
+def publish(section: str, out: Path, json_path: Path, payload: dict[str, Any]) -> None:
+    """Print a results section, write it into ``out`` (:func:`replace_section`) and the raw
+    results to ``json_path``: how every benchmark here ends."""
+    print("\n" + section)
+    replace_section(out, section)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"wrote {out} and {json_path}")
+
+
 @contextlib.contextmanager
 def using_variant(cls: type[Variant]) -> Iterator[None]:
     """Make :func:`run_workload` build ``cls`` (a Variant subclass; it looks ``Variant`` up at
@@ -710,11 +720,7 @@ def main(argv: list[str] | None = None) -> None:
         section = render(meta, results, FUNCTIONAL_SECTION, FUNCTIONAL_INTRO)
     else:
         section = render(meta, results)
-    print("\n" + section)
-    replace_section(args.out, section)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"meta": meta, "workloads": results}, indent=2) + "\n")
-    print(f"wrote {args.out} and {json_path}")
+    publish(section, args.out, json_path, {"meta": meta, "workloads": results})
 
 
 if __name__ == "__main__":

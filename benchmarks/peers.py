@@ -16,7 +16,6 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -33,7 +32,7 @@ if str(HERE) not in sys.path:  # already there when run as a script
 
 import overhead  # noqa: E402
 import tracing  # noqa: E402
-from overhead import WORKLOADS, replace_section  # noqa: E402
+from overhead import WORKLOADS  # noqa: E402
 
 SECTION = "## Side by side with the peers (CPU)"
 # wandb variant -> wandb.watch(log_freq=)
@@ -345,11 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
     section = render(meta, results)
-    print("\n" + section)
-    replace_section(args.out, section)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "workloads": results}, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.json}")
+    overhead.publish(section, args.out, args.json, {"meta": meta, "workloads": results})
 
 
 if __name__ == "__main__":

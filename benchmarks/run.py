@@ -151,11 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {n: measure(n, rounds, 10 if args.quick else WORKLOADS[n], 0) for n in names}
     meta["loadavg_end"] = os.getloadavg()
     section = render(meta, results)
-    print("\n" + section)
-    overhead.replace_section(args.out, section)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "workloads": results}, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.json}")
+    overhead.publish(section, args.out, args.json, {"meta": meta, "workloads": results})
 
 
 def _versions() -> dict[str, str]:

@@ -473,11 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     meta["loadavg_end"] = os.getloadavg()
     section = render(meta, res)
-    print("\n" + section)
-    overhead.replace_section(args.out, section)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "results": res}, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.json}")
+    overhead.publish(section, args.out, args.json, {"meta": meta, "results": res})
 
 
 def _versions() -> dict[str, str]:

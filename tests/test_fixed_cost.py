@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_report import _train as train_watched
 from torch import nn
 
 import gradscope
@@ -198,19 +199,9 @@ def _train(out, steps: int, nan_at: int | None = None, **options):
     model = nn.Sequential(
         nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    gen = torch.Generator().manual_seed(0)
-    with gradscope.watch(
-        model, out=out, quiet=True, flush_every=10, activation_every=1, **options
-    ) as scope:
-        for step in range(steps):
-            x = torch.randn(32, 8, generator=gen) * 4
-            if step == nan_at:
-                x[0, 0] = float("nan")
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
-    return scope.run_dir
+    return train_watched(
+        model, steps, out, nan_at, scale=4.0, flush_every=10, activation_every=1, **options
+    )
 
 
 @pytest.fixture

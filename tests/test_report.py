@@ -72,12 +72,12 @@ class Page(HTMLParser):
         return [a["href"] for t, a in self.tags if t == "image"]
 
 
-def _train(model, steps, out, nan_at=None, **options):
+def _train(model, steps, out, nan_at=None, scale=1.0, **options):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(0)
     with gradscope.watch(model, out=out, quiet=True, **options) as scope:
         for step in range(steps):
-            x = torch.randn(32, model[0].in_features, generator=gen)
+            x = torch.randn(32, model[0].in_features, generator=gen) * scale
             if step == nan_at:
                 x[0, 0] = float("nan")
             opt.zero_grad()
