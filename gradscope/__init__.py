@@ -15,6 +15,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import contextlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -46,7 +48,9 @@ def watch(
     """Watch ``model`` while it trains; returns an open :class:`Scope`.
 
     Use it as a context manager (``with gradscope.watch(model): ...``) or keep the handle and call
-    ``close()``; an unclosed scope closes at interpreter exit.
+    ``close()``; an unclosed scope closes at interpreter exit. A scope still open on the same
+    model (or, in a notebook, opened by an earlier run of the same cell) is closed first, with
+    a line saying so: hooks are never doubled (``docs/notebooks.md``).
 
     Args:
         model: An ``nn.Module`` (a ``torch.compile``d one too), or a list or dict of modules
@@ -66,11 +70,20 @@ def watch(
             is written when either error is raised.
     """
     from .naming import compiled_callers, normalize_models, normalize_optimizers
-    from .scope import Scope
+    from .scope import Scope, supersede
 
     cfg = resolve_config(**config)
     models, label = normalize_models(model)
     optimizers = normalize_optimizers(optimizer)
+    cell = None
+    if "IPython" in sys.modules:
+        from .notebook import Cells
+
+        cells = None
+        with contextlib.suppress(Exception):  # a shell of an unknown kind: no cells
+            cells = Cells.get()
+        cell = cells.here() if cells is not None else None
+    supersede(models, cell)
     return Scope(models, optimizers, cfg, label, callers=compiled_callers(model))
 
 

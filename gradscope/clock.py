@@ -326,6 +326,25 @@ class Clock:
         else:
             self.commit()
 
+    def abandon(self) -> None:
+        """The program's code raised in the middle of a step and went on (a notebook cell
+        interrupted, then the next cell trains). Inside ``optimizer.step()`` (its post-hook
+        will never come): the step happened, its gradients were measured, so it ends here.
+        Before any optimizer stepped in it (in the forward or backward pass, or the user's code
+        between them): the iteration never reached an optimizer, so, as at the end of a run,
+        it is not a step and what it recorded is dropped (the next backward pass would
+        otherwise add its loss to it)."""
+        in_step, self._in_step, self._closure_pending = self._in_step, None, None
+        if not self.row_open:
+            return
+        if in_step is not None:
+            self.commit()
+            self._ended_by_optimizer = True
+        elif self.mode == OPTIMIZER and not self._stepped:
+            self.rec.discard_row()
+            self.row_open = False
+            self._backwards = 0
+
     def manual_step(self) -> None:
         self.mode = MANUAL
         self._ensure_row()

@@ -97,6 +97,9 @@ class Flusher:
         self._pending: list[tuple[LongTable, set[int], int]] = []
         self._pending_rows = 0
         self.remedies: UnitRemedies | None = None  # wired by the Scope: swap, recycle
+        # wired by the Scope in a notebook: the live view, after each written flush, with the
+        # records it took (None: none new)
+        self.on_flush: Callable[[LongTable | None], None] | None = None
 
     def due(self) -> bool:
         """The buffer (with what waits for a sink) holds ``flush_every`` steps; by default
@@ -153,6 +156,7 @@ class Flusher:
         # a step in progress (a flush() called mid-step) stays on the device
         taken = rec.buffer.take(keep_current=rec.clock.row_open)
         chunk = taken
+        table: LongTable | None = None
         if self._ranks is not None and self._ranks.active:
             chunk = self._ranks.exchange(chunk, self._warn)
         if chunk is not None:
@@ -175,6 +179,8 @@ class Flusher:
         if self._pending:
             self._write_pending()
         self._after_write()
+        if self.on_flush is not None:
+            self.on_flush(table)
 
     def _write_pending(self) -> None:
         """Every pending table to every sink that has not written it yet; a table leaves the

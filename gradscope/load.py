@@ -117,6 +117,22 @@ class Run:
         """The steps the run got through (from the records when run.json is behind)."""
         return self.progress.steps
 
+    def __repr__(self) -> str:
+        return (
+            f"<gradscope.Run {self.path.name!r} {self.state}, {self.steps} steps, "
+            f"{len(self.findings)} finding(s), {len(self.metrics):,} records>"
+        )
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows for the run: status, steps, the findings with what to try,
+        and the gradient-flow heatmap (:mod:`gradscope.notebook`)."""
+        from .notebook import fallback_html, run_html
+
+        try:
+            return run_html(self)
+        except Exception as exc:
+            return fallback_html(repr(self), exc)
+
     @property
     def closed(self) -> bool:
         """The run ended and recorded how; False while it runs and after a ``kill -9``."""

@@ -50,6 +50,8 @@ from .sinks.console import FindingPrinter
 
 if TYPE_CHECKING:
     from .load import Run
+    from .notebook import LiveView
+    from .records import LongTable
 
 _open_scopes: weakref.WeakSet[Scope] = weakref.WeakSet()
 
@@ -60,6 +62,35 @@ def watched_elsewhere(module: nn.Module, besides: Scope | None = None) -> Scope 
     return next(
         (s for s in list(_open_scopes) if s is not besides and s._table.contains(module)), None
     )
+
+
+def supersede(models: Mapping[str, nn.Module], cell: tuple[str | None, int] | None) -> None:
+    """Before ``watch()`` opens a scope on ``models``: close the open scopes it replaces, so no
+    hook is doubled and nothing is left open by a cell run again.
+
+    * one that watches any module of ``models`` (``watch()`` called again on the same model:
+      a notebook cell re-run, a handle never closed);
+    * in IPython, one that an earlier run of the same cell opened (``cell``: that cell's key,
+      and which run this is): the cell builds a new model each time, the old scope would
+      otherwise keep the old one alive until the kernel stops.
+
+    Scopes of ``gradscope run`` are left alone (they leave the script's own models to it)."""
+    for old in list(_open_scopes):
+        if old._closed or old._launch is not None:
+            continue
+        reason = None
+        if any(old._table.contains(m) for root in models.values() for m in root.modules()):
+            reason = "watch() was called again on the same model"
+        elif (
+            cell is not None
+            and cell[0] is not None
+            and old._cell is not None
+            and old._cell[0] == cell[0]
+            and old._cell[1] != cell[1]
+        ):
+            reason = "the cell that opened it ran again"
+        if reason is not None:
+            old._superseded(reason)
 
 
 class Scope:
@@ -114,6 +145,13 @@ class Scope:
             self._guard, self.run_dir, config.quiet, self._step_now, self._ranks
         )
         self._parts: Parts | None = None
+        # in IPython (a notebook): the cell that opened this scope (key, run), and how the last
+        # cell that trained it ended (gradscope.notebook.Cells)
+        self._cell: tuple[str | None, int] | None = None
+        self._outcome: RunStatus | None = None
+        self._cell_steps = 0
+        self._note = ""
+        self._live: LiveView | None = None
         self._stack = contextlib.ExitStack()
         if self._ranks is not None:
             self._stack.callback(self._ranks.release)
@@ -141,6 +179,18 @@ class Scope:
             self._table,
             ranks,
         )
+        cells = None
+        if "IPython" in sys.modules:  # a notebook or an IPython shell: follow its cells
+            from .notebook import Cells, LiveView, in_kernel
+
+            cells = guard.isolate(REPORT, "notebook", Cells.get)
+        console = FindingPrinter(quiet=config.quiet or not self._writer)
+        if cells is not None:
+            self._cell = cells.here()
+            if not console.quiet and in_kernel(cells.shell):
+                console = self._live = LiveView(
+                    self.run_dir.name, str(self.run_dir), cells, self._final_html
+                )
         parts = self._parts = build_parts(
             config,
             self._table,
@@ -150,7 +200,7 @@ class Scope:
             out,
             ranks,
             on_cpu,
-            console=FindingPrinter(quiet=config.quiet or not self._writer),
+            console=console,
             after_write=self._meta.due,
             stack=self._stack,
             launcher="run" if self._launch is not None else "watch",
@@ -158,6 +208,8 @@ class Scope:
         )
         self._clock, self._rec, self._flusher = parts.clock, parts.recorder, parts.flusher
         self._tracer, self._remedies = parts.tracer, parts.remedies
+        if self._live is not None:
+            self._flusher.on_flush = self._flushed
         self._meta.follow(parts.clock, parts.recorder.modules.site_names)
         try:
             self._meta.write(RunStatus.RUNNING, strict=True)
@@ -173,6 +225,8 @@ class Scope:
         self._stack.callback(atexit.unregister, self._at_exit)
         _open_scopes.add(self)
         self._stack.callback(_open_scopes.discard, self)
+        if cells is not None:
+            cells.follow(self)
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -356,6 +410,41 @@ class Scope:
         state = "closed" if self._closed else "open"
         return f"<gradscope.Scope {state} steps={self.steps} run_dir={str(self.run_dir)!r}>"
 
+    def _repr_html_(self) -> str:
+        """What a notebook shows for the scope: status, steps, the findings so far with what to
+        try, and the gradient-flow heatmap of what was flushed (:mod:`gradscope.notebook`).
+        Never raises: a failure shows the plain repr and why."""
+        from .notebook import fallback_html
+
+        try:
+            return self._summary_html()
+        except Exception as exc:
+            return fallback_html(repr(self), exc)
+
+    def _summary_html(self) -> str:
+        from .notebook import HEAT_COLS, summary_html
+        from .report.data import read_report_data
+
+        data = None
+        with contextlib.suppress(Exception), own_imports():  # the picture is a courtesy
+            written = None if self._closed else self._out.written()
+            data = read_report_data(self.run_dir, max_cols=HEAT_COLS, written=written)
+        if self._closed:
+            state = data.progress.state if data is not None else "closed"
+            findings = data.findings if data is not None else []
+        else:
+            state = "running"
+            findings = self._guard.isolate(REPORT, "notebook", self._flusher.findings) or []
+        return summary_html(
+            name=self.run_dir.name,
+            state=state,
+            steps=self.steps,
+            findings=findings,
+            path=str(self.run_dir),
+            data=data,
+            note=self._note,
+        )
+
     # -- the end --------------------------------------------------------------------------------
     def _write_out(self, status: RunStatus) -> None:
         """close()'s stages: what was measured, the findings, the status, the report."""
@@ -385,9 +474,13 @@ class Scope:
             )
 
     def _at_exit(self) -> None:
-        """Interpreter exit with this scope still open (a handle never closed)."""
+        """Interpreter exit with this scope still open (a handle never closed; in IPython: the
+        kernel shutting down or restarting, with the status of the last cell that trained it)."""
 
         def close() -> None:
+            if self._outcome is not None:
+                self.close(self._outcome)
+                return
             last = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
             self.close(status_for(last))
 
@@ -401,6 +494,68 @@ class Scope:
         self._rec.release()
         self._table.release()
         self._models.clear()
+
+    # -- notebooks ------------------------------------------------------------------------------
+    def _flushed(self, table: LongTable | None) -> None:
+        """After each written flush, in a notebook: the live view (never the per-step path)."""
+        live = self._live
+        if live is not None:
+            findings = self._flusher.findings()
+            self._guard.isolate(REPORT, "live view", live.flushed, table, findings, self.steps)
+
+    def _final_html(self) -> str:
+        """The live view's last state: the closed scope's summary."""
+        return self._repr_html_()
+
+    def _cell_ended(self, error: BaseException | None) -> None:
+        """An IPython cell ended (``error``: what it raised). If this scope trained in it, the
+        cell's outcome is the status the run closes with when it is never closed by hand. A
+        cell interrupted (the stop button) or failed mid-training leaves the scope open, so the
+        next cell can go on; a step cut short inside ``optimizer.step()`` is let go."""
+        if self._closed:
+            return
+        steps = self.steps
+        trained = steps != self._cell_steps or self._clock.row_open
+        self._cell_steps = steps
+        if not trained:
+            return
+        self._outcome = status_for(error)
+        if error is None:
+            self._note = ""
+            return
+        self._guard.call("flush", self._clock.abandon)
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        said = "was interrupted" if what == "interrupted" else "failed"
+        self._note = (
+            f"the cell {said} at step {steps} ({type(error).__name__}); the run is still "
+            "open: run the training cell again to go on, or call close()"
+        )
+        self.add_event(
+            {"event": f"cell_{what}", "step": steps, "error": f"{type(error).__name__}: {error}"}
+        )
+        if self._live is not None:
+            live = self._live
+            findings = self._guard.isolate(REPORT, "notebook", self._flusher.findings) or []
+            live.note = self._note
+            self._guard.isolate(
+                REPORT, "live view", lambda: live.show(live.live_html(findings, steps, what))
+            )
+        elif not self.config.quiet and self._writer:
+            print(f"gradscope: {self._note} ({self.run_dir})", file=sys.stderr, flush=True)
+
+    def _superseded(self, reason: str) -> None:
+        """A new ``watch()`` replaces this open scope (``reason``: why): close it with the
+        status of the last cell that trained it (completed when none is known)."""
+        status = self._outcome or RunStatus.COMPLETED
+        self.add_event({"event": "superseded", "reason": reason, "step": self.steps})
+        if not self.config.quiet and self._writer:
+            print(
+                f"gradscope: closed the earlier run {self.run_dir} ({status}, {self.steps} "
+                f"steps): {reason}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.close(str(status))
 
     # -- run.json -------------------------------------------------------------------------------
     def _step_now(self) -> int | None:

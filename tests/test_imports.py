@@ -32,6 +32,27 @@ def test_import_is_light():
     assert _imported_after("import gradscope") == []
 
 
+def test_notebook_support_loads_only_under_ipython(tmp_path):
+    """A script that watches, trains and reads its run back never imports IPython (nor
+    ipykernel, nbclient, nbformat, zmq), and gradscope.notebook loads only when something asks
+    for a notebook's HTML (``_repr_html_``), which needs no IPython either."""
+    code = (
+        "import torch, gradscope\n"
+        "from torch import nn\n"
+        "m = nn.Sequential(nn.Linear(3, 3), nn.ReLU())\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        f"with gradscope.watch(m, out={str(tmp_path)!r}, quiet=True) as s:\n"
+        "    for _ in range(3):\n"
+        "        opt.zero_grad(); m(torch.randn(4, 3)).sum().backward(); opt.step()\n"
+        "r = s.load(); repr(r); repr(s)\n"
+        "assert 'gradscope.notebook' not in sys.modules\n"
+        "assert 'img' in r._repr_html_()\n"
+        "for name in ('IPython', 'ipykernel', 'nbclient', 'nbformat', 'zmq'):\n"
+        "    assert name not in sys.modules, name\n"
+    )
+    _imported_after(code)
+
+
 def test_checking_a_config_does_not_import_torch():
     code = (
         "import gradscope\n"
