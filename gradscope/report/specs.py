@@ -249,10 +249,10 @@ def select(
 
 
 def _some(names: Sequence[str], what: str, n: int = 6) -> str:
-    """``it has: a, b, c... (N in all)``, for one-line errors."""
+    """``the layers are 'a', 'b'... (N layers in all)``, for one-line errors."""
     shown = ", ".join(repr(x) for x in names[:n])
     more = f"... ({len(names)} {what}s in all)" if len(names) > n else ""
-    return f"there are: {shown}{more}" if names else f"there is no {what}"
+    return f"the {what}s are {shown}{more}" if names else f"there is no {what}"
 
 
 def _held(values: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
