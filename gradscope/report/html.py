@@ -4,10 +4,11 @@ nothing fetched), rendered with Jinja2 with autoescaping on, so text from the ru
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from .. import __version__, rundir
 from ..load import finding_steps
 from . import figures
 from .data import ReportData, read_report_data
-from .specs import Heatmap, Lines, Plot, report_panels
+from .specs import Bars, Heatmap, Lines, Plot, report_panels
 
 if TYPE_CHECKING:
     import jinja2
@@ -200,39 +201,18 @@ def _remedies(events: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
+# each kind of spec and the function that draws it as SVG: its fields are that function's
+# arguments (report/mpl.py draws the same specs with matplotlib)
+_SVG: dict[str, Callable[..., Markup]] = {
+    Heatmap.kind: figures.heatmap,
+    Lines.kind: figures.line_chart,
+    Bars.kind: figures.bar_chart,
+}
+
+
 def svg(plot: Plot) -> Markup:
     """A figure's spec drawn as the report's inline SVG (:mod:`gradscope.report.figures`)."""
-    if isinstance(plot, Heatmap):
-        return figures.heatmap(
-            plot.values,
-            plot.bad,
-            plot.rows,
-            plot.steps,
-            plot.width,
-            cmap=plot.cmap,
-            vmin=plot.vmin,
-            vmax=plot.vmax,
-            label=plot.label,
-            title=plot.title,
-        )
-    if isinstance(plot, Lines):
-        return figures.line_chart(
-            plot.series,
-            log_y=plot.log_y,
-            x_max=plot.x_max,
-            y_label=plot.y_label,
-            title=plot.title,
-            markers=plot.markers,
-            bad_x=plot.bad_x,
-        )
-    return figures.bar_chart(
-        plot.names,
-        plot.mean,
-        plot.peak,
-        title=plot.title,
-        label=plot.label,
-        nonfinite=plot.nonfinite,
-    )
+    return _SVG[plot.kind](**{f.name: getattr(plot, f.name) for f in dataclasses.fields(plot)})
 
 
 def _figures(data: ReportData) -> list[Figure]:

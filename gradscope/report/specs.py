@@ -90,6 +90,7 @@ class Bars:
     nonfinite: np.ndarray | None = None
 
 
+# a spec's fields are the arguments of what draws it: figures.heatmap, line_chart, bar_chart
 Plot = Union[Heatmap, Lines, Bars]
 
 
