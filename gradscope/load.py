@@ -54,7 +54,10 @@ from .schema import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import pandas as pd
+    from matplotlib.figure import Figure
 
 # the checks live in schema.py, runstate.py and chunks.py; their names stay importable from here
 __all__ = [
@@ -175,6 +178,53 @@ class Run:
         table = table[ordered]
         table.columns.name = metric
         return table
+
+    def plot(
+        self, metric: str, layers: str | Sequence[str] | None = None, *, max_lines: int = 8
+    ) -> Figure:
+        """``metric`` over the steps, one line per layer: the report's chart (the same code
+        computes what is drawn, :mod:`gradscope.report.specs`), drawn with matplotlib.
+
+        Values are folded into at most 400 step bins, as in the report: grad_norm and
+        update_ratio as the geometric mean of each bin on a log scale, the activation
+        fractions held from one sample to the next on 0..1, other metrics as the mean of each
+        bin, on a log scale when every value is > 0 and they span more than a decade. A
+        run-level metric (``loss``, ``grad_norm_total``...) is one line. Dashed lines: remedy
+        actions; magenta ticks: bins with a NaN/Inf value.
+
+        Args:
+            metric: Any metric the run recorded (``grad_norm``, ``weight_norm``, ``loss``...).
+            layers: Layer names or fnmatch patterns (``"encoder.*"``), drawn in forward order;
+                None: as the report picks them (layers with findings, then evenly spaced).
+            max_lines: At most this many lines (more matches are thinned as the report does).
+
+        Returns:
+            A ``matplotlib.figure.Figure`` made without pyplot (nothing is left open); a
+            notebook shows it once.
+
+        Raises:
+            ValueError: An unknown metric, or a layer name or pattern that matches nothing
+                (one line naming it and some of the accepted ones).
+        """
+        from .report.mpl import plot
+
+        return plot(self, metric, layers, max_lines=max_lines)
+
+    def heatmap(self, metric: str) -> Figure:
+        """A per-layer ``metric`` as layers (forward order, top to bottom) x step bins: the
+        report's heatmap, the same pixels (``grad_norm`` is its gradient flow), drawn with
+        matplotlib. Scales and folding as :meth:`plot`; sampled metrics are held from one
+        sample to the next (grey: not recorded yet; magenta: NaN/Inf).
+
+        Returns:
+            A ``matplotlib.figure.Figure`` made without pyplot.
+
+        Raises:
+            ValueError: An unknown metric, or a run-level one (no layers to lay out).
+        """
+        from .report.mpl import heatmap
+
+        return heatmap(self, metric)
 
 
 def layer_order(meta: dict[str, Any]) -> list[str]:

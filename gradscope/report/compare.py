@@ -13,7 +13,8 @@ from .. import __version__, rundir
 from ..load import finding_steps
 from . import figures
 from .data import ReportData, read_report_data, run_series
-from .html import Figure, _environment, _header, _picked
+from .html import Figure, _environment, _header
+from .specs import picked
 
 MAX_LAYERS = 60  # layers in a paired bar chart
 
@@ -197,7 +198,7 @@ def _figures(a: ReportData, b: ReportData, labels: tuple[str, str]) -> list[Figu
         if not names:
             continue
         if len(names) > MAX_LAYERS:
-            keep = _picked(names, a.findings + b.findings, MAX_LAYERS)
+            keep = picked(names, a.findings + b.findings, MAX_LAYERS)
             names, va, vb = [names[i] for i in keep], va[keep], vb[keep]
             bad_a, bad_b = bad_a[keep], bad_b[keep]
             note += f"; {MAX_LAYERS} layers (those with findings, then evenly spaced)"

@@ -16,8 +16,9 @@ pyarrow's ``to_numpy`` loads): most of what a short run's report cost.
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from ..load import (
 from ..records import LAYER_KINDS, RUN_LAYER
 
 if TYPE_CHECKING:
+    from ..load import Run
     from ..records import LongTable
 
 MAX_COLS = 400  # step bins: columns of a heatmap, points of a line
@@ -287,8 +289,7 @@ def read_report_data(
         last = _max_step(files)
     else:
         last = max((int(t.step.max()) for t in kept if len(t)), default=-1)
-    width = max(1, math.ceil((last + 1) / max_cols)) if last >= 0 else 1
-    cols = (last // width + 1) if last >= 0 else 0
+    width, cols = _bins(last, max_cols)
     data = ReportData(path, meta, [], [], last, width, cols, problems=problems)
     rows_hint = {
         "param": sum(1 for e in meta.get("layers", []) if e["kind"] == "param"),
@@ -314,6 +315,72 @@ def read_report_data(
     if data.progress.why:
         problems.append(data.progress.why)
     return data
+
+
+def _bins(last: int, max_cols: int) -> tuple[int, int]:
+    """Steps per bin and bins, for steps ``0..last`` in at most ``max_cols`` bins."""
+    width = max(1, math.ceil((last + 1) / max_cols)) if last >= 0 else 1
+    return width, (last // width + 1) if last >= 0 else 0
+
+
+def run_report_data(run: Run, metrics: Iterable[str], max_cols: int = MAX_COLS) -> ReportData:
+    """The report's reduction of a loaded run's ``metrics`` (``Run.metrics``, folded the way
+    :func:`read_report_data` folds the chunks, into the same step bins): what ``Run.plot``
+    draws, without reading the run directory again (it may have moved). ``act_nonfinite`` is
+    folded too, for the NaN/Inf marks of the activation fractions.
+
+    Raises:
+        ValueError: A metric the run did not record, or a run with no records (a one-line
+            message naming it and some of the metrics there are).
+    """
+    metrics = list(metrics)
+    df = run.metrics
+    have = sorted({str(m) for m in df["metric"].unique()})
+    for metric in metrics:
+        if metric not in have:
+            close = difflib.get_close_matches(metric, have, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            shown = ", ".join(have[:12]) + (", ..." if len(have) > 12 else "")
+            raise ValueError(
+                f"unknown metric {metric!r}{hint}; "
+                + (f"this run has {shown}" if have else "this run recorded no metrics")
+            )
+    steps = df["step"].to_numpy()
+    last = int(steps.max()) if len(steps) else -1
+    width, cols = _bins(last, max_cols)
+    data = ReportData(
+        run.path,
+        run.meta,
+        list(run.findings),
+        list(run.events),
+        last,
+        width,
+        cols,
+        problems=list(run.problems),
+        progress=run.progress,
+    )
+    wanted = {*metrics, "act_nonfinite"}
+    for metric in wanted:
+        data.acc[metric] = Acc(cols)
+    m_codes, m_names = _factorized(df["metric"])
+    l_codes, l_names = _factorized(df["layer"])
+    ok = (m_codes >= 0) & (l_codes >= 0)
+    values = df["value"].to_numpy(dtype=np.float64)
+    _fold_arrays(data, m_codes[ok], m_names, l_codes[ok], l_names, steps[ok], values[ok], wanted)
+    data._steps = []
+    return data
+
+
+def _factorized(column: Any) -> tuple[np.ndarray, list[str]]:
+    """A string column of a DataFrame as (integer codes, their values): a categorical's own
+    codes, else ``pd.factorize``'s (-1: missing)."""
+    import pandas as pd
+
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        codes, uniques = column.cat.codes, column.cat.categories
+    else:
+        codes, uniques = pd.factorize(column)
+    return np.asarray(codes, dtype=np.int64), [str(x) for x in uniques]
 
 
 def _read_chunks(

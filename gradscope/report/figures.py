@@ -192,6 +192,19 @@ def colorize(
     return rgb
 
 
+def heat_range(
+    values: np.ndarray, vmin: float | None = None, vmax: float | None = None
+) -> tuple[float, float]:
+    """The values a heatmap's colormap ends stand for: ``vmin`` and ``vmax``, or where None,
+    the finite values' extremes (an empty or flat range widened to one unit)."""
+    finite = values[np.isfinite(values)]
+    lo = float(finite.min()) if vmin is None and finite.size else (vmin or 0.0)
+    hi = float(finite.max()) if vmax is None and finite.size else (vmax or 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
 def heatmap(
     values: np.ndarray,
     bad: np.ndarray | None,
@@ -208,11 +221,7 @@ def heatmap(
     """Rows (layers, forward order, top to bottom) x step bins, coloured by value, with
     NaN/Inf cells marked; axes, every k-th row label, and a colour bar."""
     r = values.shape[0]
-    finite = values[np.isfinite(values)]
-    lo = float(finite.min()) if vmin is None and finite.size else (vmin or 0.0)
-    hi = float(finite.max()) if vmax is None and finite.size else (vmax or 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
+    lo, hi = heat_range(values, vmin, vmax)
     uri = png_data_uri(colorize(values, bad, cmap, lo, hi))
     label_w = min(260, 12 + 6.5 * max((len(n) for n in rows), default=4))
     plot_w, plot_h = 640.0, float(min(560, max(120, 14 * r)))

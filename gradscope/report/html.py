@@ -4,29 +4,28 @@ nothing fetched), rendered with Jinja2 with autoescaping on, so text from the ru
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from markupsafe import Markup
 
 from .. import __version__, rundir
 from ..load import finding_steps
 from . import figures
-from .data import ReportData, read_report_data, run_series
+from .data import ReportData, read_report_data
+from .specs import Bars, Heatmap, Lines, Plot, report_panels
 
 if TYPE_CHECKING:
     import jinja2
 
     from ..records import LongTable
 
-MAX_LINES = 8  # layers drawn as lines in a per-layer chart
-MAX_BARS = 60  # layers in the bar chart
 REPORT = "report.html"
 
 
@@ -202,236 +201,22 @@ def _remedies(events: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
-def _remedy_markers(events: list[dict[str, Any]]) -> list[tuple[float, str]]:
-    marks = []
-    for e in events:
-        step = e.get("step")
-        if (
-            e.get("event") == "remedy"
-            and isinstance(step, int)
-            and e.get("action") not in ("clipped",)
-        ):
-            marks.append(
-                (float(step), f"{e.get('remedy')}: {e.get('action')} {e.get('layer', '')}".strip())
-            )
-    return marks
+# each kind of spec and the function that draws it as SVG: its fields are that function's
+# arguments (report/mpl.py draws the same specs with matplotlib)
+_SVG: dict[str, Callable[..., Markup]] = {
+    Heatmap.kind: figures.heatmap,
+    Lines.kind: figures.line_chart,
+    Bars.kind: figures.bar_chart,
+}
 
 
-def _picked(names: list[str], findings: list[dict[str, Any]], limit: int = MAX_LINES) -> list[int]:
-    """Which rows to draw as lines: layers with findings, then evenly spaced ones in forward
-    order (first and last included)."""
-    flagged = {str(x) for f in findings for x in [f.get("layer"), *(f.get("layers") or [])]}
-    chosen = [i for i, n in enumerate(names) if n in flagged or n.rsplit(".", 1)[0] in flagged]
-    chosen = chosen[: limit // 2]
-    rest = limit - len(chosen)
-    if len(names) <= limit:
-        return list(range(len(names)))
-    spaced = np.unique(np.linspace(0, len(names) - 1, max(rest, 2)).round().astype(int))
-    return sorted(set(chosen) | {int(i) for i in spaced})[:limit]
+def svg(plot: Plot) -> Markup:
+    """A figure's spec drawn as the report's inline SVG (:mod:`gradscope.report.figures`)."""
+    return _SVG[plot.kind](**{f.name: getattr(plot, f.name) for f in dataclasses.fields(plot)})
 
 
 def _figures(data: ReportData) -> list[Figure]:
-    steps = data.bin_steps()
-    last = data.last_step + 1 if data.last_step >= 0 else 1
-    figs: list[Figure] = []
-    markers = _remedy_markers(data.events)
-
-    # the gradient-flow heatmap
-    names, idx = data.ordered("grad_norm")
-    acc = data.acc["grad_norm"]
-    if names:
-        lm = acc.log_mean()[idx]
-        bad = acc.nonfinite()[idx]
-        figs.append(
-            Figure(
-                "gradient-flow",
-                "Gradient flow",
-                figures.heatmap(
-                    lm,
-                    bad,
-                    names,
-                    steps,
-                    data.width,
-                    cmap="viridis",
-                    label="log10 ‖g‖",
-                    title="gradient norm per parameter and step",
-                ),
-                "log10 of each parameter's gradient norm (geometric mean over each bin), "
-                "parameters in forward order from top (input) to bottom (output); magenta: a "
-                "NaN/Inf gradient in the bin; grey: not recorded.",
-            )
-        )
-        mean, peak = acc.whole_run()
-        pick = _picked(names, data.findings)
-        series = [(names[i], steps, 10 ** lm[i]) for i in pick]
-        nf_steps = [float(s) for s in steps[bad.any(axis=0)]]
-        figs.append(
-            Figure(
-                "grad-norms",
-                "Gradient norm per layer",
-                figures.line_chart(
-                    series,
-                    log_y=True,
-                    x_max=last,
-                    y_label="‖g‖",
-                    title="gradient norms",
-                    markers=markers,
-                    bad_x=nf_steps,
-                ),
-                f"{len(pick)} of {len(names)} parameters (those with findings, then evenly "
-                "spaced in forward order)"
-                if len(pick) < len(names)
-                else "",
-            )
-        )
-        nbad = acc.nonfinite_count()[idx]
-        order = list(range(len(names)))
-        note = ""
-        if len(names) > MAX_BARS:
-            # layers with NaN/Inf first, then the largest gradients
-            key = np.where(nbad > 0, np.inf, np.nan_to_num(peak[idx], nan=-1.0))
-            order = sorted(np.argsort(-key, kind="stable")[:MAX_BARS].tolist())
-            note = (
-                f"the {MAX_BARS} parameters with NaN/Inf or the largest gradients, of {len(names)}"
-            )
-        figs.append(
-            Figure(
-                "grad-bars",
-                "Mean and largest gradient norm per layer",
-                figures.bar_chart(
-                    [names[i] for i in order],
-                    mean[idx][order],
-                    peak[idx][order],
-                    title="gradient norm per layer",
-                    label="‖g‖",
-                    nonfinite=nbad[order],
-                ),
-                (note + "; " if note else "") + "over the finite values; magenta: NaN/Inf "
-                "gradients (how many)"
-                if nbad.any()
-                else note,
-            )
-        )
-    else:
-        figs.append(
-            Figure("gradient-flow", "Gradient flow", None, empty="No gradient norms recorded.")
-        )
-
-    total = run_series(data, "grad_norm_total")
-    if total is not None:
-        x, y, bad_t, _ = total
-        series = [("total", x, y)]
-        clipped = run_series(data, "grad_norm_total_clipped")
-        if clipped is not None:
-            series.append(("after clipping", clipped[0], clipped[1]))
-        figs.append(
-            Figure(
-                "grad-total",
-                "Total gradient norm",
-                figures.line_chart(
-                    series,
-                    log_y=True,
-                    x_max=last,
-                    y_label="‖g‖ total",
-                    title="total gradient norm",
-                    markers=markers,
-                    bad_x=[float(s) for s in x[bad_t]],
-                ),
-            )
-        )
-
-    names, idx = data.ordered("update_ratio")
-    if names:
-        acc = data.acc["update_ratio"]
-        lm = acc.log_mean()[idx]
-        pick = _picked(names, data.findings)
-        bad_u = acc.nonfinite()[idx].any(axis=0)
-        figs.append(
-            Figure(
-                "update-ratios",
-                "Update ratio ‖Δw‖/‖w‖",
-                figures.line_chart(
-                    [(names[i], steps, 10 ** lm[i]) for i in pick],
-                    log_y=True,
-                    x_max=last,
-                    y_label="‖Δw‖/‖w‖",
-                    title="update ratios",
-                    markers=markers,
-                    bad_x=[float(x) for x in steps[bad_u]],
-                ),
-                "around 1e-3 is the usual healthy band (CS231n); far above, the learning rate is "
-                "too high for the layer; far below, the layer barely learns.",
-            )
-        )
-
-    for metric, fid, title, cmap, label in (
-        ("act_dead_fraction", "dead-units", "Dead units (fraction per activation)", "Reds", "dead"),
-        (
-            "act_saturation",
-            "saturation",
-            "Saturated units (fraction per activation)",
-            "Oranges",
-            "saturated",
-        ),
-    ):
-        names, idx = data.ordered(metric)
-        if not names:
-            continue
-        acc = data.acc[metric]
-        values, bad = _held(acc.mean()[idx], acc.nonfinite()[idx] | data.site_nonfinite(names))
-        figs.append(
-            Figure(
-                fid,
-                title,
-                figures.heatmap(
-                    values,
-                    bad,
-                    names,
-                    steps,
-                    data.width,
-                    cmap=cmap,
-                    vmin=0.0,
-                    vmax=1.0,
-                    label=label,
-                    title=title,
-                ),
-                "sampled every activation_every steps, each sample held until the next; "
-                "activations in forward order; magenta: NaN/Inf in the activation (its fraction "
-                "means nothing there); grey: not sampled yet",
-            )
-        )
-
-    loss = run_series(data, "loss")
-    if loss is not None:
-        x, y, bad_l, _ = loss
-        figs.append(
-            Figure(
-                "loss",
-                "Loss",
-                figures.line_chart(
-                    [("loss", x, y)],
-                    log_y=bool(np.all(y[np.isfinite(y)] > 0)),
-                    x_max=last,
-                    y_label="loss",
-                    title="loss",
-                    markers=markers,
-                    bad_x=[float(s) for s in x[bad_l]],
-                ),
-                "mean per bin; dashed lines: remedy actions; magenta ticks: NaN/Inf loss",
-            )
-        )
-    else:
-        figs.append(Figure("loss", "Loss", None, empty="No loss recorded."))
-    return figs
-
-
-def _held(values: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's last sample carried forward over the bins without one (sampled metrics
-    would otherwise be thin stripes on grey), NaN/Inf marks included: a bin after a NaN
-    sample is not shown as the finite sample before it."""
-    out, mark = values.copy(), bad.copy()
-    for j in range(1, out.shape[1]):
-        gap = np.isnan(out[:, j]) & ~mark[:, j]
-        out[gap, j] = out[gap, j - 1]
-        mark[gap, j] = mark[gap, j - 1]
-    return out, mark
+    return [
+        Figure(p.id, p.title, svg(p.plot) if p.plot is not None else None, p.note, p.empty)
+        for p in report_panels(data)
+    ]
