@@ -217,25 +217,23 @@ def findings_table(findings: list[dict[str, Any]], limit: int = MAX_FINDINGS) ->
 
 
 def heatmap_png(data: ReportData) -> tuple[str, str, str] | None:
-    """The gradient-flow heatmap of ``data`` as a small PNG (``data:`` URI), with the first and
-    last layer's names: log10 of each parameter's gradient norm per step bin, parameters in
-    forward order from top to bottom, the report's colours (viridis; magenta: NaN/Inf; grey:
-    not recorded). None when no gradient norm was recorded."""
+    """The report's gradient-flow heatmap of ``data`` (the same spec, the same pixels:
+    :func:`gradscope.report.specs.heatmap_spec`) as a small PNG ``data:`` URI, each cell
+    scaled up to a few pixels, with the first and last parameter's names. None when no
+    gradient norm was recorded."""
     from .report import figures
+    from .report.specs import Heatmap, heatmap_spec
 
-    names, idx = data.ordered("grad_norm")
-    if not names or data.cols == 0:
+    if not data.ordered("grad_norm")[0] or data.cols == 0:
         return None
-    acc = data.acc["grad_norm"]
-    values, bad = acc.log_mean()[idx], acc.nonfinite()[idx]
-    finite = values[np.isfinite(values)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    rgb = figures.colorize(values, bad, "viridis", lo, hi if hi > lo else lo + 1.0)
-    rows, cols = values.shape
+    spec = heatmap_spec(data, "grad_norm").plot
+    assert isinstance(spec, Heatmap)
+    rgb = figures.colorize(spec.values, spec.bad, spec.cmap, *spec.value_range())
+    rows, cols = spec.values.shape
     sx = max(1, HEAT_WIDTH // cols)
     sy = max(2, min(12, HEAT_HEIGHT // rows))
     rgb = np.repeat(np.repeat(rgb, sy, axis=0), sx, axis=1)
-    return figures.png_data_uri(rgb), names[0], names[-1]
+    return figures.png_data_uri(rgb), spec.rows[0], spec.rows[-1]
 
 
 def summary_html(
@@ -284,12 +282,13 @@ def summary_html(
 
 
 def run_html(run: Run) -> str:
-    """:func:`summary_html` of a loaded run."""
-    from .report.data import read_report_data
+    """:func:`summary_html` of a loaded run (from what was loaded: the directory may have
+    moved since)."""
+    from .report.data import run_report_data
 
     data = None
-    with contextlib.suppress(Exception):  # the directory may have moved since: no picture
-        data = read_report_data(run.path, max_cols=HEAT_COLS)
+    if (run.metrics["metric"] == "grad_norm").any():
+        data = run_report_data(run, ["grad_norm"], max_cols=HEAT_COLS)
     return summary_html(
         name=run.path.name,
         state=run.state,

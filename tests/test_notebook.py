@@ -373,3 +373,45 @@ def test_rich_display_never_raises(tmp_path, monkeypatch):
     monkeypatch.setattr(notebook, "summary_html", broken)
     markup = scope._repr_html_()
     assert "boom" in markup and "gradscope.Scope" in markup
+
+
+def test_inline_heatmap_is_the_reports_gradient_flow(tmp_path):
+    """The notebook's small heatmap is the report's gradient-flow spec, pixel for pixel (each
+    cell scaled up), and a loaded run still shows it after its directory moved away."""
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from gradscope import notebook
+    from gradscope.report import figures
+    from gradscope.report.data import read_report_data
+    from gradscope.report.specs import heatmap_spec
+
+    model = nn.Sequential(
+        nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 2)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, out=tmp_path, quiet=True) as scope:
+        for _ in range(30):
+            opt.zero_grad()
+            model(torch.randn(16, 6)).pow(2).mean().backward()
+            opt.step()
+    data = read_report_data(scope.run_dir, max_cols=notebook.HEAT_COLS)
+    uri, first, last = notebook.heatmap_png(data)
+    assert (first, last) == ("0.weight", "4.bias")
+    spec = heatmap_spec(data, "grad_norm").plot
+    expected = np.round(
+        figures.colorize(spec.values, spec.bad, spec.cmap, *spec.value_range()) * 255
+    ).astype(np.uint8)
+    img = np.asarray(Image.open(io.BytesIO(notebook.png_bytes(uri))).convert("RGB"))
+    rows, cols = expected.shape[:2]
+    assert img.shape[0] % rows == 0 and img.shape[1] % cols == 0
+    sy, sx = img.shape[0] // rows, img.shape[1] // cols
+    assert sy >= 2 and (img[::sy, ::sx] == expected).all()
+
+    run_ = scope.load()
+    shutil.move(str(scope.run_dir), str(tmp_path / "moved"))
+    page = parse(run_._repr_html_())
+    assert page.imgs[0] == uri
