@@ -21,6 +21,7 @@ from .config import FLUSH_MAX_SECS, FLUSH_MAX_STEPS, FLUSH_MIN_SECS, FLUSH_SHARE
 from .events import Event, Finding
 from .guard import REMEDIES, Guard
 from .imports import own_imports
+from .interrupts import held
 from .outputs import Outputs
 from .probes.activations import ModuleProbe
 from .probes.weights import WeightProbe
@@ -142,11 +143,13 @@ class Flusher:
         (and everything diagnosed early) to the sinks. Early diagnosis (``write=False``)
         serves the remedies that act on findings, without a Parquet file per sample."""
         start = time.process_time()
-        with own_imports():  # the first flush imports pyarrow: never the script's modules
+        # the first flush imports pyarrow: never the script's modules; a Ctrl-C waits for the
+        # flush to end (interrupts.held)
+        with own_imports(), held():
             self._flush(write)
-        if write and self.flushes:  # (not the first: its one-time imports are not a cadence)
-            self.cost = time.process_time() - start
-        self.flushes += write
+            if write and self.flushes:  # (not the first: its one-time imports are no cadence)
+                self.cost = time.process_time() - start
+            self.flushes += write
 
     def _flush(self, write: bool) -> None:
         rec = self._rec

@@ -39,6 +39,7 @@ from .events import Event, Finding
 from .failures import InternalErrors
 from .guard import CORE, EXIT, REPORT, Guard
 from .imports import own_imports
+from .interrupts import held
 from .layers import LayerTable
 from .listener import PatchListener
 from .meta import ENDED, RunJson, RunStatus, status_for, write_report_safely
@@ -74,9 +75,11 @@ def supersede(models: Mapping[str, nn.Module], cell: tuple[str | None, int] | No
       and which run this is): the cell builds a new model each time, the old scope would
       otherwise keep the old one alive until the kernel stops.
 
-    Scopes of ``gradscope run`` are left alone (they leave the script's own models to it)."""
+    Left alone: a scope whose ``with`` block is running (``watch()`` nested inside it, on
+    purpose: each removes only its own hooks), and the scopes of ``gradscope run`` (they
+    leave the script's own models to it)."""
     for old in list(_open_scopes):
-        if old._closed or old._launch is not None:
+        if old._closed or old._launch is not None or old._entered:
             continue
         reason = None
         if any(old._table.contains(m) for root in models.values() for m in root.modules()):
@@ -152,6 +155,7 @@ class Scope:
         self._cell_steps = 0
         self._note = ""
         self._live: LiveView | None = None
+        self._entered = 0  # inside its own ``with`` block: nested scopes are left alone
         self._stack = contextlib.ExitStack()
         if self._ranks is not None:
             self._stack.callback(self._ranks.release)
@@ -384,7 +388,8 @@ class Scope:
         self._meta.exit_code = exit_code
         try:
             if os.getpid() == self._pid:  # a forked child (DataLoader worker) never writes
-                with own_imports():
+                # a second Ctrl-C waits until the run directory is whole (interrupts.held)
+                with own_imports(), held():
                     self._write_out(RunStatus(status or RunStatus.COMPLETED))
         finally:
             self._guard.stop()
@@ -396,6 +401,7 @@ class Scope:
                 self._release()
 
     def __enter__(self) -> Scope:
+        self._entered += 1
         return self
 
     def __exit__(
@@ -404,6 +410,7 @@ class Scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._entered -= 1
         self.close(status_for(exc))
 
     def __repr__(self) -> str:

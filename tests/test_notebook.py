@@ -415,3 +415,124 @@ def test_inline_heatmap_is_the_reports_gradient_flow(tmp_path):
     shutil.move(str(scope.run_dir), str(tmp_path / "moved"))
     page = parse(run_._repr_html_())
     assert page.imgs[0] == uri
+
+
+@pytest.mark.parametrize("where", ["taken", "written"])
+def test_stop_during_a_flush_waits_for_it(tmp_path, monkeypatch, where):
+    """Ctrl-C (the stop button: SIGINT) that lands inside a flush is delivered when the flush
+    has ended: the KeyboardInterrupt reaches the loop with the flush's chunk written and
+    diagnosed; the records stay whole (each step once) and the run goes on."""
+    import os
+    import signal
+
+    from gradscope import flusher
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scope = gradscope.watch(model, out=tmp_path, flush_every=10, quiet=True)
+    f = scope._flusher
+    target = (flusher.LongTable, "from_chunk") if where == "taken" else (f, "_write_pending")
+    orig = getattr(*target)
+    seen = []
+
+    def interrupted(*args, **kwargs):
+        if not seen:
+            seen.append(f.flushes)
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(*target, interrupted)
+
+    def step():
+        opt.zero_grad()
+        model(torch.randn(16, 4)).sum().backward()
+        opt.step()
+
+    done = 0
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(30):
+                step()
+                done += 1
+        assert seen == [0] and f.flushes == 1  # delivered after the flush, not inside it
+        assert len(list((scope.run_dir / "metrics").glob("*.parquet"))) == 1
+        for _ in range(10):
+            step()
+    finally:
+        scope.close()
+    r = load_run(scope.run_dir)
+    g = r.metrics[r.metrics["metric"] == "grad_norm"]
+    assert not g.duplicated(["step", "layer"]).any()
+    assert sorted(g["step"].unique()) == list(range(r.steps)) and r.steps == done + 1 + 10
+
+
+def test_stop_during_close_leaves_the_run_whole(tmp_path, monkeypatch):
+    """A Ctrl-C while the run closes (an impatient second press) waits until run.json,
+    findings.json and report.html are written, then interrupts."""
+    import os
+    import signal
+
+    from gradscope import scope as scope_module
+
+    orig = scope_module.write_report_safely
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(scope_module, "write_report_safely", interrupted)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        pytest.raises(KeyboardInterrupt),
+        gradscope.watch(model, out=tmp_path, quiet=True) as scope,
+    ):
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            opt.step()
+    assert scope.closed
+    r = load_run(scope.run_dir)
+    assert r.state == "completed" and r.steps == 5 and not r.problems
+    assert (scope.run_dir / "report.html").is_file()
+
+
+def test_held_interrupt_runs_the_handler_in_place_afterwards():
+    import os
+    import signal
+    import threading
+
+    from gradscope.interrupts import held
+
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with held():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes: give it some
+                pass
+            assert calls == []
+        assert calls == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is not None
+        # outside the main thread: nothing to hold (signals go to the main thread)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(held().__enter__() is None))
+        t.start()
+        t.join()
+        assert seen == [True]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_nested_with_blocks_are_left_alone_handles_are_not(tmp_path):
+    """``watch()`` inside the ``with`` block of a scope on the same model nests on purpose:
+    both stay open. A handle left open (no ``with``) is replaced, in a script too."""
+    model = nn.Linear(3, 3)
+    with gradscope.watch(model, out=tmp_path, quiet=True) as outer:
+        inner = gradscope.watch(model, out=tmp_path, quiet=True)
+        assert not outer.closed and not inner.closed
+        again = gradscope.watch(model, out=tmp_path, quiet=True)
+        assert inner.closed and not outer.closed and not again.closed
+        again.close()
+    assert outer.closed
+    assert [e["event"] for e in load_run(inner.run_dir).events][-1] == "superseded"
