@@ -46,6 +46,7 @@ DISCOVERY = "discovery"  # gradscope run: finding the models a script trains
 STORE = "store"  # the run directory's records (Parquet, events.jsonl, run.json)
 TENSORBOARD = "tensorboard"
 REPORT = "report"  # report.html and the terminal summary at the end
+NOTEBOOK = "notebook"  # in IPython: following the cells, the live view (not the report)
 EXIT = "exit"  # interpreter exit and signal handlers closing the run
 REMEDIES = "remedies"  # swap/recycle acting on findings (not an entry point of its own)
 

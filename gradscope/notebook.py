@@ -372,15 +372,21 @@ class LiveView(FindingPrinter):
         self._handle: Any = None
         self._where: int | None = None  # the cell run the display area is in
         self.updates = 0
+        self.broken = False  # the display failed: back to the terminal's lines
         self.note = ""
         self.actions: list[str] = []
         self._worst: list[list[str]] = []
 
-    # FindingPrinter's moments: nothing on stderr, the display shows them
+    # FindingPrinter's moments: nothing on stderr, the display shows them (once the display
+    # failed, the terminal's lines are back)
     def announce(self, finding: Mapping[str, Any], new: bool) -> None:
-        return
+        if self.broken:
+            super().announce(finding, new)
 
     def remedy(self, finding: Mapping[str, Any], action: Mapping[str, Any]) -> None:
+        if self.broken:
+            super().remedy(finding, action)
+            return
         what = action.get("action")
         if what in ("swapped", "recycled"):
             self.actions.append(
@@ -390,7 +396,11 @@ class LiveView(FindingPrinter):
     def summary(
         self, findings: list[dict[str, Any]], steps: int, run_dir: Any, status: str
     ) -> None:
-        self.show(self._final())
+        if not self.broken:
+            with contextlib.suppress(Exception):
+                self.show(self._final())
+                return
+        super().summary(findings, steps, run_dir, status)
 
     # the live part
     def flushed(self, table: LongTable | None, findings: list[dict[str, Any]], steps: int) -> None:
@@ -424,6 +434,13 @@ class LiveView(FindingPrinter):
 
     def show(self, markup: str) -> None:
         """Put ``markup`` in this cell's display area (a new one in a new cell)."""
+        try:
+            self._show(markup)
+        except Exception:
+            self.broken = True  # the terminal's lines from now on; the guard reports it once
+            raise
+
+    def _show(self, markup: str) -> None:
         import importlib
 
         shown: Any = importlib.import_module("IPython.display")  # (untyped: as Any)

@@ -37,7 +37,7 @@ from . import __version__, patches, rundir
 from .config import Config
 from .events import Event, Finding
 from .failures import InternalErrors
-from .guard import CORE, EXIT, REPORT, Guard
+from .guard import CORE, EXIT, NOTEBOOK, REPORT, Guard
 from .imports import own_imports
 from .interrupts import held
 from .layers import LayerTable
@@ -187,7 +187,7 @@ class Scope:
         if "IPython" in sys.modules:  # a notebook or an IPython shell: follow its cells
             from .notebook import Cells, LiveView, in_kernel
 
-            cells = guard.isolate(REPORT, "notebook", Cells.get)
+            cells = guard.isolate(NOTEBOOK, "notebook", Cells.get)
         console = FindingPrinter(quiet=config.quiet or not self._writer)
         if cells is not None:
             self._cell = cells.here()
@@ -441,7 +441,7 @@ class Scope:
             findings = data.findings if data is not None else []
         else:
             state = "running"
-            findings = self._guard.isolate(REPORT, "notebook", self._flusher.findings) or []
+            findings = self._guard.isolate(NOTEBOOK, "notebook", self._flusher.findings) or []
         return summary_html(
             name=self.run_dir.name,
             state=state,
@@ -508,7 +508,7 @@ class Scope:
         live = self._live
         if live is not None:
             findings = self._flusher.findings()
-            self._guard.isolate(REPORT, "live view", live.flushed, table, findings, self.steps)
+            self._guard.isolate(NOTEBOOK, "live view", live.flushed, table, findings, self.steps)
 
     def _final_html(self) -> str:
         """The live view's last state: the closed scope's summary."""
@@ -542,10 +542,10 @@ class Scope:
         )
         if self._live is not None:
             live = self._live
-            findings = self._guard.isolate(REPORT, "notebook", self._flusher.findings) or []
+            findings = self._guard.isolate(NOTEBOOK, "notebook", self._flusher.findings) or []
             live.note = self._note
             self._guard.isolate(
-                REPORT, "live view", lambda: live.show(live.live_html(findings, steps, what))
+                NOTEBOOK, "live view", lambda: live.show(live.live_html(findings, steps, what))
             )
         elif not self.config.quiet and self._writer:
             print(f"gradscope: {self._note} ({self.run_dir})", file=sys.stderr, flush=True)

@@ -536,3 +536,29 @@ def test_nested_with_blocks_are_left_alone_handles_are_not(tmp_path):
         again.close()
     assert outer.closed
     assert [e["event"] for e in load_run(inner.run_dir).events][-1] == "superseded"
+
+
+def test_a_failing_display_costs_the_view_not_the_run(kernel, capsys):
+    """The front end's display fails: one internal-error line, the terminal's finding lines
+    and summary come back, and the records, findings and report are all there."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("display channel closed")
+
+    kernel.display_pub.publish = broken
+    run(kernel, SETUP)
+    run(
+        kernel,
+        "with gradscope.watch(model, out=OUT, flush_every=10) as scope:\n"
+        "    for i in range(30):\n"
+        "        if i == 12: x[0, 0] = float('nan')\n"
+        "        one_step()\n"
+        "        x[0, 0] = 1.0",
+    )
+    err = capsys.readouterr().err
+    assert err.count("internal error") == 1 and "display channel closed" in err
+    assert "gradscope: error" in err and "finding(s)" in err  # the terminal's lines
+    scope = kernel.user_ns["scope"]
+    r = load_run(scope.run_dir)
+    assert r.state == "completed" and r.steps == 30 and r.findings
+    assert (scope.run_dir / "report.html").is_file()
