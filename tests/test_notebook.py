@@ -562,3 +562,37 @@ def test_a_failing_display_costs_the_view_not_the_run(kernel, capsys):
     r = load_run(scope.run_dir)
     assert r.state == "completed" and r.steps == 30 and r.findings
     assert (scope.run_dir / "report.html").is_file()
+
+
+def test_worst_layers_by_hand():
+    """The live view's "layers to look at", from a table built by hand: a NaN gradient
+    first, then layers by how many decades they lie from the median, then dead units; a layer
+    within a decade of the median is not listed; each column's last value counts."""
+    import numpy as np
+
+    from gradscope.notebook import worst_layers
+    from gradscope.records import LongTable
+
+    columns = [
+        ("a.weight", "param", "grad_norm"),
+        ("b.weight", "param", "grad_norm"),
+        ("c.weight", "param", "grad_norm"),
+        ("d.weight", "param", "grad_norm"),
+        ("e.weight", "param", "grad_norm"),
+        ("relu", "module", "act_dead_fraction"),
+    ]
+    # step 0: everything ordinary; step 1 (the last): a 1,000x, b NaN, c 1/100x, relu 60% dead
+    step = np.array([0] * 6 + [1] * 6)
+    col = np.array(list(range(6)) * 2)
+    value = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1000.0, np.nan, 0.01, 1.0, 2.0, 0.6])
+    rows = worst_layers(LongTable(step, col, value, columns))
+    assert [(r[0], r[1]) for r in rows] == [
+        ("<code>b.weight</code>", "gradient norm"),
+        ("<code>a.weight</code>", "gradient norm"),
+        ("<code>c.weight</code>", "gradient norm"),
+        ("<code>relu</code>", "dead units"),
+    ]
+    # the median of the finite norms: (1 + 2) / 2
+    assert rows[1][2] == "1e+03 (6.7e+02× the median layer's)"
+    assert rows[2][2] == "0.01 (0.0067× the median layer's)"
+    assert rows[3][2] == "60%"
