@@ -117,3 +117,89 @@ def test_example_notebook_runs_on_a_kernel(tmp_path: Path) -> None:
     assert runs == ["adam-lr-0.01", "adam-lr-0.1"]
     for name in runs:
         assert (tmp_path / "reports" / name / "report.html").is_file()
+
+
+def test_stop_button_and_rerun_on_a_real_kernel(tmp_path: Path) -> None:
+    """The stop button for real: the kernel gets SIGINT (as Jupyter's interrupt sends it)
+    while a cell trains a handle-style scope. The scope stays open, the next cell goes on,
+    no step is lost or counted twice, and running the ``watch()`` cell again closes the
+    earlier run (completed: the last cell that trained it ran through; the interrupt is its
+    ``cell_interrupted`` event), leaving the model with one scope's hooks."""
+    import asyncio
+    import threading
+
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    sources = [
+        "import torch, gradscope\n"
+        "from torch import nn\n"
+        "torch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.01)\n"
+        "x, y = torch.randn(64, 8), torch.randn(64, 1)\n"
+        "norms = []\n"
+        "def one_step():\n"
+        "    opt.zero_grad()\n"
+        "    nn.functional.mse_loss(model(x), y).backward()\n"
+        "    norms.append([torch.linalg.vector_norm(p.grad).item() for p in model.parameters()])\n"
+        "    opt.step()\n"
+        "def hooks():\n"
+        "    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks)\n"
+        "               for m in model.modules())",
+        "scope = gradscope.watch(model, out='runs', flush_every=50)\nfirst = scope",
+        "import time\nstarted = time.monotonic()\nwhile time.monotonic() - started < 60:\n"
+        "    one_step()",
+        "for _ in range(20):\n    one_step()\nprint(first.closed, first.steps, len(norms))",
+        "scope = gradscope.watch(model, out='runs', flush_every=50)\nprint(first.closed, hooks())",
+        "for _ in range(5):\n    one_step()\nscope.close()\nprint(hooks())",
+    ]
+    nb = new_notebook(cells=[new_code_cell(s) for s in sources])
+    client = NotebookClient(
+        nb,
+        kernel_name="python3",
+        timeout=120,
+        allow_errors=True,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    with client.setup_kernel():
+        for i, cell in enumerate(nb.cells):
+            timer = None
+            if i == 2:  # the stop button, 3 s into the endless loop
+                km = client.km
+                assert km is not None
+                # what Jupyter's stop button asks the kernel manager (it sends SIGINT)
+                stop = km.interrupt_kernel  # a coroutine function: nbclient's is async
+                timer = threading.Timer(3.0, lambda stop=stop: asyncio.run(stop()))
+                timer.start()
+            client.execute_cell(cell, i)
+            if timer is not None:
+                timer.join()
+
+    def text(i: int, name: str = "stdout") -> str:
+        return "".join(o.get("text", "") for o in nb.cells[i].outputs if o.get("name") == name)
+
+    (error,) = [o for o in nb.cells[2].outputs if o["output_type"] == "error"]
+    assert error["ename"] == "KeyboardInterrupt"
+    # the cell's display area, updated in place: it ends saying so
+    (area,) = [o for o in nb.cells[2].outputs if o["output_type"] == "display_data"]
+    assert "was interrupted at step" in area["data"]["text/html"]
+    assert "still open" in area["data"]["text/html"]
+    closed, steps, oracle = text(3).split()
+    assert closed == "False" and int(steps) == int(oracle)  # no step lost or doubled
+    assert text(4).split()[0] == "True"
+    assert "closed the earlier run" in text(4, "stderr")
+    runs = sorted((tmp_path / "runs").iterdir())
+    first = gradscope_load(runs[0])
+    assert first.state == "completed" and first.steps == int(steps)
+    assert [e["event"] for e in first.events if e["event"].startswith("cell_")] == [
+        "cell_interrupted"
+    ]
+    hooks_one_scope = int(text(4).split()[1])
+    assert int(text(5).split()[0]) < hooks_one_scope  # all off after close
+    assert gradscope_load(runs[1]).steps == 5
+
+
+def gradscope_load(path: Path) -> Any:
+    from gradscope.load import load_run
+
+    return load_run(path)
