@@ -91,6 +91,9 @@ class Clock:
         self.update_every = update_every
         self.step = 0  # index of the current (open or next) step
         self.row_open = False
+        # backward passes and optimizer steps seen, ever: a notebook cell trained the model if
+        # this moved (in backward mode a step stays open between steps, so row_open cannot say)
+        self.moments = 0
         self._explicit = {id(o) for o in explicit_optimizers}
         self._known: set[int] = set()  # optimizers that step watched parameters
         self._stepped: set[int] = set()  # ... and have stepped in the current step
@@ -220,6 +223,7 @@ class Clock:
         slots = self._counted(opt)
         if not slots:
             return
+        self.moments += 1
         self._enter(opt)
         self._in_step = id(opt)
         if closure:  # LBFGS & co: gradients exist only once the closure's backward has run
@@ -278,6 +282,7 @@ class Clock:
         )
 
     def after_backward(self, loss: torch.Tensor | None) -> None:
+        self.moments += 1
         if self._in_step is None:
             if self.mode == BACKWARD and self._backwards:
                 self.commit(end_window=False)  # the previous backward pass was a whole step

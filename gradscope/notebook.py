@@ -373,6 +373,9 @@ class LiveView(FindingPrinter):
         self._where: int | None = None  # the cell run the display area is in
         self.updates = 0
         self.broken = False  # the display failed: back to the terminal's lines
+        # the last show goes to the area there is, whichever cell runs (a run that a new
+        # watch() closes: its summary belongs with it, not under the cell that replaced it)
+        self.in_place = False
         self.note = ""
         self.actions: list[str] = []
         self._worst: list[list[str]] = []
@@ -445,7 +448,7 @@ class LiveView(FindingPrinter):
 
         shown: Any = importlib.import_module("IPython.display")  # (untyped: as Any)
         here = self.cells.execution if self.cells is not None else None
-        if self._handle is None or here != self._where:
+        if self._handle is None or (here != self._where and not self.in_place):
             self._handle = shown.display(shown.HTML(markup), display_id=True)
             self._where = here
         else:

@@ -152,7 +152,7 @@ class Scope:
         # cell that trained it ended (gradscope.notebook.Cells)
         self._cell: tuple[str | None, int] | None = None
         self._outcome: RunStatus | None = None
-        self._cell_steps = 0
+        self._cell_moments = 0
         self._note = ""
         self._live: LiveView | None = None
         self._entered = 0  # inside its own ``with`` block: nested scopes are left alone
@@ -521,9 +521,9 @@ class Scope:
         next cell can go on; a step cut short inside ``optimizer.step()`` is let go."""
         if self._closed:
             return
-        steps = self.steps
-        trained = steps != self._cell_steps or self._clock.row_open
-        self._cell_steps = steps
+        steps, moments = self.steps, self._clock.moments
+        trained = moments != self._cell_moments  # a backward pass or an optimizer step
+        self._cell_moments = moments
         if not trained:
             return
         self._outcome = status_for(error)
@@ -555,6 +555,8 @@ class Scope:
         status of the last cell that trained it (completed when none is known)."""
         status = self._outcome or RunStatus.COMPLETED
         self.add_event({"event": "superseded", "reason": reason, "step": self.steps})
+        if self._live is not None:
+            self._live.in_place = True
         if not self.config.quiet and self._writer:
             print(
                 f"gradscope: closed the earlier run {self.run_dir} ({status}, {self.steps} "

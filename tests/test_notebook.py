@@ -596,3 +596,47 @@ def test_worst_layers_by_hand():
     assert rows[1][2] == "1e+03 (6.7e+02× the median layer's)"
     assert rows[2][2] == "0.01 (0.0067× the median layer's)"
     assert rows[3][2] == "60%"
+
+
+def test_a_cell_that_did_not_train_has_no_say(shell):
+    """A hand-written SGD loop (no optimizer: steps end at the next backward pass, so a step
+    is always open between cells): a later cell that raises without training it changes
+    nothing, no event, no status."""
+    run(shell, SETUP)
+    run(shell, "scope = gradscope.watch(model, out=OUT)")
+    run(
+        shell,
+        "for i in range(6):\n"
+        "    model.zero_grad()\n"
+        "    nn.functional.mse_loss(model(x), y).backward()\n"
+        "    with torch.no_grad():\n"
+        "        for p in model.parameters():\n"
+        "            p -= 0.01 * p.grad",
+    )
+    scope = shell.user_ns["scope"]
+    assert scope._outcome == "completed"
+    assert isinstance(run(shell, "raise KeyboardInterrupt"), KeyboardInterrupt)
+    assert scope._outcome == "completed" and scope._note == ""
+    run(shell, "scope.close()")
+    r = load_run(scope.run_dir)
+    assert r.state == "completed" and r.steps == 6
+    assert not [e for e in r.events if e["event"].startswith("cell_")]
+
+
+def test_a_replaced_run_keeps_its_summary_in_its_own_area(kernel):
+    """A live scope replaced by running its watch() cell again: its summary updates its own
+    display area (in the earlier cell); the cell that replaced it gets no area of the old
+    run's."""
+    run(kernel, SETUP)
+    cell = "scope = gradscope.watch(model, out=OUT, flush_every=5)"
+    run(kernel, cell)
+    run(kernel, "for i in range(12):\n    one_step()")
+    old = kernel.user_ns["scope"]
+    shown = len(kernel.display_pub.outputs)
+    area = kernel.display_pub.outputs[-1]["transient"]["display_id"]
+    run(kernel, cell)
+    assert old.closed
+    later = kernel.display_pub.outputs[shown:]
+    assert later and all(o["update"] and o["transient"]["display_id"] == area for o in later)
+    assert old.run_dir.name in later[-1]["data"]["text/html"]
+    run(kernel, "scope.close()")
