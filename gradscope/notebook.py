@@ -377,6 +377,7 @@ class LiveView(FindingPrinter):
         # watch() closes: its summary belongs with it, not under the cell that replaced it)
         self.in_place = False
         self.note = ""
+        self.note_where: int | None = None  # the cell run the note was written in
         self.actions: list[str] = []
         self._worst: list[list[str]] = []
 
@@ -408,6 +409,8 @@ class LiveView(FindingPrinter):
     # the live part
     def flushed(self, table: LongTable | None, findings: list[dict[str, Any]], steps: int) -> None:
         """A flush wrote records: show where the run stands."""
+        if self.note and self.cells is not None and self.cells.execution != self.note_where:
+            self.note = ""  # training went on in a later cell: the interruption is history
         if table is not None:
             self._worst = worst_layers(table)
         self.show(self.live_html(findings, steps, "running"))

@@ -544,6 +544,7 @@ class Scope:
             live = self._live
             findings = self._guard.isolate(NOTEBOOK, "notebook", self._flusher.findings) or []
             live.note = self._note
+            live.note_where = live.cells.execution if live.cells is not None else None
             self._guard.isolate(
                 NOTEBOOK, "live view", lambda: live.show(live.live_html(findings, steps, what))
             )

@@ -317,6 +317,10 @@ def test_live_view_shows_an_interrupt(kernel):
     last = parse(kernel.display_pub.outputs[-1]["data"]["text/html"])
     text = "".join(last.text)
     assert "interrupted" in text and "still open" in text
+    # training goes on in the next cell: its area no longer says so
+    run(kernel, "for i in range(10):\n    one_step()")
+    text = "".join(parse(kernel.display_pub.outputs[-1]["data"]["text/html"]).text)
+    assert "running" in text and "still open" not in text
     run(kernel, "scope.close()")
 
 
