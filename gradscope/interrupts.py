@@ -18,10 +18,14 @@ from types import FrameType
 
 
 @contextlib.contextmanager
-def held() -> Iterator[None]:
+def held(deliver: bool = True) -> Iterator[None]:
     """SIGINT received inside the block is delivered when it ends: the handler that was in
     place runs then (Python's default raises ``KeyboardInterrupt`` there). Outside the main
-    thread, or where SIGINT's handler is not Python's to replace, the block runs as it is."""
+    thread, or where SIGINT's handler is not Python's to replace, the block runs as it is.
+
+    Args:
+        deliver: False: a SIGINT inside the block is dropped (``gradscope run`` closing the
+            run of a script that already ended: nothing is left to interrupt)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -42,7 +46,7 @@ def held() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if caught:
+        if caught and deliver:
             if callable(previous):
                 previous(signal.SIGINT, caught[-1])
             elif previous == signal.SIG_DFL:

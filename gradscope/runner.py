@@ -41,6 +41,7 @@ from typing import Any
 
 from .config import Config
 from .guard import EXIT, Deliberate
+from .interrupts import held
 from .meta import RunStatus, status_for
 
 PYC_SUFFIXES = tuple(importlib.machinery.BYTECODE_SUFFIXES)
@@ -195,7 +196,7 @@ def run(target: Target, args: list[str], config: Config) -> Outcome:
         except BaseException as caught:  # the script's: everything, SystemExit included
             exc = caught
         status, code = _classify(exc)
-        with _sigint_deferred():
+        with held(deliver=False):  # the script already ended: a Ctrl-C waits, then nothing
             ended.set()
             run_dir = attach.guard.isolate(EXIT, "close", attach.close, status, code)
     finally:
@@ -370,23 +371,6 @@ def _without_wrappers(tb: types.TracebackType | None) -> types.TracebackType | N
     for f in reversed(kept):
         out = types.TracebackType(out, f.tb_frame, f.tb_lasti, f.tb_lineno)
     return out
-
-
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """While the run directory is closed, a Ctrl-C waits (the script already ended)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
-    except (ValueError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _on_sigterm(attach: Any, ended: threading.Event) -> Any:
