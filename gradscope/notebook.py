@@ -402,7 +402,7 @@ class LiveView(FindingPrinter):
     ) -> None:
         if not self.broken:
             with contextlib.suppress(Exception):
-                self.show(self._final())
+                self.show(self._final(), plain_text(self.name, status, steps, findings))
                 return
         super().summary(findings, steps, run_dir, status)
 
@@ -413,7 +413,13 @@ class LiveView(FindingPrinter):
             self.note = ""  # training went on in a later cell: the interruption is history
         if table is not None:
             self._worst = worst_layers(table)
-        self.show(self.live_html(findings, steps, "running"))
+        self.show(*self.live(findings, steps, "running"))
+
+    def live(self, findings: list[dict[str, Any]], steps: int, state: str) -> tuple[str, str]:
+        """Where the run stands, as HTML and as plain text (for a front end without HTML:
+        ``jupyter console``)."""
+        text = plain_text(self.name, state, steps, findings, self.note)
+        return self.live_html(findings, steps, state), text
 
     def live_html(self, findings: list[dict[str, Any]], steps: int, state: str) -> str:
         parts = [
@@ -438,25 +444,47 @@ class LiveView(FindingPrinter):
         )
         return "".join(parts)
 
-    def show(self, markup: str) -> None:
-        """Put ``markup`` in this cell's display area (a new one in a new cell)."""
+    def show(self, markup: str, text: str = "") -> None:
+        """Put ``markup`` (and ``text``, its plain version) in this cell's display area (a new
+        one in a new cell)."""
         try:
-            self._show(markup)
+            self._show({"text/html": markup, "text/plain": text or f"gradscope {self.name}"})
         except Exception:
             self.broken = True  # the terminal's lines from now on; the guard reports it once
             raise
 
-    def _show(self, markup: str) -> None:
+    def _show(self, bundle: dict[str, str]) -> None:
         import importlib
 
         shown: Any = importlib.import_module("IPython.display")  # (untyped: as Any)
         here = self.cells.execution if self.cells is not None else None
         if self._handle is None or (here != self._where and not self.in_place):
-            self._handle = shown.display(shown.HTML(markup), display_id=True)
+            self._handle = shown.display(bundle, raw=True, display_id=True)
             self._where = here
         else:
-            self._handle.update(shown.HTML(markup))
+            self._handle.update(bundle, raw=True)
         self.updates += 1
+
+
+def plain_text(
+    name: str, state: str, steps: int, findings: list[dict[str, Any]], note: str = ""
+) -> str:
+    """The live view and the summary for a front end that shows no HTML: one line for the run,
+    one per finding (as many as the HTML table), the note."""
+    from .report.html import _findings
+
+    lines = [f"gradscope {name}: {state}, {steps:,} steps, {len(findings)} finding(s)"]
+    if note:
+        lines.append(f"  {note}")
+    shown = _findings(findings)
+    for f in shown[:MAX_FINDINGS]:
+        layer = layers_text({"layer": f["layer"], "layers": [f["layer"], *f["others"]]})
+        lines.append(
+            f"  {f['severity']}: {f['kind']} at {layer}, steps {f['steps']}. Try: {f['suggestion']}"
+        )
+    if len(shown) > MAX_FINDINGS:
+        lines.append(f"  ... and {len(shown) - MAX_FINDINGS} more (findings.json)")
+    return "\n".join(lines)
 
 
 def png_bytes(uri: str) -> bytes:

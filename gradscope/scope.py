@@ -546,7 +546,7 @@ class Scope:
             live.note = self._note
             live.note_where = live.cells.execution if live.cells is not None else None
             self._guard.isolate(
-                NOTEBOOK, "live view", lambda: live.show(live.live_html(findings, steps, what))
+                NOTEBOOK, "live view", lambda: live.show(*live.live(findings, steps, what))
             )
         elif not self.config.quiet and self._writer:
             print(f"gradscope: {self._note} ({self.run_dir})", file=sys.stderr, flush=True)

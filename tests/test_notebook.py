@@ -81,6 +81,10 @@ def shell(tmp_path: Path):
             now[name] = value
 
 
+def scope_name(sh: InteractiveShell) -> str:
+    return sh.user_ns["scope"].run_dir.name
+
+
 def run(sh: InteractiveShell, code: str, cell_id: str | None = None) -> Any:
     """One cell; returns the exception it raised (None if it ran through)."""
     result = sh.run_cell(code, store_history=True, cell_id=cell_id)
@@ -308,6 +312,10 @@ def test_live_view_updates_one_area_per_cell(kernel, capsys):
     assert "completed" in "".join(final.text)
     err = capsys.readouterr().err
     assert "gradscope: warning" not in err and "finding(s)" not in err
+    # a front end without HTML (jupyter console) gets the same as text
+    text = outputs[-1]["data"]["text/plain"]
+    assert text.startswith(f"gradscope {scope_name(kernel)}: completed, 100 steps")
+    assert "nonfinite" in text and "Try: " in text
 
 
 def test_live_view_shows_an_interrupt(kernel):

@@ -126,6 +126,7 @@ def test_stop_button_and_rerun_on_a_real_kernel(tmp_path: Path) -> None:
     earlier run (completed: the last cell that trained it ran through; the interrupt is its
     ``cell_interrupted`` event), leaving the model with one scope's hooks."""
     import asyncio
+    import copy
     import threading
 
     from nbformat.v4 import new_code_cell, new_notebook
@@ -161,6 +162,7 @@ def test_stop_button_and_rerun_on_a_real_kernel(tmp_path: Path) -> None:
         allow_errors=True,
         resources={"metadata": {"path": str(tmp_path)}},
     )
+    after: list[Any] = []
     with client.setup_kernel():
         for i, cell in enumerate(nb.cells):
             timer = None
@@ -174,16 +176,22 @@ def test_stop_button_and_rerun_on_a_real_kernel(tmp_path: Path) -> None:
             client.execute_cell(cell, i)
             if timer is not None:
                 timer.join()
+            # as the cell left it (a later update of its display area replaces it in place)
+            after.append(copy.deepcopy(cell.outputs))
 
     def text(i: int, name: str = "stdout") -> str:
         return "".join(o.get("text", "") for o in nb.cells[i].outputs if o.get("name") == name)
 
-    (error,) = [o for o in nb.cells[2].outputs if o["output_type"] == "error"]
+    (error,) = [o for o in after[2] if o["output_type"] == "error"]
     assert error["ename"] == "KeyboardInterrupt"
     # the cell's display area, updated in place: it ends saying so
-    (area,) = [o for o in nb.cells[2].outputs if o["output_type"] == "display_data"]
+    (area,) = [o for o in after[2] if o["output_type"] == "display_data"]
     assert "was interrupted at step" in area["data"]["text/html"]
     assert "still open" in area["data"]["text/html"]
+    # replaced by the watch() cell run again, the run shows its summary in that same area
+    (final,) = [o for o in nb.cells[2].outputs if o["output_type"] == "display_data"]
+    assert "gradscope-heatmap" in final["data"]["text/html"]
+    assert not [o for o in nb.cells[4].outputs if o["output_type"] == "display_data"]
     closed, steps, oracle = text(3).split()
     assert closed == "False" and int(steps) == int(oracle)  # no step lost or doubled
     assert text(4).split()[0] == "True"
