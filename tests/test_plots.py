@@ -191,3 +191,24 @@ def test_figures_are_made_without_pyplot_and_show_as_png(deep):
 def test_loading_and_reporting_do_not_import_matplotlib():
     code = "import gradscope.load, gradscope.report.html, gradscope.report.specs"
     assert "matplotlib" not in _imported_after(code)
+
+
+def test_every_report_figure_draws_with_matplotlib(guarded):
+    """Every figure of the report (heatmaps, lines, the bar chart with its NaN/Inf counts)
+    draws with the matplotlib backend from the very spec the report draws as SVG."""
+    from gradscope.report.mpl import draw
+    from gradscope.report.specs import Bars, report_panels
+
+    data = read_report_data(guarded.path)
+    panels = [p for p in report_panels(data) if p.plot is not None]
+    assert {type(p.plot).__name__ for p in panels} == {"Heatmap", "Lines", "Bars"}
+    for panel in panels:
+        fig = draw(panel.plot)
+        assert fig._repr_png_().startswith(b"\x89PNG")
+        if isinstance(panel.plot, Bars):
+            (ax,) = fig.axes
+            assert [t.get_text() for t in ax.get_yticklabels()] == [
+                figures._clip(n) for n in panel.plot.names
+            ]
+            marks = [t.get_text() for t in ax.texts]
+            assert marks and marks == [f"NaN/Inf ×{int(n)}" for n in panel.plot.nonfinite if n]
