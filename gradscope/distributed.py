@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 Key = tuple[str, str, str]
 TIMEOUT = timedelta(minutes=10)  # a flush collective waiting longer than this gives up
+RELEASE_GRACE = 0.05  # seconds the GIL is let go before gradscope's gloo group is destroyed
 
 # How a record column combines across ranks.
 LOCAL = "local"  # replicated (DDP gradients, the AMP scale): each rank's own value
@@ -221,6 +223,12 @@ class Reducer:
         if self.stopped is None:
             self.stopped = "closed"
         if group is not None and _group_alive():
+            # Let gloo's worker threads finish freeing the last collective's work first. Its
+            # tensors can hold Python objects, so freeing them needs the GIL, and the group's
+            # destructor joins those threads while holding it: torch 2.2 deadlocked there now
+            # and then (py-spy: ~ProcessGroupGloo in std::thread::join, a worker in
+            # ~AsyncAllgatherWork waiting for the GIL). Sleeping releases the GIL.
+            time.sleep(RELEASE_GRACE)
             with contextlib.suppress(Exception):  # the default group went first: nothing to free
                 torch.distributed.destroy_process_group(group)
 
