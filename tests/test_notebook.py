@@ -652,3 +652,29 @@ def test_a_replaced_run_keeps_its_summary_in_its_own_area(kernel):
     assert later and all(o["update"] and o["transient"]["display_id"] == area for o in later)
     assert old.run_dir.name in later[-1]["data"]["text/html"]
     run(kernel, "scope.close()")
+
+
+def test_text_from_the_run_is_escaped():
+    """Names and messages from the run are text in the notebook's HTML, never markup."""
+    from gradscope.notebook import plain_text, summary_html
+
+    bad = "<img src=x onerror=alert(1)>"
+    finding = {
+        "kind": "dead_units",
+        "layer": bad,
+        "layers": [bad, "<script>x</script>"],
+        "severity": "error",
+        "first_step": 3,
+        "last_step": 9,
+        "message": "<b>bold</b>",
+        "suggestion": "</td><script>alert(2)</script>",
+    }
+    markup = summary_html(
+        name=bad, state="completed", steps=10, findings=[finding], path=bad, data=None
+    )
+    assert "<img src=x" not in markup and "<script" not in markup and "<b>bold" not in markup
+    assert "&lt;img src=x onerror=alert(1)&gt;" in markup
+    page = parse(markup)
+    assert page.imgs == []
+    assert "<script>alert(2)</script>" in "".join(page.text)  # shown as text
+    assert bad in plain_text(bad, "completed", 10, [finding])
