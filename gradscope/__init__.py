@@ -15,8 +15,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import contextlib
-import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -75,15 +73,7 @@ def watch(
     cfg = resolve_config(**config)
     models, label = normalize_models(model)
     optimizers = normalize_optimizers(optimizer)
-    cell = None
-    if "IPython" in sys.modules:
-        from .notebook import Cells
-
-        cells = None
-        with contextlib.suppress(Exception):  # a shell of an unknown kind: no cells
-            cells = Cells.get()
-        cell = cells.here() if cells is not None else None
-    supersede(models, cell)
+    supersede(models)
     return Scope(models, optimizers, cfg, label, callers=compiled_callers(model))
 
 

@@ -185,6 +185,11 @@ def _table(head: list[str], rows: Iterable[list[str]], cls: str) -> str:
     )
 
 
+def _layers(f: dict[str, Any]) -> str:
+    """The layers of a finding as the report's rows hold it (``report.html._findings``)."""
+    return layers_text({"layer": f["layer"], "layers": [f["layer"], *f["others"]]})
+
+
 def findings_table(findings: list[dict[str, Any]], limit: int = MAX_FINDINGS) -> str:
     """The findings as an HTML table (class ``gradscope-findings``): severity, kind, layer,
     steps, what was seen and what to try; errors first, then by step."""
@@ -196,7 +201,7 @@ def findings_table(findings: list[dict[str, Any]], limit: int = MAX_FINDINGS) ->
     shown = _findings(findings)
     for f in shown[:limit]:
         color = _SEVERITY_COLOR.get(f["severity"], "#555")
-        layer = _e(layers_text({"layer": f["layer"], "layers": [f["layer"], *f["others"]]}))
+        layer = _e(_layers(f))
         rows.append(
             [
                 f'<span style="color:{color};font-weight:bold">{_e(f["severity"])}</span>',
@@ -371,13 +376,10 @@ class LiveView(FindingPrinter):
         self._final = final
         self._handle: Any = None
         self._where: int | None = None  # the cell run the display area is in
-        self.updates = 0
         self.broken = False  # the display failed: back to the terminal's lines
         # the last show goes to the area there is, whichever cell runs (a run that a new
         # watch() closes: its summary belongs with it, not under the cell that replaced it)
         self.in_place = False
-        self.note = ""
-        self.note_where: int | None = None  # the cell run the note was written in
         self.actions: list[str] = []
         self._worst: list[list[str]] = []
 
@@ -407,21 +409,26 @@ class LiveView(FindingPrinter):
         super().summary(findings, steps, run_dir, status)
 
     # the live part
-    def flushed(self, table: LongTable | None, findings: list[dict[str, Any]], steps: int) -> None:
-        """A flush wrote records: show where the run stands."""
-        if self.note and self.cells is not None and self.cells.execution != self.note_where:
-            self.note = ""  # training went on in a later cell: the interruption is history
+    def flushed(
+        self, table: LongTable | None, findings: list[dict[str, Any]], steps: int, note: str
+    ) -> None:
+        """A flush wrote records: show where the run stands (``note``: why the last training
+        cell stopped, if training has not gone on since)."""
         if table is not None:
             self._worst = worst_layers(table)
-        self.show(*self.live(findings, steps, "running"))
+        self.show(*self.live(findings, steps, "running", note))
 
-    def live(self, findings: list[dict[str, Any]], steps: int, state: str) -> tuple[str, str]:
+    def live(
+        self, findings: list[dict[str, Any]], steps: int, state: str, note: str = ""
+    ) -> tuple[str, str]:
         """Where the run stands, as HTML and as plain text (for a front end without HTML:
         ``jupyter console``)."""
-        text = plain_text(self.name, state, steps, findings, self.note)
-        return self.live_html(findings, steps, state), text
+        text = plain_text(self.name, state, steps, findings, note)
+        return self.live_html(findings, steps, state, note), text
 
-    def live_html(self, findings: list[dict[str, Any]], steps: int, state: str) -> str:
+    def live_html(
+        self, findings: list[dict[str, Any]], steps: int, state: str, note: str = ""
+    ) -> str:
         parts = [
             '<div class="gradscope gradscope-live" style="font-family:sans-serif;font-size:13px">',
             f"<div><b>gradscope</b> <code>{_e(self.name)}</code> · "
@@ -429,8 +436,8 @@ class LiveView(FindingPrinter):
             f'font-weight:bold">{_e(state)}</span> · {steps:,} steps · '
             f"{len(findings)} finding(s) so far</div>",
         ]
-        if self.note:
-            parts.append(f'<div class="gradscope-note" style="color:#b9770e">{_e(self.note)}</div>')
+        if note:
+            parts.append(f'<div class="gradscope-note" style="color:#b9770e">{_e(note)}</div>')
         if self._worst:
             parts.append(
                 '<div style="margin-top:4px">Layers to look at (last flush):</div>'
@@ -463,7 +470,6 @@ class LiveView(FindingPrinter):
             self._where = here
         else:
             self._handle.update(bundle, raw=True)
-        self.updates += 1
 
 
 def plain_text(
@@ -478,7 +484,7 @@ def plain_text(
         lines.append(f"  {note}")
     shown = _findings(findings)
     for f in shown[:MAX_FINDINGS]:
-        layer = layers_text({"layer": f["layer"], "layers": [f["layer"], *f["others"]]})
+        layer = _layers(f)
         lines.append(
             f"  {f['severity']}: {f['kind']} at {layer}, steps {f['steps']}. Try: {f['suggestion']}"
         )

@@ -51,7 +51,7 @@ from .sinks.console import FindingPrinter
 
 if TYPE_CHECKING:
     from .load import Run
-    from .notebook import LiveView
+    from .notebook import Cells, LiveView
     from .records import LongTable
 
 _open_scopes: weakref.WeakSet[Scope] = weakref.WeakSet()
@@ -65,19 +65,33 @@ def watched_elsewhere(module: nn.Module, besides: Scope | None = None) -> Scope 
     )
 
 
-def supersede(models: Mapping[str, nn.Module], cell: tuple[str | None, int] | None) -> None:
+def _cells() -> Cells | None:
+    """The cells of the running IPython (:class:`gradscope.notebook.Cells`); None outside
+    IPython (never imports it)."""
+    if "IPython" not in sys.modules:
+        return None
+    from .notebook import Cells
+
+    return Cells.get()
+
+
+def supersede(models: Mapping[str, nn.Module]) -> None:
     """Before ``watch()`` opens a scope on ``models``: close the open scopes it replaces, so no
     hook is doubled and nothing is left open by a cell run again.
 
     * one that watches any module of ``models`` (``watch()`` called again on the same model:
       a notebook cell re-run, a handle never closed);
-    * in IPython, one that an earlier run of the same cell opened (``cell``: that cell's key,
-      and which run this is): the cell builds a new model each time, the old scope would
-      otherwise keep the old one alive until the kernel stops.
+    * in IPython, one that an earlier run of the cell running now opened: the cell builds a
+      new model each time, the old scope would otherwise keep the old one alive until the
+      kernel stops.
 
     Left alone: a scope whose ``with`` block is running (``watch()`` nested inside it, on
     purpose: each removes only its own hooks), and the scopes of ``gradscope run`` (they
     leave the script's own models to it)."""
+    cells = None
+    with contextlib.suppress(Exception):  # a shell of an unknown kind: no cells
+        cells = _cells()
+    cell = cells.here() if cells is not None else None
     for old in list(_open_scopes):
         if old._closed or old._launch is not None or old._entered:
             continue
@@ -153,7 +167,8 @@ class Scope:
         self._cell: tuple[str | None, int] | None = None
         self._outcome: RunStatus | None = None
         self._cell_moments = 0
-        self._note = ""
+        self._note = ""  # why the last training cell stopped; stands until training goes on
+        self._note_moments = -1  # the clock's moments when it was written
         self._live: LiveView | None = None
         self._entered = 0  # inside its own ``with`` block: nested scopes are left alone
         self._stack = contextlib.ExitStack()
@@ -183,17 +198,16 @@ class Scope:
             self._table,
             ranks,
         )
-        cells = None
-        if "IPython" in sys.modules:  # a notebook or an IPython shell: follow its cells
-            from .notebook import Cells, LiveView, in_kernel
-
-            cells = guard.isolate(NOTEBOOK, "notebook", Cells.get)
+        # a notebook or an IPython shell: follow its cells
+        cells = guard.isolate(NOTEBOOK, "notebook", _cells)
         console = FindingPrinter(quiet=config.quiet or not self._writer)
         if cells is not None:
+            from .notebook import LiveView, in_kernel
+
             self._cell = cells.here()
             if not console.quiet and in_kernel(cells.shell):
                 console = self._live = LiveView(
-                    self.run_dir.name, str(self.run_dir), cells, self._final_html
+                    self.run_dir.name, str(self.run_dir), cells, self._repr_html_
                 )
         parts = self._parts = build_parts(
             config,
@@ -449,7 +463,7 @@ class Scope:
             findings=findings,
             path=str(self.run_dir),
             data=data,
-            note=self._note,
+            note=self._current_note(),
         )
 
     # -- the end --------------------------------------------------------------------------------
@@ -508,11 +522,14 @@ class Scope:
         live = self._live
         if live is not None:
             findings = self._flusher.findings()
-            self._guard.isolate(NOTEBOOK, "live view", live.flushed, table, findings, self.steps)
+            note = self._current_note()
+            self._guard.isolate(
+                NOTEBOOK, "live view", live.flushed, table, findings, self.steps, note
+            )
 
-    def _final_html(self) -> str:
-        """The live view's last state: the closed scope's summary."""
-        return self._repr_html_()
+    def _current_note(self) -> str:
+        """Why the last training cell stopped, until training goes on (in any later cell)."""
+        return self._note if self._clock.moments == self._note_moments else ""
 
     def _cell_ended(self, error: BaseException | None) -> None:
         """An IPython cell ended (``error``: what it raised). If this scope trained in it, the
@@ -528,7 +545,6 @@ class Scope:
             return
         self._outcome = status_for(error)
         if error is None:
-            self._note = ""
             return
         self._guard.call("flush", self._clock.abandon)
         what = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
@@ -537,16 +553,17 @@ class Scope:
             f"the cell {said} at step {steps} ({type(error).__name__}); the run is still "
             "open: run the training cell again to go on, or call close()"
         )
+        self._note_moments = moments
         self.add_event(
             {"event": f"cell_{what}", "step": steps, "error": f"{type(error).__name__}: {error}"}
         )
         if self._live is not None:
             live = self._live
             findings = self._guard.isolate(NOTEBOOK, "notebook", self._flusher.findings) or []
-            live.note = self._note
-            live.note_where = live.cells.execution if live.cells is not None else None
             self._guard.isolate(
-                NOTEBOOK, "live view", lambda: live.show(*live.live(findings, steps, what))
+                NOTEBOOK,
+                "live view",
+                lambda: live.show(*live.live(findings, steps, what, self._note)),
             )
         elif not self.config.quiet and self._writer:
             print(f"gradscope: {self._note} ({self.run_dir})", file=sys.stderr, flush=True)
